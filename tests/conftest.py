@@ -1,0 +1,48 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_fixture_builder():
+    spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "fixtures" / "make_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+make_fixtures = _load_fixture_builder()
+MOE_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory) -> Path:
+    """Tiny checkpoints of every family, built once per test session with transformers' classes."""
+    return make_fixtures.build(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from xpertctl.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["xpertctl", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        cap = capsys.readouterr()
+        return e.value.code, cap.out, cap.err
+    return run
+
+
+def assert_user_error(code, err, *needles):
+    """The failure contract: exit 2, exactly one line on stderr, no traceback, naming what is wrong."""
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])

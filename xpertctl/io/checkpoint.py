@@ -1,0 +1,259 @@
+"""Open a Hugging Face model directory or a bare .safetensors file and read experts lazily."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import XpertError
+from . import arch
+from .arch import Family
+from .files import ShardedReader, open_files, sha256, tree_size
+
+INDEX = "model.safetensors.index.json"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the directory or the bare file
+    files: list[Path]  # weight files
+    config: dict  # config.json ({} when absent)
+    family: Family
+    fused: bool  # fused 3-D expert tensors instead of per-expert keys
+    reader: ShardedReader
+    num_layers: int
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int | None
+    hidden: int
+    expert_ffn: int
+    shared_ffn: int | None
+    fingerprint: dict
+
+    # ---- reads -------------------------------------------------------------------------------
+    def expert_requests(self, layer: int, j: int) -> list[tuple[str, object]]:
+        """The (name, slice) reads for expert j of layer i, in (gate, up, down) order."""
+        if self.fused:
+            gu, dn, inner = arch.FUSED_GATE_UP.format(i=layer), arch.FUSED_DOWN.format(i=layer), self.expert_ffn
+            return [(gu, (j, slice(0, inner))), (gu, (j, slice(inner, 2 * inner))), (dn, j)]
+        return [(k.format(i=layer, j=j), None) for k in arch.expert_keys(self.family)]
+
+    def experts(self, layer: int, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Experts `ids` of one MoE layer as (gate [I,H], up [I,H], down [H,I]); one open per shard."""
+        self._check_layer(layer)
+        for j in ids:
+            if not 0 <= j < self.num_experts:
+                raise XpertError(f"{self.path}: layer {layer} has experts 0..{self.num_experts - 1}, not {j}")
+        reqs = [r for j in ids for r in self.expert_requests(layer, j)]
+        flat = self.reader.read(reqs)
+        return [tuple(flat[3 * n: 3 * n + 3]) for n in range(len(ids))]  # type: ignore[misc]
+
+    def expert(self, layer: int, j: int):
+        return self.experts(layer, [j])[0]
+
+    def router(self, layer: int) -> torch.Tensor:
+        self._check_layer(layer)
+        return self.reader.read_one(arch.router_key(self.family, self.fused).format(i=layer))
+
+    def shared(self, layer: int):
+        """The shared expert(s) of a layer as (gate, up, down), or None for families without one."""
+        keys = arch.shared_keys(self.family)
+        if keys is None:
+            return None
+        self._check_layer(layer)
+        return tuple(self.reader.read([(k.format(i=layer), None) for k in keys]))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.reader.read_one(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.reader.weight_map
+
+    def _check_layer(self, layer: int) -> None:
+        if layer not in self.moe_layers:
+            raise XpertError(f"{self.path}: layer {layer} is not an MoE layer (MoE layers: {_ranges(self.moe_layers)})")
+
+    def require_moe(self) -> "Checkpoint":
+        if not self.family.moe or not self.moe_layers:
+            raise XpertError(f"{self.path}: a dense {self.family.name} checkpoint; this command needs an MoE model")
+        return self
+
+    # ---- description ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> str:
+        names = list(self.reader.weight_map)
+        return _DTYPES.get(self.reader.dtype(names[0]), self.reader.dtype(names[0])) if names else "?"
+
+    def summary(self) -> dict:
+        n_params = 0
+        for name in self.reader.weight_map:
+            numel = 1
+            for d in self.reader.shape(name):
+                numel *= d
+            n_params += numel
+        shared_n = self.config.get("n_shared_experts", 1 if self.shared_ffn else 0) if self.shared_ffn else 0
+        return {
+            "path": str(self.path),
+            "family": self.family.name,
+            "layout": "fused" if self.fused else ("per-expert" if self.family.moe else "dense"),
+            "layers": self.num_layers,
+            "moe_layers": _ranges(self.moe_layers),
+            "dense_layers": _ranges([i for i in range(self.num_layers) if i not in self.moe_layers]),
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "shared_experts": shared_n,
+            "shared_ffn": self.shared_ffn,
+            "hidden": self.hidden,
+            "expert_ffn": self.expert_ffn,
+            "vocab": self.config.get("vocab_size"),
+            "dtype": self.dtype,
+            "parameters": n_params,
+            "bytes": tree_size(self.files),
+            "files": len(self.files),
+        }
+
+
+_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0,1,2,5] -> '0-2,5' (short and readable in tables)."""
+    out, start = [], None
+    for n, x in enumerate(xs):
+        if start is None:
+            start = x
+        if n + 1 == len(xs) or xs[n + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out) or "-"
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise XpertError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(obj, dict):
+        raise XpertError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None, dict, Path | None]:
+    """Weight files, optional weight_map, config and the index path for a directory or a file."""
+    if src.is_file():
+        if src.suffix != ".safetensors":
+            raise XpertError(f"{src}: expected a model directory or a .safetensors file")
+        cfg_path = src.parent / "config.json"
+        return [src], None, (_load_json(cfg_path) if cfg_path.is_file() else {}), None
+    if not src.is_dir():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+            raise XpertError(f"{src}: no such path; hub ids need network access, which is off here "
+                             "(download the model and pass its directory)")
+        raise XpertError(f"{src}: no such file or directory")
+    cfg_path = src / "config.json"
+    config = _load_json(cfg_path) if cfg_path.is_file() else {}
+    index = src / INDEX
+    if index.is_file():
+        idx = _load_json(index)
+        wm = idx.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise XpertError(f"{index}: no weight_map")
+        files = []
+        for fname in sorted(set(wm.values())):
+            p = src / fname
+            if not p.is_file():
+                raise XpertError(f"{index}: names shard {fname!r}, which is missing")
+            files.append(p)
+        return files, wm, config, index
+    single = src / "model.safetensors"
+    if single.is_file():
+        return [single], None, config, None
+    others = sorted(src.glob("*.safetensors"))
+    if len(others) == 1:
+        return others, None, config, None
+    if (src / "pytorch_model.bin").exists() or list(src.glob("pytorch_model-*.bin")):
+        raise XpertError(f"{src}: only PyTorch .bin weights; convert to safetensors first")
+    raise XpertError(f"{src}: no model.safetensors or {INDEX} (not a model directory?)")
+
+
+def fingerprint(src: Path, files: list[Path], index: Path | None, reader: ShardedReader) -> dict:
+    """path + size + sha256 over the index (or the file headers): cheap, and changes with the weights' layout."""
+    if index is not None:
+        digest = sha256(index.read_bytes())
+    else:
+        digest = sha256(b"".join(reader.headers[p].raw for p in files))
+    return {"path": str(src.resolve()), "size": tree_size(files), "sha256": digest}
+
+
+def open_checkpoint(src: str | Path) -> Checkpoint:
+    src = Path(src)
+    files, wm, config, index = _weight_files(src)
+    reader = open_files(files, wm)
+    keys = set(reader.weight_map)
+    shapes = {k: reader.shape(k) for k in keys if k.endswith(("q_norm.weight", "q_proj.weight"))}
+
+    family = None
+    mt = config.get("model_type")
+    if mt is not None:
+        family = arch.BY_MODEL_TYPE.get(mt)
+        if family is None:
+            known = ", ".join(sorted(arch.BY_MODEL_TYPE))
+            raise XpertError(f"{src}: unsupported model_type {mt!r} (supported: {known})")
+    else:
+        found = arch.detect(keys, shapes)
+        if len(found) != 1:
+            what = "matches no supported family" if not found else \
+                f"is ambiguous ({', '.join(f.name for f in found)}); put its config.json next to it"
+            raise XpertError(f"{src}: key names {what}")
+        family = found[0]
+
+    layers = sorted({int(m.group(1)) for k in keys if (m := _LAYER_RE.match(k))})
+    if not layers:
+        raise XpertError(f"{src}: no model.layers.N.* tensors (not a decoder checkpoint?)")
+    num_layers = int(config.get("num_hidden_layers", layers[-1] + 1))
+
+    fused = family.moe and arch.FUSED_GATE_UP.format(i=layers[-1]) in keys
+    rkey = arch.router_key(family, fused) if family.moe else None
+    moe_layers = [i for i in layers if rkey and rkey.format(i=i) in keys]
+
+    num_experts = expert_ffn = 0
+    hidden = int(config.get("hidden_size", 0))
+    shared_ffn = None
+    if moe_layers:
+        i = moe_layers[0]
+        num_experts, hidden = reader.shape(rkey.format(i=i))
+        if fused:
+            gu = reader.shape(arch.FUSED_GATE_UP.format(i=i))
+            if gu[0] != num_experts or gu[1] % 2:
+                raise XpertError(f"{src}: fused gate_up_proj of layer {i} has shape {gu}, expected [{num_experts}, 2I, {hidden}]")
+            expert_ffn = gu[1] // 2
+        else:
+            gk = arch.expert_keys(family)[0].format(i=i, j=0)
+            if gk not in keys:
+                raise XpertError(f"{src}: router found but no expert tensor {gk!r}")
+            expert_ffn = reader.shape(gk)[0]
+        sk = arch.shared_keys(family)
+        if sk and sk[0].format(i=i) in keys:
+            shared_ffn = reader.shape(sk[0].format(i=i))[0]
+        want = config.get(family.experts_key)
+        if want is not None and int(want) != num_experts:
+            raise XpertError(f"{src}: config says {family.experts_key}={want} but the router has {num_experts} rows")
+    elif family.moe:
+        pass  # an MoE family with no routers on disk: inspect shows it, require_moe() refuses it
+    else:
+        key = f"model.layers.{layers[0]}.mlp.gate_proj.weight"
+        expert_ffn = reader.shape(key)[0] if key in keys else int(config.get("intermediate_size", 0))
+        if not hidden and key in keys:
+            hidden = reader.shape(key)[1]
+
+    top_k = config.get("num_experts_per_tok") if family.moe else None
+    return Checkpoint(
+        path=src, files=files, config=config, family=family, fused=fused, reader=reader,
+        num_layers=num_layers, moe_layers=moe_layers, num_experts=num_experts,
+        top_k=int(top_k) if top_k is not None else None, hidden=hidden, expert_ffn=expert_ffn,
+        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index, reader),
+    )

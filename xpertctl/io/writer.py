@@ -1,0 +1,134 @@
+"""Atomic writes: a temp path next to the target, renamed into place only when complete."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import XpertError
+
+DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes, as in transformers' save_pretrained
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper()
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            num = s[: -len(u)].strip()
+            break
+    else:
+        num, mult = s, 1
+    try:
+        val = int(float(num) * mult)
+    except ValueError:
+        raise XpertError(f"--shard-size: cannot read {text!r} (e.g. 5GB, 500MB, 1000000)") from None
+    if val <= 0:
+        raise XpertError(f"--shard-size: must be positive, got {text!r}")
+    return val
+
+
+def check_output(out: Path, force: bool, inputs: list[Path] = ()) -> None:
+    """Refuse to clobber an input or (without --force) an existing output."""
+    out_r = Path(out).resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if out_r == p or p in out_r.parents or out_r in p.parents:
+            raise XpertError(f"{out}: output would overwrite the input {p}")
+    if Path(out).exists() and not force:
+        raise XpertError(f"{out}: already exists (use --force to replace it)")
+    if not Path(out).parent.exists():
+        raise XpertError(f"{out}: parent directory {Path(out).parent} does not exist")
+
+
+@contextmanager
+def atomic_path(out: Path, force: bool):
+    """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        _remove(tmp)
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise XpertError(f"{out}: already exists (use --force to replace it)")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+    except OSError as e:
+        raise XpertError(f"{path.name.split('.tmp-')[0].lstrip('.')}: write failed ({e.strerror or e})") from None
+
+
+def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      force: bool = False) -> Path:
+    """One safetensors file, written atomically."""
+    with atomic_path(Path(out), force) as tmp:
+        _save(_contiguous(tensors), tmp, metadata)
+    return Path(out)
+
+
+def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                    files: dict[str, bytes | Path], shard_size: int = DEFAULT_SHARD_SIZE,
+                    force: bool = False) -> Path:
+    """A Hugging Face model directory: weights sharded by bytes (+ index when > 1 shard), extra files."""
+    tensors = _contiguous(tensors)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():  # keep the caller's order: layers stay together
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_path(Path(out), force) as tmp:
+        tmp.mkdir()
+        if len(shards) == 1:
+            _save(shards[0], tmp / "model.safetensors", metadata)
+        else:
+            wm, n = {}, len(shards)
+            for s, shard in enumerate(shards, 1):
+                fname = f"model-{s:05d}-of-{n:05d}.safetensors"
+                _save(shard, tmp / fname, metadata)
+                wm.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total, **metadata}, "weight_map": wm}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for fname, content in files.items():
+            dest = tmp / fname
+            if isinstance(content, Path):
+                shutil.copyfile(content, dest)
+            else:
+                dest.write_bytes(content)
+    return Path(out)
