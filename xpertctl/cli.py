@@ -38,6 +38,48 @@ def inspect(src: Path = typer.Argument(..., help="Model directory or .safetensor
         out.print(kv_table(str(src), info))
 
 
+@app.command()
+def stats(src: Path = typer.Argument(..., help="MoE model directory or .safetensors file."),
+          domain: List[str] = typer.Option(..., "--domain", "-d", help="NAME=PATH (.txt, .jsonl or a directory); repeat."),
+          out: Path = OutOpt,
+          tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the checkpoint's)."),
+          max_tokens: Optional[int] = typer.Option(None, help="Tokens per domain (default: all)."),
+          seq_len: Optional[int] = typer.Option(None, help="Window length (default: min(1024, max positions))."),
+          batch_size: int = typer.Option(8, help="Windows per forward pass."),
+          device: str = typer.Option("cpu", help="torch device, e.g. cuda:0."),
+          dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+          force: bool = ForceOpt):
+    """Count top-k router selections per (domain, layer, expert) -> stats.safetensors."""
+    from .ops import stats as op
+    print(op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
+                 batch_size=batch_size, device=device, dtype=dtype, force=force))
+
+
+@app.command()
+def select(stats_file: Path = typer.Argument(..., metavar="STATS", help="stats.safetensors from `xpertctl stats`."),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="selection.json to write."),
+           criterion: str = typer.Option("min", help="min (used in every domain), mean, vote; controls: random, low, all."),
+           per_layer: Optional[int] = typer.Option(None, help="Experts per layer (default: the model's top-k)."),
+           seed: int = typer.Option(0, help="Seed for --criterion random."),
+           plot: Optional[Path] = typer.Option(None, help="PNG: per-domain frequency per expert, selection marked."),
+           plot_layers: Optional[str] = typer.Option(None, help="Comma-separated layers to plot (default: all)."),
+           show: bool = typer.Option(False, "--show", help="Print the selection as a table."),
+           force: bool = ForceOpt):
+    """Choose the experts used across all domains -> selection.json."""
+    from .ops import select as op
+    from .specs import int_list
+    if out is None and not show and plot is None:
+        raise XpertError("select: give -o FILE, --plot FILE or --show")
+    doc, path = op.run(stats_file, out, criterion=criterion, per_layer=per_layer, seed=seed, plot_path=plot,
+                       plot_layers=int_list(plot_layers, "--plot-layers"), force=force)
+    if show:
+        from .console import err, selection_table
+        err.print(selection_table(doc))
+    for p in (path, plot):
+        if p is not None:
+            print(p)
+
+
 def main() -> None:
     """Entry point: every user error becomes one line on stderr and exit code 2, never a traceback."""
     # typer may vendor click: take its exception classes from what it exports

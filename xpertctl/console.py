@@ -26,3 +26,18 @@ def kv_table(title: str, rows: dict) -> Table:
     for k, v in rows.items():
         t.add_row(k, "-" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
     return t
+
+
+def selection_table(doc: dict) -> Table:
+    t = Table(title=f"selection: criterion={doc['criterion']}, {doc['per_layer']} per layer", title_justify="left")
+    t.add_column("layer", justify="right")
+    t.add_column("experts")
+    t.add_column("min freq", justify="right")
+    t.add_column("mean freq", justify="right")
+    for l in doc["layers"]:
+        fr = list(l["freq"].values())
+        mins = [min(f[n] for f in fr) for n in range(len(l["experts"]))]
+        means = [sum(f[n] for f in fr) / len(fr) for n in range(len(l["experts"]))]
+        t.add_row(str(l["layer"]), " ".join(map(str, l["experts"])),
+                  f"{sum(mins) / len(mins):.3f}", f"{sum(means) / len(means):.3f}")
+    return t

@@ -23,6 +23,7 @@ class Family:
     experts_key: str = "num_experts"  # config key: number of routed experts
     ffn_key: str = "intermediate_size"  # config key: one expert's FFN width
     qk_norm: str | None = None  # "full": q_norm over all heads (OLMoE); "head": per head (Qwen3)
+    scoring: str = "softmax"  # router probabilities: softmax over experts, or DeepSeek-V3's sigmoid
     # detection from key names alone (bare .safetensors): all `requires` present, no `forbids`
     requires: tuple[str, ...] = ()
     forbids: tuple[str, ...] = ()
@@ -43,7 +44,7 @@ FAMILIES: tuple[Family, ...] = (
            experts_key="n_routed_experts", ffn_key="moe_intermediate_size",
            requires=(".gate.weight", "kv_a_proj_with_mqa"), forbids=("e_score_correction_bias",)),
     Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", shared="shared_experts",
-           router_bias="e_score_correction_bias", experts_key="n_routed_experts",
+           router_bias="e_score_correction_bias", experts_key="n_routed_experts", scoring="sigmoid",
            ffn_key="moe_intermediate_size", requires=("e_score_correction_bias",)),
     # dense outputs (what graft writes) and dense inputs that inspect should describe
     Family("llama", ("llama",), "LlamaForCausalLM", moe=False,
@@ -66,6 +67,11 @@ def block(family: Family, fused: bool) -> str:
 
 def router_key(family: Family, fused: bool) -> str:
     return f"{LAYER}.{block(family, fused)}.gate.weight"
+
+
+def router_modules(family: Family, layer: int) -> list[str]:
+    """Where the router module may live in memory (transformers v5 moved Mixtral's block to `mlp`)."""
+    return [f"model.layers.{layer}.{b}.gate" for b in dict.fromkeys(("mlp", family.block))]
 
 
 def expert_keys(family: Family) -> tuple[str, str, str]:

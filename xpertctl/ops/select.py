@@ -1,0 +1,205 @@
+"""Cross-domain expert selection from routing statistics (XPERT step 1), with controls."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..errors import XpertError
+from ..io import provenance
+
+CRITERIA = ("min", "mean", "vote", "random", "low", "all")
+
+
+@dataclass
+class Stats:
+    counts: np.ndarray  # [D, L, E] int64
+    mass: np.ndarray  # [D, L, E]
+    tokens: np.ndarray  # [D]
+    layers: list[int]
+    domains: list[str]
+    top_k: int
+    num_experts: int
+    source: dict  # fingerprint of the model the stats came from
+    fingerprint: dict  # of the stats file
+
+    @property
+    def freq(self) -> np.ndarray:
+        """Per-domain activation frequency: share of a domain's tokens routed to each expert."""
+        return self.counts / np.maximum(self.tokens, 1)[:, None, None]
+
+
+def load_stats(path: Path) -> Stats:
+    path = Path(path)
+    rec = provenance.read(path, kind="stats")
+    try:
+        t = load_file(str(path))
+    except Exception as e:
+        raise XpertError(f"{path}: cannot read stats ({e})") from None
+    missing = {"counts", "mass", "tokens", "layers"} - set(t)
+    if missing:
+        raise XpertError(f"{path}: stats file lacks {', '.join(sorted(missing))}")
+    counts = t["counts"].numpy()
+    if counts.ndim != 3 or counts.shape[0] != len(rec["domains"]) or counts.shape[1] != len(rec["layers"]):
+        raise XpertError(f"{path}: counts shape {list(counts.shape)} disagrees with its metadata")
+    if (t["tokens"] <= 0).any():
+        raise XpertError(f"{path}: a domain has no tokens")
+    return Stats(counts, t["mass"].numpy(), t["tokens"].numpy(), list(rec["layers"]), list(rec["domains"]),
+                 int(rec["top_k"]), int(rec["num_experts"]), rec["source"], provenance.file_fingerprint(path))
+
+
+def _rank(score: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n highest scores; ties go to the lower expert id (deterministic)."""
+    order = np.lexsort((np.arange(score.size), -score))
+    return order[:n]
+
+
+def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, seed: int = 0) -> list[dict]:
+    """Per MoE layer: chosen expert ids (best first), their scores and per-domain frequencies."""
+    if criterion not in CRITERIA:
+        raise XpertError(f"--criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
+    E = stats.num_experts
+    n = E if criterion == "all" else (per_layer if per_layer is not None else stats.top_k)
+    if not 1 <= n <= E:
+        raise XpertError(f"--per-layer {n}: must be 1..{E} (experts per layer)")
+    freq = stats.freq  # [D, L, E]
+    rng = np.random.default_rng(seed)
+    layers = []
+    for li, layer in enumerate(stats.layers):
+        f = freq[:, li, :]
+        if criterion == "min":
+            score = f.min(0)
+        elif criterion == "mean":
+            score = f.mean(0)
+        elif criterion == "vote":
+            # number of domains in whose top-n the expert is; ties broken by mean frequency
+            votes = np.zeros(E)
+            for d in range(f.shape[0]):
+                votes[_rank(f[d], n)] += 1
+            score = votes + f.mean(0) / (f.mean(0).max() + 1e-12) * 0.5
+        elif criterion == "random":
+            score = rng.permutation(E).astype(float)
+        elif criterion == "low":
+            score = -f.mean(0)
+        else:  # all
+            score = f.mean(0)
+        ids = _rank(score, n)
+        layers.append({
+            "layer": int(layer),
+            "experts": [int(j) for j in ids],
+            "scores": [float(score[j]) for j in ids],
+            "freq": {d: [float(f[k, j]) for j in ids] for k, d in enumerate(stats.domains)},
+        })
+    return layers
+
+
+def selection_doc(stats: Stats, layers: list[dict], criterion: str, per_layer: int | None, seed: int) -> dict:
+    return {
+        "xpertctl": provenance.record("selection", inputs=[stats.fingerprint],
+                                      params={"criterion": criterion, "per_layer": per_layer, "seed": seed}, seed=seed),
+        "criterion": criterion, "per_layer": len(layers[0]["experts"]) if layers else 0, "seed": seed,
+        "source": stats.source, "stats": stats.fingerprint, "domains": stats.domains,
+        "num_experts": stats.num_experts, "top_k": stats.top_k, "layers": layers,
+    }
+
+
+def write_selection(out: Path, doc: dict, force: bool = False) -> Path:
+    from ..io.writer import atomic_path
+    with atomic_path(Path(out), force) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return Path(out)
+
+
+def load_selection(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise XpertError(f"{path}: no such file")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise XpertError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list) or not doc["layers"]:
+        raise XpertError(f"{path}: not a selection (no 'layers' list)")
+    for n, l in enumerate(doc["layers"]):
+        if not isinstance(l, dict) or not isinstance(l.get("layer"), int) or not isinstance(l.get("experts"), list) \
+                or not l["experts"] or not all(isinstance(j, int) for j in l["experts"]):
+            raise XpertError(f"{path}: layers[{n}] needs an int 'layer' and a non-empty int list 'experts'")
+    return doc
+
+
+def check_source(doc: dict, path: Path, ck) -> None:
+    """Refuse a selection made from another model's stats (moving or renaming the model is fine)."""
+    src = doc.get("source") or {}
+    if src and (src.get("sha256"), src.get("size")) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
+        raise XpertError(f"{path}: made from stats of another model ({src.get('path')}), not {ck.path}")
+    n = doc.get("num_experts")
+    if n is not None and n != ck.num_experts:
+        raise XpertError(f"{path}: selection is for {n} experts per layer, {ck.path} has {ck.num_experts}")
+    for l in doc["layers"]:
+        if l["layer"] not in ck.moe_layers:
+            raise XpertError(f"{path}: layer {l['layer']} is not an MoE layer of {ck.path}")
+        bad = [j for j in l["experts"] if not 0 <= j < ck.num_experts]
+        if bad:
+            raise XpertError(f"{path}: layer {l['layer']}: expert ids {bad} out of range 0..{ck.num_experts - 1}")
+
+
+def figure(stats: Stats, layers: list[dict], only: list[int] | None = None):
+    """Per-domain activation frequency of every expert, one panel per layer, chosen experts marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    chosen = {l["layer"]: set(l["experts"]) for l in layers}
+    idx = [n for n, l in enumerate(stats.layers) if only is None or l in only]
+    if only is not None:
+        missing = sorted(set(only) - set(stats.layers))
+        if missing:
+            raise XpertError(f"--plot-layers: {missing} are not MoE layers in the stats ({stats.layers})")
+    cols = min(4, len(idx))
+    rows = (len(idx) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    freq, E, D = stats.freq, stats.num_experts, len(stats.domains)
+    width = 0.8 / D
+    for ax in axes.flat[len(idx):]:
+        ax.remove()
+    for ax, li in zip(axes.flat, idx):
+        layer = stats.layers[li]
+        for j in chosen.get(layer, ()):
+            ax.axvspan(j - 0.45, j + 0.45, color="gold", alpha=0.35, lw=0)
+        for d in range(D):
+            ax.bar(np.arange(E) - 0.4 + width * (d + 0.5), freq[d, li], width, label=stats.domains[d])
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlim(-0.6, E - 0.4)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    fig.supxlabel("expert (gold: selected)", fontsize=9)
+    fig.supylabel("activation frequency", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(stats: Stats, layers: list[dict], out: Path, only: list[int] | None = None) -> Path:
+    import matplotlib.pyplot as plt
+    from ..io.writer import atomic_path
+    fig = figure(stats, layers, only)
+    with atomic_path(Path(out), force=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(out)
+
+
+def run(stats_path: Path, out: Path | None, *, criterion: str = "min", per_layer: int | None = None, seed: int = 0,
+        plot_path: Path | None = None, plot_layers: list[int] | None = None, force: bool = False) -> tuple[dict, Path | None]:
+    """`xpertctl select`: the selection document, written to `out` when given."""
+    from ..io import check_output
+    if out is not None:
+        check_output(out, force, [stats_path])
+    stats = load_stats(stats_path)
+    layers = choose(stats, criterion, per_layer, seed)
+    doc = selection_doc(stats, layers, criterion, per_layer, seed)
+    if plot_path is not None:
+        plot(stats, layers, plot_path, plot_layers)
+    return doc, (write_selection(out, doc, force) if out is not None else None)

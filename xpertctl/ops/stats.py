@@ -1,0 +1,202 @@
+"""Routing statistics: run the MoE over each domain's text and count top-k selections per expert."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import data
+from ..console import progress
+from ..errors import XpertError
+from ..io import arch, open_checkpoint, provenance, write_safetensors
+from ..io.checkpoint import Checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise XpertError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@contextmanager
+def _model_dir(ck: Checkpoint):
+    """A directory transformers can load: the checkpoint itself, or a bare file plus its config."""
+    if ck.path.is_dir():
+        yield ck.path
+        return
+    if not (ck.path.parent / "config.json").is_file():
+        raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
+    with tempfile.TemporaryDirectory() as d:
+        os.symlink(ck.path.resolve(), Path(d) / "model.safetensors")
+        os.symlink((ck.path.parent / "config.json").resolve(), Path(d) / "config.json")
+        yield Path(d)
+
+
+def load_model(ck: Checkpoint, dtype: torch.dtype, device: str):
+    """The checkpoint as transformers' own model class, in eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # our own progress bar is the one users watch
+    with _model_dir(ck) as d:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise XpertError(f"{ck.path}: transformers cannot load it ({str(e).splitlines()[0][:160]})") from None
+    return model.to(device).eval()
+
+
+class RouterCounter:
+    """Forward hooks on every MoE router; counts selections of unmasked tokens.
+
+    Router outputs differ between families and transformers versions: a tuple (logits, weights,
+    indices) in transformers v5, bare logits from an nn.Linear gate before. Both are handled: the
+    indices the model actually used are taken when present, else top-k of the logits.
+    """
+
+    def __init__(self, model, ck: Checkpoint, top_k: int):
+        self.layers = ck.moe_layers
+        self.E, self.k, self.scoring = ck.num_experts, top_k, ck.family.scoring
+        L = len(self.layers)
+        self.counts = torch.zeros(L, self.E, dtype=torch.int64)
+        self.mass = torch.zeros(L, self.E, dtype=torch.float64)
+        self.mask: torch.Tensor | None = None  # [B*T] bool, set before each forward
+        self.handles = []
+        for n, i in enumerate(self.layers):
+            mod = None
+            for path in arch.router_modules(ck.family, i):
+                try:
+                    mod = model.get_submodule(path)
+                    break
+                except AttributeError:
+                    continue
+            if mod is None:
+                raise XpertError(f"{ck.path}: cannot find the router module of layer {i} in {type(model).__name__}")
+            self.handles.append(mod.register_forward_hook(self._hook(n)))
+
+    def _hook(self, n: int):
+        def hook(_mod, _inp, out):
+            logits, idx = self.split(out)
+            logits, idx = logits.reshape(-1, self.E), idx.reshape(-1, idx.shape[-1])
+            if self.mask is not None:
+                logits, idx = logits[self.mask], idx[self.mask]
+            self.counts[n] += torch.bincount(idx.reshape(-1).cpu(), minlength=self.E)
+            probs = logits.float().sigmoid() if self.scoring == "sigmoid" else logits.float().softmax(-1)
+            self.mass[n] += probs.sum(0).double().cpu()
+        return hook
+
+    def split(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(out, torch.Tensor):
+            logits = out
+            probs = logits.float().sigmoid() if self.scoring == "sigmoid" else logits.float().softmax(-1)
+            return logits, probs.topk(self.k, dim=-1).indices
+        tensors = [t for t in out if isinstance(t, torch.Tensor)]
+        logits = next((t for t in tensors if t.is_floating_point() and t.shape[-1] == self.E), None)
+        idx = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 2), None)
+        if logits is None:
+            raise XpertError("router output has no [tokens, experts] logits; unsupported transformers version")
+        if idx is None:
+            idx = self.split(logits)[1]
+        return logits, idx
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class StatsResult:
+    counts: torch.Tensor  # [D, L, E] int64
+    mass: torch.Tensor  # [D, L, E] float32
+    tokens: torch.Tensor  # [D] int64
+    layers: list[int]
+    domains: list[str]
+    tokens_per_second: float
+
+
+def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], *, top_k: int,
+            seq_len: int, batch_size: int, max_tokens: int | None, device: str) -> StatsResult:
+    """Count router selections per (domain, layer, expert); padding never counted."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    counter = RouterCounter(model, ck, top_k)
+    counts, mass, tokens = [], [], []
+    t0, total = time.perf_counter(), 0
+    try:
+        with progress() as bar, torch.inference_mode():
+            for name, docs in docs_by_domain.items():
+                stream = data.token_stream(docs, tokenizer, max_tokens)
+                if stream.numel() == 0:
+                    raise XpertError(f"domain {name!r}: the corpus tokenizes to no tokens")
+                batches = data.windows(stream, seq_len, batch_size, pad)
+                task = bar.add_task(name, total=int(stream.numel()), info="")
+                counter.counts.zero_(); counter.mass.zero_()
+                n_tok = 0
+                for b in batches:
+                    counter.mask = b.attention_mask.reshape(-1).bool().to(device)
+                    model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+                    got = int(b.attention_mask.sum())
+                    n_tok += got
+                    total += got
+                    rate = total / max(time.perf_counter() - t0, 1e-9)
+                    bar.update(task, advance=got, info=f"{rate:,.0f} tok/s")
+                counts.append(counter.counts.clone())
+                mass.append(counter.mass.float().clone())
+                tokens.append(n_tok)
+    finally:
+        counter.remove()
+    return StatsResult(torch.stack(counts), torch.stack(mass), torch.tensor(tokens, dtype=torch.int64),
+                       list(ck.moe_layers), list(docs_by_domain), total / max(time.perf_counter() - t0, 1e-9))
+
+
+def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
+        seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+        force: bool = False) -> Path:
+    """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
+    from ..io import check_output
+    ck = open_checkpoint(src).require_moe()
+    paths = data.parse_domains(domains)
+    check_output(out, force, [ck.path, *paths.values()])
+    if max_tokens is not None and max_tokens <= 0:
+        raise XpertError(f"--max-tokens: must be positive, got {max_tokens}")
+    if batch_size <= 0:
+        raise XpertError(f"--batch-size: must be positive, got {batch_size}")
+    top_k = ck.top_k
+    if top_k is None:
+        raise XpertError(f"{ck.path}: top-k unknown (no config.json with num_experts_per_tok)")
+    max_pos = int(ck.config.get("max_position_embeddings", 2048))
+    seq_len = seq_len or min(1024, max_pos)
+    if not 1 <= seq_len <= max_pos:
+        raise XpertError(f"--seq-len {seq_len}: must be 1..{max_pos} (the model's max_position_embeddings)")
+    tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
+    tok = data.load_tokenizer(tok_dir)
+    docs = {name: data.read_documents(p) for name, p in paths.items()}
+    model = load_model(ck, parse_dtype(dtype), device)
+    res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
+                  max_tokens=max_tokens, device=device)
+    rec = provenance.record(
+        "stats", inputs=[ck.fingerprint] + [provenance_of_corpus(p) for p in paths.values()],
+        params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
+                "batch_size": batch_size, "dtype": dtype},
+        source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
+        layers=res.layers, domains=res.domains)
+    tensors = {"counts": res.counts, "mass": res.mass, "tokens": res.tokens,
+               "layers": torch.tensor(res.layers, dtype=torch.int64)}
+    return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
+
+
+def provenance_of_corpus(path: Path) -> dict:
+    """Fingerprint of a corpus file or directory (sha256 over its files' bytes, in sorted order)."""
+    import hashlib
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": h.hexdigest()}

@@ -1,0 +1,58 @@
+"""Small parsers for option values shared by commands (lists, target specs)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import XpertError
+
+
+def int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise XpertError(f"{what} {text!r}: expected comma-separated integers") from None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Target dense shape; None means "same as the source"."""
+    layers: int | None = None
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+
+    def __str__(self) -> str:
+        parts = [f"{self.layers}L" if self.layers else None, f"d{self.hidden}" if self.hidden else None,
+                 f"f{self.ffn}" if self.ffn else None, f"h{self.heads}" if self.heads else None]
+        return ",".join(p for p in parts if p)
+
+
+_PART = re.compile(r"^(?:(\d+)L|d(\d+)|f(\d+)|h(\d+))$")
+
+
+def parse_target(spec: str | None, layers: int | None = None, hidden: int | None = None,
+                 ffn: int | None = None, heads: int | None = None) -> Target:
+    """'12L', '12L,d2048,f1024', '8L,h16' plus --layers/--hidden/--ffn/--heads (flags win)."""
+    vals: dict[str, int] = {}
+    if spec:
+        for part in spec.replace(" ", "").split(","):
+            m = _PART.match(part)
+            if not m:
+                raise XpertError(f"--target {spec!r}: cannot read {part!r} (expected e.g. 12L,d2048,f1024,h16)")
+            for key, g in zip(("layers", "hidden", "ffn", "heads"), m.groups()):
+                if g is not None:
+                    if key in vals:
+                        raise XpertError(f"--target {spec!r}: {key} given twice")
+                    vals[key] = int(g)
+    for key, v in (("layers", layers), ("hidden", hidden), ("ffn", ffn), ("heads", heads)):
+        if v is not None:
+            vals[key] = v
+    for key, v in vals.items():
+        if v <= 0:
+            raise XpertError(f"--target: {key} must be positive, got {v}")
+    if "layers" not in vals:
+        raise XpertError(f"--target {spec!r}: the number of layers is required (e.g. 12L)")
+    return Target(**vals)
