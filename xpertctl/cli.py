@@ -80,6 +80,80 @@ def select(stats_file: Path = typer.Argument(..., metavar="STATS", help="stats.s
             print(p)
 
 
+RanksOpt = typer.Option(None, help="Tucker ranks per mode (rows, cols, experts): 'full' or an int; default full,full,1.")
+TargetOpt = typer.Option(None, "--target", "-t", help="Target shape: 12L, or 12L,d2048,f1024[,h16].")
+
+
+def _target(spec, layers, hidden, ffn, heads, required=True):
+    from .specs import parse_target
+    if spec is None and layers is None and not required:
+        return None
+    return parse_target(spec, layers, hidden, ffn, heads)
+
+
+@app.command()
+def decompose(src: Path = typer.Argument(..., help="MoE model directory or .safetensors file."),
+              selection: Path = typer.Argument(..., help="selection.json from `xpertctl select`."),
+              out: Path = OutOpt, ranks: Optional[str] = RanksOpt,
+              align: bool = typer.Option(False, "--align", help="Match experts' neurons to the first before stacking."),
+              no_tucker: bool = typer.Option(False, "--no-tucker", help="Frequency-weighted mean instead (ablation)."),
+              force: bool = ForceOpt):
+    """Stack each layer's selected experts and Tucker-decompose them -> factors.safetensors."""
+    from .ops import decompose as op
+    print(op.run(src, selection, out, ranks=ranks, align_neurons=align, no_tucker=no_tucker, force=force))
+
+
+@app.command()
+def reshape(factors: Path = typer.Argument(..., help="factors.safetensors from `xpertctl decompose`."),
+            target: Optional[str] = TargetOpt, out: Path = OutOpt,
+            layers: Optional[int] = typer.Option(None, help="Target layers (overrides --target)."),
+            hidden: Optional[int] = typer.Option(None, help="Target hidden size."),
+            ffn: Optional[int] = typer.Option(None, help="Target FFN width."),
+            layer_map: str = typer.Option("uniform", help="Depth map: uniform, first or merge."),
+            combine: str = typer.Option("mean", help="Expert-mode combination: mean, freq or first."),
+            width_select: str = typer.Option("norm", help="Width indices: norm (largest energy) or first."),
+            force: bool = ForceOpt):
+    """Adapt factors to the target depth and width -> adapted.safetensors (one dense FFN per layer)."""
+    from .ops import reshape as op
+    print(op.run(factors, _target(target, layers, hidden, ffn, None), out, layer_map_how=layer_map,
+                 combine=combine, width_select=width_select, force=force))
+
+
+@app.command()
+def graft(src: Path = typer.Argument(..., help="adapted.safetensors, or an MoE checkpoint for the one-shot path."),
+          out: Path = OutOpt, target: Optional[str] = TargetOpt,
+          layers: Optional[int] = typer.Option(None, help="Target layers."),
+          hidden: Optional[int] = typer.Option(None, help="Target hidden size."),
+          ffn: Optional[int] = typer.Option(None, help="Target FFN width."),
+          heads: Optional[int] = typer.Option(None, help="Target attention heads (default: from the source)."),
+          like: Optional[Path] = typer.Option(None, help="Source MoE for config/tokenizer (adapted input)."),
+          stats_file: Optional[Path] = typer.Option(None, "--stats", help="One-shot: select from these stats."),
+          selection: Optional[Path] = typer.Option(None, help="One-shot: use this selection.json."),
+          criterion: str = typer.Option("min", help="One-shot with --stats: selection criterion."),
+          per_layer: Optional[int] = typer.Option(None, help="One-shot with --stats: experts per layer."),
+          ranks: Optional[str] = RanksOpt,
+          align: bool = typer.Option(False, "--align", help="One-shot: align experts' neurons."),
+          no_tucker: bool = typer.Option(False, "--no-tucker", help="One-shot: mean instead of Tucker."),
+          layer_map: str = typer.Option("uniform", help="uniform, first or merge."),
+          combine: str = typer.Option("mean", help="mean, freq or first."),
+          width_select: str = typer.Option("norm", help="norm or first."),
+          arch: str = typer.Option("llama", help="Target class: llama, or qwen3 (per-head QK-norm)."),
+          inherit: Optional[str] = typer.Option(None, help="Copy from the source: embeddings,norms,attention."),
+          ffn_init: str = typer.Option("xpert", help="xpert, or scratch (same model, fresh FFNs)."),
+          dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the source's)."),
+          seed: int = typer.Option(0, help="Seed of the fresh weights."),
+          shard_size: str = typer.Option("5GB", help="Max bytes per safetensors shard."),
+          force: bool = ForceOpt):
+    """Write a dense causal LM (HF directory) with XPERT FFNs."""
+    from .io import parse_size
+    from .ops import graft as op
+    print(op.run(src, out, target=_target(target, layers, hidden, ffn, heads, required=False), like=like,
+                 stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
+                 align_neurons=align, no_tucker=no_tucker, layer_map_how=layer_map, combine=combine,
+                 width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
+                 ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force))
+
+
 def main() -> None:
     """Entry point: every user error becomes one line on stderr and exit code 2, never a traceback."""
     # typer may vendor click: take its exception classes from what it exports

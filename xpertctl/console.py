@@ -10,7 +10,7 @@ out = Console()
 
 
 def notice(msg: str) -> None:
-    err.print(f"[yellow]note:[/yellow] {msg}", highlight=False)
+    err.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
 def progress(transient: bool = True) -> Progress:

@@ -23,6 +23,7 @@ class Family:
     experts_key: str = "num_experts"  # config key: number of routed experts
     ffn_key: str = "intermediate_size"  # config key: one expert's FFN width
     qk_norm: str | None = None  # "full": q_norm over all heads (OLMoE); "head": per head (Qwen3)
+    attention: str = "standard"  # "mla": DeepSeek's latent attention (cannot be inherited by a Llama)
     scoring: str = "softmax"  # router probabilities: softmax over experts, or DeepSeek-V3's sigmoid
     # detection from key names alone (bare .safetensors): all `requires` present, no `forbids`
     requires: tuple[str, ...] = ()
@@ -40,10 +41,10 @@ FAMILIES: tuple[Family, ...] = (
            requires=("shared_expert_gate.weight",)),
     Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", ffn_key="moe_intermediate_size",
            qk_norm="head", requires=(".gate.weight", "q_norm"), forbids=("shared_expert", "kv_a_proj")),
-    Family("deepseek_v2", ("deepseek_v2",), "DeepseekV2ForCausalLM", shared="shared_experts",
+    Family("deepseek_v2", ("deepseek_v2",), "DeepseekV2ForCausalLM", shared="shared_experts", attention="mla",
            experts_key="n_routed_experts", ffn_key="moe_intermediate_size",
            requires=(".gate.weight", "kv_a_proj_with_mqa"), forbids=("e_score_correction_bias",)),
-    Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", shared="shared_experts",
+    Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", shared="shared_experts", attention="mla",
            router_bias="e_score_correction_bias", experts_key="n_routed_experts", scoring="sigmoid",
            ffn_key="moe_intermediate_size", requires=("e_score_correction_bias",)),
     # dense outputs (what graft writes) and dense inputs that inspect should describe

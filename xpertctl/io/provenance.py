@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import XpertError
-from .files import read_header, sha256
+from .files import read_header, sha256  # noqa: F401  (sha256 re-exported)
 
 KEY = "xpertctl"
 

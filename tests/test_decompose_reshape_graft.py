@@ -1,0 +1,318 @@
+"""decompose (Tucker, align, mean), reshape (depth, width consistency) and graft (HF round trip)."""
+import json
+import shutil
+
+import pytest
+import tensorly as tl
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+from tensorly.decomposition import tucker as tl_tucker
+
+from conftest import MOE_FAMILIES, assert_user_error
+from xpertctl.errors import XpertError
+from xpertctl.io import open_checkpoint, provenance
+from xpertctl.ops import decompose, reshape
+from xpertctl.ops.tucker import reconstruct, tucker
+from xpertctl.specs import Target, parse_target
+
+
+# ---- Tucker -----------------------------------------------------------------------------------
+
+def test_full_rank_tucker_reconstructs_the_stack():
+    x = torch.randn(24, 40, 6, generator=torch.Generator().manual_seed(0))
+    core, fs, err = tucker(x, [24, 40, 6])
+    rec = reconstruct(core, fs)
+    assert float((rec - x).norm() / x.norm()) < 1e-5 and err < 1e-5
+    for u in fs:  # orthonormal factors
+        assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-5)
+
+
+def test_identical_experts_collapse_to_the_expert_at_rank_one():
+    g = torch.Generator().manual_seed(1)
+    e = (torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(32, 16, generator=g))
+    st = decompose.stacks([e] * 5)
+    t = {"layers.0.weights": torch.full((5,), 0.2)}
+    for m, x in st.items():
+        core, (u1, u2, u3), err = tucker(x, [x.shape[0], x.shape[1], 1])
+        assert err < 1e-5 and core.shape[2] == 1
+        t.update({f"layers.0.{m}.core": core, f"layers.0.{m}.U1": u1, f"layers.0.{m}.U2": u2, f"layers.0.{m}.U3": u3})
+    for how in ("mean", "freq", "first"):
+        got = reshape.combine_layer(t, 0, how)
+        for a, b in zip(got, e):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [[12, 20, 1], [6, 10, 3], [12, 5, 4]])
+def test_tucker_matches_tensorly_error(ranks):
+    x = torch.randn(12, 20, 4, generator=torch.Generator().manual_seed(2)) + 0.5
+    _, _, err = tucker(x, ranks)
+    with tl.backend_context("pytorch"):
+        core, fs = tl_tucker(x, rank=ranks, init="svd", n_iter_max=100, tol=1e-8)
+        ref = float(torch.linalg.vector_norm(x - tl.tucker_to_tensor((core, fs))) / torch.linalg.vector_norm(x))
+    assert err <= ref + 1e-5
+
+
+def test_align_recovers_a_known_permutation():
+    g = torch.Generator().manual_seed(3)
+    ref = (torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g), torch.randn(16, 32, generator=g))
+    perm = torch.randperm(32, generator=g)
+    shuffled = (ref[0][perm], ref[1][perm], ref[2][:, perm])
+    aligned, perms = decompose.align([ref, shuffled])
+    assert all(torch.equal(a, b) for a, b in zip(aligned[1], ref))
+    assert torch.equal(perm[perms[1]], torch.arange(32))
+
+
+# ---- decompose on checkpoints -------------------------------------------------------------------
+
+def _selection(tmp_path, ck, experts_per_layer, name="sel.json"):
+    doc = {"criterion": "test", "per_layer": len(experts_per_layer), "source": ck.fingerprint,
+           "num_experts": ck.num_experts,
+           "layers": [{"layer": i, "experts": experts_per_layer,
+                       "freq": {"a": [0.5] * len(experts_per_layer)}} for i in ck.moe_layers]}
+    p = tmp_path / name
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def test_decompose_factors_reconstruct_selected_experts(fx, tmp_path, cli):
+    ck = open_checkpoint(fx / "mixtral-fused")
+    sel = _selection(tmp_path, ck, [5, 1, 6])
+    out = tmp_path / "f.safetensors"
+    code, so, err = cli("decompose", fx / "mixtral-fused", sel, "-o", out, "--ranks", "full,full,full")
+    assert code == 0, err
+    t = load_file(str(out))
+    rec = provenance.read(out, "factors")
+    assert rec["layers"] == [0, 1] and rec["method"] == "tucker"
+    for i in ck.moe_layers:
+        experts = ck.experts(i, [5, 1, 6])
+        assert t[f"layers.{i}.experts"].tolist() == [5, 1, 6]
+        for k, m in enumerate(("gate", "up", "down")):
+            rec_x = reconstruct(t[f"layers.{i}.{m}.core"], [t[f"layers.{i}.{m}.U{n}"] for n in (1, 2, 3)])
+            stack = torch.stack([e[k] for e in experts], -1)
+            assert float((rec_x - stack).norm() / stack.norm()) < 1e-5
+            assert float(t[f"layers.{i}.{m}.error"]) < 1e-5
+
+
+def test_no_tucker_is_the_frequency_weighted_mean(fx, tmp_path):
+    ck = open_checkpoint(fx / "olmoe")
+    doc = json.loads(_selection(tmp_path, ck, [0, 3]).read_text())
+    doc["layers"][0]["freq"] = {"a": [0.3, 0.1], "b": [0.1, 0.1]}  # weights 0.2, 0.1 -> 2/3, 1/3
+    t, meta = decompose.compute(ck, doc, "x", no_tucker=True)
+    e0, e3 = ck.experts(0, [0, 3])
+    assert torch.allclose(t["layers.0.gate.mean"], e0[0] * 2 / 3 + e3[0] / 3, atol=1e-6)
+    assert meta["method"] == "mean"
+
+
+def test_decompose_refuses_bad_selections_and_ranks(fx, tmp_path, cli):
+    ck = open_checkpoint(fx / "olmoe")
+    out = tmp_path / "f.safetensors"
+    bad = _selection(tmp_path, ck, [0, 9], "bad.json")
+    code, _, err = cli("decompose", fx / "olmoe", bad, "-o", out)
+    assert_user_error(code, err, "bad.json", "out of range")
+    other = _selection(tmp_path, open_checkpoint(fx / "mixtral"), [0, 1], "other.json")
+    code, _, err = cli("decompose", fx / "olmoe", other, "-o", out)
+    assert_user_error(code, err, "other.json", "another model")
+    good = _selection(tmp_path, ck, [0, 1])
+    code, _, err = cli("decompose", fx / "olmoe", good, "-o", out, "--ranks", "full,full,3")
+    assert_user_error(code, err, "rank 3 of mode 3 exceeds its size 2")
+    code, _, err = cli("decompose", fx / "olmoe", good, "-o", out, "--ranks", "full,1")
+    assert_user_error(code, err, "--ranks")
+    assert not out.exists()
+
+
+def test_decompose_refuses_nan_experts(fx, tmp_path, cli):
+    from safetensors.torch import save_file
+    d = tmp_path / "nan"
+    shutil.copytree(fx / "olmoe", d)
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.0.mlp.experts.1.up_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    sel = _selection(tmp_path, open_checkpoint(d), [0, 1])
+    code, _, err = cli("decompose", d, sel, "-o", tmp_path / "f.safetensors")
+    assert_user_error(code, err, "expert 1 of layer 0 has NaN")
+
+
+# ---- reshape -----------------------------------------------------------------------------------
+
+def test_layer_maps():
+    src = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert reshape.layer_map(src, 4, "uniform") == [[1], [3], [6], [8]]
+    assert reshape.layer_map(src, 8, "uniform") == [[s] for s in src]
+    assert reshape.layer_map(src, 3, "first") == [[1], [2], [3]]
+    assert reshape.layer_map(src, 3, "merge") == [[1, 2, 3], [4, 5, 6], [7, 8]]
+    assert reshape.layer_map(src, 10, "uniform")[0] == [1] and len(reshape.layer_map(src, 10, "uniform")) == 10
+    with pytest.raises(XpertError, match="first"):
+        reshape.layer_map(src, 9, "first")
+
+
+@pytest.mark.parametrize("spec,parsed", [("12L", Target(12)), ("12L,d2048,f1024", Target(12, 2048, 1024)),
+                                         ("8L,h16", Target(8, heads=16))])
+def test_target_spec(spec, parsed):
+    assert parse_target(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["12", "L12", "12L,x5", "12L,d0", "d2048", "12L,12L", ""])
+def test_malformed_target_spec(spec):
+    with pytest.raises(XpertError, match="--target"):
+        parse_target(spec)
+
+
+def _factors(fx, tmp_path, name="olmoe", experts=(0, 1, 2), ranks="full,full,full"):
+    ck = open_checkpoint(fx / name)
+    doc = json.loads(_selection(tmp_path, ck, list(experts)).read_text())
+    return decompose.compute(ck, doc, "x", ranks=ranks)
+
+
+@pytest.mark.parametrize("how", ["norm", "first"])
+def test_width_selection_is_index_consistent(fx, tmp_path, how):
+    t, meta = _factors(fx, tmp_path)
+    out, m2 = reshape.compute(t, meta, Target(3, 20, 10), width_select=how)
+    ri = out["residual_index"]
+    assert ri.tolist() == sorted(ri.tolist()) and len(ri) == 20
+    assert m2["layer_map"] == [[0], [1], [2]]
+    for n, (src,) in enumerate(m2["layer_map"]):
+        g, u, dn = reshape.combine_layer(t, src, "mean")
+        ni = out[f"layers.{n}.neuron_index"]
+        # one residual index set for every layer; one neuron set for gate rows, up rows, down columns
+        assert torch.equal(out[f"layers.{n}.gate_proj"], g[ni][:, ri])
+        assert torch.equal(out[f"layers.{n}.up_proj"], u[ni][:, ri])
+        assert torch.equal(out[f"layers.{n}.down_proj"], dn[ri][:, ni])
+    if how == "first":
+        assert ri.tolist() == list(range(20))
+
+
+def test_merge_averages_groups_and_full_width_keeps_everything(fx, tmp_path):
+    t, meta = _factors(fx, tmp_path)
+    out, m2 = reshape.compute(t, meta, Target(1), layer_map_how="merge")
+    assert m2["layer_map"] == [[0, 1, 2]] and out["residual_index"].tolist() == list(range(32))
+    mats = [reshape.combine_layer(t, i) for i in (0, 1, 2)]
+    assert torch.allclose(out["layers.0.gate_proj"], sum(m[0] for m in mats) / 3, atol=1e-6)
+
+
+def test_reshape_refuses_wider_targets(fx, tmp_path, cli):
+    t, meta = _factors(fx, tmp_path)
+    with pytest.raises(XpertError, match="hidden 64 is wider"):
+        reshape.compute(t, meta, Target(2, 64))
+    with pytest.raises(XpertError, match="FFN 17 is wider"):
+        reshape.compute(t, meta, Target(2, ffn=17))
+
+
+# ---- graft ---------------------------------------------------------------------------------------
+
+def _load(out):
+    model, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model
+
+
+def test_graft_roundtrip_ffn_equals_adapted(fx, tmp_path, cli):
+    t, meta = _factors(fx, tmp_path, ranks="full,full,1")
+    from safetensors.torch import save_file
+    facts = tmp_path / "f.safetensors"
+    rec = provenance.record("factors", [], {}, **meta)
+    save_file(t, str(facts), metadata={"format": "pt", **provenance.as_metadata(rec)})
+    adapted = tmp_path / "a.safetensors"
+    assert cli("reshape", facts, "--target", "2L,d24,f12", "-o", adapted)[0] == 0
+    out = tmp_path / "g"
+    code, so, err = cli("graft", adapted, "-o", out, "--inherit", "embeddings,norms", "--dtype", "bfloat16",
+                        "--shard-size", "20KB")
+    assert code == 0, err
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "tokenizer.json").exists()
+    assert "Provenance" in (out / "README.md").read_text()
+    model = _load(out)
+    a = load_file(str(adapted))
+    for n in range(2):
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(model.model.layers[n].mlp, m).weight
+            assert w.dtype == torch.bfloat16 and torch.equal(w, a[f"layers.{n}.{m}"].to(torch.bfloat16))
+    ck = open_checkpoint(fx / "olmoe")
+    ri = a["residual_index"]
+    assert torch.equal(model.model.embed_tokens.weight, ck.tensor("model.embed_tokens.weight")[:, ri].bfloat16())
+    assert torch.equal(model.model.layers[1].input_layernorm.weight,
+                       ck.tensor("model.layers.2.input_layernorm.weight")[ri].bfloat16())
+    logits = model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
+    assert logits.shape == (1, 4, 96) and torch.isfinite(logits.float()).all()
+
+
+def test_scratch_differs_only_in_ffn(fx, tmp_path, cli):
+    outs = {}
+    for init in ("xpert", "scratch"):
+        outs[init] = tmp_path / init
+        code, _, err = cli("graft", fx / "qwen2_moe", "--target", "3L", "-o", outs[init], "--ffn-init", init,
+                           "--seed", "7")
+        assert code == 0, err
+    a, b = load_file(str(outs["xpert"] / "model.safetensors")), load_file(str(outs["scratch"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        same = torch.equal(a[k], b[k])
+        assert same != (".mlp." in k), k
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES + [f + "-fused" for f in MOE_FAMILIES] + ["olmoe-sharded"])
+def test_one_shot_graft_every_family(fx, tmp_path, cli, name):
+    out = tmp_path / "g"
+    code, so, err = cli("graft", fx / name, "--target", "3L,d24,f8", "-o", out)
+    assert code == 0, err
+    assert so.strip() == str(out) and "every expert" in err
+    model = _load(out)
+    assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 24
+    assert model.config.intermediate_size == 8
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_one_shot_graft_bare_file_with_stats(fx, tmp_path, cli):
+    bare = fx / "bare" / "olmoe.safetensors"
+    code, _, err = cli("graft", bare, "--target", "2L", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--heads")
+    # stats on the model directory apply to the bare copy of the same weights
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the law shall apply\n\nin the beginning god created")
+    stats = tmp_path / "s.safetensors"
+    assert cli("stats", fx / "olmoe", "-d", f"a={corpus}", "-d", f"b={corpus}", "-o", stats)[0] == 0
+    code, _, err = cli("graft", bare, "--target", "2L", "--heads", "4", "--stats", stats, "-o", tmp_path / "g")
+    assert code == 0, err
+    _load(tmp_path / "g")
+
+
+def test_inherit_attention_rules(fx, tmp_path, cli):
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "-o", tmp_path / "a", "--inherit", "attention")
+    assert_user_error(code, err, "full-width QK-norm")
+    code, _, err = cli("graft", fx / "deepseek_v3", "-t", "2L", "-o", tmp_path / "b", "--inherit", "attention")
+    assert_user_error(code, err, "latent attention")
+    code, _, err = cli("graft", fx / "qwen3_moe", "-t", "2L", "-o", tmp_path / "c", "--inherit", "attention")
+    assert_user_error(code, err, "--arch qwen3")
+    code, _, err = cli("graft", fx / "qwen2_moe", "-t", "2L", "-o", tmp_path / "d", "--inherit", "attention,norms")
+    assert code == 0, err
+    model = _load(tmp_path / "d")
+    ck = open_checkpoint(fx / "qwen2_moe")
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.bias, ck.tensor("model.layers.1.self_attn.q_proj.bias"))
+    assert torch.equal(model.model.layers[0].self_attn.k_proj.weight, ck.tensor("model.layers.0.self_attn.k_proj.weight"))
+    code, _, err = cli("graft", fx / "qwen3_moe", "-t", "2L", "-o", tmp_path / "e", "--inherit", "attention", "--arch", "qwen3")
+    assert code == 0, err
+    m = _load(tmp_path / "e")
+    assert torch.equal(m.model.layers[1].self_attn.q_norm.weight, open_checkpoint(fx / "qwen3_moe").tensor(
+        "model.layers.1.self_attn.q_norm.weight"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-t", "2Q"], "--target '2Q'"),
+    (["-t", "2L,d64"], "hidden 64 is wider"),
+    (["-t", "2L", "--inherit", "brains"], "'brains' is not one of"),
+    (["-t", "2L", "--ffn-init", "zeros"], "--ffn-init"),
+    ([], "--target is required"),
+])
+def test_graft_bad_input(fx, tmp_path, cli, args, needle):
+    out = tmp_path / "g"
+    code, _, err = cli("graft", fx / "mixtral", "-o", out, *args)
+    assert_user_error(code, err, needle)
+    assert not out.exists() and not list(tmp_path.glob(".g.tmp*"))
+
+
+def test_graft_refuses_existing_output_and_input_as_output(fx, tmp_path, cli):
+    out = tmp_path / "g"
+    out.mkdir()
+    code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "-o", out)
+    assert_user_error(code, err, "already exists", "--force")
+    code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "-o", fx / "mixtral")
+    assert_user_error(code, err, "overwrite the input")

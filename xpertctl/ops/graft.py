@@ -1,0 +1,276 @@
+"""XPERT step 4: write a dense causal LM whose FFNs are the adapted expert knowledge.
+
+The model is built fresh (seeded) with transformers' own dense class; its FFN weights are replaced by
+the adapted tensors; embeddings, norms and attention are copied from the mapped source layers only
+when asked (`--inherit`), sliced to the residual indices the FFNs were cut to. `--ffn-init scratch`
+writes the identical model with its fresh FFNs: the baseline that differs only in FFN weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..console import notice
+from ..errors import XpertError
+from ..io import check_output, open_checkpoint, provenance, write_model_dir
+from ..io.checkpoint import Checkpoint
+from ..io.writer import DEFAULT_SHARD_SIZE
+from ..specs import Target
+from . import decompose, reshape
+from . import select as sel
+
+TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+INHERITABLE = ("embeddings", "norms", "attention")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_inherit(text: str | None) -> list[str]:
+    parts = [p for p in (text or "").replace(" ", "").split(",") if p]
+    for p in parts:
+        if p not in INHERITABLE:
+            raise XpertError(f"--inherit {text!r}: {p!r} is not one of {', '.join(INHERITABLE)}")
+    return parts
+
+
+def _src_heads(ck: Checkpoint, heads_flag: int | None) -> tuple[int, int, int]:
+    """(heads, kv heads, head_dim) of the source attention."""
+    cfg = ck.config
+    heads = cfg.get("num_attention_heads") or heads_flag
+    if not heads:
+        raise XpertError(f"{ck.path}: no config.json to read the attention heads from; pass --heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    hd = cfg.get("head_dim") if ck.family.attention == "standard" and cfg.get("head_dim") else ck.hidden // heads
+    return int(heads), int(kv), int(hd)
+
+
+def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int | None, arch: str,
+                  dtype: str, inherit: list[str]):
+    import transformers
+    if arch not in TARGET_CLASSES:
+        raise XpertError(f"--arch {arch!r}: choose one of {', '.join(TARGET_CLASSES)}")
+    s_heads, s_kv, hd = _src_heads(ck, heads_flag)
+    if heads_flag:
+        heads = heads_flag
+    elif d == ck.hidden:
+        heads = s_heads
+    elif d % hd == 0:
+        heads = d // hd
+    else:
+        raise XpertError(f"--target: hidden {d} is not a multiple of the source head size {hd}; pass --heads")
+    if heads * s_kv % s_heads == 0 and heads % (heads * s_kv // s_heads) == 0:
+        kv = heads * s_kv // s_heads
+    else:
+        kv = heads
+    cfg = ck.config
+    vocab = cfg.get("vocab_size") or ck.reader.shape("model.embed_tokens.weight")[0]
+    attn_bias = "attention" in inherit and ck.has(f"model.layers.{ck.moe_layers[0]}.self_attn.q_proj.bias")
+    kwargs = dict(
+        vocab_size=int(vocab), hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), hidden_act="silu",
+        rope_parameters=cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))},
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), attention_bias=attn_bias,
+        initializer_range=float(cfg.get("initializer_range", 0.02)),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"),
+        dtype=dtype,
+    )
+    config = getattr(transformers, TARGET_CLASSES[arch][0])(**kwargs)
+    return config, (s_heads, s_kv, hd)
+
+
+def _check_inherit(ck: Checkpoint, inherit: list[str], arch: str, config, src_heads) -> None:
+    if "attention" not in inherit:
+        return
+    fam = ck.family
+    if fam.attention != "standard":
+        raise XpertError(f"{ck.path}: {fam.name} uses multi-head latent attention, which a {arch} target cannot "
+                         "inherit; drop 'attention' from --inherit")
+    if fam.qk_norm == "full":
+        raise XpertError(f"{ck.path}: {fam.name} attention has full-width QK-norm, which no dense target class here "
+                         "has; drop 'attention' from --inherit")
+    if fam.qk_norm == "head" and arch != "qwen3":
+        raise XpertError(f"{ck.path}: {fam.name} attention has per-head QK-norm; use --arch qwen3 to inherit it")
+    if fam.qk_norm is None and arch == "qwen3":
+        raise XpertError(f"{ck.path}: {fam.name} attention has no QK-norm for a qwen3 target; use --arch llama")
+    if (config.num_attention_heads, config.num_key_value_heads, config.head_dim) != src_heads:
+        raise XpertError(f"--inherit attention needs the source's heads {src_heads} (heads, kv heads, head_dim); "
+                         f"target has {(config.num_attention_heads, config.num_key_value_heads, config.head_dim)}")
+
+
+def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads: int | None = None,
+          arch: str = "llama", dtype: str | None = None, inherit: list[str] = (), ffn_init: str = "xpert",
+          seed: int = 0):
+    """(state dict, config) of the grafted dense model."""
+    import transformers
+    if ffn_init not in ("xpert", "scratch"):
+        raise XpertError(f"--ffn-init {ffn_init!r}: choose xpert or scratch")
+    dtype = dtype or _source_dtype(ck)
+    if dtype not in DTYPES:
+        raise XpertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    tgt = meta["target"]
+    config, src_heads = target_config(ck, tgt["hidden"], tgt["ffn"], tgt["layers"], heads, arch, dtype, inherit)
+    _check_inherit(ck, inherit, arch, config, src_heads)
+    torch.manual_seed(seed)
+    model = getattr(transformers, TARGET_CLASSES[arch][1])(config)  # fresh, seeded init (float32)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+    ri = adapted["residual_index"]
+    if ffn_init == "xpert":
+        for t in range(tgt["layers"]):
+            for m in ("gate_proj", "up_proj", "down_proj"):
+                state[f"model.layers.{t}.mlp.{m}.weight"] = adapted[f"layers.{t}.{m}"].float()
+    lmap = meta["layer_map"]
+    if "embeddings" in inherit:
+        state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
+        if "lm_head.weight" in state and ck.has("lm_head.weight"):
+            state["lm_head.weight"] = ck.tensor("lm_head.weight")[:, ri].float()
+    if "norms" in inherit:
+        state["model.norm.weight"] = ck.tensor("model.norm.weight")[ri].float()
+        for t, group in enumerate(lmap):
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                state[f"model.layers.{t}.{n}.weight"] = ck.tensor(f"model.layers.{group[0]}.{n}.weight")[ri].float()
+    if "attention" in inherit:
+        for t, group in enumerate(lmap):
+            src = f"model.layers.{group[0]}.self_attn"
+            for p in ("q_proj", "k_proj", "v_proj"):
+                state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight")[:, ri].float()
+                if config.attention_bias:
+                    state[f"model.layers.{t}.self_attn.{p}.bias"] = ck.tensor(f"{src}.{p}.bias").float()
+            state[f"model.layers.{t}.self_attn.o_proj.weight"] = ck.tensor(f"{src}.o_proj.weight")[ri, :].float()
+            if arch == "qwen3":
+                for p in ("q_norm", "k_norm"):
+                    state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight").float()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
+    cast = DTYPES[dtype]
+    return {k: v.to(cast) for k, v in state.items()}, config
+
+
+def _source_dtype(ck: Checkpoint) -> str:
+    d = ck.config.get("dtype") or ck.config.get("torch_dtype") or ck.dtype
+    return d if d in DTYPES else "float32"
+
+
+def card(rec: dict, config, ffn_init: str) -> str:
+    tgt = rec["target"]
+    lines = [
+        "---", "library_name: transformers", "tags: [xpertctl, xpert]", "---", "",
+        f"# {'XPERT-initialized' if ffn_init == 'xpert' else 'Scratch baseline'} dense LM "
+        f"({tgt['layers']} layers, hidden {tgt['hidden']}, FFN {tgt['ffn']})", "",
+        f"Written by xpertctl {__version__}. Architecture: `{config.architectures[0] if config.architectures else type(config).__name__}`.",
+        "",
+        "FFN weights: " + ("consolidated experts of the source MoE (select -> Tucker decompose -> reshape)."
+                           if ffn_init == "xpert" else "fresh random initialization (scratch baseline)."),
+        f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}.", "",
+        "| | |", "|---|---|",
+        f"| source | `{rec['source']['path']}` ({rec['family']}) |",
+        f"| selection | {rec.get('selection_summary', '-')} |",
+        f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
+        f"| command | `{rec['command'] or '-'}` |", "",
+        "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None, stats: Path | None = None,
+        selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
+        align_neurons: bool = False, no_tucker: bool = False, layer_map_how: str = "uniform", combine: str = "mean",
+        width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
+        inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
+        force: bool = False) -> Path:
+    """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
+    inherit_l = parse_inherit(inherit)
+    src = Path(src)
+    inputs = [src] + [p for p in (like, stats, selection) if p is not None]
+    check_output(out, force, inputs)
+    is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
+    if is_adapted:
+        rec_in = provenance.read(src, "adapted")
+        like = Path(like) if like else Path(rec_in["source"]["path"])
+        if not like.exists():
+            raise XpertError(f"{src}: its source {like} is gone; pass --like SRC")
+        ck = open_checkpoint(like).require_moe()
+        _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l)
+        if (rec_in["source"]["sha256"], rec_in["source"]["size"]) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
+            raise XpertError(f"{src}: adapted from {rec_in['source']['path']}, not from --like {like}")
+        if target is not None:
+            have = rec_in["target"]
+            want = {"layers": target.layers, "hidden": target.hidden, "ffn": target.ffn}
+            if any(v is not None and v != have[k] for k, v in want.items()):
+                raise XpertError(f"--target {target}: {src} was adapted to {have}; run reshape again for another size")
+        from safetensors.torch import load_file
+        adapted, meta = load_file(str(src)), rec_in
+        sel_summary = json.dumps(rec_in.get("factors", {}).get("selection"))
+        in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
+    else:
+        if like is not None:
+            raise XpertError("--like is for an adapted.safetensors source; an MoE source is its own reference")
+        if target is None:
+            raise XpertError("--target is required (e.g. 12L or 12L,d2048,f1024)")
+        ck = open_checkpoint(src).require_moe()
+        _validate_early(ck, {"layers": target.layers, "hidden": target.hidden or ck.hidden,
+                             "ffn": target.ffn or ck.expert_ffn}, heads, arch, dtype, ffn_init, inherit_l)
+        if selection is not None and stats is not None:
+            raise XpertError("give --stats or --selection, not both")
+        if selection is not None:
+            doc, sel_path = sel.load_selection(selection), selection
+        elif stats is not None:
+            st = sel.load_stats(stats)
+            doc = sel.selection_doc(st, sel.choose(st, criterion, per_layer, seed), criterion, per_layer, seed)
+            sel_path = stats
+        else:
+            notice("no --stats or --selection: using every expert of each layer (recorded in the model card)")
+            doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
+        factors, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker)
+        adapted, meta = reshape.compute(factors, fmeta, target, layer_map_how=layer_map_how, combine=combine,
+                                        width_select=width_select)
+        del factors
+        sel_summary = f"{doc.get('criterion')}, {doc.get('per_layer')} per layer from {sel_path}"
+        in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
+    state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
+                          ffn_init=ffn_init, seed=seed)
+    config.architectures = [TARGET_CLASSES[arch][1]]
+    rec = provenance.record("grafted", inputs=in_fps, params={
+        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init, "dtype": str(config.dtype),
+        "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "layer_map": layer_map_how, "combine": combine,
+        "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
+        seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
+        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary)
+    files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
+                                      "README.md": card(rec, config, ffn_init).encode()}
+    tok_dir = ck.path if ck.path.is_dir() else ck.path.parent
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            files[name] = tok_dir / name
+    return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
+
+
+def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, dtype: str | None, ffn_init: str,
+                    inherit: list[str]) -> None:
+    """Fail on bad options before the (possibly long) select/decompose/reshape work."""
+    if dtype is not None and dtype not in DTYPES:
+        raise XpertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if ffn_init not in ("xpert", "scratch"):
+        raise XpertError(f"--ffn-init {ffn_init!r}: choose xpert or scratch")
+    if target["hidden"] > ck.hidden:
+        raise XpertError(f"--target: hidden {target['hidden']} is wider than the source's {ck.hidden}")
+    if target["ffn"] > ck.expert_ffn:
+        raise XpertError(f"--target: FFN {target['ffn']} is wider than one source expert's {ck.expert_ffn}")
+    config, src_heads = target_config(ck, target["hidden"], target["ffn"], target["layers"], heads, arch,
+                                      dtype or "float32", inherit)
+    _check_inherit(ck, inherit, arch, config, src_heads)
+
+
+def _kind(path: Path) -> str | None:
+    from ..io.files import read_header
+    raw = read_header(path).metadata.get(provenance.KEY)
+    try:
+        return json.loads(raw).get("kind") if raw else None
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,152 @@
+"""XPERT step 3: parameter-scale adaptation of factors to a target depth and width.
+
+Each target layer gets one dense FFN (gate [f, d], up [f, d], down [d, f]):
+  1. per source layer, the factors become one matrix per weight: W = G x1 U1 x2 U2 x3 (c^T U3), with
+     c the expert-mode combination (`mean`: 1/n each; `freq`: the selection frequencies; `first`:
+     only the first expert-mode component);
+  2. depth: target layer t takes source layer(s) by `uniform` (evenly spaced, first and last kept),
+     `first` (the first L), or `merge` (mean of contiguous groups);
+  3. width: the same residual indices in every layer (scored over all mapped layers), and within a
+     layer the same neuron indices for gate rows, up rows and down columns, by `norm` (largest
+     weight energy) or `first`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..errors import XpertError
+from ..io import provenance, write_safetensors
+from ..specs import Target
+from .decompose import MATRICES
+from .tucker import reconstruct
+
+LAYER_MAPS = ("uniform", "first", "merge")
+COMBINES = ("mean", "freq", "first")
+WIDTH_SELECTS = ("norm", "first")
+
+
+def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
+    if value not in options:
+        raise XpertError(f"{flag} {value!r}: choose one of {', '.join(options)}")
+    return value
+
+
+def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "mean") -> tuple[torch.Tensor, ...]:
+    """One (gate [I,H], up [I,H], down [H,I]) from the factors of source layer i."""
+    out = []
+    w = t[f"layers.{i}.weights"].float()
+    n = w.numel()
+    for m in MATRICES:
+        key = f"layers.{i}.{m}"
+        if f"{key}.mean" in t:  # --no-tucker factors: already one matrix
+            out.append(t[f"{key}.mean"].float())
+            continue
+        core, u1, u2, u3 = (t[f"{key}.{s}"].float() for s in ("core", "U1", "U2", "U3"))
+        c = w if how == "freq" else torch.full((n,), 1.0 / n)
+        if how == "first":
+            core, u3 = core[:, :, :1], u3[:, :1]
+        mix = (c @ u3)[None]  # (1, r3): the expert mode collapsed by the combination
+        out.append(reconstruct(core, [u1, u2, mix])[:, :, 0])
+    return tuple(out)
+
+
+def layer_map(src_layers: list[int], n_target: int, how: str = "uniform") -> list[list[int]]:
+    """For each target layer, the source layers it is made from."""
+    n_src = len(src_layers)
+    if how == "uniform":
+        if n_target == 1:
+            pos = [0]
+        else:
+            pos = [int(round(t * (n_src - 1) / (n_target - 1))) for t in range(n_target)]
+        return [[src_layers[p]] for p in pos]
+    if n_target > n_src:
+        raise XpertError(f"--layer-map {how}: target has {n_target} layers but the factors cover {n_src} "
+                         "(use uniform, which repeats layers)")
+    if how == "first":
+        return [[src_layers[t]] for t in range(n_target)]
+    return [[src_layers[p] for p in g] for g in np.array_split(np.arange(n_src), n_target)]
+
+
+def residual_index(ffns: list[tuple[torch.Tensor, ...]], d: int, how: str = "norm") -> torch.Tensor:
+    """The same d residual dimensions for every layer, in ascending order."""
+    H = ffns[0][0].shape[1]
+    if how == "first" or d == H:
+        return torch.arange(d)
+    score = torch.zeros(H, dtype=torch.float64)
+    for g, u, dn in ffns:
+        score += (g.double() ** 2).sum(0) + (u.double() ** 2).sum(0) + (dn.double() ** 2).sum(1)
+    return _top(score, d)
+
+
+def neuron_index(g: torch.Tensor, u: torch.Tensor, dn: torch.Tensor, f: int, how: str = "norm") -> torch.Tensor:
+    """The same f neurons for gate rows, up rows and down columns, in ascending order."""
+    if how == "first" or f == g.shape[0]:
+        return torch.arange(f)
+    score = (g.double() ** 2).sum(1) + (u.double() ** 2).sum(1) + (dn.double() ** 2).sum(0)
+    return _top(score, f)
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    order = np.lexsort((np.arange(score.numel()), -score.numpy()))  # ties -> lower index
+    return torch.as_tensor(np.sort(order[:k]), dtype=torch.long)
+
+
+def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
+            combine: str = "mean", width_select: str = "norm") -> tuple[dict[str, torch.Tensor], dict]:
+    _choice(layer_map_how, LAYER_MAPS, "--layer-map")
+    _choice(combine, COMBINES, "--combine")
+    _choice(width_select, WIDTH_SELECTS, "--width-select")
+    if combine != "mean" and meta.get("method") == "mean":
+        raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
+    H, I = int(meta["hidden"]), int(meta["expert_ffn"])
+    d = target.hidden or H
+    f = target.ffn or I
+    if d > H:
+        raise XpertError(f"--target {target}: hidden {d} is wider than the source's {H}")
+    if f > I:
+        raise XpertError(f"--target {target}: FFN {f} is wider than one source expert's {I}")
+    lmap = layer_map(list(meta["layers"]), target.layers, layer_map_how)
+    per_src = {i: combine_layer(t, i, combine) for i in sorted({i for g in lmap for i in g})}
+    dense = []
+    for group in lmap:
+        mats = [per_src[i] for i in group]
+        dense.append(tuple(torch.stack([m[k] for m in mats]).mean(0) for k in range(3)))
+    ri = residual_index(dense, d, width_select)
+    out: dict[str, torch.Tensor] = {"residual_index": ri}
+    for n, (g, u, dn) in enumerate(dense):
+        g, u, dn = g[:, ri], u[:, ri], dn[ri, :]
+        ni = neuron_index(g, u, dn, f, width_select)
+        out[f"layers.{n}.gate_proj"] = g[ni].contiguous()
+        out[f"layers.{n}.up_proj"] = u[ni].contiguous()
+        out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
+        out[f"layers.{n}.neuron_index"] = ni
+    new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap,
+                "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
+                "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
+                "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "selection")}}
+    return out, new_meta
+
+
+def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    rec = provenance.read(Path(path), kind="factors")
+    try:
+        return load_file(str(path)), rec
+    except Exception as e:
+        raise XpertError(f"{path}: cannot read factors ({e})") from None
+
+
+def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "mean",
+        width_select: str = "norm", force: bool = False) -> Path:
+    """`xpertctl reshape`: adapted.safetensors."""
+    from ..io import check_output
+    check_output(out, force, [factors])
+    t, meta = load_factors(factors)
+    tensors, new_meta = compute(t, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select)
+    rec = provenance.record("adapted", inputs=[provenance.file_fingerprint(factors)],
+                            params={"target": str(target), "layer_map": layer_map_how, "combine": combine,
+                                    "width_select": width_select}, **new_meta)
+    return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
