@@ -154,6 +154,67 @@ def graft(src: Path = typer.Argument(..., help="adapted.safetensors, or an MoE c
                  ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force))
 
 
+@app.command()
+def tokenize(tokenizer: Path = typer.Option(..., help="Tokenizer directory (a model dir works)."),
+             domain: List[str] = typer.Option(..., "--domain", "-d", help="NAME=PATH; repeat."),
+             out: Path = OutOpt,
+             val_pct: int = typer.Option(5, help="Percent of documents (by hash) for validation."),
+             test_pct: int = typer.Option(5, help="Percent of documents (by hash) for test."),
+             force: bool = ForceOpt):
+    """Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json."""
+    from . import data
+    print(data.tokenize(tokenizer, domain, out, val_pct=val_pct, test_pct=test_pct, force=force))
+
+
+@app.command()
+def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from graft)."),
+          out: Path = OutOpt,
+          data_dir: Optional[Path] = typer.Option(None, "--data", help="Token data from `xpertctl tokenize`."),
+          sft: Optional[Path] = typer.Option(None, help="Instruction JSONL (instruction, context, response)."),
+          steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+          tokens: Optional[int] = typer.Option(None, help="Training tokens (instead of --steps)."),
+          batch_size: int = typer.Option(8, help="Sequences per micro-step (global, across ranks)."),
+          grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
+          seq_len: int = typer.Option(256), lr: float = typer.Option(3e-4), warmup: int = typer.Option(20),
+          min_lr_ratio: float = typer.Option(0.1, help="Final LR as a fraction of --lr (cosine)."),
+          weight_decay: float = typer.Option(0.1), grad_clip: float = typer.Option(1.0),
+          seed: int = typer.Option(0, help="Seed: data order and init-independent batches."),
+          eval_every: int = typer.Option(50), eval_batches: int = typer.Option(8),
+          save_every: int = typer.Option(0, help="Save a resumable checkpoint every N steps (0: final only)."),
+          keep: int = typer.Option(2, help="Step checkpoints kept."),
+          device: str = typer.Option("cpu"),
+          resume: str = typer.Option("no", help="auto: continue from the last checkpoint in OUT."),
+          force: bool = ForceOpt):
+    """Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP."""
+    from .train import TrainConfig, train as op
+    cfg = TrainConfig(steps=steps, tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+                      lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay,
+                      grad_clip=grad_clip, seed=seed, eval_every=eval_every, eval_batches=eval_batches,
+                      save_every=save_every, keep=keep, device=device)
+    path = op(ckpt, out, cfg, data_dir=data_dir, sft=sft, resume=resume, force=force)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(path)
+
+
+@app.command(name="eval")
+def evaluate(ckpt: Path = typer.Argument(..., help="HF model directory."),
+             task: List[str] = typer.Option(..., "--task", help="ppl:PATH, mc:FILE.jsonl or gen:FILE.jsonl; repeat."),
+             out: Optional[Path] = typer.Option(None, "-o", "--out", help="results.json to write."),
+             split: str = typer.Option("val", help="Split of a token DATA dir for ppl."),
+             seq_len: Optional[int] = typer.Option(None), max_new_tokens: int = typer.Option(64),
+             device: str = typer.Option("cpu"), seed: int = typer.Option(0), force: bool = ForceOpt):
+    """Perplexity per domain, multiple choice (acc, acc_norm), generation (Rouge-L) -> results.json."""
+    from .eval import run as op
+    doc, path = op(ckpt, task, out, seq_len=seq_len, device=device, max_new_tokens=max_new_tokens, seed=seed,
+                   split=split, force=force)
+    from .console import err, results_table
+    err.print(results_table(doc))
+    if path is not None:
+        print(path)
+    else:
+        print(json.dumps(doc["tasks"], indent=2))
+
+
 def main() -> None:
     """Entry point: every user error becomes one line on stderr and exit code 2, never a traceback."""
     # typer may vendor click: take its exception classes from what it exports

@@ -41,3 +41,16 @@ def selection_table(doc: dict) -> Table:
         t.add_row(str(l["layer"]), " ".join(map(str, l["experts"])),
                   f"{sum(mins) / len(mins):.3f}", f"{sum(means) / len(means):.3f}")
     return t
+
+
+def results_table(doc: dict) -> Table:
+    t = Table(title=f"eval: {doc['model']['path']}", title_justify="left")
+    for c in ("task", "metric", "value"):
+        t.add_column(c)
+    for task, res in doc["tasks"].items():
+        for k, v in res.items():
+            if isinstance(v, dict):
+                t.add_row(task, k, "  ".join(f"{m}={x:.4g}" for m, x in v.items() if isinstance(x, float)))
+            elif isinstance(v, float):
+                t.add_row(task, k, f"{v:.4f}")
+    return t

@@ -118,3 +118,155 @@ def windows(stream: torch.Tensor, seq_len: int, batch_size: int, pad_id: int) ->
             mask[r, : len(c)] = 1
         batches.append(Batch(ids, mask))
     return batches
+
+
+# ---- token data: memmaps per domain and split ------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+def split_of(doc: str, val_pct: int = 5, test_pct: int = 5) -> str:
+    """Deterministic split of one document, by a hash of its text: stable when the corpus grows."""
+    import hashlib
+    p = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "little") % 100
+    return "test" if p < test_pct else "val" if p < test_pct + val_pct else "train"
+
+
+def tokenizer_fingerprint(tok_dir: Path) -> str:
+    import hashlib
+    tok_dir = Path(tok_dir)
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        if (tok_dir / name).is_file():
+            h.update((tok_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int = 5, test_pct: int = 5,
+             force: bool = False) -> Path:
+    """`xpertctl tokenize`: DATA/{domain}.{split}.bin token memmaps + manifest.json."""
+    import numpy as np
+    from .io.writer import atomic_path, check_output
+    from .io import provenance
+    paths = parse_domains(domains)
+    check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)])
+    if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
+        raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = len(tok)
+    dtype = np.uint16 if vocab <= 65535 else np.uint32
+    manifest = {"tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir),
+                              "vocab_size": vocab, "eos_id": tok.eos_token_id},
+                "dtype": np.dtype(dtype).name, "split": {"val_pct": val_pct, "test_pct": test_pct}, "domains": {}}
+    with atomic_path(Path(out), force) as tmp:
+        tmp.mkdir()
+        for name, p in paths.items():
+            docs = read_documents(p)
+            parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
+            entry = {"source": str(p), "corpus": _corpus_fp(p)}
+            for s, ds in parts.items():
+                ids = token_stream(ds, tok) if ds else None
+                arr = ids.numpy().astype(dtype) if ids is not None else np.zeros(0, dtype)
+                arr.tofile(tmp / f"{name}.{s}.bin")
+                entry[s] = {"file": f"{name}.{s}.bin", "tokens": int(arr.size), "documents": len(ds)}
+            if entry["train"]["tokens"] == 0:
+                raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
+            manifest["domains"][name] = entry
+        manifest["xpertctl"] = provenance.record("data", inputs=[], params={"domains": {n: str(p) for n, p in paths.items()},
+                                                                           "val_pct": val_pct, "test_pct": test_pct})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out)
+
+
+def _corpus_fp(p: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in (sorted(x for x in Path(p).rglob("*") if x.is_file()) if Path(p).is_dir() else [Path(p)]):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass
+class TokenData:
+    root: Path
+    manifest: dict
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.manifest["domains"])
+
+    def array(self, domain: str, split: str):
+        import numpy as np
+        e = self.manifest["domains"][domain][split]
+        if e["tokens"] == 0:
+            return np.zeros(0, dtype=self.manifest["dtype"])
+        return np.memmap(self.root / e["file"], dtype=self.manifest["dtype"], mode="r", shape=(e["tokens"],))
+
+    def stream(self, split: str):
+        """All domains' tokens of one split, concatenated in manifest order (a view per domain)."""
+        import numpy as np
+        parts = [self.array(d, split) for d in self.domains]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def load_token_data(root: Path) -> TokenData:
+    root = Path(root)
+    m = root / MANIFEST
+    if not m.is_file():
+        raise XpertError(f"{root}: no {MANIFEST} (make it with `xpertctl tokenize`)")
+    try:
+        manifest = json.loads(m.read_text())
+        for d, e in manifest["domains"].items():
+            for s in SPLITS:
+                f = root / e[s]["file"]
+                want = e[s]["tokens"] * (2 if manifest["dtype"] == "uint16" else 4)
+                if not f.is_file() or f.stat().st_size != want:
+                    raise XpertError(f"{f}: missing or truncated (expected {want} bytes)")
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise XpertError(f"{m}: not a valid token-data manifest") from None
+    return TokenData(root, manifest)
+
+
+def check_tokenizer(data: TokenData, model_dir: Path, vocab_size: int) -> None:
+    """Refuse token data made by another tokenizer than the model's."""
+    t = data.manifest["tokenizer"]
+    if t["vocab_size"] > vocab_size:
+        raise XpertError(f"{data.root}: tokenized with a {t['vocab_size']}-token vocabulary; the model has {vocab_size}")
+    fp = tokenizer_fingerprint(model_dir)
+    if (Path(model_dir) / "tokenizer.json").is_file() and fp != t["sha256"]:
+        raise XpertError(f"{data.root}: made with another tokenizer ({t['path']}) than {model_dir}'s")
+
+
+# ---- instruction data (SFT and generation tasks) ----------------------------------------------------
+
+PROMPT = "### Instruction:\n{instruction}\n\n{context}### Response:\n"
+
+
+def prompt_of(rec: dict) -> str:
+    ctx = rec.get("context") or ""
+    return PROMPT.format(instruction=rec["instruction"].strip(), context=f"### Input:\n{ctx.strip()}\n\n" if ctx.strip() else "")
+
+
+def read_jsonl(path: Path, required: dict[str, type]) -> list[dict]:
+    """Records of a JSONL task/SFT file; a bad record is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise XpertError(f"{path}: no such file")
+    recs = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise XpertError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(rec, dict):
+            raise XpertError(f"{path}:{n}: expected a JSON object")
+        for key, typ in required.items():
+            if not isinstance(rec.get(key), typ) or isinstance(rec.get(key), bool):
+                raise XpertError(f"{path}:{n}: field {key!r} missing or not {typ.__name__}")
+        recs.append(rec)
+    if not recs:
+        raise XpertError(f"{path}: no records")
+    return recs

@@ -1,0 +1,295 @@
+"""The minimal training loop: pretraining on token memmaps or SFT on instruction JSONL.
+
+Batches are a pure function of (seed, step, micro-step), never of the model: two arms with the same
+seed see identical data whatever their initialization, and a resumed run continues exactly where the
+killed one stopped. Under `torchrun` the same command trains with DDP (each rank takes its rows of
+the same global batch, so the loss matches a one-process run of that batch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data
+from .console import err, progress
+from .errors import XpertError
+from .io import provenance
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    tokens: int | None = None  # alternative to steps: total training tokens
+    batch_size: int = 8  # global sequences per micro-step (split across ranks)
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 0  # 0: only the final checkpoint (and at eval points when > 0)
+    keep: int = 2  # step checkpoints kept
+    device: str = "cpu"
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        prog = (step - cfg.warmup) / max(1, total - cfg.warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+    return f
+
+
+# ---- batches: deterministic in (seed, step, micro) ----------------------------------------------------
+
+def lm_batch(stream: np.ndarray, cfg: TrainConfig, step: int, micro: int, split_seed: int = 0):
+    rng = np.random.default_rng([cfg.seed, split_seed, step, micro])
+    starts = rng.integers(0, len(stream) - cfg.seq_len, size=cfg.batch_size)
+    x = torch.from_numpy(np.stack([stream[s: s + cfg.seq_len].astype(np.int64) for s in starts]))
+    return x, x.clone(), torch.ones_like(x)
+
+
+def sft_examples(path: Path, tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per record; labels are -100 on the prompt: loss on the response only."""
+    recs = data.read_jsonl(path, {"instruction": str, "response": str})
+    out = []
+    for r in recs:
+        p = tokenizer(data.prompt_of(r), add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["response"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + a)[:seq_len]
+        labels = ([-100] * len(p) + a)[:seq_len]
+        if any(l != -100 for l in labels):
+            out.append((ids, labels))
+    if not out:
+        raise XpertError(f"{path}: no example keeps a response token within --seq-len {seq_len}")
+    return out
+
+
+def sft_batch(examples, cfg: TrainConfig, step: int, micro: int, pad_id: int, split_seed: int = 0):
+    rng = np.random.default_rng([cfg.seed, split_seed, step, micro])
+    pick = [examples[i] for i in rng.integers(0, len(examples), size=cfg.batch_size)]
+    T = max(len(ids) for ids, _ in pick)
+    x = torch.full((len(pick), T), pad_id, dtype=torch.long)
+    y = torch.full((len(pick), T), -100, dtype=torch.long)
+    m = torch.zeros((len(pick), T), dtype=torch.long)
+    for r, (ids, labels) in enumerate(pick):
+        x[r, : len(ids)], y[r, : len(ids)], m[r, : len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
+    return x, y, m
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+def save_checkpoint(model, tokenizer_dir: Path | None, run: Path, name: str, state: dict | None, rec: dict) -> Path:
+    """An HF directory (+ trainer_state.pt for resuming), written to a temp dir and renamed."""
+    final = run / name
+    tmp = run / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, metadata={"format": "pt", **provenance.as_metadata(rec)})
+    if tokenizer_dir is not None:
+        from .ops.graft import TOKENIZER_FILES
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / f).is_file() and not (tmp / f).exists():
+                shutil.copyfile(Path(tokenizer_dir) / f, tmp / f)
+    if state is not None:
+        torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    done = sorted(p for p in run.glob("step-*") if (p / "trainer_state.pt").is_file())
+    return done[-1] if done else None
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+def load_causal_lm(ckpt: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise XpertError(f"{ckpt}: not a model directory (no config.json)")
+    try:
+        cfg = AutoConfig.from_pretrained(ckpt)
+    except (OSError, ValueError, KeyError) as e:
+        raise XpertError(f"{ckpt}: unreadable config ({str(e).splitlines()[0][:120]})") from None
+    archs = cfg.architectures or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise XpertError(f"{ckpt}: {', '.join(archs)} is not a causal LM")
+    try:
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise XpertError(f"{ckpt}: cannot load as a causal LM ({str(e).splitlines()[0][:160]})") from None
+
+
+def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = None, sft: Path | None = None,
+          resume: str = "no", force: bool = False) -> Path:
+    """`xpertctl train`: RUN/step-NNNNNN/, RUN/final/, RUN/metrics.jsonl."""
+    if (data_dir is None) == (sft is None):
+        raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
+    if resume not in ("no", "auto"):
+        raise XpertError(f"--resume {resume!r}: choose no or auto")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(cfg, name) <= 0:
+            raise XpertError(f"--{name.replace('_', '-')}: must be positive")
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.batch_size % world:
+        raise XpertError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    out = Path(out)
+    if out.exists() and resume == "no" and not force:
+        raise XpertError(f"{out}: already exists (use --resume auto to continue it, or --force)")
+    model = load_causal_lm(ckpt)
+    tok = data.load_tokenizer(ckpt)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if data_dir is not None:
+        td = data.load_token_data(data_dir)
+        data.check_tokenizer(td, ckpt, model.config.vocab_size)
+        train_s, val_s = td.stream("train"), td.stream("val")
+        if len(train_s) <= cfg.seq_len:
+            raise XpertError(f"{data_dir}: {len(train_s)} training tokens, fewer than --seq-len {cfg.seq_len}")
+        get = lambda step, micro, split=0: lm_batch(train_s if split == 0 else val_s, cfg, step, micro, split)
+        has_val = len(val_s) > cfg.seq_len
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    else:
+        ex = sft_examples(sft, tok, cfg.seq_len)
+        get = lambda step, micro, split=0: sft_batch(ex, cfg, step, micro, pad, split)
+        has_val = False
+        tokens_per_step = None
+    total = cfg.steps or (math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens and tokens_per_step else None)
+    if not total or total <= 0:
+        raise XpertError("give --steps (or --tokens for pretraining)")
+
+    device = torch.device(cfg.device)
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    start = 0
+    if out.exists() and resume == "no":  # --force: start over
+        shutil.rmtree(out) if rank == 0 else None
+    if resume == "auto" and out.exists():
+        last = latest_checkpoint(out)
+        _truncate_metrics(out / "metrics.jsonl", 0) if last is None and rank == 0 else None
+        if last is not None:
+            from safetensors.torch import load_file
+            sd = {}
+            for f in sorted(last.glob("*.safetensors")):
+                sd.update(load_file(str(f)))
+            model.load_state_dict(sd, strict=False)
+            st = torch.load(last / "trainer_state.pt", weights_only=False)
+            opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
+            torch.set_rng_state(st["rng"]); start = st["step"]
+            if rank == 0:
+                _truncate_metrics(out / "metrics.jsonl", start)
+                err.print(f"resuming {out} from step {start}")
+    net = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    rec = provenance.record("train", inputs=[{"path": str(Path(ckpt).resolve())}], params=asdict(cfg) | {
+        "data": str(data_dir) if data_dir else None, "sft": str(sft) if sft else None}, seed=cfg.seed)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(rec, indent=2) + "\n")
+    lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
+
+    def run_loss(x, y, m):
+        with amp:
+            return net(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device), labels=y[lo:hi].to(device)).loss
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = [float(run_loss(*get(b, 0, split=1))) for b in range(cfg.eval_batches)]
+        model.train()
+        return _mean_across(sum(losses) / len(losses), ddp)
+
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    t0, seen = time.perf_counter(), 0
+    with progress(transient=False) as bar:
+        task = bar.add_task("train", total=total, completed=start, info="")
+        for step in range(start, total):
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y, m = get(step, micro)
+                loss = run_loss(x, y, m) / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+                seen += int(m.sum())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            loss_avg = _mean_across(loss_sum, ddp)
+            row = {"step": step + 1, "loss": loss_avg, "lr": sched.get_last_lr()[0],
+                   "tokens": (step + 1) * (tokens_per_step or 0) or None,
+                   "tok_s": seen / max(time.perf_counter() - t0, 1e-9)}
+            boundary = cfg.eval_every and (step + 1) % cfg.eval_every == 0
+            if has_val and (boundary or step + 1 == total):
+                row["val_loss"] = evaluate()
+            if rank == 0:
+                metrics.write(json.dumps(row) + "\n"); metrics.flush()
+                save = (cfg.save_every and (step + 1) % cfg.save_every == 0) and step + 1 < total
+                if save:
+                    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "rng": torch.get_rng_state(), "step": step + 1, "config": asdict(cfg)}
+                    save_checkpoint(model, ckpt, out, f"step-{step + 1:06d}", state, rec)
+                    for old in sorted(out.glob("step-*"))[:-cfg.keep]:
+                        shutil.rmtree(old, ignore_errors=True)
+            bar.update(task, advance=1, info=f"loss {loss_avg:.3f}  {row['tok_s']:,.0f} tok/s"
+                       + (f"  val {row['val_loss']:.3f}" if "val_loss" in row else ""))
+    if rank == 0:
+        metrics.close()
+        save_checkpoint(model, ckpt, out, "final", None, rec)
+    if ddp:
+        import torch.distributed as dist
+        dist.barrier(); dist.destroy_process_group()
+    return out / "final"
+
+
+def _mean_across(x: float, ddp: bool) -> float:
+    if not ddp:
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the resumed step (they were written by the killed run)."""
+    if path.is_file():
+        rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
