@@ -46,3 +46,19 @@ def assert_user_error(code, err, *needles):
     assert "Traceback" not in err
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
+
+
+def stats_file(tmp_path, counts, tokens, top_k=2, name="s.safetensors"):
+    import torch
+    from safetensors.torch import save_file
+    from xpertctl.io import provenance
+    counts = torch.tensor(counts, dtype=torch.int64)
+    D, L, E = counts.shape
+    rec = provenance.record("stats", [], {}, source={"path": "/m", "size": 1, "sha256": "x"}, family="olmoe",
+                            top_k=top_k, num_experts=E, layers=list(range(L)), domains=[f"d{i}" for i in range(D)])
+    p = tmp_path / name
+    save_file({"counts": counts, "mass": counts.float(), "tokens": torch.tensor(tokens),
+               "layers": torch.arange(L)}, str(p), metadata={"format": "pt", **provenance.as_metadata(rec)})
+    return p
+
+

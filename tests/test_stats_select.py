@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from conftest import MOE_FAMILIES, assert_user_error
+from conftest import MOE_FAMILIES, assert_user_error, stats_file as _stats_file
 from xpertctl import data
 from xpertctl.errors import XpertError
 from xpertctl.io import open_checkpoint, provenance
@@ -141,17 +141,6 @@ def test_stats_refuses_dense_checkpoint(fx, corpus, cli, tmp_path):
 
 
 # ---- select on constructed stats ----------------------------------------------------------------
-
-def _stats_file(tmp_path, counts, tokens, top_k=2, name="s.safetensors"):
-    counts = torch.tensor(counts, dtype=torch.int64)
-    D, L, E = counts.shape
-    rec = provenance.record("stats", [], {}, source={"path": "/m", "size": 1, "sha256": "x"}, family="olmoe",
-                            top_k=top_k, num_experts=E, layers=list(range(L)), domains=[f"d{i}" for i in range(D)])
-    p = tmp_path / name
-    save_file({"counts": counts, "mass": counts.float(), "tokens": torch.tensor(tokens),
-               "layers": torch.arange(L)}, str(p), metadata={"format": "pt", **provenance.as_metadata(rec)})
-    return p
-
 
 # 3 domains, 1 layer, 6 experts, 100 tokens each.  Expert 0: used a lot in d0 only. Expert 1: used
 # moderately everywhere (the cross-domain one). Expert 2: lots in d1 and d2, little in d0.

@@ -156,14 +156,15 @@ def graft(src: Path = typer.Argument(..., help="adapted.safetensors, or an MoE c
 
 @app.command()
 def tokenize(tokenizer: Path = typer.Option(..., help="Tokenizer directory (a model dir works)."),
-             domain: List[str] = typer.Option(..., "--domain", "-d", help="NAME=PATH; repeat."),
+             domain: Optional[List[str]] = typer.Option(None, "--domain", "-d", help="NAME=PATH; repeat."),
+             corpus: Optional[Path] = typer.Option(None, help="A corpus from `corpus build` (keeps its splits)."),
              out: Path = OutOpt,
              val_pct: int = typer.Option(5, help="Percent of documents (by hash) for validation."),
              test_pct: int = typer.Option(5, help="Percent of documents (by hash) for test."),
              force: bool = ForceOpt):
     """Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json."""
     from . import data
-    print(data.tokenize(tokenizer, domain, out, val_pct=val_pct, test_pct=test_pct, force=force))
+    print(data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus, force=force))
 
 
 @app.command()
@@ -183,6 +184,7 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
           save_every: int = typer.Option(0, help="Save a resumable checkpoint every N steps (0: final only)."),
           keep: int = typer.Option(2, help="Step checkpoints kept."),
           device: str = typer.Option("cpu"),
+          save_dtype: Optional[str] = typer.Option(None, help="dtype of the final checkpoint (e.g. bfloat16)."),
           resume: str = typer.Option("no", help="auto: continue from the last checkpoint in OUT."),
           force: bool = ForceOpt):
     """Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP."""
@@ -190,7 +192,7 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
     cfg = TrainConfig(steps=steps, tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
                       lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay,
                       grad_clip=grad_clip, seed=seed, eval_every=eval_every, eval_batches=eval_batches,
-                      save_every=save_every, keep=keep, device=device)
+                      save_every=save_every, keep=keep, device=device, save_dtype=save_dtype)
     path = op(ckpt, out, cfg, data_dir=data_dir, sft=sft, resume=resume, force=force)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(path)
@@ -215,6 +217,74 @@ def evaluate(ckpt: Path = typer.Argument(..., help="HF model directory."),
         print(json.dumps(doc["tasks"], indent=2))
 
 
+corpus_app = typer.Typer(help="Build the multi-domain demo corpus and its tokenizer.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("build")
+def corpus_build(out: Path = OutOpt,
+                 max_bytes: int = typer.Option(2_000_000, help="Bytes of text per domain at most."),
+                 force: bool = ForceOpt):
+    """Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/."""
+    from .corpus import build
+    print(build(out, max_bytes=max_bytes, force=force))
+
+
+@corpus_app.command("tokenizer")
+def corpus_tokenizer(corpus: Path = typer.Argument(..., help="Corpus directory from `corpus build`."),
+                     out: Path = OutOpt, vocab_size: int = typer.Option(4096), force: bool = ForceOpt):
+    """Train a byte-level BPE tokenizer on the corpus train split -> HF tokenizer directory."""
+    from .corpus import train_tokenizer
+    print(train_tokenizer(corpus, out, vocab_size=vocab_size, force=force))
+
+
+@corpus_app.command("cloze")
+def corpus_cloze(corpus: Path = typer.Argument(..., help="Corpus directory from `corpus build`."),
+                 out: Path = OutOpt, per_domain: int = typer.Option(50), choices: int = typer.Option(4),
+                 seed: int = typer.Option(0), force: bool = ForceOpt):
+    """A multiple-choice cloze task (real continuation vs distractors) from the test split -> JSONL."""
+    from .corpus import cloze
+    print(cloze(corpus, out, per_domain=per_domain, choices=choices, seed=seed, force=force))
+
+
+@app.command()
+def init(family: str = typer.Argument(..., help="Family from the architecture table, e.g. olmoe or llama."),
+         out: Path = OutOpt, tokenizer: Path = typer.Option(..., help="Tokenizer directory."),
+         layers: int = typer.Option(6), hidden: int = typer.Option(128), ffn: int = typer.Option(128),
+         heads: int = typer.Option(4), kv_heads: Optional[int] = typer.Option(None),
+         experts: int = typer.Option(16), top_k: int = typer.Option(2),
+         max_positions: int = typer.Option(1024), seed: int = typer.Option(0), force: bool = ForceOpt):
+    """Write a fresh, seeded model of a family (e.g. a teacher MoE to train)."""
+    from .ops import init as op
+    print(op.run(family, out, tokenizer=tokenizer, layers=layers, hidden=hidden, ffn=ffn, heads=heads,
+                 kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force))
+
+
+@app.command()
+def report(results: List[str] = typer.Option(..., "--results", help="Glob(s) of eval JSONs named ARM-<d>L-s<seed>.json."),
+           out: Path = OutOpt, baseline: str = typer.Option("scratch", help="Arm the others are compared with."),
+           teacher: Optional[Path] = typer.Option(None, help="The teacher's eval JSON (reference numbers)."),
+           stats_file: Optional[Path] = typer.Option(None, "--stats", help="Teacher stats for the heatmap."),
+           selection: Optional[Path] = typer.Option(None, help="Selection to mark on the heatmap."),
+           title: str = typer.Option("XPERT demo"), force: bool = ForceOpt):
+    """Summarize training runs: REPORT.md (mean ± std per arm and depth) + loss-curve and heatmap PNGs."""
+    from .report import build
+    print(build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
+                title=title, force=force))
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="Recipe YAML."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help="Override: vars.x=1 or steps.ID.args.y=2."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (run/skip per step) only."),
+        only: Optional[List[str]] = typer.Option(None, "--only", help="Run only steps whose id matches (glob *)."),
+        profile: Optional[str] = typer.Option(None, help="A named set of var overrides from the recipe (e.g. quick).")):
+    """Run a YAML recipe: every step is an xpertctl command; finished steps are skipped."""
+    from .recipe import run as op
+    for out in op(recipe, set_ or [], dry_run=dry_run, only=only, profile=profile):
+        print(out)
+
+
 def main() -> None:
     """Entry point: every user error becomes one line on stderr and exit code 2, never a traceback."""
     # typer may vendor click: take its exception classes from what it exports
@@ -237,6 +307,8 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("xpertctl: interrupted; no partial output was kept", file=sys.stderr)
         sys.exit(130)
+    if rv == 130:  # Ctrl-C inside a command (typer reports it as this exit code)
+        print("xpertctl: interrupted; no partial output was kept", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

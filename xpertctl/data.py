@@ -143,13 +143,32 @@ def tokenizer_fingerprint(tok_dir: Path) -> str:
     return h.hexdigest()
 
 
+def corpus_domains(corpus: Path) -> dict[str, dict[str, Path]]:
+    """A pre-split corpus (`xpertctl corpus build`): {domain: {split: file}}."""
+    corpus = Path(corpus)
+    files = {f.stem: {s: corpus / s / f.name for s in SPLITS} for f in sorted((corpus / "train").glob("*.txt"))}
+    if not files:
+        raise XpertError(f"{corpus}: no train/*.txt (not a corpus from `xpertctl corpus build`)")
+    for d, parts in files.items():
+        for s, p in parts.items():
+            if not p.is_file():
+                raise XpertError(f"{p}: missing (domain {d!r}, split {s!r})")
+    return files
+
+
 def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int = 5, test_pct: int = 5,
-             force: bool = False) -> Path:
-    """`xpertctl tokenize`: DATA/{domain}.{split}.bin token memmaps + manifest.json."""
+             corpus: Path | None = None, force: bool = False) -> Path:
+    """`xpertctl tokenize`: DATA/{domain}.{split}.bin token memmaps + manifest.json.
+
+    With `corpus`, its own train/val/test files are kept as they are; otherwise each domain's
+    documents are split by a hash of their text."""
     import numpy as np
     from .io.writer import atomic_path, check_output
     from .io import provenance
-    paths = parse_domains(domains)
+    presplit = corpus_domains(corpus) if corpus is not None else None
+    if presplit is not None and domains:
+        raise XpertError("give --corpus or --domain, not both")
+    paths = {d: Path(corpus) for d in presplit} if presplit is not None else parse_domains(domains)
     check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)])
     if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
         raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
@@ -162,8 +181,11 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
     with atomic_path(Path(out), force) as tmp:
         tmp.mkdir()
         for name, p in paths.items():
-            docs = read_documents(p)
-            parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
+            if presplit is not None:
+                parts = {s: read_documents(f) if f.stat().st_size else [] for s, f in presplit[name].items()}
+            else:
+                docs = read_documents(p)
+                parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
             entry = {"source": str(p), "corpus": _corpus_fp(p)}
             for s, ds in parts.items():
                 ids = token_stream(ds, tok) if ds else None
@@ -173,8 +195,9 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
             if entry["train"]["tokens"] == 0:
                 raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
             manifest["domains"][name] = entry
-        manifest["xpertctl"] = provenance.record("data", inputs=[], params={"domains": {n: str(p) for n, p in paths.items()},
-                                                                           "val_pct": val_pct, "test_pct": test_pct})
+        manifest["xpertctl"] = provenance.record("data", inputs=[], params={
+            "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,
+            "val_pct": None if corpus else val_pct, "test_pct": None if corpus else test_pct})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out)
 

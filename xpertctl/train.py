@@ -42,6 +42,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only the final checkpoint (and at eval points when > 0)
     keep: int = 2  # step checkpoints kept
     device: str = "cpu"
+    save_dtype: str | None = None  # dtype of the final checkpoint (training runs in float32)
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -145,6 +146,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
     if resume not in ("no", "auto"):
         raise XpertError(f"--resume {resume!r}: choose no or auto")
+    if cfg.save_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise XpertError(f"--save-dtype {cfg.save_dtype!r}: choose float32, bfloat16 or float16")
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(cfg, name) <= 0:
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
@@ -264,6 +267,9 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
                        + (f"  val {row['val_loss']:.3f}" if "val_loss" in row else ""))
     if rank == 0:
         metrics.close()
+        if cfg.save_dtype:
+            model.to(getattr(torch, cfg.save_dtype))
+            model.config.dtype = cfg.save_dtype
         save_checkpoint(model, ckpt, out, "final", None, rec)
     if ddp:
         import torch.distributed as dist

@@ -1,0 +1,132 @@
+"""Recipes: references, grids, --set, profiles, skip-if-done after an interrupted run, dry-run, errors."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, assert_user_error, stats_file
+from xpertctl import recipe as rc
+from xpertctl.errors import XpertError
+
+COUNTS = [[[90, 40, 10, 30, 25, 5]], [[5, 45, 80, 30, 35, 5]], [[5, 35, 70, 30, 55, 5]]]
+
+
+def _write(tmp_path, doc, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return p
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+    return _write(tmp_path, {
+        "name": "t",
+        "vars": {"work": str(tmp_path / "w"), "crits": ["min", "low"], "n": 2},
+        "profiles": {"small": {"vars": {"n": 1}}},
+        "steps": [
+            {"id": "sel-${grid.crit}", "op": "select", "grid": {"crit": "${vars.crits}"},
+             "args": {"stats_file": str(stats), "criterion": "${grid.crit}", "per_layer": "${vars.n}",
+                      "out": "${vars.work}/sel-${grid.crit}.json"}},
+            {"id": "cloze", "op": "corpus cloze",
+             "args": {"corpus": str(ROOT / "fixtures" / "corpus-mini"), "per_domain": 2, "out": "${vars.work}/cloze.jsonl"}},
+            {"id": "copy-min", "op": "select",
+             "args": {"stats_file": str(stats), "criterion": "min", "per_layer": "${vars.n}",
+                      "out": "${vars.work}/min2.json", "plot": "${steps.sel-min.out}.png"}},
+        ]})
+
+
+def test_grid_references_and_outputs(recipe, tmp_path):
+    outs = rc.run(recipe)
+    w = tmp_path / "w"
+    assert outs == [str(w / "sel-min.json"), str(w / "sel-low.json"), str(w / "cloze.jsonl"), str(w / "min2.json")]
+    assert json.loads((w / "sel-min.json").read_text())["layers"][0]["experts"] == [1, 3]
+    assert json.loads((w / "sel-low.json").read_text())["criterion"] == "low"
+    assert len((w / "cloze.jsonl").read_text().splitlines()) == 12  # 6 domains x 2
+
+
+def test_set_and_profile_override_vars(recipe, tmp_path):
+    rc.run(recipe, ["vars.crits=[min, mean]", "vars.n=3"])
+    assert json.loads((tmp_path / "w" / "sel-mean.json").read_text())["per_layer"] == 3
+    assert not (tmp_path / "w" / "sel-low.json").exists()
+    plan = rc.expand(rc.load(recipe, [], profile="small"), recipe)
+    assert plan[0][2]["per_layer"] == 1
+    plan = rc.expand(rc.load(recipe, ["vars.n=4"], profile="small"), recipe)
+    assert plan[0][2]["per_layer"] == 4  # --set wins over the profile
+
+
+def test_skip_if_done_after_interrupt(recipe, tmp_path, monkeypatch, capsys):
+    import xpertctl.corpus as corpus_mod
+    real = corpus_mod.cloze
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(corpus_mod, "cloze", dies)
+    with pytest.raises(KeyboardInterrupt):
+        rc.run(recipe)
+    assert (tmp_path / "w" / "sel-low.json").exists() and not (tmp_path / "w" / "cloze.jsonl").exists()
+    monkeypatch.setattr(corpus_mod, "cloze", real)
+    before = (tmp_path / "w" / "sel-min.json").stat().st_mtime_ns
+    capsys.readouterr()
+    rc.run(recipe)
+    err = capsys.readouterr().err
+    assert "sel-min: skip (done)" in err and "sel-low: skip (done)" in err and "cloze: run" in err
+    assert (tmp_path / "w" / "sel-min.json").stat().st_mtime_ns == before
+    # a changed argument makes the step run again (and replaces its stale output)
+    capsys.readouterr()
+    rc.run(recipe, ["vars.n=3"])
+    err = capsys.readouterr().err
+    assert "sel-min: run" in err and json.loads((tmp_path / "w" / "sel-min.json").read_text())["per_layer"] == 3
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(recipe, tmp_path, cli):
+    code, out, err = cli("run", recipe, "--dry-run")
+    assert code == 0, err
+    assert "[1/4] sel-min: run  xpertctl select" in err and "--criterion min" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_shipped_recipes_expand(tmp_path):
+    for name in ("demo.yaml", "teacher-tiny.yaml", "olmoe-1b-7b-to-12L.yaml"):
+        r = rc.load(ROOT / "recipes" / name)
+        plan = rc.expand(r, ROOT / "recipes" / name)
+        for sid, op, args in plan:
+            rc.argv_for(op, args, sid)  # every op and argument exists
+    demo = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml"), Path("demo.yaml"))
+    assert sum(op == "train" for _, op, _ in demo) == 5 * 3 * 3
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["steps"][0].update(op="frobnicate"), "unknown op 'frobnicate'"),
+    (lambda d: d["steps"][1]["args"].update(colour="red"), "step 'cloze': corpus cloze has no argument 'colour'"),
+    (lambda d: d["steps"][2]["args"].update(stats_file="${steps.nope.out}"), "${steps.nope.out} names no earlier step"),
+    (lambda d: d["steps"][2]["args"].update(stats_file="${vars.missing}"), "${vars.missing} is not defined"),
+    (lambda d: d["steps"][1].pop("op"), "step 'cloze': op: Field required"),
+    (lambda d: d.update(extra_key=1), "extra_key: Extra inputs are not permitted"),
+    (lambda d: d["steps"][0].update(id="same"), "id 'same' is used twice"),
+])
+def test_bad_recipes_are_one_line_errors(recipe, cli, mutate, needle):
+    doc = yaml.safe_load(recipe.read_text())
+    mutate(doc)
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = cli("run", recipe)
+    assert_user_error(code, err, str(recipe), needle)
+
+
+def test_failing_step_names_recipe_and_step(recipe, cli):
+    code, _, err = cli("run", recipe, "--set", "vars.n=99")
+    # run logs its plan on stderr; the failure itself is its last line, one line, no traceback
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("xpertctl: error:") and "step 'sel-min'" in last and "--per-layer 99" in last
+
+
+def test_invalid_yaml_and_bad_set(tmp_path, cli):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nsteps: [\n")
+    code, _, err = cli("run", p)
+    assert_user_error(code, err, "bad.yaml", "not valid YAML")
+    p.write_text("name: x\nsteps: []\n")
+    code, _, err = cli("run", p, "--set", "novalue")
+    assert_user_error(code, err, "--set 'novalue'")

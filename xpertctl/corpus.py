@@ -1,0 +1,226 @@
+"""A multi-domain corpus from text that Debian packages ship, and a BPE tokenizer trained on it.
+
+Domains (package -> what is read):
+  legal      base system      /usr/share/common-licenses/* and /usr/share/doc/*/copyright
+  scripture  bible-kjv        the `bible` program's output (the text is stored compressed)
+  lexicon    wordnet-base     glosses of /usr/share/wordnet/data.{noun,verb,adj,adv} (after "| ")
+  code       libpython3.11-stdlib  /usr/lib/python3.11/**/*.py (tests excluded)
+  manuals    man-db           section 1 and 8 man pages rendered with `man -l FILE | col -b`
+  quotes     fortunes         /usr/share/games/fortunes/* (%-separated)
+Documents are cleaned, deduplicated, cut to about `DOC_CHARS`, kept in a deterministic order and
+assigned to train/val/test by a hash of their text (data.split_of).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from . import data
+from .console import notice, progress
+from .errors import XpertError
+
+PACKAGES = ("wordnet-base", "fortunes", "bible-kjv", "man-db", "groff-base", "libpython3.11-stdlib")
+DOC_CHARS = 1200
+DOMAINS = ("legal", "scripture", "lexicon", "code", "manuals", "quotes")
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\r", "").replace("\t", "    ")
+    text = re.sub(r"[^\S\n]+\n", "\n", text)
+    return re.sub(r"\n{2,}", "\n", text).strip()  # blank lines separate documents on disk
+
+
+def _chunks(text: str, size: int = DOC_CHARS) -> list[str]:
+    """Cut at paragraph boundaries into documents of about `size` characters."""
+    out, cur = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip()
+        if not para:
+            continue
+        cur = f"{cur}\n{para}" if cur else para
+        if len(cur) >= size:
+            out.append(cur)
+            cur = ""
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return ""
+
+
+def legal() -> list[str]:
+    files = sorted(Path("/usr/share/common-licenses").glob("*")) + sorted(Path("/usr/share/doc").glob("*/copyright"))
+    return [c for f in files if f.is_file() for c in _chunks(_read(f))]
+
+
+def scripture() -> list[str]:
+    try:
+        out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True,
+                             env={"PATH": "/usr/bin:/bin", "COLUMNS": "100000"}).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    chapters: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\w+?\d+):\d+\s+(.*)$", line.strip())
+        if m:
+            chapters.setdefault(m.group(1), []).append(m.group(2))
+    return [c for verses in chapters.values() for c in _chunks("\n\n".join(verses))]
+
+
+def lexicon() -> list[str]:
+    glosses = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in _read(Path(f"/usr/share/wordnet/data.{pos}")).splitlines():
+            if line.startswith("  ") or "| " not in line:
+                continue  # licence header lines start with two spaces
+            words = line.split(" ")[4:5]
+            glosses.append(f"{words[0].replace('_', ' ') if words else ''}: {line.split('| ', 1)[1].strip()}")
+    return _chunks("\n\n".join(glosses))
+
+
+def code() -> list[str]:
+    root = Path("/usr/lib/python3.11")
+    files = sorted(p for p in root.rglob("*.py") if not ({"test", "tests", "idle_test", "site-packages",
+                                                            "dist-packages"} & set(p.relative_to(root).parts)))
+    return [c for f in files for c in _chunks(_read(f))]
+
+
+def manuals(limit_bytes: int) -> list[str]:
+    pages = sorted(Path("/usr/share/man/man1").glob("*.1*")) + sorted(Path("/usr/share/man/man8").glob("*.8*"))
+    docs, size = [], 0
+    for p in pages:
+        try:
+            r = subprocess.run(f"man -l {_q(p)} 2>/dev/null | col -b", shell=True, capture_output=True, text=True,
+                               timeout=20, env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for c in _chunks(r.stdout):
+            docs.append(c)
+            size += len(c)
+        if size >= limit_bytes:
+            break
+    return docs
+
+
+def _q(p: Path) -> str:
+    return "'" + str(p).replace("'", "'\\''") + "'"
+
+
+def quotes() -> list[str]:
+    files = sorted(p for p in Path("/usr/share/games/fortunes").glob("*") if p.is_file() and "." not in p.name)
+    return [q.strip() for f in files for q in _read(f).split("\n%\n") if len(q.strip()) > 20]
+
+
+def build(out: Path, *, max_bytes: int = 2_000_000, force: bool = False) -> Path:
+    """`xpertctl corpus build`: out/{train,val,test}/{domain}.txt + manifest.json."""
+    from .io.writer import atomic_path, check_output
+    check_output(out, force)
+    sources = {"legal": legal, "scripture": scripture, "lexicon": lexicon, "code": code,
+               "manuals": lambda: manuals(int(max_bytes * 1.3)), "quotes": quotes}
+    manifest = {"domains": {}, "doc_chars": DOC_CHARS, "max_bytes": max_bytes}
+    with atomic_path(Path(out), force) as tmp, progress() as bar:
+        task = bar.add_task("corpus", total=len(sources), info="")
+        for s in data.SPLITS:
+            (tmp / s).mkdir(parents=True)
+        for name, fn in sources.items():
+            bar.update(task, info=name)
+            seen, docs, size = set(), [], 0
+            for d in fn():
+                d = _clean(d)
+                key = hashlib.sha256(re.sub(r"\s+", " ", d).lower().encode()).digest()
+                if len(d) < 40 or key in seen:
+                    continue
+                seen.add(key)
+                docs.append(d)
+                size += len(d.encode())
+                if size >= max_bytes:
+                    break
+            if not docs:
+                notice(f"domain {name}: no text found (is its Debian package installed? see `make corpus`)")
+                continue
+            parts = {s: [d for d in docs if data.split_of(d) == s] for s in data.SPLITS}
+            for s, ds in parts.items():
+                (tmp / s / f"{name}.txt").write_text("\n\n".join(ds) + "\n")
+            manifest["domains"][name] = {s: {"documents": len(ds), "bytes": sum(len(d.encode()) for d in ds)}
+                                         for s, ds in parts.items()}
+            bar.advance(task)
+        if len(manifest["domains"]) < 2:
+            raise XpertError("corpus: fewer than 2 domains found; install the packages: apt-get install "
+                             + " ".join(PACKAGES))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out)
+
+
+def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = 4096, force: bool = False) -> Path:
+    """`xpertctl corpus tokenizer`: byte-level BPE on the train split, saved as an HF tokenizer dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from .io.writer import atomic_path, check_output
+    corpus = Path(corpus)
+    files = sorted((corpus / "train").glob("*.txt"))
+    if not files:
+        raise XpertError(f"{corpus}: no train/*.txt (build it with `xpertctl corpus build`)")
+    check_output(out, force, [corpus])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    docs = [d for f in files for d in f.read_text().split("\n\n")]
+    tok.train_from_iterator(docs, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>")
+    with atomic_path(Path(out), force) as tmp:
+        fast.save_pretrained(tmp)
+    return Path(out)
+
+
+def cloze(corpus: Path, out: Path, *, per_domain: int = 50, choices: int = 4, context_words: int = 24,
+          continuation_words: int = 8, seed: int = 0, force: bool = False) -> Path:
+    """`xpertctl corpus cloze`: a multiple-choice task from the held-out *test* split only.
+
+    Each item: the first `context_words` words of a passage, its real next `continuation_words`
+    words, and distractors: same-length continuations from other passages of the same domain."""
+    import random
+    from .io.writer import atomic_path, check_output
+    files = data.corpus_domains(corpus)
+    check_output(out, force, [Path(corpus)])
+    rng = random.Random(seed)
+    items = []
+    for name, parts in files.items():
+        words = [d.split() for d in data.read_documents(parts["test"])] if parts["test"].stat().st_size else []
+        pool = [w for w in words if len(w) >= context_words + continuation_words]
+        if len(pool) < choices:
+            continue
+        picks = rng.sample(range(len(pool)), min(per_domain, len(pool)))
+        for i in picks:
+            w = pool[i]
+            start = rng.randrange(0, len(w) - context_words - continuation_words + 1)
+            ctx = " ".join(w[start: start + context_words])
+            real = " " + " ".join(w[start + context_words: start + context_words + continuation_words])
+            others = [j for j in range(len(pool)) if j != i]
+            distract = []
+            for j in rng.sample(others, len(others)):
+                v = pool[j]
+                s = rng.randrange(0, len(v) - continuation_words + 1)
+                cand = " " + " ".join(v[s: s + continuation_words])
+                if cand != real and cand not in distract:
+                    distract.append(cand)
+                if len(distract) == choices - 1:
+                    break
+            label = rng.randrange(choices)
+            opts = distract[:label] + [real] + distract[label:]
+            items.append({"domain": name, "context": ctx, "choices": opts, "label": label})
+    if not items:
+        raise XpertError(f"{corpus}: the test split has too little text for a cloze task")
+    with atomic_path(Path(out), force) as tmp:
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return Path(out)

@@ -1,0 +1,180 @@
+"""The demo report: mean ± std per arm and depth, steps to reach scratch's final loss, plots, verdict.
+
+Runs are named `{arm}-{depth}L-s{seed}` (eval results `.../{name}.json`, whose model path is
+`.../{name}/final`, next to the run's metrics.jsonl)."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import XpertError
+
+_NAME = re.compile(r"^(?P<arm>.+)-(?P<depth>\d+)L-s(?P<seed>\d+)$")
+
+
+def _load_run(res_path: Path) -> dict:
+    m = _NAME.match(res_path.stem)
+    if not m:
+        raise XpertError(f"{res_path}: result name is not ARM-<depth>L-s<seed>")
+    doc = json.loads(res_path.read_text())
+    run_dir = Path(doc["model"]["path"]).parent
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    ppl = next((v for k, v in doc["tasks"].items() if k.startswith("ppl:")), {})
+    mc = next((v for k, v in doc["tasks"].items() if k.startswith("mc:")), {})
+    doms = {d: v["nll"] for d, v in ppl.items() if isinstance(v, dict)}
+    return {"arm": m["arm"], "depth": int(m["depth"]), "seed": int(m["seed"]), "val": val,
+            "final_val": val[-1][1] if val else float("nan"), "test_nll": doms,
+            "test_ppl": math.exp(np.mean(list(doms.values()))) if doms else float("nan"),
+            "acc": mc.get("acc", float("nan")), "acc_norm": mc.get("acc_norm", float("nan")),
+            "train_loss": [(r["step"], r["loss"]) for r in rows]}
+
+
+def _ms(xs: list[float], fmt: str = "{:.3f}") -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "-"
+    return (fmt + " ± " + fmt).format(np.mean(xs), np.std(xs, ddof=1) if len(xs) > 1 else 0.0)
+
+
+def _reach(val: list[tuple[int, float]], target: float) -> int | None:
+    return next((s for s, v in val if v <= target), None)
+
+
+def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: Path | None = None,
+          stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo", force: bool = False) -> Path:
+    from .io.writer import atomic_path, check_output
+    files = sorted({Path(p) for pat in results for p in glob.glob(pat)})
+    if not files:
+        raise XpertError(f"--results {' '.join(results)}: no result files match")
+    check_output(out, force)
+    runs = [_load_run(f) for f in files]
+    by = defaultdict(list)
+    for r in runs:
+        by[(r["depth"], r["arm"])].append(r)
+    depths = sorted({r["depth"] for r in runs})
+    arms = sorted({r["arm"] for r in runs}, key=lambda a: (a == baseline, a))
+    lines = [f"# {title}", ""]
+    verdicts = []
+    table = ["| depth | arm | seeds | final val loss | test ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in depths:
+        base = by.get((d, baseline), [])
+        target = float(np.mean([r["final_val"] for r in base])) if base else float("nan")
+        total_steps = max((r["val"][-1][0] for r in base if r["val"]), default=0)
+        for a in arms:
+            rs = by.get((d, a), [])
+            if not rs:
+                continue
+            reach = [_reach(r["val"], target) for r in rs] if base else []
+            got = [x for x in reach if x is not None]
+            reach_s = "-" if not base else (f"{np.mean(got):.0f} of {total_steps} ({len(got)}/{len(rs)} seeds)"
+                                            if got else f"not reached ({total_steps} steps)")
+            table.append(f"| {d} | {a} | {len(rs)} | {_ms([r['final_val'] for r in rs])} | "
+                         f"{_ms([r['test_ppl'] for r in rs], '{:.1f}')} | {_ms([r['acc'] for r in rs])} | "
+                         f"{_ms([r['acc_norm'] for r in rs])} | {reach_s} |")
+        for a in arms:
+            if a == baseline or (d, a) not in by or not base:
+                continue
+            x = np.array([r["final_val"] for r in by[(d, a)]])
+            y = np.array([r["final_val"] for r in base])
+            diff = float(x.mean() - y.mean())
+            se = math.sqrt((x.var(ddof=1) / len(x) if len(x) > 1 else 0) + (y.var(ddof=1) / len(y) if len(y) > 1 else 0))
+            sig = se > 0 and abs(diff) > 2 * se
+            word = "lower (better)" if diff < 0 else "higher (worse)"
+            verdicts.append(f"- depth {d}: **{a}** ends with val loss {abs(diff):.3f} {word} than {baseline} "
+                            f"({'beyond' if sig else 'within'} 2 standard errors, se={se:.3f}).")
+    lines += ["## Result", "", *table, ""]
+    lines += ["## Outcome", "", "Final validation loss of each arm against the scratch baseline (same data, same "
+              "steps, same seeds; mean over seeds):", "", *verdicts, ""]
+    xp = [v for v in verdicts if "xpert-min**" in v]
+    better = sum("better" in v and "beyond" in v for v in xp)
+    worse = sum("worse" in v and "beyond" in v for v in xp)
+    lines += [f"**Verdict:** XPERT (min criterion) is clearly better than scratch at {better} of {len(xp)} depths, "
+              f"clearly worse at {worse}, and indistinguishable at {len(xp) - better - worse}.", ""]
+    if teacher is not None and Path(teacher).is_file():
+        t = json.loads(Path(teacher).read_text())
+        ppl = next((v for k, v in t["tasks"].items() if k.startswith("ppl:")), {})
+        mc = next((v for k, v in t["tasks"].items() if k.startswith("mc:")), {})
+        doms = [v["nll"] for v in ppl.values() if isinstance(v, dict)]
+        lines += ["## Teacher (reference)", "", f"- test ppl {math.exp(np.mean(doms)):.1f}" if doms else "",
+                  f"- cloze acc {mc.get('acc', float('nan')):.3f}, acc_norm {mc.get('acc_norm', float('nan')):.3f}", ""]
+    # per-domain test perplexity
+    doms = sorted({k for r in runs for k in r["test_nll"]})
+    if doms:
+        lines += ["## Test perplexity per domain (mean over seeds)", "",
+                  "| depth | arm | " + " | ".join(doms) + " |", "|---|---|" + "---|" * len(doms)]
+        for d in depths:
+            for a in arms:
+                rs = by.get((d, a), [])
+                if rs:
+                    cells = [f"{math.exp(np.mean([r['test_nll'][k] for r in rs if k in r['test_nll']])):.1f}" for k in doms]
+                    lines.append(f"| {d} | {a} | " + " | ".join(cells) + " |")
+        lines.append("")
+    with atomic_path(Path(out), force) as tmp:
+        tmp.mkdir()
+        _curves(by, depths, arms, baseline, tmp / "loss_curves.png")
+        lines += ["## Plots", "", "![validation loss](loss_curves.png)", ""]
+        if stats is not None:
+            _heatmap(stats, selection, tmp / "expert_frequency.png")
+            lines += ["![expert frequency](expert_frequency.png)", ""]
+        lines += ["Runs: " + ", ".join(f.stem for f in files), ""]
+        (tmp / "REPORT.md").write_text("\n".join(lines))
+    return Path(out)
+
+
+def _curves(by, depths, arms, baseline, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], depths):
+        for a in arms:
+            rs = [r for r in by.get((d, a), []) if r["val"]]
+            if not rs:
+                continue
+            steps = [s for s, _ in rs[0]["val"]]
+            vals = np.array([[v for _, v in r["val"]][: len(steps)] for r in rs if len(r["val"]) >= len(steps)])
+            mean = vals.mean(0)
+            ax.plot(steps, mean, label=a, lw=2.2 if a == baseline else 1.4, ls="--" if a == baseline else "-")
+            ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.15)
+        ax.set_title(f"{d} layers")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _heatmap(stats: Path, selection: Path | None, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .ops import select as sel
+    st = sel.load_stats(stats)
+    f = st.freq  # [D, L, E]
+    chosen = {}
+    if selection is not None:
+        chosen = {l["layer"]: l["experts"] for l in sel.load_selection(selection)["layers"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(st.layers) + 1.8))
+    for ax, (name, m) in zip(axes, (("mean over domains", f.mean(0)), ("min over domains", f.min(0)))):
+        im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(st.layers)), [str(l) for l in st.layers])
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"activation frequency: {name}", fontsize=9)
+        for li, l in enumerate(st.layers):
+            for j in chosen.get(l, []):
+                ax.scatter([j], [li], marker="*", color="red", s=40)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle("teacher routing (red stars: selected experts)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
