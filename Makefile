@@ -1,11 +1,12 @@
-# xpertctl — set-up, tests, demo, benchmarks. Everything installs into .venv.
+# xpertctl — set-up, tests, demo, benchmarks. Everything installs into .venv; outputs go to build/.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= full
+CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib
 
-.PHONY: setup test demo corpus bench fixtures clean
+.PHONY: setup test demo corpus teacher bench fixtures clean
 
 setup: $(STAMP)
 
@@ -20,17 +21,36 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest
 
-fixtures: setup
-	$(BIN)/python fixtures/make_fixtures.py build/fixtures
-
+# The Debian packages the corpus is read from (as root; otherwise the command is printed), then the corpus.
 corpus: setup
-	$(BIN)/python -m xpertctl.demo_setup corpus
+	@if [ ! -f build/corpus/manifest.json ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CORPUS_PKGS) >/dev/null; \
+	  else echo "not root: run  sudo apt-get install -y $(CORPUS_PKGS)"; fi; \
+	  $(BIN)/xpertctl corpus build -o build/corpus; \
+	else echo "build/corpus exists"; fi
 
 demo: setup
-	DEMO=$(DEMO) $(BIN)/python -m xpertctl.demo_setup demo
+ifeq ($(DEMO),quick)
+	@echo "make demo DEMO=quick: about 2 minutes on 2 cores (committed mini corpus, one depth, one seed)"
+	$(BIN)/xpertctl run recipes/demo.yaml --profile quick
+else
+	@echo "make demo: about 30 minutes on 2 cores: set-up and corpus ~4 min, then the recipe (45 student runs)"
+	$(MAKE) --no-print-directory corpus
+	$(BIN)/xpertctl run recipes/demo.yaml
+	@echo "report: report/REPORT.md"
+endif
+
+# Retrain the committed teacher (fixtures/teacher) from scratch with its own recipe.
+teacher: corpus
+	$(BIN)/xpertctl run recipes/teacher-tiny.yaml
+	rm -rf fixtures/teacher && cp -r build/teacher/run/final fixtures/teacher
+	cp build/teacher/run/metrics.jsonl build/teacher/frequency.png fixtures/teacher/
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+fixtures: setup
+	$(BIN)/python fixtures/make_fixtures.py build/fixtures
 
 clean:
 	rm -rf build .pytest_cache
