@@ -1,9 +1,11 @@
 """Atomic writes: a temp path next to the target, renamed into place only when complete."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,8 +56,7 @@ def atomic_path(out: Path, force: bool):
     """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        _remove(tmp)
+    _clear_stale(out)
     try:
         yield tmp
         if out.exists():
@@ -67,9 +68,35 @@ def atomic_path(out: Path, force: bool):
             _remove(old)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in _WRITE_ERRORS:  # disk full, read-only, no permission: the user's problem, not a bug
+            raise XpertError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove temp outputs of earlier runs that were killed (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(p: Path) -> None:
@@ -84,10 +111,32 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt", **metadata})
-    except OSError as e:
-        raise XpertError(f"{path.name.split('.tmp-')[0].lstrip('.')}: write failed ({e.strerror or e})") from None
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+    _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's __metadata__ object with sorted keys, in place.
+
+    safetensors serializes metadata from a hash map, so the key order (and so the file's bytes)
+    changes from run to run. Reordering keys keeps the header's length, so only those bytes change.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        text = raw.decode("utf-8")
+        key = '"__metadata__":'
+        start = text.find(key)
+        if start < 0:
+            return
+        obj_start = start + len(key)
+        meta, end = json.JSONDecoder().raw_decode(text, obj_start)
+        canon = json.dumps(dict(sorted(meta.items())), ensure_ascii=False, separators=(",", ":"))
+        new = (text[:obj_start] + canon + text[end:]).encode("utf-8")
+        if len(new) != len(raw) or json.loads(new) != json.loads(raw):
+            return  # escaping differs from safetensors' own: leave the (valid) file as written
+        f.seek(8)
+        f.write(new)
 
 
 def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],

@@ -1,0 +1,122 @@
+"""Killing a command mid-write (SIGINT, SIGKILL) leaves nothing that looks complete; re-running works;
+the same inputs and seeds give byte-identical artifacts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# The child runs the real CLI with one change: after a weights file is written it pauses, so the
+# test can kill it in the middle of writing a multi-file output.
+CHILD = """
+import sys, time
+import xpertctl.io.writer as w
+real = w.save_file
+def slow(*a, **k):
+    real(*a, **k)
+    time.sleep(60)
+w.save_file = slow
+from xpertctl.cli import main
+sys.argv = ["xpertctl"] + sys.argv[1:]
+main()
+"""
+
+
+def _kill_when_temp_appears(args, out: Path, sig) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        temps = list(out.parent.glob(f".{out.name}.tmp-*"))
+        if temps and any(t.is_file() or any(t.iterdir()) for t in temps):
+            break
+        if p.poll() is not None:
+            pytest.fail(f"child ended early: {p.stderr.read()}")
+        time.sleep(0.05)
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    return p.returncode
+
+
+@pytest.fixture
+def selection(fx, tmp_path):
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(fx / "olmoe")
+    p = tmp_path / "sel.json"
+    p.write_text(json.dumps({"criterion": "x", "source": ck.fingerprint, "num_experts": 8,
+                             "layers": [{"layer": i, "experts": [0, 1]} for i in ck.moe_layers]}))
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("cmd", ["graft", "decompose", "stats"])
+def test_killed_mid_write_leaves_no_complete_looking_output(fx, tmp_path, selection, cli, cmd, sig):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the law shall apply\n\nin the beginning")
+    out = tmp_path / {"graft": "model", "decompose": "f.safetensors", "stats": "s.safetensors"}[cmd]
+    args = {"graft": ["graft", fx / "olmoe", "-t", "2L", "--selection", selection, "--shard-size", "30KB", "-o", out],
+            "decompose": ["decompose", fx / "olmoe", selection, "-o", out],
+            "stats": ["stats", fx / "olmoe", "-d", f"a={corpus}", "-o", out]}[cmd]
+    rc = _kill_when_temp_appears(args, out, sig)
+    assert rc != 0
+    assert not out.exists()  # only ".NAME.tmp-PID" can remain (after SIGKILL), never NAME itself
+    if sig == signal.SIGINT:
+        assert not list(tmp_path.glob(f".{out.name}.tmp-*"))
+    code, so, err = cli(*args)  # re-running succeeds and clears what the killed run left
+    assert code == 0, err
+    assert out.exists() and not list(tmp_path.glob(f".{out.name}.tmp-*"))
+
+
+def test_killed_training_resumes(fx, tmp_path):
+    from xpertctl import data
+    text = "\n\n".join(f"the law shall apply to every licence holder number {n} in the beginning" for n in range(300))
+    (tmp_path / "a.txt").write_text(text)
+    d = data.tokenize(fx / "llama", [f"a={tmp_path / 'a.txt'}"], tmp_path / "data")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "xpertctl.cli", "train", str(fx / "llama"), "--data", str(d), "--steps", "400",
+            "--batch-size", "2", "--seq-len", "16", "--save-every", "5", "--eval-every", "0", "-o", str(run)]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "step-000010" / "trainer_state.pt").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert not (run / "final").exists()
+    r = subprocess.run(args[:-2] + ["--resume", "auto", "-o", str(run)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401)) and (run / "final" / "model.safetensors").exists()
+    assert "resuming" in r.stderr
+
+
+def test_same_inputs_and_seed_give_identical_bytes(fx, tmp_path, cli):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"the law shall apply {n}\n\nin the beginning god created {n}" for n in range(5)))
+    w = tmp_path / "w"
+    w.mkdir()
+    steps = [
+        ["stats", fx / "qwen2_moe", "-d", f"a={corpus}", "-d", f"b={corpus}", "-o", w / "stats.safetensors"],
+        ["select", w / "stats.safetensors", "--criterion", "random", "--seed", "3", "-o", w / "sel.json"],
+        ["decompose", fx / "qwen2_moe", w / "sel.json", "--ranks", "8,full,1", "--align", "-o", w / "f.safetensors"],
+        ["reshape", w / "f.safetensors", "--target", "3L,d24,f12", "-o", w / "a.safetensors"],
+        ["graft", w / "a.safetensors", "--seed", "5", "--inherit", "embeddings", "-o", w / "g"],
+    ]
+    first = {}
+    for rnd in range(2):
+        for s in steps:
+            code, _, err = cli(*s, "--force")
+            assert code == 0, err
+        files = sorted(p for p in w.rglob("*") if p.is_file())
+        snap = {str(p.relative_to(w)): p.read_bytes() for p in files}
+        if rnd == 0:
+            first = snap
+    assert snap.keys() == first.keys() and len(snap) >= 8
+    for k in snap:
+        assert snap[k] == first[k], k
