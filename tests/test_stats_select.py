@@ -227,3 +227,25 @@ def test_plot_is_a_png_with_a_panel_per_layer(tmp_path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(XpertError, match="not MoE layers"):
         sel.figure(s, layers, [9])
+
+
+@pytest.mark.parametrize("name", ["olmoe", "mixtral", "qwen2_moe", "deepseek_v3", "qwen3_moe-fused", "olmoe-sharded"])
+def test_stream_layers_counts_equal_normal_path(fx, name):
+    from xpertctl.ops.stream import load_streaming
+    ck = open_checkpoint(fx / name)
+    tok = data.load_tokenizer(fx / name)
+    docs = {d: [t] * 3 for d, t in TEXTS.items()}
+    kw = dict(top_k=ck.top_k, seq_len=16, batch_size=2, max_tokens=None, device="cpu")
+    normal = st.collect(ck, st.load_model(ck, torch.float32, "cpu"), tok, docs, **kw)
+    streamed = st.collect(ck, load_streaming(ck, torch.float32), tok, docs, stream_tokens=48, **kw)
+    assert torch.equal(normal.counts, streamed.counts) and torch.equal(normal.tokens, streamed.tokens)
+    assert torch.allclose(normal.mass, streamed.mass, atol=1e-4)
+
+
+def test_stream_layers_cli(fx, corpus, cli, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    args = ["-d", f"legal={corpus / 'legal.txt'}", "-d", f"code={corpus / 'code.txt'}", "--seq-len", "32"]
+    assert cli("stats", fx / "mixtral-fused", *args, "-o", a)[0] == 0
+    code, _, err = cli("stats", fx / "mixtral-fused", *args, "--stream-layers", "--stream-tokens", "64", "-o", b)
+    assert code == 0, err
+    assert torch.equal(load_file(str(a))["counts"], load_file(str(b))["counts"])

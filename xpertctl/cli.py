@@ -48,11 +48,14 @@ def stats(src: Path = typer.Argument(..., help="MoE model directory or .safetens
           batch_size: int = typer.Option(8, help="Windows per forward pass."),
           device: str = typer.Option("cpu", help="torch device, e.g. cuda:0."),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+          stream_layers: bool = typer.Option(False, "--stream-layers", help="Load one decoder layer at a time (models larger than RAM)."),
+          stream_tokens: int = typer.Option(65536, help="With --stream-layers: tokens per pass over the layers."),
           force: bool = ForceOpt):
     """Count top-k router selections per (domain, layer, expert) -> stats.safetensors."""
     from .ops import stats as op
     print(op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
-                 batch_size=batch_size, device=device, dtype=dtype, force=force))
+                 batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
+                 stream_tokens=stream_tokens, force=force))
 
 
 @app.command()

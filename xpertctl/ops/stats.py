@@ -121,8 +121,14 @@ class StatsResult:
 
 
 def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], *, top_k: int,
-            seq_len: int, batch_size: int, max_tokens: int | None, device: str) -> StatsResult:
-    """Count router selections per (domain, layer, expert); padding never counted."""
+            seq_len: int, batch_size: int, max_tokens: int | None, device: str,
+            stream_tokens: int | None = None) -> StatsResult:
+    """Count router selections per (domain, layer, expert); padding never counted.
+
+    With `stream_tokens` (layer streaming) each forward carries that many tokens' windows, so each
+    layer is read from disk once per chunk instead of once per batch."""
+    if stream_tokens:
+        batch_size = max(1, stream_tokens // seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     counter = RouterCounter(model, ck, top_k)
     counts, mass, tokens = [], [], []
@@ -139,7 +145,8 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
                 n_tok = 0
                 for b in batches:
                     counter.mask = b.attention_mask.reshape(-1).bool().to(device)
-                    model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+                    fwd = model.base_model if stream_tokens else model  # streaming: no LM head needed
+                    fwd(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
                     got = int(b.attention_mask.sum())
                     n_tok += got
                     total += got
@@ -156,7 +163,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
 
 def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
         seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-        force: bool = False) -> Path:
+        stream_layers: bool = False, stream_tokens: int = 65536, force: bool = False) -> Path:
     """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
     from ..io import check_output
     ck = open_checkpoint(src).require_moe()
@@ -176,13 +183,19 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
     tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
     tok = data.load_tokenizer(tok_dir)
     docs = {name: data.read_documents(p) for name, p in paths.items()}
-    model = load_model(ck, parse_dtype(dtype), device)
+    if stream_layers:
+        if device != "cpu":
+            raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")
+        from .stream import load_streaming
+        model = load_streaming(ck, parse_dtype(dtype))
+    else:
+        model = load_model(ck, parse_dtype(dtype), device)
     res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
-                  max_tokens=max_tokens, device=device)
+                  max_tokens=max_tokens, device=device, stream_tokens=stream_tokens if stream_layers else None)
     rec = provenance.record(
         "stats", inputs=[ck.fingerprint] + [provenance_of_corpus(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
-                "batch_size": batch_size, "dtype": dtype},
+                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers},
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
         layers=res.layers, domains=res.domains)
     tensors = {"counts": res.counts, "mass": res.mass, "tokens": res.tokens,

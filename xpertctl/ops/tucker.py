@@ -6,6 +6,11 @@ problem needs. The factor of mode m only needs the leading eigenvectors of the s
 X_(m) X_(m)^T (d_m × d_m): HOSVD from those, then higher-order orthogonal iteration (HOOI, the
 algorithm tensorly runs) until the fit stops improving. When at most one mode is truncated the HOSVD
 is already optimal and no sweep runs. Mode products use tensorly's own tenalg on the torch backend.
+
+A mode kept at full rank needs no eigendecomposition at all: any orthonormal basis of the whole
+space reconstructs exactly, so its factor is the identity (and products with it are skipped). The
+default ranks (full, full, 1) therefore cost one n×n Gram of the expert mode: milliseconds, where a
+generic HOOI spends tens of seconds on 1024×2048×8 (bench/bench_tucker.py).
 """
 from __future__ import annotations
 
@@ -66,26 +71,45 @@ def tucker(x: torch.Tensor, ranks: list[int], n_iter: int = 50, tol: float = 1e-
     """core, [U1, U2, U3], relative reconstruction error. Factors have orthonormal columns."""
     x = x.float()
     with tl.backend_context("pytorch"):
-        factors = [_leading(_gram(x, m), r) for m, r in enumerate(ranks)]
+        factors = [torch.eye(d) if r == d else _leading(_gram(x, m), r) for m, (r, d) in enumerate(zip(ranks, x.shape))]
         truncated = sum(r < d for r, d in zip(ranks, x.shape))
         if truncated > 1:
             norm2 = float((x.double() ** 2).sum())
             prev = None
             for _ in range(n_iter):
                 for m in range(3):
-                    y = multi_mode_dot(x, factors, skip=m, transpose=True)
+                    if ranks[m] == x.shape[m]:
+                        continue  # a full-rank mode stays the identity
+                    y = _project(x, factors, skip=m)
                     factors[m] = _leading(_gram(y, m), ranks[m])
-                core = multi_mode_dot(x, factors, transpose=True)
+                core = _project(x, factors)
                 fit = float((core.double() ** 2).sum()) / max(norm2, 1e-300)
                 if prev is not None and abs(fit - prev) < tol:
                     break
                 prev = fit
-        core = multi_mode_dot(x, factors, transpose=True)
-        rec = multi_mode_dot(core, factors)
+        core = _project(x, factors)
+        rec = reconstruct(core, factors)
     err = float(torch.linalg.vector_norm(x - rec) / torch.linalg.vector_norm(x).clamp_min(1e-30))
     return core.contiguous(), [f.contiguous() for f in factors], err
 
 
-def reconstruct(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def _is_identity(u: torch.Tensor) -> bool:
+    return u.shape[0] == u.shape[1] and torch.equal(u, torch.eye(u.shape[0], dtype=u.dtype))
+
+
+def _project(x: torch.Tensor, factors: list[torch.Tensor], skip: int | None = None) -> torch.Tensor:
+    """x ×_m U_m^T over the modes (but `skip`), leaving out identity factors."""
+    modes = [m for m, u in enumerate(factors) if m != skip and not _is_identity(u)]
+    if not modes:
+        return x
     with tl.backend_context("pytorch"):
-        return multi_mode_dot(core, factors)
+        return multi_mode_dot(x, [factors[m] for m in modes], modes=modes, transpose=True)
+
+
+def reconstruct(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """G ×_1 U1 ×_2 U2 ×_3 U3, leaving out identity factors."""
+    modes = [m for m, u in enumerate(factors) if not _is_identity(u)]
+    if not modes:
+        return core
+    with tl.backend_context("pytorch"):
+        return multi_mode_dot(core, [factors[m] for m in modes], modes=modes)
