@@ -42,7 +42,8 @@ def nll_windows(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, dev
     return total, count
 
 
-def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str = "val") -> dict:
+def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str = "val",
+               max_tokens: int | None = None) -> dict:
     """ppl:PATH — a text/jsonl file or directory (one domain), or a token DATA dir (every domain, one split)."""
     p = Path(arg)
     if not p.exists():
@@ -56,6 +57,7 @@ def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str = "va
         streams = {p.stem: data.token_stream(data.read_documents(p), tok)}
     out = {}
     for name, ids in streams.items():
+        ids = ids[:max_tokens] if max_tokens else ids
         if ids.numel() < 2:
             raise XpertError(f"--task ppl:{arg}: domain {name!r} has fewer than 2 tokens")
         nll, n = nll_windows(model, ids, seq_len, device=device)
@@ -63,24 +65,41 @@ def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str = "va
     return out
 
 
-@torch.no_grad()
-def loglikelihood(model, tok, context: str, continuation: str, device: str) -> float:
-    """log P(continuation | context), with lm-evaluation-harness's encoding: trailing spaces of the
-    context move to the continuation, and the continuation's tokens are the whole string's tail."""
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], int]:
+    """(token ids, number of continuation tokens), with lm-evaluation-harness's encoding: trailing
+    spaces of the context move to the continuation, whose tokens are the whole string's tail."""
     n_space = len(context) - len(context.rstrip())
     if n_space:
         continuation, context = context[-n_space:] + continuation, context[:-n_space]
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
-    if not cont:
-        return 0.0
+    n_cont = len(whole) - len(ctx)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    ids = ([bos] if not ctx and bos is not None else []) + whole
-    x = torch.tensor([ids], device=device)
-    lp = torch.log_softmax(model(input_ids=x).logits.float()[0, :-1], -1)
-    tgt = torch.tensor(ids[1:], device=device)
-    return float(lp[-len(cont):].gather(-1, tgt[-len(cont):, None]).sum())
+    return ([bos] if not ctx and bos is not None else []) + whole, n_cont
+
+
+@torch.no_grad()
+def loglikelihoods(model, tok, context: str, continuations: list[str], device: str) -> list[float]:
+    """log P(continuation | context) for each continuation, in one right-padded batch."""
+    pairs = [encode_pair(tok, context, c) for c in continuations]
+    T = max(len(ids) for ids, _ in pairs)
+    x = torch.zeros(len(pairs), T, dtype=torch.long)
+    m = torch.zeros(len(pairs), T, dtype=torch.long)
+    for r, (ids, _) in enumerate(pairs):
+        x[r, : len(ids)], m[r, : len(ids)] = torch.tensor(ids), 1
+    lp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float()[:, :-1], -1)
+    out = []
+    for r, (ids, n) in enumerate(pairs):
+        if n <= 0:
+            out.append(0.0)
+            continue
+        pos = torch.arange(len(ids) - 1 - n, len(ids) - 1)
+        out.append(float(lp[r, pos].gather(-1, x[r, pos + 1, None].to(device)).sum()))
+    return out
+
+
+def loglikelihood(model, tok, context: str, continuation: str, device: str) -> float:
+    return loglikelihoods(model, tok, context, [continuation], device)[0]
 
 
 def multiple_choice(model, tok, path: str, device: str) -> dict:
@@ -92,7 +111,7 @@ def multiple_choice(model, tok, path: str, device: str) -> dict:
         if not 0 <= r["label"] < len(r["choices"]):
             raise XpertError(f"{path}:{n}: label {r['label']} out of range for {len(r['choices'])} choices")
     for r in recs:
-        lls = np.array([loglikelihood(model, tok, r["context"], c, device) for c in r["choices"]])
+        lls = np.array(loglikelihoods(model, tok, r["context"], r["choices"], device))
         lens = np.array([float(len(c)) for c in r["choices"]])  # characters, as the harness does
         acc += int(np.argmax(lls) == r["label"])
         acc_norm += int(np.argmax(lls / lens) == r["label"])
@@ -115,7 +134,8 @@ def generation(model, tok, path: str, device: str, max_new_tokens: int) -> dict:
 
 
 def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None = None, device: str = "cpu",
-        max_new_tokens: int = 64, seed: int = 0, split: str = "val", force: bool = False) -> tuple[dict, Path | None]:
+        max_new_tokens: int = 64, seed: int = 0, split: str = "val", max_tokens: int | None = None,
+        force: bool = False) -> tuple[dict, Path | None]:
     """`xpertctl eval`: results JSON (model and task fingerprints, seed)."""
     from .io.writer import atomic_path, check_output
     from .train import load_causal_lm
@@ -134,7 +154,7 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
         for kind, arg in parsed:
             bar.update(job, info=f"{kind}:{Path(arg).name}")
             if kind == "ppl":
-                res = perplexity(model, tok, arg, seq_len, device, split)
+                res = perplexity(model, tok, arg, seq_len, device, split, max_tokens)
             elif kind == "mc":
                 res = multiple_choice(model, tok, arg, device)
             else:
@@ -144,7 +164,7 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
             bar.advance(job)
     doc = {"model": {"path": str(Path(ckpt).resolve()), "sha256": _model_fp(Path(ckpt))}, "seed": seed,
            "seq_len": seq_len, "tasks": results,
-           "xpertctl": provenance.record("eval", inputs=[], params={"tasks": tasks, "seq_len": seq_len, "split": split}, seed=seed)}
+           "xpertctl": provenance.record("eval", inputs=[], params={"tasks": tasks, "seq_len": seq_len, "split": split, "max_tokens": max_tokens}, seed=seed)}
     if out is None:
         return doc, None
     with atomic_path(Path(out), force) as tmp:

@@ -86,10 +86,14 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
             y = np.array([r["final_val"] for r in base])
             diff = float(x.mean() - y.mean())
             se = math.sqrt((x.var(ddof=1) / len(x) if len(x) > 1 else 0) + (y.var(ddof=1) / len(y) if len(y) > 1 else 0))
-            sig = se > 0 and abs(diff) > 2 * se
             word = "lower (better)" if diff < 0 else "higher (worse)"
-            verdicts.append(f"- depth {d}: **{a}** ends with val loss {abs(diff):.3f} {word} than {baseline} "
-                            f"({'beyond' if sig else 'within'} 2 standard errors, se={se:.3f}).")
+            if min(len(x), len(y)) < 2:
+                spread = "one seed: no spread estimate, not a finding"
+                sig = False
+            else:
+                sig = abs(diff) > 2 * se
+                spread = f"{'beyond' if sig else 'within'} 2 standard errors, se={se:.3f}"
+            verdicts.append(f"- depth {d}: **{a}** ends with val loss {abs(diff):.3f} {word} than {baseline} ({spread}).")
     lines += ["## Result", "", *table, ""]
     lines += ["## Outcome", "", "Final validation loss of each arm against the scratch baseline (same data, same "
               "steps, same seeds; mean over seeds):", "", *verdicts, ""]
