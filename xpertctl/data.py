@@ -54,17 +54,7 @@ def read_documents(path: Path) -> list[str]:
         if f.suffix == ".txt":
             docs += [d.strip() for d in _read_text(f).split("\n\n") if d.strip()]
         elif f.suffix == ".jsonl":
-            for n, line in enumerate(_read_text(f).splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise XpertError(f"{f}:{n}: not valid JSON") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise XpertError(f"{f}:{n}: record has no string field 'text'")
-                if rec["text"].strip():
-                    docs.append(rec["text"].strip())
+            docs += [r["text"].strip() for r in read_jsonl(f, {"text": str}, allow_empty=True) if r["text"].strip()]
         else:
             raise XpertError(f"{f}: unknown corpus file type {f.suffix or '(none)'!r} (use .txt or .jsonl)")
     if not docs:
@@ -271,7 +261,7 @@ def prompt_of(rec: dict) -> str:
     return PROMPT.format(instruction=rec["instruction"].strip(), context=f"### Input:\n{ctx.strip()}\n\n" if ctx.strip() else "")
 
 
-def read_jsonl(path: Path, required: dict[str, type]) -> list[dict]:
+def read_jsonl(path: Path, required: dict[str, type], allow_empty: bool = False) -> list[dict]:
     """Records of a JSONL task/SFT file; a bad record is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
@@ -290,6 +280,6 @@ def read_jsonl(path: Path, required: dict[str, type]) -> list[dict]:
             if not isinstance(rec.get(key), typ) or isinstance(rec.get(key), bool):
                 raise XpertError(f"{path}:{n}: field {key!r} missing or not {typ.__name__}")
         recs.append(rec)
-    if not recs:
+    if not recs and not allow_empty:
         raise XpertError(f"{path}: no records")
     return recs

@@ -116,15 +116,17 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     tgt = meta["target"]
     config, src_heads = target_config(ck, tgt["hidden"], tgt["ffn"], tgt["layers"], heads, arch, dtype, inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)
+    cast = DTYPES[dtype]
     torch.manual_seed(seed)
-    model = getattr(transformers, TARGET_CLASSES[arch][1])(config)  # fresh, seeded init (float32)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # fresh, seeded init built directly in the output dtype: no float32 copy of a large model
+    model = getattr(transformers, TARGET_CLASSES[arch][1])._from_config(config, dtype=cast)
+    state = dict(model.state_dict())
     del model
     ri = adapted["residual_index"]
     if ffn_init == "xpert":
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
-                state[f"model.layers.{t}.mlp.{m}.weight"] = adapted[f"layers.{t}.{m}"].float()
+                state[f"model.layers.{t}.mlp.{m}.weight"] = adapted[f"layers.{t}.{m}"]
     lmap = meta["layer_map"]
     if "embeddings" in inherit:
         state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
@@ -148,7 +150,6 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
                     state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight").float()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
-    cast = DTYPES[dtype]
     return {k: v.to(cast) for k, v in state.items()}, config
 
 
