@@ -50,8 +50,8 @@ def main() -> None:
         f"- xpertctl stats forward (router hooks + counting): {sa['xpertctl_tok_s']:,.0f} tok/s",
         f"- ratio: **{sa['ratio']:.3f}**", "",
         "## Layer streaming", "",
-        "`xpertctl stats bench/data/olmoe-shaped --stream-layers -d ... (4 domains) --max-tokens 2000 "
-        "--seq-len 512 --stream-tokens 8192 --dtype bfloat16` (goal: peak RSS <= 6 GiB)", "",
+        "`xpertctl stats bench/data/olmoe-shaped --stream-layers -d legal=... -d code=... --max-tokens 2000 "
+        "--seq-len 512 --stream-tokens 8192 --dtype float32` (goal: peak RSS <= 6 GiB)", "",
         f"- wall {sm['wall_s']:.1f} s, peak RSS **{sm['peak_rss_gib']:.2f} GiB**, {sm['tok_s']:.0f} tok/s end to end", "",
         "## Training loop overhead", "",
         "`python bench/bench_train.py` — 4-layer student of the demo teacher, batch 8 x 256, 40 steps", "",

@@ -316,3 +316,20 @@ def test_graft_refuses_existing_output_and_input_as_output(fx, tmp_path, cli):
     assert_user_error(code, err, "already exists", "--force")
     code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "-o", fx / "mixtral")
     assert_user_error(code, err, "overwrite the input")
+
+
+def test_one_shot_equals_step_by_step(fx, tmp_path, cli):
+    """The streamed one-shot graft gives exactly the weights of decompose -> reshape -> graft."""
+    ck = open_checkpoint(fx / "olmoe")
+    sel = _selection(tmp_path, ck, [6, 1, 4])
+    steps = [("decompose", fx / "olmoe", sel, "-o", tmp_path / "f.safetensors", "--ranks", "8,full,2"),
+             ("reshape", tmp_path / "f.safetensors", "-t", "2L,d24,f12", "--layer-map", "merge", "-o", tmp_path / "a.safetensors"),
+             ("graft", tmp_path / "a.safetensors", "--seed", "3", "-o", tmp_path / "g1")]
+    for s in steps:
+        code, _, err = cli(*s)
+        assert code == 0, err
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L,d24,f12", "--layer-map", "merge", "--ranks", "8,full,2",
+                       "--selection", sel, "--seed", "3", "-o", tmp_path / "g2")
+    assert code == 0, err
+    a, b = load_file(str(tmp_path / "g1" / "model.safetensors")), load_file(str(tmp_path / "g2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -51,39 +51,38 @@ def layer_weights(layer_doc: dict) -> torch.Tensor:
     return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1 / len(w))
 
 
-def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | None = None, align_neurons: bool = False,
-            no_tucker: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Factors for every selected layer: {'layers.{i}.{m}.core|U1|U2|U3'} (or '.mean' with no_tucker)."""
-    sel.check_source(doc, Path(sel_path), ck)
-    rank_spec = parse_ranks(ranks)
+def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, align_neurons: bool,
+                  no_tucker: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Factors of one selected layer: {'layers.{i}.{m}.core|U1|U2|U3|error'} (or '.mean'), its errors."""
+    i, ids = l["layer"], l["experts"]
+    experts = ck.experts(i, ids)
+    for j, e in zip(ids, experts):
+        if not all(torch.isfinite(t).all() for t in e):
+            raise XpertError(f"{ck.path}: expert {j} of layer {i} has NaN or Inf weights")
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
-    with progress() as bar:
-        task = bar.add_task("decompose", total=len(doc["layers"]) * 3, info="")
-        for l in doc["layers"]:
-            i, ids = l["layer"], l["experts"]
-            experts = ck.experts(i, ids)
-            for j, e in zip(ids, experts):
-                if not all(torch.isfinite(t).all() for t in e):
-                    raise XpertError(f"{ck.path}: expert {j} of layer {i} has NaN or Inf weights")
-            if align_neurons:
-                experts, perms = align(experts)
-                tensors[f"layers.{i}.perm"] = torch.stack(perms)
-            w = layer_weights(l)
-            tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
-            tensors[f"layers.{i}.weights"] = w
-            for m, x in stacks(experts).items():
-                key = f"layers.{i}.{m}"
-                if no_tucker:
-                    tensors[f"{key}.mean"] = torch.tensordot(x, w, dims=([2], [0]))
-                    errors[key] = 0.0
-                else:
-                    core, (u1, u2, u3), err = tucker(x, resolve(rank_spec, tuple(x.shape), ranks))
-                    tensors.update({f"{key}.core": core, f"{key}.U1": u1, f"{key}.U2": u2, f"{key}.U3": u3,
-                                    f"{key}.error": torch.tensor(err)})
-                    errors[key] = err
-                bar.update(task, advance=1, info=f"layer {i} {m}")
-    meta = {
+    if align_neurons:
+        experts, perms = align(experts)
+        tensors[f"layers.{i}.perm"] = torch.stack(perms)
+    w = layer_weights(l)
+    tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
+    tensors[f"layers.{i}.weights"] = w
+    for m, x in stacks(experts).items():
+        key = f"layers.{i}.{m}"
+        if no_tucker:
+            tensors[f"{key}.mean"] = torch.tensordot(x, w, dims=([2], [0]))
+            errors[key] = 0.0
+        else:
+            core, (u1, u2, u3), err = tucker(x, resolve(rank_spec, tuple(x.shape), ranks))
+            tensors.update({f"{key}.core": core, f"{key}.U1": u1, f"{key}.U2": u2, f"{key}.U3": u3,
+                            f"{key}.error": torch.tensor(err)})
+            errors[key] = err
+    return tensors, errors
+
+
+def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | None, align_neurons: bool,
+                no_tucker: bool, errors: dict[str, float]) -> dict:
+    return {
         "method": "mean" if no_tucker else "tucker", "ranks": ranks or "full,full,1", "align": align_neurons,
         "layers": [l["layer"] for l in doc["layers"]], "errors": errors,
         "source": ck.fingerprint, "family": ck.family.name, "hidden": ck.hidden, "expert_ffn": ck.expert_ffn,
@@ -91,7 +90,28 @@ def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | Non
                       "path": str(Path(sel_path)), "sha256": provenance.sha256(Path(sel_path).read_bytes())
                       if Path(sel_path).is_file() else None},
     }
-    return tensors, meta
+
+
+def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | None = None, align_neurons: bool = False,
+            no_tucker: bool = False, only: set[int] | None = None, each=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Factors for every selected layer (or those in `only`). With `each`, every layer's factors are
+    handed to each(layer, tensors) instead of being kept (the one-shot graft streams them)."""
+    sel.check_source(doc, Path(sel_path), ck)
+    rank_spec = parse_ranks(ranks)
+    layers = [l for l in doc["layers"] if only is None or l["layer"] in only]
+    tensors: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    with progress() as bar:
+        task = bar.add_task("decompose", total=len(layers), info="")
+        for l in layers:
+            t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker)
+            errors.update(e)
+            if each is not None:
+                each(l["layer"], t)
+            else:
+                tensors.update(t)
+            bar.update(task, advance=1, info=f"layer {l['layer']}")
+    return tensors, factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, errors)
 
 
 def all_experts_doc(ck: Checkpoint) -> dict:

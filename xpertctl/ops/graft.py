@@ -228,10 +228,15 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         else:
             notice("no --stats or --selection: using every expert of each layer (recorded in the model card)")
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
-        factors, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker)
-        adapted, meta = reshape.compute(factors, fmeta, target, layer_map_how=layer_map_how, combine=combine,
-                                        width_select=width_select)
-        del factors
+        # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
+        fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {})
+        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select)
+        per_src: dict[int, tuple] = {}
+        _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker,
+                                     only={i for g in lmap for i in g},
+                                     each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
+        adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
+                                      width_select=width_select)
         sel_summary = f"{doc.get('criterion')}, {doc.get('per_layer')} per layer from {sel_path}"
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,

@@ -95,22 +95,34 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.as_tensor(np.sort(order[:k]), dtype=torch.long)
 
 
-def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-            combine: str = "mean", width_select: str = "norm") -> tuple[dict[str, torch.Tensor], dict]:
+def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str) -> list[list[int]]:
+    """Validate options against the factors' metadata; the depth map."""
     _choice(layer_map_how, LAYER_MAPS, "--layer-map")
     _choice(combine, COMBINES, "--combine")
     _choice(width_select, WIDTH_SELECTS, "--width-select")
     if combine != "mean" and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
     H, I = int(meta["hidden"]), int(meta["expert_ffn"])
-    d = target.hidden or H
-    f = target.ffn or I
-    if d > H:
-        raise XpertError(f"--target {target}: hidden {d} is wider than the source's {H}")
-    if f > I:
-        raise XpertError(f"--target {target}: FFN {f} is wider than one source expert's {I}")
-    lmap = layer_map(list(meta["layers"]), target.layers, layer_map_how)
+    if (target.hidden or H) > H:
+        raise XpertError(f"--target {target}: hidden {target.hidden} is wider than the source's {H}")
+    if (target.ffn or I) > I:
+        raise XpertError(f"--target {target}: FFN {target.ffn} is wider than one source expert's {I}")
+    return layer_map(list(meta["layers"]), target.layers, layer_map_how)
+
+
+def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
+            combine: str = "mean", width_select: str = "norm") -> tuple[dict[str, torch.Tensor], dict]:
+    lmap = check(meta, target, layer_map_how, combine, width_select)
     per_src = {i: combine_layer(t, i, combine) for i in sorted({i for g in lmap for i in g})}
+    return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select)
+
+
+def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
+          combine: str = "mean", width_select: str = "norm") -> tuple[dict[str, torch.Tensor], dict]:
+    """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width)."""
+    lmap = check(meta, target, layer_map_how, combine, width_select)
+    H, I = int(meta["hidden"]), int(meta["expert_ffn"])
+    d, f = target.hidden or H, target.ffn or I
     dense = []
     for group in lmap:
         mats = [per_src[i] for i in group]
