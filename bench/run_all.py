@@ -21,10 +21,11 @@ def main() -> None:
     sa = bench_stats.main(DATA / "olmoe-2L")
     sm = bench_stream.main(DATA)
     tr = bench_train.main()
+    mem = subprocess.getoutput("free -g | awk '/Mem/{print $2}'")
     lines = [
         "# Benchmark results", "",
         f"Machine: {platform.machine()}, {subprocess.getoutput('nproc')} cores, "
-        f"{subprocess.getoutput('free -g | awk \"/Mem/{print $2}\"')} GiB RAM, no GPU; "
+        f"{mem} GiB RAM, no GPU; "
         f"{time.strftime('%Y-%m-%d')}. Made by `make bench` (= `python bench/run_all.py`); the OLMoE-shaped "
         "checkpoints by `python bench/make_olmoe_shaped.py bench/data` (exact OLMoE-1B-7B config, key names, "
         "shapes, bf16, 5 GB shards, seeded random weights; + fused layout; + synthetic stats).", "",
