@@ -42,7 +42,7 @@ def main() -> None:
         "(init='svd', truncated SVD, HOOI up to 100 iterations) against xpertctl's (goal: >= 10x faster at "
         "equal or lower error)", "",
         "| ranks | xpertctl | tensorly | speed-up | xpertctl error | tensorly error |", "|---|---|---|---|---|---|",
-        *[f"| {r['ranks']} | {r['xpertctl_s']:.3f} s | {r['tensorly_s']:.1f} s | {r['speedup']:.0f}x | "
+        *[f"| {r['ranks']} | {r['xpertctl_s']:.3f} s | {r['tensorly_s']:.1f} s | {r['speedup']:.1f}x | "
           f"{r['xpertctl_err']:.6f} | {r['tensorly_err']:.6f} |" for r in tk], "",
         "## Fast stats: counting overhead", "",
         "`python bench/bench_stats.py bench/data/olmoe-2L` — OLMoE-shaped model cut to 2 layers, float32, "
