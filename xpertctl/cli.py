@@ -197,7 +197,7 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
                       grad_clip=grad_clip, seed=seed, eval_every=eval_every, eval_batches=eval_batches,
                       save_every=save_every, keep=keep, device=device, save_dtype=save_dtype)
     path = op(ckpt, out, cfg, data_dir=data_dir, sft=sft, resume=resume, force=force)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if path is not None:  # under torchrun only rank 0 reports
         print(path)
 
 

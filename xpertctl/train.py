@@ -140,8 +140,9 @@ def load_causal_lm(ckpt: Path):
 
 
 def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = None, sft: Path | None = None,
-          resume: str = "no", force: bool = False) -> Path:
-    """`xpertctl train`: RUN/step-NNNNNN/, RUN/final/, RUN/metrics.jsonl."""
+          resume: str = "no", force: bool = False) -> Path | None:
+    """`xpertctl train`: RUN/step-NNNNNN/, RUN/final/, RUN/metrics.jsonl. Returns RUN/final (None on
+    ranks other than 0 under torchrun)."""
     if (data_dir is None) == (sft is None):
         raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
     if resume not in ("no", "auto"):
@@ -274,7 +275,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if ddp:
         import torch.distributed as dist
         dist.barrier(); dist.destroy_process_group()
-    return out / "final"
+    return out / "final" if rank == 0 else None
 
 
 def _mean_across(x: float, ddp: bool) -> float:
