@@ -176,7 +176,7 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
             else:
                 docs = read_documents(p)
                 parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
-            entry = {"source": str(p), "corpus": _corpus_fp(p)}
+            entry = {"source": str(p), "corpus": provenance.tree_fingerprint(p)["sha256"]}
             for s, ds in parts.items():
                 ids = token_stream(ds, tok) if ds else None
                 arr = ids.numpy().astype(dtype) if ids is not None else np.zeros(0, dtype)
@@ -190,14 +190,6 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
             "val_pct": None if corpus else val_pct, "test_pct": None if corpus else test_pct})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out)
-
-
-def _corpus_fp(p: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for f in (sorted(x for x in Path(p).rglob("*") if x.is_file()) if Path(p).is_dir() else [Path(p)]):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 @dataclass

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from .errors import XpertError
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(name: str, flag: str = "--dtype"):
+    """'bfloat16' -> torch.bfloat16 (the dtypes xpertctl reads, computes and writes in)."""
+    import torch
+    if name not in DTYPES:
+        raise XpertError(f"{flag} {name!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def int_list(text: str | None, what: str) -> list[int] | None:
     if text is None:
         return None

@@ -22,6 +22,7 @@ from . import data
 from .console import err, progress
 from .errors import XpertError
 from .io import provenance
+from .specs import parse_dtype
 
 
 @dataclass
@@ -147,8 +148,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
     if resume not in ("no", "auto"):
         raise XpertError(f"--resume {resume!r}: choose no or auto")
-    if cfg.save_dtype not in (None, "float32", "bfloat16", "float16"):
-        raise XpertError(f"--save-dtype {cfg.save_dtype!r}: choose float32, bfloat16 or float16")
+    if cfg.save_dtype is not None:
+        parse_dtype(cfg.save_dtype, "--save-dtype")
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(cfg, name) <= 0:
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
@@ -269,7 +270,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if rank == 0:
         metrics.close()
         if cfg.save_dtype:
-            model.to(getattr(torch, cfg.save_dtype))
+            model.to(parse_dtype(cfg.save_dtype))
             model.config.dtype = cfg.save_dtype
         save_checkpoint(model, ckpt, out, "final", None, rec)
     if ddp:

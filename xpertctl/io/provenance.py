@@ -27,6 +27,18 @@ def file_fingerprint(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest}
 
 
+def tree_fingerprint(path: Path) -> dict:
+    """path + size + sha256 over a file's bytes, or over every file (name and bytes) of a directory."""
+    import hashlib
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": h.hexdigest()}
+
+
 def record(kind: str, inputs: list[dict], params: dict, seed: int | None = None, **extra) -> dict:
     """The provenance dict of one artifact (stored as JSON under the "xpertctl" metadata key)."""
     rec = {"version": __version__, "kind": kind, "command": command_line(), "inputs": inputs,

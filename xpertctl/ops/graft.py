@@ -18,7 +18,7 @@ from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
 from ..io.checkpoint import Checkpoint
 from ..io.writer import DEFAULT_SHARD_SIZE
-from ..specs import Target
+from ..specs import DTYPES, Target, parse_dtype
 from . import decompose, reshape
 from . import select as sel
 
@@ -26,7 +26,6 @@ TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3
 INHERITABLE = ("embeddings", "norms", "attention")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_inherit(text: str | None) -> list[str]:
@@ -108,15 +107,12 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
           seed: int = 0):
     """(state dict, config) of the grafted dense model."""
     import transformers
-    if ffn_init not in ("xpert", "scratch"):
-        raise XpertError(f"--ffn-init {ffn_init!r}: choose xpert or scratch")
     dtype = dtype or _source_dtype(ck)
-    if dtype not in DTYPES:
-        raise XpertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_options(dtype, ffn_init)
     tgt = meta["target"]
     config, src_heads = target_config(ck, tgt["hidden"], tgt["ffn"], tgt["layers"], heads, arch, dtype, inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)
-    cast = DTYPES[dtype]
+    cast = parse_dtype(dtype)
     torch.manual_seed(seed)
     # fresh, seeded init built directly in the output dtype: no float32 copy of a large model
     model = getattr(transformers, TARGET_CLASSES[arch][1])._from_config(config, dtype=cast)
@@ -257,13 +253,16 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
 
 
+def _check_options(dtype: str, ffn_init: str) -> None:
+    parse_dtype(dtype)
+    if ffn_init not in ("xpert", "scratch"):
+        raise XpertError(f"--ffn-init {ffn_init!r}: choose xpert or scratch")
+
+
 def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, dtype: str | None, ffn_init: str,
                     inherit: list[str]) -> None:
     """Fail on bad options before the (possibly long) select/decompose/reshape work."""
-    if dtype is not None and dtype not in DTYPES:
-        raise XpertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if ffn_init not in ("xpert", "scratch"):
-        raise XpertError(f"--ffn-init {ffn_init!r}: choose xpert or scratch")
+    _check_options(dtype or "float32", ffn_init)
     if target["hidden"] > ck.hidden:
         raise XpertError(f"--target: hidden {target['hidden']} is wider than the source's {ck.hidden}")
     if target["ffn"] > ck.expert_ffn:

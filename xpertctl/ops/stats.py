@@ -15,15 +15,7 @@ from ..console import progress
 from ..errors import XpertError
 from ..io import arch, open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise XpertError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
+from ..specs import parse_dtype
 
 @contextmanager
 def _model_dir(ck: Checkpoint):
@@ -193,7 +185,7 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
     res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
                   max_tokens=max_tokens, device=device, stream_tokens=stream_tokens if stream_layers else None)
     rec = provenance.record(
-        "stats", inputs=[ck.fingerprint] + [provenance_of_corpus(p) for p in paths.values()],
+        "stats", inputs=[ck.fingerprint] + [provenance.tree_fingerprint(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
                 "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers},
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
@@ -202,14 +194,3 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
                "layers": torch.tensor(res.layers, dtype=torch.int64)}
     return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
 
-
-def provenance_of_corpus(path: Path) -> dict:
-    """Fingerprint of a corpus file or directory (sha256 over its files' bytes, in sorted order)."""
-    import hashlib
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": h.hexdigest()}
