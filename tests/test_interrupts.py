@@ -30,8 +30,11 @@ main()
 
 def _kill_when_temp_appears(args, out: Path, sig) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child: a shell starts background jobs with it ignored, and
+    # Python then installs no KeyboardInterrupt handler, which would hide what this test checks
     p = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:
         temps = list(out.parent.glob(f".{out.name}.tmp-*"))
