@@ -83,7 +83,16 @@ def select(stats_file: Path = typer.Argument(..., metavar="STATS", help="stats.s
             print(p)
 
 
-RanksOpt = typer.Option(None, help="Tucker ranks per mode (rows, cols, experts): 'full' or an int; default full,full,1.")
+RanksOpt = typer.Option(None, help="Tucker ranks per mode (rows, cols, experts): 'full' or an int; the expert mode "
+                        "may be an energy fraction such as 0.9. Default full,full,full.")
+AlignOpt = typer.Option(True, "--align/--no-align", help="Permute each expert's neurons to match before combining "
+                        "(default on; --no-align is the literal paper reading).")
+WeightingOpt = typer.Option("joint", help="Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
+                            "per-matrix (the literal paper reading).")
+RescaleOpt = typer.Option("routed", help="Scale each FFN's down projection by its source layer's mean top-k routing "
+                         "weight per token (from the stats): routed, or none (the experts' own scale).")
+CombineOpt = typer.Option("usage", help="Expert combination: usage (selection frequencies, weights sum to 1), uniform, "
+                          "literal (1/n, not rescaled: the paper read literally) or first (first component).")
 TargetOpt = typer.Option(None, "--target", "-t", help="Target shape: 12L, or 12L,d2048,f1024[,h16].")
 
 
@@ -98,12 +107,13 @@ def _target(spec, layers, hidden, ffn, heads, required=True):
 def decompose(src: Path = typer.Argument(..., help="MoE model directory or .safetensors file."),
               selection: Path = typer.Argument(..., help="selection.json from `xpertctl select`."),
               out: Path = OutOpt, ranks: Optional[str] = RanksOpt,
-              align: bool = typer.Option(False, "--align", help="Match experts' neurons to the first before stacking."),
+              align: bool = AlignOpt, weighting: str = WeightingOpt,
               no_tucker: bool = typer.Option(False, "--no-tucker", help="Frequency-weighted mean instead (ablation)."),
               force: bool = ForceOpt):
     """Stack each layer's selected experts and Tucker-decompose them -> factors.safetensors."""
     from .ops import decompose as op
-    print(op.run(src, selection, out, ranks=ranks, align_neurons=align, no_tucker=no_tucker, force=force))
+    print(op.run(src, selection, out, ranks=ranks, align_neurons=align, no_tucker=no_tucker, weighting=weighting,
+                 force=force))
 
 
 @app.command()
@@ -113,13 +123,13 @@ def reshape(factors: Path = typer.Argument(..., help="factors.safetensors from `
             hidden: Optional[int] = typer.Option(None, help="Target hidden size."),
             ffn: Optional[int] = typer.Option(None, help="Target FFN width."),
             layer_map: str = typer.Option("uniform", help="Depth map: uniform, first or merge."),
-            combine: str = typer.Option("mean", help="Expert-mode combination: mean, freq or first."),
+            combine: str = CombineOpt, rescale: str = RescaleOpt,
             width_select: str = typer.Option("norm", help="Width indices: norm (largest energy) or first."),
             force: bool = ForceOpt):
     """Adapt factors to the target depth and width -> adapted.safetensors (one dense FFN per layer)."""
     from .ops import reshape as op
     print(op.run(factors, _target(target, layers, hidden, ffn, None), out, layer_map_how=layer_map,
-                 combine=combine, width_select=width_select, force=force))
+                 combine=combine, width_select=width_select, rescale=rescale, force=force))
 
 
 @app.command()
@@ -135,14 +145,22 @@ def graft(src: Path = typer.Argument(..., help="adapted.safetensors, or an MoE c
           criterion: str = typer.Option("min", help="One-shot with --stats: selection criterion."),
           per_layer: Optional[int] = typer.Option(None, help="One-shot with --stats: experts per layer."),
           ranks: Optional[str] = RanksOpt,
-          align: bool = typer.Option(False, "--align", help="One-shot: align experts' neurons."),
+          align: bool = AlignOpt, weighting: str = WeightingOpt,
           no_tucker: bool = typer.Option(False, "--no-tucker", help="One-shot: mean instead of Tucker."),
           layer_map: str = typer.Option("uniform", help="uniform, first or merge."),
-          combine: str = typer.Option("mean", help="mean, freq or first."),
+          combine: str = CombineOpt, rescale: str = RescaleOpt,
+          fit: str = typer.Option("none", help="Data-aware fit: none, or down (ridge least squares of each down "
+                                  "projection to the source MoE block's output on --calibration text)."),
+          calibration: Optional[List[str]] = typer.Option(None, help="With --fit down: NAME=PATH text; repeat."),
+          calibration_tokens: int = typer.Option(65536, help="With --fit down: tokens per calibration domain."),
+          ridge: float = typer.Option(1e-3, help="With --fit down: ridge, relative to the mean activation energy."),
+          seq_len: Optional[int] = typer.Option(None, help="With --fit down: window length."),
+          device: str = typer.Option("cpu", help="With --fit down: torch device for the source model."),
           width_select: str = typer.Option("norm", help="norm or first."),
           arch: str = typer.Option("llama", help="Target class: llama, or qwen3 (per-head QK-norm)."),
           inherit: Optional[str] = typer.Option(None, help="Copy from the source: embeddings,norms,attention."),
-          ffn_init: str = typer.Option("xpert", help="xpert, or scratch (same model, fresh FFNs)."),
+          ffn_init: str = typer.Option("xpert", help="xpert; scratch (same model, fresh FFNs); norm-matched (fresh FFNs "
+                                       "with the XPERT FFN's per-row norms: the scale control)."),
           dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the source's)."),
           seed: int = typer.Option(0, help="Seed of the fresh weights."),
           shard_size: str = typer.Option("5GB", help="Max bytes per safetensors shard."),
@@ -152,9 +170,36 @@ def graft(src: Path = typer.Argument(..., help="adapted.safetensors, or an MoE c
     from .ops import graft as op
     print(op.run(src, out, target=_target(target, layers, hidden, ffn, heads, required=False), like=like,
                  stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
-                 align_neurons=align, no_tucker=no_tucker, layer_map_how=layer_map, combine=combine,
+                 align_neurons=align, no_tucker=no_tucker, weighting=weighting, layer_map_how=layer_map, combine=combine,
+                 rescale=rescale, fit=fit, calibration=calibration, calibration_tokens=calibration_tokens, ridge=ridge,
+                 seq_len=seq_len, device=device,
                  width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                  ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force))
+
+
+@app.command()
+def fidelity(src: Path = typer.Argument(..., help="The source MoE model directory or .safetensors file."),
+             student: Path = typer.Argument(..., help="A model `xpertctl graft` wrote (before training), or adapted.safetensors."),
+             domain: List[str] = typer.Option(..., "--domain", "-d", help="NAME=PATH text to run the source on; repeat."),
+             out: Path = OutOpt,
+             tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the source's)."),
+             max_tokens: Optional[int] = typer.Option(None, help="Tokens per domain (default: all)."),
+             seq_len: Optional[int] = typer.Option(None, help="Window length (default: min(1024, max positions))."),
+             batch_size: int = typer.Option(8, help="Windows per forward pass."),
+             device: str = typer.Option("cpu", help="torch device, e.g. cuda:0."),
+             dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+             stream_layers: bool = typer.Option(False, "--stream-layers", help="Load one decoder layer at a time."),
+             stream_tokens: int = typer.Option(65536, help="With --stream-layers: tokens per pass over the layers."),
+             seed: int = typer.Option(0, help="Seed of the scratch reference FFN."),
+             force: bool = ForceOpt):
+    """How well each student FFN reproduces its source MoE block(s) on real hidden states -> fidelity.json.
+
+    Example: xpertctl fidelity olmoe/ student/ -d wiki=wiki.txt --max-tokens 20000 -o fidelity.json
+    """
+    from .ops import fidelity as op
+    print(op.run(src, student, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
+                 batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
+                 stream_tokens=stream_tokens, seed=seed, force=force))
 
 
 @app.command()

@@ -12,33 +12,85 @@ from ..errors import XpertError
 from ..io import open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
 from . import select as sel
-from .tucker import parse_ranks, resolve, tucker
+from .tucker import DEFAULT_RANKS, expert_factor, parse_ranks, resolve, tucker, tucker_given_experts
 
 MATRICES = ("gate", "up", "down")
 
 
-def align(experts: list[tuple[torch.Tensor, ...]]) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
-    """Permute each expert's hidden neurons to best match the first (reference) expert.
+def _features(e: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One row per hidden neuron: its gate row, up row and down column together (float64)."""
+    g, u, d = e
+    return torch.cat([g, u, d.T], dim=1).double()
 
-    A neuron is (gate row, up row, down column): one permutation per expert is applied to all three,
-    chosen by linear_sum_assignment on the dot-product similarity of those concatenated vectors.
+
+def _match(target: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    """The permutation p maximizing sum_i <target_i, feat_p(i)> (weight matching, as in Git Re-Basin)."""
+    rows, cols = linear_sum_assignment((target @ feat.T).numpy(), maximize=True)
+    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+
+
+def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None = None,
+          sweeps: int = 2) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+    """Permute each expert's hidden neurons so neuron i means the same thing in every expert.
+
+    Two experts' neuron i are unrelated until aligned (any permutation of an expert's neurons computes
+    the same function). The reference is the most-used expert (largest weight; the first on ties),
+    which keeps its order; every other expert is matched to it, then `sweeps` times to the
+    usage-weighted mean of the others as aligned so far (iterated matching to the running mean, as in
+    MC-SMoE / ZipIt-style merging), so no single pair decides for all. A neuron is its gate row, up
+    row and down column together: one permutation per expert moves all three.
     """
-    ref = experts[0]
-    ref_feat = torch.cat([ref[0], ref[1], ref[2].T], dim=1).double()
-    out, perms = [ref], [torch.arange(ref[0].shape[0])]
-    for g, u, d in experts[1:]:
-        feat = torch.cat([g, u, d.T], dim=1).double()
-        sim = (ref_feat @ feat.T).numpy()
-        rows, cols = linear_sum_assignment(sim, maximize=True)
-        perm = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
-        out.append((g[perm], u[perm], d[:, perm]))
-        perms.append(perm)
+    n = len(experts)
+    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().clamp_min(0)
+    ref = int(torch.argmax(w)) if float(w.sum()) > 0 else 0
+    feats = [_features(e) for e in experts]
+    perms = [torch.arange(experts[0][0].shape[0]) for _ in range(n)]
+    for j in range(n):
+        if j != ref:
+            perms[j] = _match(feats[ref], feats[j])
+    for _ in range(sweeps if n > 2 else 0):
+        changed = False
+        for j in range(n):
+            if j == ref:
+                continue
+            others = [k for k in range(n) if k != j]
+            wo = w[others] if float(w[others].sum()) > 0 else torch.ones(len(others), dtype=torch.float64)
+            mean = sum(float(wo[a]) * feats[k][perms[k]] for a, k in enumerate(others)) / float(wo.sum())
+            p = _match(mean, feats[j])
+            changed |= not torch.equal(p, perms[j])
+            perms[j] = p
+        if not changed:
+            break
+    out = [(g[p], u[p], d[:, p]) for (g, u, d), p in zip(experts, perms)]
     return out, perms
 
 
 def stacks(experts: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """(gate, up, down) of n experts -> {'gate': (I, H, n), 'up': (I, H, n), 'down': (H, I, n)}."""
-    return {m: torch.stack([e[k].float() for e in experts], dim=-1) for k, m in enumerate(MATRICES)}
+    return {m: stack(experts, k) for k, m in enumerate(MATRICES)}
+
+
+def stack(experts: list[tuple[torch.Tensor, ...]], k: int) -> torch.Tensor:
+    """One matrix's stack (d1, d2, n) in float32: built one matrix at a time to bound memory."""
+    return torch.stack([e[k].float() for e in experts], dim=-1)
+
+
+def joint_gram(experts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """The experts' n x n Gram over gate, up and down together: G[j, k] = sum_m <X_mj, X_mk>.
+
+    One expert-mode weighting per layer comes from it, so a neuron's gate row, up row and down column
+    are combined with the same weights (per-matrix weightings can take gate from one expert and down
+    from another)."""
+    n = len(experts)
+    g = torch.zeros(n, n, dtype=torch.float64)
+    for k in range(3):
+        x = torch.stack([e[k].float().reshape(-1) for e in experts])
+        g += (x @ x.T).double()
+        del x
+    return g
+
+
+WEIGHTINGS = ("joint", "per-matrix")
 
 
 def layer_weights(layer_doc: dict) -> torch.Tensor:
@@ -52,7 +104,7 @@ def layer_weights(layer_doc: dict) -> torch.Tensor:
 
 
 def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, align_neurons: bool,
-                  no_tucker: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                  no_tucker: bool, weighting: str = "joint") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Factors of one selected layer: {'layers.{i}.{m}.core|U1|U2|U3|error'} (or '.mean'), its errors."""
     i, ids = l["layer"], l["experts"]
     experts = ck.experts(i, ids)
@@ -61,30 +113,45 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
             raise XpertError(f"{ck.path}: expert {j} of layer {i} has NaN or Inf weights")
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
-    if align_neurons:
-        experts, perms = align(experts)
-        tensors[f"layers.{i}.perm"] = torch.stack(perms)
     w = layer_weights(l)
+    if align_neurons:
+        experts, perms = align(experts, w)
+        tensors[f"layers.{i}.perm"] = torch.stack(perms)
     tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
     tensors[f"layers.{i}.weights"] = w
-    for m, x in stacks(experts).items():
+    u3 = None
+    if not no_tucker and weighting == "joint":
+        u3 = expert_factor(joint_gram(experts), rank_spec[2], ranks)
+    for k, m in enumerate(MATRICES):
         key = f"layers.{i}.{m}"
         if no_tucker:
-            tensors[f"{key}.mean"] = torch.tensordot(x, w, dims=([2], [0]))
+            mean = torch.zeros(experts[0][k].shape)
+            for wj, e in zip(w.tolist(), experts):
+                mean += wj * e[k].float()
+            tensors[f"{key}.mean"] = mean
             errors[key] = 0.0
+            continue
+        x = stack(experts, k)
+        r = resolve(rank_spec, tuple(x.shape), ranks)
+        if u3 is not None:
+            core, (u1, u2, u3m), err = tucker_given_experts(x, r[0], r[1], u3)
         else:
-            core, (u1, u2, u3), err = tucker(x, resolve(rank_spec, tuple(x.shape), ranks))
-            tensors.update({f"{key}.core": core, f"{key}.U1": u1, f"{key}.U2": u2, f"{key}.U3": u3,
-                            f"{key}.error": torch.tensor(err)})
-            errors[key] = err
+            core, (u1, u2, u3m), err = tucker(x, r)
+        del x
+        tensors.update({f"{key}.core": core, f"{key}.U1": u1, f"{key}.U2": u2, f"{key}.U3": u3m,
+                        f"{key}.error": torch.tensor(err)})
+        errors[key] = err
     return tensors, errors
 
 
 def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | None, align_neurons: bool,
-                no_tucker: bool, errors: dict[str, float]) -> dict:
+                no_tucker: bool, errors: dict[str, float], weighting: str = "joint") -> dict:
     return {
-        "method": "mean" if no_tucker else "tucker", "ranks": ranks or "full,full,1", "align": align_neurons,
+        "method": "mean" if no_tucker else "tucker", "ranks": ranks or DEFAULT_RANKS, "align": align_neurons,
+        "weighting": None if no_tucker else weighting,
         "layers": [l["layer"] for l in doc["layers"]], "errors": errors,
+        "experts": {str(l["layer"]): list(l["experts"]) for l in doc["layers"]},
+        "routed_mass": {str(l["layer"]): l["routed_mass"] for l in doc["layers"] if "routed_mass" in l} or None,
         "source": ck.fingerprint, "family": ck.family.name, "hidden": ck.hidden, "expert_ffn": ck.expert_ffn,
         "selection": {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer"),
                       "path": str(Path(sel_path)), "sha256": provenance.sha256(Path(sel_path).read_bytes())
@@ -92,26 +159,34 @@ def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | No
     }
 
 
-def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | None = None, align_neurons: bool = False,
-            no_tucker: bool = False, only: set[int] | None = None, each=None) -> tuple[dict[str, torch.Tensor], dict]:
+def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | None = None, align_neurons: bool = True,
+            no_tucker: bool = False, weighting: str = "joint", only: set[int] | None = None,
+            each=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Factors for every selected layer (or those in `only`). With `each`, every layer's factors are
     handed to each(layer, tensors) instead of being kept (the one-shot graft streams them)."""
     sel.check_source(doc, Path(sel_path), ck)
     rank_spec = parse_ranks(ranks)
+    check_weighting(weighting)
     layers = [l for l in doc["layers"] if only is None or l["layer"] in only]
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     with progress() as bar:
         task = bar.add_task("decompose", total=len(layers), info="")
         for l in layers:
-            t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker)
+            t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker, weighting)
             errors.update(e)
             if each is not None:
                 each(l["layer"], t)
             else:
                 tensors.update(t)
             bar.update(task, advance=1, info=f"layer {l['layer']}")
-    return tensors, factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, errors)
+    return tensors, factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, errors, weighting)
+
+
+def check_weighting(weighting: str) -> str:
+    if weighting not in WEIGHTINGS:
+        raise XpertError(f"--weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+    return weighting
 
 
 def all_experts_doc(ck: Checkpoint) -> dict:
@@ -120,15 +195,18 @@ def all_experts_doc(ck: Checkpoint) -> dict:
             "layers": [{"layer": i, "experts": list(range(ck.num_experts))} for i in ck.moe_layers]}
 
 
-def run(src: Path, selection: Path, out: Path, *, ranks: str | None = None, align_neurons: bool = False,
-        no_tucker: bool = False, force: bool = False) -> Path:
+def run(src: Path, selection: Path, out: Path, *, ranks: str | None = None, align_neurons: bool = True,
+        no_tucker: bool = False, weighting: str = "joint", force: bool = False) -> Path:
     """`xpertctl decompose`: factors.safetensors."""
     from ..io import check_output
     ck = open_checkpoint(src).require_moe()
     check_output(out, force, [ck.path, selection])
     parse_ranks(ranks)
+    check_weighting(weighting)
     doc = sel.load_selection(selection)
-    tensors, meta = compute(ck, doc, selection, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker)
+    tensors, meta = compute(ck, doc, selection, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker,
+                            weighting=weighting)
     rec = provenance.record("factors", inputs=[ck.fingerprint, provenance.file_fingerprint(selection)],
-                            params={"ranks": ranks, "align": align_neurons, "no_tucker": no_tucker}, **meta)
+                            params={"ranks": ranks, "align": align_neurons, "no_tucker": no_tucker,
+                                    "weighting": weighting}, **meta)
     return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)

@@ -24,6 +24,7 @@ from . import select as sel
 
 TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 INHERITABLE = ("embeddings", "norms", "attention")
+FFN_INITS = ("xpert", "scratch", "norm-matched")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
@@ -119,10 +120,12 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     state = dict(model.state_dict())
     del model
     ri = adapted["residual_index"]
-    if ffn_init == "xpert":
+    if ffn_init in ("xpert", "norm-matched"):
+        gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: the rest of the init stays identical
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
-                state[f"model.layers.{t}.mlp.{m}.weight"] = adapted[f"layers.{t}.{m}"]
+                w = adapted[f"layers.{t}.{m}"]
+                state[f"model.layers.{t}.mlp.{m}.weight"] = w if ffn_init == "xpert" else norm_matched(w, gen)
     lmap = meta["layer_map"]
     if "embeddings" in inherit:
         state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
@@ -149,21 +152,33 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     return {k: v.to(cast) for k, v in state.items()}, config
 
 
+def norm_matched(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fresh Gaussian weights with each row's norm equal to w's: the XPERT FFN's scale without its
+    content (the control that separates "knowledge" from "a different init scale")."""
+    r = torch.randn(w.shape, generator=gen, dtype=torch.float32)
+    return r * (w.float().norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-30))
+
+
 def _source_dtype(ck: Checkpoint) -> str:
     d = ck.config.get("dtype") or ck.config.get("torch_dtype") or ck.dtype
     return d if d in DTYPES else "float32"
+
+
+CARD_TITLES = {"xpert": "XPERT-initialized", "scratch": "Scratch baseline", "norm-matched": "Norm-matched random control"}
+CARD_FFN = {"xpert": "consolidated experts of the source MoE (select -> align -> Tucker decompose -> reshape).",
+            "scratch": "fresh random initialization (scratch baseline).",
+            "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control)."}
 
 
 def card(rec: dict, config, ffn_init: str) -> str:
     tgt = rec["target"]
     lines = [
         "---", "library_name: transformers", "tags: [xpertctl, xpert]", "---", "",
-        f"# {'XPERT-initialized' if ffn_init == 'xpert' else 'Scratch baseline'} dense LM "
+        f"# {CARD_TITLES[ffn_init]} dense LM "
         f"({tgt['layers']} layers, hidden {tgt['hidden']}, FFN {tgt['ffn']})", "",
         f"Written by xpertctl {__version__}. Architecture: `{config.architectures[0] if config.architectures else type(config).__name__}`.",
         "",
-        "FFN weights: " + ("consolidated experts of the source MoE (select -> Tucker decompose -> reshape)."
-                           if ffn_init == "xpert" else "fresh random initialization (scratch baseline)."),
+        "FFN weights: " + CARD_FFN[ffn_init],
         f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}.", "",
         "| | |", "|---|---|",
         f"| source | `{rec['source']['path']}` ({rec['family']}) |",
@@ -177,7 +192,9 @@ def card(rec: dict, config, ffn_init: str) -> str:
 
 def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
-        align_neurons: bool = False, no_tucker: bool = False, layer_map_how: str = "uniform", combine: str = "mean",
+        align_neurons: bool = True, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
+        combine: str = "usage", rescale: str = "routed", fit: str = "none", calibration: list[str] | None = None,
+        calibration_tokens: int | None = 65536, ridge: float = 1e-3, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
         force: bool = False) -> Path:
@@ -185,7 +202,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     inherit_l = parse_inherit(inherit)
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection) if p is not None]
-    check_output(out, force, inputs)
+    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens)
+    check_output(out, force, inputs + list(cal_paths.values()))
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
     if is_adapted:
         rec_in = provenance.read(src, "adapted")
@@ -225,25 +243,32 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             notice("no --stats or --selection: using every expert of each layer (recorded in the model card)")
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
         # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
-        fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {})
-        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select)
+        fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
+        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale)
         per_src: dict[int, tuple] = {}
         _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker,
-                                     only={i for g in lmap for i in g},
+                                     weighting=weighting, only={i for g in lmap for i in g},
                                      each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
-                                      width_select=width_select)
+                                      width_select=width_select, rescale=rescale)
         sel_summary = f"{doc.get('criterion')}, {doc.get('per_layer')} per layer from {sel_path}"
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
+    fit_rec = None
+    if fit == "down":
+        adapted, fit_rec = _fit_down(ck, adapted, meta, calibration, cal_paths, calibration_tokens=calibration_tokens,
+                                     ridge=ridge, seq_len=seq_len, device=device)
+        in_fps += fit_rec["inputs"]
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
                           ffn_init=ffn_init, seed=seed)
     config.architectures = [TARGET_CLASSES[arch][1]]
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init, "dtype": str(config.dtype),
-        "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "layer_map": layer_map_how, "combine": combine,
+        "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "weighting": weighting,
+        "layer_map": layer_map_how, "combine": combine, "rescale": rescale, "fit": fit_rec and fit_rec["params"],
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
-        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary)
+        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary,
+        residual_index=meta.get("residual_index"), experts=meta.get("experts"))
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
     tok_dir = ck.path if ck.path.is_dir() else ck.path.parent
@@ -253,10 +278,45 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
 
 
+def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: int | None) -> dict:
+    """Validate the data-aware fit options up front; the calibration paths."""
+    from .. import data
+    from .fit import FITS
+    if fit not in FITS:
+        raise XpertError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
+    if fit == "none":
+        if calibration:
+            raise XpertError("--calibration is for --fit down; add --fit down or drop --calibration")
+        return {}
+    if not calibration:
+        raise XpertError("--fit down needs calibration text: --calibration NAME=PATH (repeat for several domains)")
+    if ridge < 0:
+        raise XpertError(f"--ridge {ridge}: must be >= 0")
+    if tokens is not None and tokens <= 0:
+        raise XpertError(f"--calibration-tokens: must be positive, got {tokens}")
+    return data.parse_domains(calibration)
+
+
+def _fit_down(ck: Checkpoint, adapted: dict, meta: dict, calibration: list[str], cal_paths: dict, *,
+              calibration_tokens: int | None, ridge: float, seq_len: int | None, device: str):
+    """Replace each target layer's down projection by the ridge fit to the source blocks (ops/fit.py)."""
+    from . import capture, fit as fit_op
+    runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device)
+    downs = fit_op.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, ridge=ridge,
+                            seq_len=runner.seq_len, max_tokens=calibration_tokens, device=device)
+    adapted = dict(adapted)
+    for t, d in enumerate(downs):
+        adapted[f"layers.{t}.down_proj"] = d
+    rec = {"inputs": [provenance.tree_fingerprint(p) for p in cal_paths.values()],
+           "params": {"method": "down", "ridge": ridge, "calibration": {n: str(p) for n, p in cal_paths.items()},
+                      "calibration_tokens": calibration_tokens, "seq_len": runner.seq_len}}
+    return adapted, rec
+
+
 def _check_options(dtype: str, ffn_init: str) -> None:
     parse_dtype(dtype)
-    if ffn_init not in ("xpert", "scratch"):
-        raise XpertError(f"--ffn-init {ffn_init!r}: choose xpert or scratch")
+    if ffn_init not in FFN_INITS:
+        raise XpertError(f"--ffn-init {ffn_init!r}: choose one of {', '.join(FFN_INITS)}")
 
 
 def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, dtype: str | None, ffn_init: str,

@@ -25,8 +25,9 @@ from .decompose import MATRICES
 from .tucker import reconstruct
 
 LAYER_MAPS = ("uniform", "first", "merge")
-COMBINES = ("mean", "freq", "first")
+COMBINES = ("usage", "uniform", "literal", "first")
 WIDTH_SELECTS = ("norm", "first")
+RESCALES = ("routed", "none")
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
@@ -35,8 +36,14 @@ def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
     return value
 
 
-def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "mean") -> tuple[torch.Tensor, ...]:
-    """One (gate [I,H], up [I,H], down [H,I]) from the factors of source layer i."""
+def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage") -> tuple[torch.Tensor, ...]:
+    """One (gate [I,H], up [I,H], down [H,I]) from the factors of source layer i.
+
+    `usage`/`uniform`: W = sum_j a_j X~_j, the rank-reduced experts X~ = G x1 U1 x2 U2 x3 U3 averaged
+    with weights a = U3 U3^T c (c: usage frequencies or 1/n) rescaled to sum to 1, so W sits at the
+    experts' own scale whatever the sign or spread of U3 (with a full expert mode, a = c).
+    `literal`: c = 1/n without that rescaling (the paper read literally: mean(u3) * sum_j u3_j X_j at
+    rank 1). `first`: only the first expert-mode component, c = 1/n."""
     out = []
     w = t[f"layers.{i}.weights"].float()
     n = w.numel()
@@ -46,10 +53,14 @@ def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "mean") -> tupl
             out.append(t[f"{key}.mean"].float())
             continue
         core, u1, u2, u3 = (t[f"{key}.{s}"].float() for s in ("core", "U1", "U2", "U3"))
-        c = w if how == "freq" else torch.full((n,), 1.0 / n)
+        c = w if how == "usage" else torch.full((n,), 1.0 / n)
         if how == "first":
             core, u3 = core[:, :, :1], u3[:, :1]
         mix = (c @ u3)[None]  # (1, r3): the expert mode collapsed by the combination
+        if how in ("usage", "uniform"):
+            a = u3 @ mix[0]  # the weights this puts on each (rank-reduced) expert
+            total, spread = float(a.sum()), float(a.abs().sum())
+            mix = mix / (total if abs(total) > 1e-3 * spread else spread)
         out.append(reconstruct(core, [u1, u2, mix])[:, :, 0])
     return tuple(out)
 
@@ -95,12 +106,14 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.as_tensor(np.sort(order[:k]), dtype=torch.long)
 
 
-def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str) -> list[list[int]]:
+def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
+          rescale: str = "routed") -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
     _choice(layer_map_how, LAYER_MAPS, "--layer-map")
+    _choice(rescale, RESCALES, "--rescale")
     _choice(combine, COMBINES, "--combine")
     _choice(width_select, WIDTH_SELECTS, "--width-select")
-    if combine != "mean" and meta.get("method") == "mean":
+    if combine not in ("usage", "uniform") and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
     H, I = int(meta["hidden"]), int(meta["expert_ffn"])
     if (target.hidden or H) > H:
@@ -111,16 +124,36 @@ def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_se
 
 
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-            combine: str = "mean", width_select: str = "norm") -> tuple[dict[str, torch.Tensor], dict]:
-    lmap = check(meta, target, layer_map_how, combine, width_select)
+            combine: str = "usage", width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
     per_src = {i: combine_layer(t, i, combine) for i in sorted({i for g in lmap for i in g})}
-    return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select)
+    return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
+                 rescale=rescale)
+
+
+def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
+    """Each source layer's down-projection factor: its mean top-k routing weight per token.
+
+    The MoE block outputs sum_k w_k E_k(x); when the top-k weights sum to less than one (OLMoE's
+    softmax over all experts, no renormalization) a dense FFN at one expert's scale overshoots the
+    block by 1/sum(w). The stats record that sum; without stats the FFNs stay at the experts' scale."""
+    if rescale == "none":
+        return {}
+    masses = meta.get("routed_mass") or {}
+    missing = [i for i in per_src if str(i) not in masses]
+    if missing:
+        from ..console import notice
+        notice(f"--rescale routed: no routing weights recorded for source layers {missing} (selection made "
+               "without stats from this xpertctl); those FFNs stay at the experts' scale")
+    return {i: float(masses[str(i)]) for i in per_src if str(i) in masses}
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-          combine: str = "mean", width_select: str = "norm") -> tuple[dict[str, torch.Tensor], dict]:
+          combine: str = "usage", width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
     """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width)."""
-    lmap = check(meta, target, layer_map_how, combine, width_select)
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
+    scales = routing_scale(per_src, meta, rescale)
+    per_src = {i: (g, u, dn * scales[i]) if i in scales else (g, u, dn) for i, (g, u, dn) in per_src.items()}
     H, I = int(meta["hidden"]), int(meta["expert_ffn"])
     d, f = target.hidden or H, target.ffn or I
     dense = []
@@ -138,8 +171,13 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.neuron_index"] = ni
     new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
+                "rescale": rescale, "routing_scale": {str(i): v for i, v in scales.items()} or None,
                 "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
-                "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "selection")}}
+                "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "selection")},
+                # what `fidelity` needs to compare against the source: kept residual dims, selected experts
+                "residual_index": ri.tolist() if d < H else None,
+                "experts": {str(i): meta["experts"][str(i)] for g in lmap for i in g
+                            if str(i) in (meta.get("experts") or {})} or None}
     return out, new_meta
 
 
@@ -151,14 +189,15 @@ def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise XpertError(f"{path}: cannot read factors ({e})") from None
 
 
-def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "mean",
-        width_select: str = "norm", force: bool = False) -> Path:
+def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "usage",
+        width_select: str = "norm", rescale: str = "routed", force: bool = False) -> Path:
     """`xpertctl reshape`: adapted.safetensors."""
     from ..io import check_output
     check_output(out, force, [factors])
     t, meta = load_factors(factors)
-    tensors, new_meta = compute(t, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select)
+    tensors, new_meta = compute(t, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
+                                rescale=rescale)
     rec = provenance.record("adapted", inputs=[provenance.file_fingerprint(factors)],
                             params={"target": str(target), "layer_map": layer_map_how, "combine": combine,
-                                    "width_select": width_select}, **new_meta)
+                                    "width_select": width_select, "rescale": rescale}, **new_meta)
     return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)

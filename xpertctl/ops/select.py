@@ -26,6 +26,7 @@ class Stats:
     num_experts: int
     source: dict  # fingerprint of the model the stats came from
     fingerprint: dict  # of the stats file
+    routed: np.ndarray | None = None  # [D, L, E] summed top-k routing weight (absent in older stats)
 
     @property
     def freq(self) -> np.ndarray:
@@ -49,7 +50,8 @@ def load_stats(path: Path) -> Stats:
     if (t["tokens"] <= 0).any():
         raise XpertError(f"{path}: a domain has no tokens")
     return Stats(counts, t["mass"].numpy(), t["tokens"].numpy(), list(rec["layers"]), list(rec["domains"]),
-                 int(rec["top_k"]), int(rec["num_experts"]), rec["source"], provenance.file_fingerprint(path))
+                 int(rec["top_k"]), int(rec["num_experts"]), rec["source"], provenance.file_fingerprint(path),
+                 t["routed"].numpy() if "routed" in t else None)
 
 
 def _rank(score: np.ndarray, n: int) -> np.ndarray:
@@ -94,6 +96,9 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             "scores": [float(score[j]) for j in ids],
             "freq": {d: [float(f[k, j]) for j in ids] for k, d in enumerate(stats.domains)},
         })
+        if stats.routed is not None:  # mean total top-k routing weight per token: the block's output scale
+            per_domain = stats.routed[:, li, :].sum(-1) / np.maximum(stats.tokens, 1)
+            layers[-1]["routed_mass"] = float(per_domain.mean())
     return layers
 
 

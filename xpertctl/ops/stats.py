@@ -58,6 +58,7 @@ class RouterCounter:
         L = len(self.layers)
         self.counts = torch.zeros(L, self.E, dtype=torch.int64)
         self.mass = torch.zeros(L, self.E, dtype=torch.float64)
+        self.routed = torch.zeros(L, self.E, dtype=torch.float64)  # routing weight each expert received
         self.mask: torch.Tensor | None = None  # [B*T] bool, set before each forward
         self.handles = []
         for n, i in enumerate(self.layers):
@@ -76,9 +77,14 @@ class RouterCounter:
         def hook(_mod, _inp, out):
             logits, idx = self.split(out)
             logits, idx = logits.reshape(-1, self.E), idx.reshape(-1, idx.shape[-1])
+            w = _routing_weights(out, idx)
             if self.mask is not None:
                 logits, idx = logits[self.mask], idx[self.mask]
+                w = w[self.mask] if w is not None else None
             self.counts[n] += torch.bincount(idx.reshape(-1).cpu(), minlength=self.E)
+            if w is not None:  # top-k weights often sum to < 1 (OLMoE): the scale a dense FFN must match
+                self.routed[n] += torch.bincount(idx.reshape(-1).cpu(), weights=w.reshape(-1).double().cpu(),
+                                                 minlength=self.E)
             probs = logits.float().sigmoid() if self.scoring == "sigmoid" else logits.float().softmax(-1)
             self.mass[n] += probs.sum(0).double().cpu()
         return hook
@@ -102,10 +108,21 @@ class RouterCounter:
             h.remove()
 
 
+def _routing_weights(out, idx: torch.Tensor) -> torch.Tensor | None:
+    """The top-k weights a v5 router returns beside its indices ((logits, weights, indices)), if any."""
+    if not isinstance(out, tuple):
+        return None
+    for t in out[1:]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == idx.numel():
+            return t.reshape(idx.shape).float()
+    return None
+
+
 @dataclass
 class StatsResult:
     counts: torch.Tensor  # [D, L, E] int64
     mass: torch.Tensor  # [D, L, E] float32
+    routed: torch.Tensor  # [D, L, E] float32: summed top-k routing weight
     tokens: torch.Tensor  # [D] int64
     layers: list[int]
     domains: list[str]
@@ -123,7 +140,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
         batch_size = max(1, stream_tokens // seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     counter = RouterCounter(model, ck, top_k)
-    counts, mass, tokens = [], [], []
+    counts, mass, routed, tokens = [], [], [], []
     t0, total = time.perf_counter(), 0
     try:
         with progress() as bar, torch.inference_mode():
@@ -133,7 +150,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
                     raise XpertError(f"domain {name!r}: the corpus tokenizes to no tokens")
                 batches = data.windows(stream, seq_len, batch_size, pad)
                 task = bar.add_task(name, total=int(stream.numel()), info="")
-                counter.counts.zero_(); counter.mass.zero_()
+                counter.counts.zero_(); counter.mass.zero_(); counter.routed.zero_()
                 n_tok = 0
                 for b in batches:
                     counter.mask = b.attention_mask.reshape(-1).bool().to(device)
@@ -146,10 +163,11 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
                     bar.update(task, advance=got, info=f"{rate:,.0f} tok/s")
                 counts.append(counter.counts.clone())
                 mass.append(counter.mass.float().clone())
+                routed.append(counter.routed.float().clone())
                 tokens.append(n_tok)
     finally:
         counter.remove()
-    return StatsResult(torch.stack(counts), torch.stack(mass), torch.tensor(tokens, dtype=torch.int64),
+    return StatsResult(torch.stack(counts), torch.stack(mass), torch.stack(routed), torch.tensor(tokens, dtype=torch.int64),
                        list(ck.moe_layers), list(docs_by_domain), total / max(time.perf_counter() - t0, 1e-9))
 
 
@@ -190,7 +208,7 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
                 "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers},
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
         layers=res.layers, domains=res.domains)
-    tensors = {"counts": res.counts, "mass": res.mass, "tokens": res.tokens,
+    tensors = {"counts": res.counts, "mass": res.mass, "routed": res.routed, "tokens": res.tokens,
                "layers": torch.tensor(res.layers, dtype=torch.int64)}
     return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
 

@@ -21,34 +21,82 @@ from tensorly.tenalg import multi_mode_dot
 from ..errors import XpertError
 
 
-def parse_ranks(text: str | None, shape: tuple[int, ...] | None = None) -> list[str | int]:
-    """'full,full,1' -> ['full', 'full', 1]; checked against a stack shape when given."""
-    parts = (text or "full,full,1").replace(" ", "").split(",")
+DEFAULT_RANKS = "full,full,full"  # chosen by measured function fidelity: see the README's method section
+
+
+def parse_ranks(text: str | None, shape: tuple[int, ...] | None = None) -> list[str | int | float]:
+    """'full,full,1' -> ['full', 'full', 1]; the expert mode may also be an energy fraction ('0.9':
+    the fewest components that keep 90% of the experts' joint energy). Checked against a shape when given."""
+    parts = (text or DEFAULT_RANKS).replace(" ", "").split(",")
     if len(parts) != 3:
-        raise XpertError(f"--ranks {text!r}: give three ranks (rows, columns, experts), e.g. full,full,1")
-    out: list[str | int] = []
-    for p in parts:
+        raise XpertError(f"--ranks {text!r}: give three ranks (rows, columns, experts), e.g. full,full,full")
+    out: list[str | int | float] = []
+    for m, p in enumerate(parts):
         if p == "full":
             out.append("full")
         elif p.isdigit() and int(p) > 0:
             out.append(int(p))
+        elif m == 2 and _is_fraction(p):
+            out.append(float(p))
         else:
-            raise XpertError(f"--ranks {text!r}: {p!r} is not 'full' or a positive integer")
+            raise XpertError(f"--ranks {text!r}: {p!r} is not 'full' or a positive integer"
+                             + (" or an energy fraction in (0, 1]" if m == 2 else ""))
     if shape is not None:
         resolve(out, shape, text)
     return out
 
 
-def resolve(ranks: list[str | int], shape: tuple[int, ...], text: str | None = None) -> list[int]:
+def _is_fraction(p: str) -> bool:
+    try:
+        return "." in p and 0 < float(p) <= 1
+    except ValueError:
+        return False
+
+
+def resolve(ranks: list, shape: tuple[int, ...], text: str | None = None) -> list[int]:
+    """Integer ranks for a stack shape (an energy fraction resolves to the full size here; the expert
+    factor resolves it from the eigenvalues)."""
     res = []
     for m, (r, d) in enumerate(zip(ranks, shape)):
-        if r == "full":
+        if r == "full" or isinstance(r, float):
             res.append(d)
         elif r > d:
             raise XpertError(f"--ranks {text or ranks}: rank {r} of mode {m + 1} exceeds its size {d} (stack {list(shape)})")
         else:
             res.append(int(r))
     return res
+
+
+def expert_factor(gram: torch.Tensor, rank: str | int | float, text: str | None = None) -> torch.Tensor:
+    """U3 [n, r] from the experts' n x n Gram: all of it ('full': the identity), the top r
+    eigenvectors, or the fewest that keep an energy fraction."""
+    n = gram.shape[0]
+    if rank == "full":
+        return torch.eye(n)
+    evals, _ = torch.linalg.eigh(gram.double())
+    if isinstance(rank, float):
+        e = evals.flip(0).clamp_min(0)
+        frac = torch.cumsum(e, 0) / e.sum().clamp_min(1e-300)
+        r = int((frac < rank - 1e-12).sum()) + 1
+    else:
+        if rank > n:
+            raise XpertError(f"--ranks {text or rank}: rank {rank} of mode 3 exceeds its size {n} (the selected experts)")
+        r = int(rank)
+    if r >= n:
+        return torch.eye(n)
+    return _leading(gram, r).float().contiguous()
+
+
+def tucker_given_experts(x: torch.Tensor, r1: int, r2: int, u3: torch.Tensor, **kw):
+    """Tucker of one matrix's stack with the expert factor fixed (shared by gate, up and down):
+    core, [U1, U2, U3], relative error. Rows/columns are fitted to the expert-projected stack."""
+    x = x.float()
+    y = x if _is_identity(u3) else _project(x, [torch.eye(x.shape[0]), torch.eye(x.shape[1]), u3])
+    core, (u1, u2, _), _ = tucker(y, [r1, r2, y.shape[2]], **kw)
+    # the factors are orthonormal, so the reconstruction is a projection: |x - rec|^2 = |x|^2 - |core|^2
+    nx2 = float((x.double() ** 2).sum())
+    err = max(0.0, 1 - float((core.double() ** 2).sum()) / max(nx2, 1e-300)) ** 0.5
+    return core, [u1, u2, u3.contiguous().clone()], err  # a copy per matrix: safetensors refuses shared storage
 
 
 def _gram(x: torch.Tensor, mode: int) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Function fidelity of every consolidation variant on one MoE, in one pass over the text.
+
+    python bench/fidelity_variants.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini]
+        [--depth 6] [--tokens 4000] [--json out.json]
+
+Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
+built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
+on the val split (rel_error, cosine, least-squares scale). This is the table in the README's method
+section; the default consolidation is the one that wins it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xpertctl.io import open_checkpoint  # noqa: E402
+from xpertctl.ops import decompose, fidelity, fit, reshape  # noqa: E402
+from xpertctl.ops import select as sel  # noqa: E402
+from xpertctl.ops import stats as stats_op  # noqa: E402
+from xpertctl.specs import Target  # noqa: E402
+
+DEFAULT = dict(align_neurons=True, weighting="joint", ranks=None)
+VARIANTS = {  # name: (selection, decompose kwargs, combine, rescale)
+    "default (aligned, joint, full ranks, usage, routed scale)": ("min", DEFAULT, "usage", "routed"),
+    "default without the routed scale": ("min", DEFAULT, "usage", "none"),
+    "literal paper (unaligned, per-matrix rank 1)": ("min", dict(align_neurons=False, weighting="per-matrix", ranks="full,full,1"), "literal", "none"),
+    "unaligned mean (no Tucker)": ("min", dict(align_neurons=False, no_tucker=True), "usage", "none"),
+    "unaligned, joint, full ranks, routed scale": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "routed"),
+    "aligned, joint rank 1, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "routed"),
+    "aligned, joint energy 0.9, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "routed"),
+    "default, random selection": ("random", DEFAULT, "usage", "routed"),
+    "default, low selection": ("low", DEFAULT, "usage", "routed"),
+}
+
+
+def student_of(ck, doc, target, kwargs, combine, rescale, label):
+    per_src = {}
+    _, fmeta = decompose.compute(ck, doc, "(bench)", **kwargs,
+                                 each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
+    adapted, meta = reshape.adapt(per_src, fmeta, target, combine=combine, rescale=rescale)
+    return adapted, meta, fidelity.Student(
+        label=label, ffns=[tuple(adapted[f"layers.{k}.{m}"] for m in fidelity.MATS) for k in range(target.layers)],
+        layer_map=meta["layer_map"], residual_index=adapted["residual_index"],
+        experts={int(k): v for k, v in (meta.get("experts") or {}).items()}, init_std=0.02, source=None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--src", default=str(ROOT / "fixtures/teacher"))
+    ap.add_argument("--corpus", default=str(ROOT / "fixtures/corpus-mini"))
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=4000)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--fit", action="store_true", help="also the data-aware down fit (calibrated on train)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    ck = open_checkpoint(a.src)
+    corpus = Path(a.corpus)
+    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
+    train = [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names]
+    val = [f"{n}={corpus / 'val' / (n + '.txt')}" for n in names]
+    t0 = time.perf_counter()
+    runner = __import__("xpertctl.ops.capture", fromlist=["prepare"]).prepare(ck, train, seq_len=a.seq_len)
+    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=a.seq_len,
+                           batch_size=8, max_tokens=a.tokens, device="cpu")
+    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
+                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
+    docs = {c: sel.selection_doc(st, sel.choose(st, c, None, 0), c, None, 0) for c in ("min", "random", "low")}
+    for d in docs.values():
+        d["source"] = None  # built in memory from this checkpoint
+    target = Target(layers=a.depth)
+    students = []
+    for label, (crit, kw, comb, resc) in VARIANTS.items():
+        adapted, meta, s = student_of(ck, docs[crit], target, kw, comb, resc, label)
+        students.append(s)
+        if a.fit and label.startswith("default ("):
+            downs = fit.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
+                                 batch_size=8, max_tokens=a.tokens, device="cpu")
+            ffns = [(g, u, downs[k]) for k, (g, u, _) in enumerate(s.ffns)]
+            students.append(fidelity.Student("default + fit down (ridge, calibrated on train)", ffns, s.layer_map,
+                                             s.residual_index, s.experts, 0.02, None))
+    rows, tokens = fidelity.measure(ck, students, val, max_tokens=a.tokens, seq_len=a.seq_len)
+    out = {"src": a.src, "depth": a.depth, "tokens": tokens, "variants": {}}
+    print(f"| variant | rel_error | cosine | LS scale | rel_error at LS scale |")
+    print("|---|---|---|---|---|")
+    for s, r in zip(students, rows):
+        m = fidelity.summary(r)
+        out["variants"][s.label] = {"summary": m, "layers": r}
+        x = m["student"]
+        print(f"| {s.label} | {x['rel_error']:.3f} | {x['cosine']:+.3f} | {x['scale']:.2f} | {x['rel_error_at_scale']:.3f} |")
+    ref = fidelity.summary(rows[0])
+    for name in ("selected_mixture", "scratch"):
+        x = ref[name]
+        print(f"| reference: {name.replace('_', ' ')} | {x['rel_error']:.3f} | {x['cosine']:+.3f} | {x['scale']:.2f} | {x['rel_error_at_scale']:.3f} |")
+    print("| reference: zero FFN | 1.000 | +0.000 | - | 1.000 |")
+    print(f"\n{sum(tokens.values())} val tokens, depth {a.depth}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Run an MoE over text and hand every MoE block's input and output to a callback.
+
+What `fidelity` and the data-aware fit need: for each MoE layer, the hidden states that enter the
+block (after the post-attention norm), the block's output (routed experts plus shared experts where
+the family has them), and the routing the model actually used (top-k indices and weights), with
+padding dropped. Hooks sit on transformers' own modules, so the block computes exactly what the
+model computes; nothing here re-implements routing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import data
+from ..console import progress
+from ..errors import XpertError
+from ..io import arch
+from ..io.checkpoint import Checkpoint
+
+
+@dataclass
+class BlockIO:
+    layer: int  # source layer index
+    x: torch.Tensor  # [N, H] float32: the block's input, padding dropped
+    y: torch.Tensor  # [N, H] float32: the block's output
+    index: torch.Tensor | None  # [N, k] the experts each token was routed to
+    weight: torch.Tensor | None  # [N, k] float32: their routing weights
+
+
+OnBlock = Callable[[BlockIO], None]
+
+
+class BlockTap:
+    """Forward hooks on each MoE block and its router; calls on_block once per block call."""
+
+    def __init__(self, model, ck: Checkpoint, on_block: OnBlock):
+        self.on_block, self.E, self.H = on_block, ck.num_experts, ck.hidden
+        self.mask: torch.Tensor | None = None  # [B*T] bool, set before each forward
+        self.routing: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.handles = []
+        for i in ck.moe_layers:
+            router, path = None, None
+            for p in arch.router_modules(ck.family, i):
+                try:
+                    router, path = model.get_submodule(p), p
+                    break
+                except AttributeError:
+                    continue
+            if router is None:
+                raise XpertError(f"{ck.path}: cannot find the MoE block of layer {i} in {type(model).__name__}")
+            block = model.get_submodule(path.rsplit(".", 1)[0])
+            self.handles.append(router.register_forward_hook(self._router_hook(i)))
+            self.handles.append(block.register_forward_hook(self._block_hook(i)))
+
+    def _router_hook(self, i: int):
+        def hook(_mod, _inp, out):
+            # transformers v5 routers return (logits, top-k weights, top-k indices)
+            if isinstance(out, tuple):
+                w = next((t for t in out[1:] if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+                idx = next((t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+                if w is not None and idx is not None:
+                    self.routing[i] = (idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1]).float())
+                    return
+            self.routing[i] = None
+        return hook
+
+    def _block_hook(self, i: int):
+        def hook(_mod, args, out):
+            x = args[0] if args else None
+            y = out[0] if isinstance(out, tuple) else out
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise XpertError(f"layer {i}: unexpected MoE block call signature; unsupported transformers version")
+            x, y = x.reshape(-1, self.H).float(), y.reshape(-1, self.H).float()
+            routing = self.routing.pop(i, None)
+            idx, w = routing if routing is not None else (None, None)
+            if self.mask is not None:
+                x, y = x[self.mask], y[self.mask]
+                if idx is not None:
+                    idx, w = idx[self.mask], w[self.mask]
+            self.on_block(BlockIO(i, x.cpu(), y.cpu(), None if idx is None else idx.cpu(),
+                                  None if w is None else w.cpu()))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], on_block: OnBlock, *,
+        seq_len: int, batch_size: int, max_tokens: int | None, device: str, stream_tokens: int | None = None,
+        label: str = "capture") -> dict[str, int]:
+    """Run the model over every domain's text; on_block sees each block's I/O. Returns tokens per domain."""
+    if stream_tokens:
+        batch_size = max(1, stream_tokens // seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tap = BlockTap(model, ck, on_block)
+    tokens: dict[str, int] = {}
+    try:
+        with progress() as bar, torch.inference_mode():
+            for name, docs in docs_by_domain.items():
+                stream = data.token_stream(docs, tokenizer, max_tokens)
+                if stream.numel() == 0:
+                    raise XpertError(f"domain {name!r}: the text tokenizes to no tokens")
+                task = bar.add_task(f"{label} {name}", total=int(stream.numel()), info="")
+                n = 0
+                for b in data.windows(stream, seq_len, batch_size, pad):
+                    tap.mask = b.attention_mask.reshape(-1).bool().to(device)
+                    fwd = model.base_model if stream_tokens else model  # no LM head needed
+                    fwd(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+                    got = int(b.attention_mask.sum())
+                    n += got
+                    bar.update(task, advance=got)
+                tokens[name] = n
+    finally:
+        tap.remove()
+    return tokens
+
+
+@dataclass
+class Runner:
+    model: object
+    tokenizer: object
+    docs: dict[str, list[str]]
+    seq_len: int
+
+
+def prepare(ck: Checkpoint, domains: list[str], *, tokenizer: Path | None = None, seq_len: int | None = None,
+            device: str = "cpu", dtype: str = "float32", stream_layers: bool = False) -> Runner:
+    """The source model (transformers' class, or layer-streamed), its tokenizer and the text to run."""
+    from ..specs import parse_dtype
+    from .stats import load_model
+    paths = data.parse_domains(domains)
+    max_pos = int(ck.config.get("max_position_embeddings", 2048))
+    seq_len = seq_len or min(1024, max_pos)
+    if not 1 <= seq_len <= max_pos:
+        raise XpertError(f"--seq-len {seq_len}: must be 1..{max_pos} (the model's max_position_embeddings)")
+    tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
+    tok = data.load_tokenizer(tok_dir)
+    docs = {name: data.read_documents(p) for name, p in paths.items()}
+    if stream_layers:
+        if device != "cpu":
+            raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")
+        from .stream import load_streaming
+        model = load_streaming(ck, parse_dtype(dtype))
+    else:
+        model = load_model(ck, parse_dtype(dtype), device)
+    return Runner(model, tok, docs, seq_len)
