@@ -275,7 +275,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             files[name] = tok_dir / name
-    return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
+    path = write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
+    if not is_adapted:
+        reshape.unscaled_notice(meta)
+    return path
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: int | None) -> dict:

@@ -140,11 +140,6 @@ def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, resc
     if rescale == "none":
         return {}
     masses = meta.get("routed_mass") or {}
-    missing = [i for i in per_src if str(i) not in masses]
-    if missing:
-        from ..console import notice
-        notice(f"--rescale routed: no routing weights recorded for source layers {missing} (selection made "
-               "without stats from this xpertctl); those FFNs stay at the experts' scale")
     return {i: float(masses[str(i)]) for i in per_src if str(i) in masses}
 
 
@@ -172,6 +167,7 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
     new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
                 "rescale": rescale, "routing_scale": {str(i): v for i, v in scales.items()} or None,
+                "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale == "routed" else [],
                 "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
                 "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "selection")},
                 # what `fidelity` needs to compare against the source: kept residual dims, selected experts
@@ -200,4 +196,14 @@ def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "unifo
     rec = provenance.record("adapted", inputs=[provenance.file_fingerprint(factors)],
                             params={"target": str(target), "layer_map": layer_map_how, "combine": combine,
                                     "width_select": width_select, "rescale": rescale}, **new_meta)
-    return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
+    path = write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
+    unscaled_notice(new_meta)
+    return path
+
+
+def unscaled_notice(meta: dict) -> None:
+    """After a successful write: say which FFNs --rescale routed could not scale (no stats behind them)."""
+    if meta.get("unscaled_layers"):
+        from ..console import notice
+        notice(f"--rescale routed: no routing weights recorded for source layers {meta['unscaled_layers']} "
+               "(selection made without stats); those FFNs stay at the experts' scale")
