@@ -20,6 +20,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, Target, parse_dtype
 from . import decompose, reshape
+from .tucker import parse_ranks
 from . import select as sel
 
 TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
@@ -203,6 +204,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection) if p is not None]
     cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens)
+    parse_ranks(ranks)
+    decompose.check_weighting(weighting)
+    reshape.check_choices(layer_map_how, combine, width_select, rescale)
     check_output(out, force, inputs + list(cal_paths.values()))
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
     if is_adapted:

@@ -106,13 +106,17 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.as_tensor(np.sort(order[:k]), dtype=torch.long)
 
 
+def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: str) -> None:
+    _choice(layer_map_how, LAYER_MAPS, "--layer-map")
+    _choice(combine, COMBINES, "--combine")
+    _choice(width_select, WIDTH_SELECTS, "--width-select")
+    _choice(rescale, RESCALES, "--rescale")
+
+
 def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
           rescale: str = "routed") -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
-    _choice(layer_map_how, LAYER_MAPS, "--layer-map")
-    _choice(rescale, RESCALES, "--rescale")
-    _choice(combine, COMBINES, "--combine")
-    _choice(width_select, WIDTH_SELECTS, "--width-select")
+    check_choices(layer_map_how, combine, width_select, rescale)
     if combine not in ("usage", "uniform") and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
     H, I = int(meta["hidden"]), int(meta["expert_ffn"])
