@@ -18,14 +18,14 @@ MATRICES = ("gate", "up", "down")
 
 
 def _features(e: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """One row per hidden neuron: its gate row, up row and down column together (float64)."""
+    """One row per hidden neuron: its gate row, up row and down column together (float32)."""
     g, u, d = e
-    return torch.cat([g, u, d.T], dim=1).double()
+    return torch.cat([g.float(), u.float(), d.float().T], dim=1)
 
 
 def _match(target: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """The permutation p maximizing sum_i <target_i, feat_p(i)> (weight matching, as in Git Re-Basin)."""
-    rows, cols = linear_sum_assignment((target @ feat.T).numpy(), maximize=True)
+    rows, cols = linear_sum_assignment((target @ feat.T).double().numpy(), maximize=True)
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
 
 
@@ -35,32 +35,34 @@ def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None 
 
     Two experts' neuron i are unrelated until aligned (any permutation of an expert's neurons computes
     the same function). The reference is the most-used expert (largest weight; the first on ties),
-    which keeps its order; every other expert is matched to it, then `sweeps` times to the
-    usage-weighted mean of the others as aligned so far (iterated matching to the running mean, as in
+    which keeps its order; every other expert is matched to it, then up to `sweeps` times to the
+    usage-weighted sum of the others as aligned so far (iterated matching to the running mean, as in
     MC-SMoE / ZipIt-style merging), so no single pair decides for all. A neuron is its gate row, up
-    row and down column together: one permutation per expert moves all three.
+    row and down column together: one permutation per expert moves all three. Memory: one running
+    sum and one expert's features at a time (64 experts of OLMoE stay well under a GiB).
     """
     n = len(experts)
-    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().clamp_min(0)
-    ref = int(torch.argmax(w)) if float(w.sum()) > 0 else 0
-    feats = [_features(e) for e in experts]
+    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().clamp_min(0) + 1e-9
+    ref = int(torch.argmax(w))
+    ref_feat = _features(experts[ref])
     perms = [torch.arange(experts[0][0].shape[0]) for _ in range(n)]
     for j in range(n):
         if j != ref:
-            perms[j] = _match(feats[ref], feats[j])
-    for _ in range(sweeps if n > 2 else 0):
-        changed = False
-        for j in range(n):
-            if j == ref:
-                continue
-            others = [k for k in range(n) if k != j]
-            wo = w[others] if float(w[others].sum()) > 0 else torch.ones(len(others), dtype=torch.float64)
-            mean = sum(float(wo[a]) * feats[k][perms[k]] for a, k in enumerate(others)) / float(wo.sum())
-            p = _match(mean, feats[j])
-            changed |= not torch.equal(p, perms[j])
-            perms[j] = p
-        if not changed:
-            break
+            perms[j] = _match(ref_feat, _features(experts[j]))
+    if sweeps and n > 2:
+        total = sum(float(w[k]) * _features(experts[k])[perms[k]] for k in range(n))
+        for _ in range(sweeps):
+            changed = False
+            for j in range(n):
+                if j == ref:
+                    continue
+                fj = _features(experts[j])
+                p = _match(total - float(w[j]) * fj[perms[j]], fj)  # leave-one-out: the others' weighted sum
+                if not torch.equal(p, perms[j]):
+                    total += float(w[j]) * (fj[p] - fj[perms[j]])
+                    perms[j], changed = p, True
+            if not changed:
+                break
     out = [(g[p], u[p], d[:, p]) for (g, u, d), p in zip(experts, perms)]
     return out, perms
 
