@@ -315,11 +315,13 @@ def report(results: List[str] = typer.Option(..., "--results", help="Glob(s) of 
            teacher: Optional[Path] = typer.Option(None, help="The teacher's eval JSON (reference numbers)."),
            stats_file: Optional[Path] = typer.Option(None, "--stats", help="Teacher stats for the heatmap."),
            selection: Optional[Path] = typer.Option(None, help="Selection to mark on the heatmap."),
+           fidelity: Optional[List[str]] = typer.Option(None, help="Glob(s) of `xpertctl fidelity` JSONs named like the results."),
+           notes: Optional[str] = typer.Option(None, help="A paragraph added under the verdict (e.g. training budget)."),
            title: str = typer.Option("XPERT demo"), force: bool = ForceOpt):
-    """Summarize training runs: REPORT.md (mean ± std per arm and depth) + loss-curve and heatmap PNGs."""
+    """Summarize training runs: REPORT.md (mean ± std, paired 95% CI vs the baseline, fidelity per arm) + PNGs."""
     from .report import build
     print(build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
-                title=title, force=force))
+                title=title, fidelity=fidelity, notes=notes, force=force))
 
 
 @app.command()

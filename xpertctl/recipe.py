@@ -207,6 +207,8 @@ def argv_for(op: str, args: dict, where: str) -> list[str]:
         elif getattr(p, "is_flag", False):
             if val:
                 opts.append(p.opts[0])
+            elif getattr(p, "secondary_opts", None):  # an on-by-default switch: --align/--no-align
+                opts.append(p.secondary_opts[0])
         else:
             flag = max(p.opts, key=len)
             for v in vals:

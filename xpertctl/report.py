@@ -36,6 +36,27 @@ def _load_run(res_path: Path) -> dict:
             "train_loss": [(r["step"], r["loss"]) for r in rows]}
 
 
+def _fidelity(patterns: list[str] | None) -> dict[tuple[str, int, int], float]:
+    """Mean rel_error over target layers from `xpertctl fidelity` JSONs named ARM-<depth>L-s<seed>.json."""
+    out = {}
+    for f in sorted({Path(p) for pat in (patterns or []) for p in glob.glob(pat)}):
+        m = _NAME.match(f.stem)
+        if m:
+            rows = json.loads(f.read_text())["layers"]
+            out[(m["arm"], int(m["depth"]), int(m["seed"]))] = float(np.mean([r["rel_error"] for r in rows]))
+    return out
+
+
+def paired_ci(x: dict[int, float], y: dict[int, float]) -> tuple[float, float, int]:
+    """Mean of the per-seed differences x - y over the seeds both have, and its 95% t half-width."""
+    seeds = sorted(set(x) & set(y))
+    d = np.array([x[s] - y[s] for s in seeds])
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else float("nan")), float("nan"), len(d)
+    from scipy.stats import t as student_t
+    return float(d.mean()), float(student_t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))), len(d)
+
+
 def _ms(xs: list[float], fmt: str = "{:.3f}") -> str:
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
@@ -48,13 +69,17 @@ def _reach(val: list[tuple[int, float]], target: float) -> int | None:
 
 
 def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: Path | None = None,
-          stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo", force: bool = False) -> Path:
+          stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo",
+          fidelity: list[str] | None = None, notes: str | None = None, force: bool = False) -> Path:
     from .io.writer import atomic_path, check_output
     files = sorted({Path(p) for pat in results for p in glob.glob(pat)})
     if not files:
         raise XpertError(f"--results {' '.join(results)}: no result files match")
     check_output(out, force)
     runs = [_load_run(f) for f in files]
+    fid = _fidelity(fidelity)
+    for r in runs:
+        r["fidelity"] = fid.get((r["arm"], r["depth"], r["seed"]), float("nan"))
     by = defaultdict(list)
     for r in runs:
         by[(r["depth"], r["arm"])].append(r)
@@ -62,8 +87,9 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     arms = sorted({r["arm"] for r in runs}, key=lambda a: (a == baseline, a))
     lines = [f"# {title}", ""]
     verdicts = []
-    table = ["| depth | arm | seeds | final val loss | test ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| depth | arm | seeds | FFN fidelity (rel_error before training) | final val loss | paired Δ vs scratch (95% CI) "
+             "| test ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for d in depths:
         base = by.get((d, baseline), [])
         target = float(np.mean([r["final_val"] for r in base])) if base else float("nan")
@@ -76,32 +102,39 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
             got = [x for x in reach if x is not None]
             reach_s = "-" if not base else (f"{np.mean(got):.0f} of {total_steps} ({len(got)}/{len(rs)} seeds)"
                                             if got else f"not reached ({total_steps} steps)")
-            table.append(f"| {d} | {a} | {len(rs)} | {_ms([r['final_val'] for r in rs])} | "
-                         f"{_ms([r['test_ppl'] for r in rs], '{:.1f}')} | {_ms([r['acc'] for r in rs])} | "
+            diff, half, n = paired_ci({r["seed"]: r["final_val"] for r in rs}, {r["seed"]: r["final_val"] for r in base})
+            delta = "-" if a == baseline or not n else (f"{diff:+.3f} ± {half:.3f}" if not math.isnan(half) else f"{diff:+.3f} (1 seed)")
+            table.append(f"| {d} | {a} | {len(rs)} | {_ms([r['fidelity'] for r in rs])} | {_ms([r['final_val'] for r in rs])} | "
+                         f"{delta} | {_ms([r['test_ppl'] for r in rs], '{:.1f}')} | {_ms([r['acc'] for r in rs])} | "
                          f"{_ms([r['acc_norm'] for r in rs])} | {reach_s} |")
         for a in arms:
             if a == baseline or (d, a) not in by or not base:
                 continue
-            x = np.array([r["final_val"] for r in by[(d, a)]])
-            y = np.array([r["final_val"] for r in base])
-            diff = float(x.mean() - y.mean())
-            se = math.sqrt((x.var(ddof=1) / len(x) if len(x) > 1 else 0) + (y.var(ddof=1) / len(y) if len(y) > 1 else 0))
+            diff, half, n = paired_ci({r["seed"]: r["final_val"] for r in by[(d, a)]},
+                                      {r["seed"]: r["final_val"] for r in base})
             word = "lower (better)" if diff < 0 else "higher (worse)"
-            if min(len(x), len(y)) < 2:
-                spread = "one seed: no spread estimate, not a finding"
-                sig = False
+            if math.isnan(half):
+                spread, sig = f"{n} paired seed(s): no interval, not a finding", False
             else:
-                sig = abs(diff) > 2 * se
-                spread = f"{'beyond' if sig else 'within'} 2 standard errors, se={se:.3f}"
-            verdicts.append(f"- depth {d}: **{a}** ends with val loss {abs(diff):.3f} {word} than {baseline} ({spread}).")
+                sig = abs(diff) > half
+                spread = (f"paired over {n} seeds, 95% CI {diff - half:+.3f} to {diff + half:+.3f}: "
+                          f"{'excludes' if sig else 'includes'} zero")
+            verdicts.append((a, d, diff, sig, f"- depth {d}: **{a}** ends with val loss {abs(diff):.3f} {word} "
+                                                f"than {baseline} ({spread})."))
     lines += ["## Result", "", *table, ""]
     lines += ["## Outcome", "", "Final validation loss of each arm against the scratch baseline (same data, same "
-              "steps, same seeds; mean over seeds):", "", *verdicts, ""]
-    xp = [v for v in verdicts if "xpert-min**" in v]
-    better = sum("better" in v and "beyond" in v for v in xp)
-    worse = sum("worse" in v and "beyond" in v for v in xp)
-    lines += [f"**Verdict:** XPERT (min criterion) is clearly better than scratch at {better} of {len(xp)} depths, "
-              f"clearly worse at {worse}, and indistinguishable at {len(xp) - better - worse}.", ""]
+              "steps, same seeds; the difference is taken seed by seed, each arm paired with the scratch run of "
+              "its seed):", "", *[v[-1] for v in verdicts], ""]
+    lines += ["**Verdict** (an arm is better or worse when the paired 95% interval excludes zero):", ""]
+    for a in dict.fromkeys(v[0] for v in verdicts):
+        mine = [v for v in verdicts if v[0] == a]
+        better = sum(v[3] and v[2] < 0 for v in mine)
+        worse = sum(v[3] and v[2] > 0 for v in mine)
+        lines.append(f"- {a}: better than {baseline} at {better} of {len(mine)} depths, worse at {worse}, "
+                     f"indistinguishable at {len(mine) - better - worse}.")
+    lines.append("")
+    if notes:
+        lines += [notes, ""]
     if teacher is not None and Path(teacher).is_file():
         t = json.loads(Path(teacher).read_text())
         ppl = next((v for k, v in t["tasks"].items() if k.startswith("ppl:")), {})
@@ -125,6 +158,9 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
         tmp.mkdir()
         _curves(by, depths, arms, baseline, tmp / "loss_curves.png")
         lines += ["## Plots", "", "![validation loss](loss_curves.png)", ""]
+        if fid:
+            _fidelity_plot(runs, tmp / "fidelity_vs_loss.png")
+            lines += ["![FFN fidelity before training against final validation loss](fidelity_vs_loss.png)", ""]
         if stats is not None:
             _heatmap(stats, selection, tmp / "expert_frequency.png")
             lines += ["![expert frequency](expert_frequency.png)", ""]
@@ -152,6 +188,24 @@ def _curves(by, depths, arms, baseline, path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fidelity_plot(runs: list[dict], path: Path) -> None:
+    """Each run's FFN rel_error before training against its final validation loss, one colour per arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for a in sorted({r["arm"] for r in runs}):
+        pts = [(r["fidelity"], r["final_val"]) for r in runs if r["arm"] == a and not math.isnan(r["fidelity"])]
+        if pts:
+            ax.scatter(*zip(*pts), label=a, s=18)
+    ax.set_xlabel("FFN rel_error vs the MoE blocks, before training (lower = more faithful)")
+    ax.set_ylabel("final validation loss")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
