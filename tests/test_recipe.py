@@ -130,3 +130,20 @@ def test_invalid_yaml_and_bad_set(tmp_path, cli):
     p.write_text("name: x\nsteps: []\n")
     code, _, err = cli("run", p, "--set", "novalue")
     assert_user_error(code, err, "--set 'novalue'")
+
+
+def test_a_changed_large_input_reruns_its_step(tmp_path, capsys):
+    """Skip-if-done fingerprints inputs with the one provenance scheme: a large file that changes
+    without changing size still changes the fingerprint (it used to be hashed by size only)."""
+    import shutil
+    corpus = tmp_path / "corpus"
+    shutil.copytree(ROOT / "fixtures" / "corpus-mini", corpus)
+    big = corpus / "notes.txt"
+    big.write_bytes(b"a" * (2 << 20))
+    r = _write(tmp_path, {"name": "t", "steps": [{"id": "cloze", "op": "corpus cloze", "args": {
+        "corpus": str(corpus), "per_domain": 2, "out": str(tmp_path / "w" / "cloze.jsonl")}}]})
+    rc.run(r)
+    capsys.readouterr()
+    big.write_bytes(b"b" * (2 << 20))
+    rc.run(r)
+    assert "cloze: run" in capsys.readouterr().err

@@ -176,7 +176,7 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
             else:
                 docs = read_documents(p)
                 parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
-            entry = {"source": str(p), "corpus": provenance.tree_fingerprint(p)["sha256"]}
+            entry = {"source": str(p), "corpus": provenance.fingerprint(p)["sha256"]}
             for s, ds in parts.items():
                 ids = token_stream(ds, tok) if ds else None
                 arr = ids.numpy().astype(dtype) if ids is not None else np.zeros(0, dtype)

@@ -18,7 +18,6 @@ whose `out` exists and whose record (op, arguments, input fingerprints) matches 
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
@@ -215,21 +214,10 @@ def argv_for(op: str, args: dict, where: str) -> list[str]:
 
 
 def fingerprint(value: str) -> str | None:
-    """A cheap content fingerprint for an existing path argument (file, or directory tree)."""
+    """The provenance fingerprint of an existing path argument (file, or directory tree)."""
+    from .io import provenance
     p = Path(value)
-    if not p.exists():
-        return None
-    h = hashlib.sha256()
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}".encode())
-        if st.st_size <= 1 << 20 or f.suffix in (".json",):
-            h.update(f.read_bytes())
-        elif f.suffix == ".safetensors":
-            from .io.files import read_header
-            h.update(read_header(f).raw)
-    return h.hexdigest()
+    return provenance.fingerprint(p)["sha256"] if p.exists() else None
 
 
 def _record(op: str, argv: list[str], args: dict) -> dict:

@@ -9,11 +9,18 @@ from pathlib import Path
 import torch
 
 from ..errors import XpertError
-from . import arch
+from . import arch, provenance
 from .arch import Family
-from .files import ShardedReader, open_files, sha256, tree_size
+from .files import ShardedReader, open_files, tree_size
 
 INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def tokenizer_files(directory: Path) -> dict[str, Path]:
+    """The tokenizer files present in a directory (what a model directory copies along)."""
+    return {n: Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -180,13 +187,9 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None, dict, P
     raise XpertError(f"{src}: no model.safetensors or {INDEX} (not a model directory?)")
 
 
-def fingerprint(src: Path, files: list[Path], index: Path | None, reader: ShardedReader) -> dict:
-    """path + size + sha256 over the index (or the file headers): cheap, and changes with the weights' layout."""
-    if index is not None:
-        digest = sha256(index.read_bytes())
-    else:
-        digest = sha256(b"".join(reader.headers[p].raw for p in files))
-    return {"path": str(src.resolve()), "size": tree_size(files), "sha256": digest}
+def fingerprint(src: Path, files: list[Path], index: Path | None) -> dict:
+    """The weights' fingerprint: their headers and index (cheap, and changes with the weights' layout)."""
+    return provenance.fingerprint(src, files + ([index] if index is not None else []))
 
 
 def open_checkpoint(src: str | Path) -> Checkpoint:
@@ -255,5 +258,5 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         path=src, files=files, config=config, family=family, fused=fused, reader=reader,
         num_layers=num_layers, moe_layers=moe_layers, num_experts=num_experts,
         top_k=int(top_k) if top_k is not None else None, hidden=hidden, expert_ffn=expert_ffn,
-        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index, reader),
+        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index),
     )

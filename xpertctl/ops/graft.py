@@ -16,7 +16,7 @@ from .. import __version__
 from ..console import notice
 from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import TOKENIZER_FILES, Checkpoint  # noqa: F401  (TOKENIZER_FILES: old home)
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, Target, parse_dtype
 from . import decompose, reshape
@@ -24,8 +24,6 @@ from . import select as sel
 
 TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 INHERITABLE = ("embeddings", "norms", "attention")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def parse_inherit(text: str | None) -> list[str]:
@@ -263,10 +261,7 @@ def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, 
                     inherit: list[str]) -> None:
     """Fail on bad options before the (possibly long) select/decompose/reshape work."""
     _check_options(dtype or "float32", ffn_init)
-    if target["hidden"] > ck.hidden:
-        raise XpertError(f"--target: hidden {target['hidden']} is wider than the source's {ck.hidden}")
-    if target["ffn"] > ck.expert_ffn:
-        raise XpertError(f"--target: FFN {target['ffn']} is wider than one source expert's {ck.expert_ffn}")
+    Target(target["layers"], target["hidden"], target["ffn"], heads).check_fits(ck.hidden, ck.expert_ffn)
     config, src_heads = target_config(ck, target["hidden"], target["ffn"], target["layers"], heads, arch,
                                       dtype or "float32", inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from ..errors import XpertError
 from ..io import provenance
+from .ranking import top_indices
 
 CRITERIA = ("min", "mean", "vote", "random", "low", "all")
 
@@ -32,6 +33,11 @@ class Stats:
         """Per-domain activation frequency: share of a domain's tokens routed to each expert."""
         return self.counts / np.maximum(self.tokens, 1)[:, None, None]
 
+    @property
+    def prob(self) -> np.ndarray:
+        """Per-domain mean router probability of each expert (the stats' `mass` per token)."""
+        return self.mass / np.maximum(self.tokens, 1)[:, None, None]
+
 
 def load_stats(path: Path) -> Stats:
     path = Path(path)
@@ -52,12 +58,6 @@ def load_stats(path: Path) -> Stats:
                  int(rec["top_k"]), int(rec["num_experts"]), rec["source"], provenance.file_fingerprint(path))
 
 
-def _rank(score: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n highest scores; ties go to the lower expert id (deterministic)."""
-    order = np.lexsort((np.arange(score.size), -score))
-    return order[:n]
-
-
 def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, seed: int = 0) -> list[dict]:
     """Per MoE layer: chosen expert ids (best first), their scores and per-domain frequencies."""
     if criterion not in CRITERIA:
@@ -66,7 +66,7 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
     n = E if criterion == "all" else (per_layer if per_layer is not None else stats.top_k)
     if not 1 <= n <= E:
         raise XpertError(f"--per-layer {n}: must be 1..{E} (experts per layer)")
-    freq = stats.freq  # [D, L, E]
+    freq, prob = stats.freq, stats.prob  # [D, L, E]
     rng = np.random.default_rng(seed)
     layers = []
     for li, layer in enumerate(stats.layers):
@@ -79,7 +79,7 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             # number of domains in whose top-n the expert is; ties broken by mean frequency
             votes = np.zeros(E)
             for d in range(f.shape[0]):
-                votes[_rank(f[d], n)] += 1
+                votes[top_indices(f[d], n)] += 1
             score = votes + f.mean(0) / (f.mean(0).max() + 1e-12) * 0.5
         elif criterion == "random":
             score = rng.permutation(E).astype(float)
@@ -87,12 +87,13 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             score = -f.mean(0)
         else:  # all
             score = f.mean(0)
-        ids = _rank(score, n)
+        ids = top_indices(score, n)
         layers.append({
             "layer": int(layer),
             "experts": [int(j) for j in ids],
             "scores": [float(score[j]) for j in ids],
             "freq": {d: [float(f[k, j]) for j in ids] for k, d in enumerate(stats.domains)},
+            "prob": {d: [round(float(prob[k, li, j]), 6) for j in ids] for k, d in enumerate(stats.domains)},
         })
     return layers
 
