@@ -8,8 +8,13 @@ import yaml
 from conftest import ROOT, assert_user_error, stats_file
 from xpertctl import recipe as rc
 from xpertctl.errors import XpertError
+from xpertctl.ops_table import BY_NAME as TABLE
 
 COUNTS = [[[90, 40, 10, 30, 25, 5]], [[5, 45, 80, 30, 35, 5]], [[5, 35, 70, 30, 55, 5]]]
+
+
+def _run(*args, **kw):
+    return rc.run(*args, table=TABLE, **kw)
 
 
 def _write(tmp_path, doc, name="r.yaml"):
@@ -38,7 +43,7 @@ def recipe(tmp_path):
 
 
 def test_grid_references_and_outputs(recipe, tmp_path):
-    outs = rc.run(recipe)
+    outs = _run(recipe)
     w = tmp_path / "w"
     assert outs == [str(w / "sel-min.json"), str(w / "sel-low.json"), str(w / "cloze.jsonl"), str(w / "min2.json")]
     assert json.loads((w / "sel-min.json").read_text())["layers"][0]["experts"] == [1, 3]
@@ -47,7 +52,7 @@ def test_grid_references_and_outputs(recipe, tmp_path):
 
 
 def test_set_and_profile_override_vars(recipe, tmp_path):
-    rc.run(recipe, ["vars.crits=[min, mean]", "vars.n=3"])
+    _run(recipe, ["vars.crits=[min, mean]", "vars.n=3"])
     assert json.loads((tmp_path / "w" / "sel-mean.json").read_text())["per_layer"] == 3
     assert not (tmp_path / "w" / "sel-low.json").exists()
     plan = rc.expand(rc.load(recipe, [], profile="small"), recipe)
@@ -64,18 +69,18 @@ def test_skip_if_done_after_interrupt(recipe, tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
     monkeypatch.setattr(corpus_mod, "cloze", dies)
     with pytest.raises(KeyboardInterrupt):
-        rc.run(recipe)
+        _run(recipe)
     assert (tmp_path / "w" / "sel-low.json").exists() and not (tmp_path / "w" / "cloze.jsonl").exists()
     monkeypatch.setattr(corpus_mod, "cloze", real)
     before = (tmp_path / "w" / "sel-min.json").stat().st_mtime_ns
     capsys.readouterr()
-    rc.run(recipe)
+    _run(recipe)
     err = capsys.readouterr().err
     assert "sel-min: skip (done)" in err and "sel-low: skip (done)" in err and "cloze: run" in err
     assert (tmp_path / "w" / "sel-min.json").stat().st_mtime_ns == before
     # a changed argument makes the step run again (and replaces its stale output)
     capsys.readouterr()
-    rc.run(recipe, ["vars.n=3"])
+    _run(recipe, ["vars.n=3"])
     err = capsys.readouterr().err
     assert "sel-min: run" in err and json.loads((tmp_path / "w" / "sel-min.json").read_text())["per_layer"] == 3
 
@@ -92,7 +97,7 @@ def test_shipped_recipes_expand(tmp_path):
         r = rc.load(ROOT / "recipes" / name)
         plan = rc.expand(r, ROOT / "recipes" / name)
         for sid, op, args in plan:
-            rc.argv_for(op, args, sid)  # every op and argument exists
+            rc.argv_for(op, args, sid, TABLE)  # every op and argument exists
     demo = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml"), Path("demo.yaml"))
     assert sum(op == "train" for _, op, _ in demo) == 5 * 3 * 3
 
@@ -142,8 +147,9 @@ def test_a_changed_large_input_reruns_its_step(tmp_path, capsys):
     big.write_bytes(b"a" * (2 << 20))
     r = _write(tmp_path, {"name": "t", "steps": [{"id": "cloze", "op": "corpus cloze", "args": {
         "corpus": str(corpus), "per_domain": 2, "out": str(tmp_path / "w" / "cloze.jsonl")}}]})
-    rc.run(r)
+    _run(r)
     capsys.readouterr()
     big.write_bytes(b"b" * (2 << 20))
-    rc.run(r)
+    _run(r)
     assert "cloze: run" in capsys.readouterr().err
+

@@ -203,7 +203,7 @@ def test_select_default_per_layer_is_top_k(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--per-layer", "7"], "--per-layer 7: must be 1..6"),
     (["--per-layer", "0"], "--per-layer 0"),
-    (["--criterion", "best"], "--criterion 'best'"),
+    (["--criterion", "best"], "'--criterion': Value error, 'best' is not one of 'min', 'mean'"),
 ])
 def test_select_bad_options(tmp_path, cli, args, needle):
     stats = _stats_file(tmp_path, COUNTS, [100] * 3)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import XpertError
+from .specs import SPLITS
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -112,7 +113,6 @@ def windows(stream: torch.Tensor, seq_len: int, batch_size: int, pad_id: int) ->
 
 # ---- token data: memmaps per domain and split ------------------------------------------------------
 
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 
 

@@ -13,7 +13,8 @@
 
 References: ${vars.NAME}, ${steps.ID.out} (an earlier step's `out`), ${grid.KEY}. A value that is a
 single reference keeps its type (a list stays a list). A grid expands a step into one per combination.
-Each step is run through the CLI itself, so it validates exactly as the command line does. A step
+Each step is bound to its command in the table of operations (ops_table, handed in by the caller)
+and validated there exactly as the command line's options are. A step
 whose `out` exists and whose record (op, arguments, input fingerprints) matches is skipped.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -175,42 +177,22 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
     return plan
 
 
-# ---- running steps through the CLI ----------------------------------------------------------------
+# ---- running steps through the table of operations ------------------------------------------------
 
-def _command(op: str, where: str):
-    import typer
-    from .cli import app
-    cmd = typer.main.get_command(app)
-    for word in op.split():
-        sub = getattr(cmd, "commands", {}).get(word)
-        if sub is None or word == "run":
-            ops = sorted(k for k in getattr(cmd, "commands", {}) if k != "run")
-            raise XpertError(f"{where}: unknown op {op!r} (ops: {', '.join(ops)})")
-        cmd = sub
+def command(op: str, where: str, table: dict):
+    """The table entry of a step's op (a recipe cannot run a recipe)."""
+    cmd = table.get(op) if op != "run" else None
+    if cmd is None:
+        ops = sorted(k for k in table if k != "run")
+        raise XpertError(f"{where}: unknown op {op!r} (ops: {', '.join(ops)})")
     return cmd
 
 
-def argv_for(op: str, args: dict, where: str) -> list[str]:
+def argv_for(op: str, args: dict, where: str, table: dict) -> list[str]:
     """The command line that runs `op` with `args` (keys are the command's parameter names)."""
-    cmd = _command(op, where)
-    params = {p.name: p for p in cmd.params}
-    pos, opts = [], []
-    for key, val in args.items():
-        p = params.get(key.replace("-", "_"))
-        if p is None:
-            known = ", ".join(sorted(n for n in params if n != "help"))
-            raise XpertError(f"{where}: {op} has no argument {key!r} (arguments: {known})")
-        vals = val if isinstance(val, list) else [val]
-        if p.param_type_name == "argument":
-            pos += [str(v) for v in vals]
-        elif getattr(p, "is_flag", False):
-            if val:
-                opts.append(p.opts[0])
-        else:
-            flag = max(p.opts, key=len)
-            for v in vals:
-                opts += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    return op.split() + pos + opts
+    cmd = command(op, where, table)
+    cmd.bind(args, where)
+    return cmd.argv(args)
 
 
 def fingerprint(value: str) -> str | None:
@@ -240,24 +222,28 @@ def _record_path(out: str) -> Path:
 
 
 def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list[str] | None = None,
-        profile: str | None = None) -> list[str]:
-    """`xpertctl run`: run (or with dry_run, print) every step; returns the outputs."""
-    from .cli import app
+        profile: str | None = None, *, table: dict) -> list[str]:
+    """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs."""
+    from .io import provenance
     recipe = load(path, overrides, profile)
     plan = expand(recipe, Path(path))
-    argvs = [(sid, op, argv_for(op, args, f"{path}: step {sid!r}"), args) for sid, op, args in plan]
-    err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(argvs)} steps"
+    steps = []
+    for sid, op, args in plan:
+        where = f"{path}: step {sid!r}"
+        cmd = command(op, where, table)
+        steps.append((sid, cmd, cmd.bind(args, where), cmd.argv(args), args))
+    err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
               + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
     outs = []
-    for n, (sid, op, argv, args) in enumerate(argvs, 1):
+    for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
         if only and not any(re.fullmatch(o.replace("*", ".*"), sid) for o in only):
             continue
         out = args.get("out")
-        rec = _record(op, argv, args)
+        rec = _record(cmd.name, argv, args)
         done = out is not None and Path(out).exists() and _record_path(out).is_file() and \
             json.loads(_record_path(out).read_text()) == rec
         state = "skip (done)" if done else "run"
-        err.print(f"[{n}/{len(argvs)}] {sid}: {state}  xpertctl {' '.join(argv)}", highlight=False, soft_wrap=True)
+        err.print(f"[{n}/{len(steps)}] {sid}: {state}  xpertctl {' '.join(argv)}", highlight=False, soft_wrap=True)
         if dry_run or done:
             if out:
                 outs.append(out)
@@ -265,21 +251,15 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             _record_path(out).unlink(missing_ok=True)
-            if Path(out).exists() and op == "train" and "--resume" not in argv:
-                argv = argv + ["--resume", "auto"]  # a killed training run continues from its checkpoint
-            elif Path(out).exists() and "--force" not in argv:
-                argv = argv + ["--force"]  # a stale output (its record did not match) is replaced
-        import sys
-        saved = sys.argv
-        sys.argv = ["xpertctl", *argv]
+            if Path(out).exists() and cmd.name == "train" and "resume" not in args:
+                values["resume"] = "auto"  # a killed training run continues from its checkpoint
+            elif Path(out).exists() and "force" in values:
+                values["force"] = True  # a stale output (its record did not match) is replaced
         try:
-            rv = app(argv, prog_name="xpertctl", standalone_mode=False)
-            if rv == 130:  # typer turns Ctrl-C into exit code 130 outside standalone mode
-                raise KeyboardInterrupt
+            with provenance.command(shlex.join(["xpertctl", *argv])):
+                cmd.invoke(values)
         except XpertError as e:
             raise XpertError(f"{path}: step {sid!r}: {e}") from None
-        finally:
-            sys.argv = saved
         if out is not None:
             _record_path(out).write_text(json.dumps(rec, indent=1))
             outs.append(out)

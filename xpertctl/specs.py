@@ -1,4 +1,5 @@
-"""Small parsers for option values shared by commands (lists, target specs)."""
+"""Option values shared by commands: the enumerations (the one place each is listed; the ops import
+them and the table of operations offers them as choices) and small parsers (lists, target specs)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,14 @@ from .errors import XpertError
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+CRITERIA = ("min", "mean", "vote", "random", "low", "all")  # select; the last three are controls
+LAYER_MAPS = ("uniform", "first", "merge")  # reshape: depth map
+COMBINES = ("mean", "freq", "first")  # reshape: expert-mode combination
+WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
+ARCHS = ("llama", "qwen3")  # graft: the dense target class
+FFN_INITS = ("xpert", "scratch")  # graft: XPERT FFNs, or the identical model with fresh FFNs
+SPLITS = ("train", "val", "test")  # token data splits
+RESUME = ("no", "auto")  # train
 
 
 def parse_dtype(name: str, flag: str = "--dtype"):
@@ -54,9 +63,8 @@ class Target:
 _PART = re.compile(r"^(?:(\d+)L|d(\d+)|f(\d+)|h(\d+))$")
 
 
-def parse_target(spec: str | None, layers: int | None = None, hidden: int | None = None,
-                 ffn: int | None = None, heads: int | None = None) -> Target:
-    """'12L', '12L,d2048,f1024', '8L,h16' plus --layers/--hidden/--ffn/--heads (flags win)."""
+def target_parts(spec: str | None) -> dict[str, int]:
+    """The parts of a target spec ('12L,d2048,f1024,h16' -> layers, hidden, ffn, heads); syntax only."""
     vals: dict[str, int] = {}
     if spec:
         for part in spec.replace(" ", "").split(","):
@@ -68,6 +76,13 @@ def parse_target(spec: str | None, layers: int | None = None, hidden: int | None
                     if key in vals:
                         raise XpertError(f"--target {spec!r}: {key} given twice")
                     vals[key] = int(g)
+    return vals
+
+
+def parse_target(spec: str | None, layers: int | None = None, hidden: int | None = None,
+                 ffn: int | None = None, heads: int | None = None) -> Target:
+    """'12L', '12L,d2048,f1024', '8L,h16' plus --layers/--hidden/--ffn/--heads (flags win)."""
+    vals = target_parts(spec)
     for key, v in (("layers", layers), ("hidden", hidden), ("ffn", ffn), ("heads", heads)):
         if v is not None:
             vals[key] = v

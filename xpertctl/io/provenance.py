@@ -1,10 +1,12 @@
 """Provenance recorded in every artifact: version, command, input fingerprints, parameters, seed."""
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import __version__
@@ -14,7 +16,22 @@ from .files import read_header, sha256  # noqa: F401  (sha256 re-exported)
 KEY = "xpertctl"
 
 
+_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("xpertctl_command", default=None)
+
+
+@contextmanager
+def command(line: str):
+    """Record `line` as the command of artifacts written inside (a recipe step's own command line)."""
+    token = _COMMAND.set(line)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
 def command_line() -> str:
+    if _COMMAND.get() is not None:
+        return _COMMAND.get()
     return "xpertctl " + shlex.join(sys.argv[1:]) if sys.argv and "xpertctl" in Path(sys.argv[0]).name else ""
 
 

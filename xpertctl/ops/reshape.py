@@ -25,9 +25,7 @@ from .decompose import MATRICES
 from .ranking import top_indices
 from .tucker import reconstruct
 
-LAYER_MAPS = ("uniform", "first", "merge")
-COMBINES = ("mean", "freq", "first")
-WIDTH_SELECTS = ("norm", "first")
+from ..specs import COMBINES, LAYER_MAPS, WIDTH_SELECTS
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:

@@ -13,7 +13,7 @@ from ..errors import XpertError
 from ..io import provenance
 from .ranking import top_indices
 
-CRITERIA = ("min", "mean", "vote", "random", "low", "all")
+from ..specs import CRITERIA
 
 
 @dataclass
