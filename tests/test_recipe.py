@@ -153,3 +153,81 @@ def test_a_changed_large_input_reruns_its_step(tmp_path, capsys):
     _run(r)
     assert "cloze: run" in capsys.readouterr().err
 
+
+# ---- issue 14: typos are errors, globs, dry-run checks, the resolved recipe, one path per output -----
+
+def test_set_of_an_undefined_var_is_an_error(recipe, cli):
+    code, _, err = cli("run", recipe, "--set", "vars.typo=3")
+    assert_user_error(code, err, "--set vars.typo=3", "no var 'typo'", "crits")
+
+
+def test_only_matching_no_step_is_an_error(recipe, cli, tmp_path):
+    code, _, err = cli("run", recipe, "--only", "sel-*", "--only", "trian-*")
+    assert_user_error(code, err, "--only 'trian-*'", "matches no step")
+    assert not (tmp_path / "w").exists()
+
+
+def test_set_on_grid_steps_by_glob(recipe, tmp_path):
+    plan = rc.expand(rc.load(recipe, ["steps.sel-*.args.per_layer=3"]), recipe)
+    assert [a["per_layer"] for sid, _, a in plan if sid.startswith("sel-")] == [3, 3]
+    assert {sid: a.get("per_layer") for sid, _, a in plan}["copy-min"] == 2  # not matched: unchanged
+    plan = rc.expand(rc.load(recipe, ["steps.sel-low.args.per_layer=1"]), recipe)  # one expanded step
+    assert [a["per_layer"] for _, _, a in plan[:2]] == [2, 1]
+    with pytest.raises(XpertError, match="no step matching 'sle-\\*'"):
+        rc.expand(rc.load(recipe, ["steps.sle-*.args.per_layer=3"]), recipe)
+
+
+def test_dry_run_checks_values_and_existing_inputs(recipe, cli, tmp_path):
+    doc = yaml.safe_load(recipe.read_text())
+    doc["steps"][2]["args"]["criterion"] = "best"
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = cli("run", recipe, "--dry-run")
+    assert_user_error(code, err, "step 'copy-min'", "--criterion 'best'")
+    doc["steps"][2]["args"]["criterion"] = "min"
+    doc["steps"][0]["args"]["stats_file"] = str(tmp_path / "missing.safetensors")
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = cli("run", recipe, "--dry-run")
+    assert_user_error(code, err, "step 'sel-min'", "missing.safetensors", "no earlier step writes it")
+
+
+def test_dry_run_prints_shell_quoted_commands(tmp_path, cli):
+    import shlex
+    import subprocess
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100], name="my stats.safetensors")
+    r = _write(tmp_path, {"name": "t", "steps": [{"id": "s", "op": "select", "args": {
+        "stats_file": str(stats), "out": str(tmp_path / "it's here.json")}}]})
+    code, _, err = cli("run", r, "--dry-run")
+    assert code == 0, err
+    line = next(l for l in err.splitlines() if "xpertctl select" in l)
+    cmd = line[line.index("xpertctl select"):]
+    assert shlex.split(cmd)[2] == str(stats)
+    # it pastes into a shell
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' {cmd[len('xpertctl '):]}"], capture_output=True, text=True).stdout
+    assert out.splitlines() == ["select", str(stats), "--out", str(tmp_path / "it's here.json")]
+
+
+def test_resolved_recipe_is_printed(recipe, cli, tmp_path):
+    code, out, err = cli("run", recipe, "--resolved", "--set", "vars.n=1")
+    assert code == 0, err
+    doc = yaml.safe_load(out)
+    assert [s["id"] for s in doc["steps"]] == ["sel-min", "sel-low", "cloze", "copy-min"]
+    assert doc["steps"][0]["args"]["per_layer"] == 1 and doc["steps"][3]["args"]["plot"] == f"{tmp_path}/w/sel-min.json.png"
+    assert doc["steps"][0]["command"].startswith("xpertctl select ")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_fresh_run_prints_each_output_once(recipe, cli, tmp_path):
+    code, out, err = cli("run", recipe)
+    assert code == 0, err
+    w = tmp_path / "w"
+    assert out.splitlines() == [str(w / "sel-min.json"), str(w / "sel-low.json"), str(w / "cloze.jsonl"),
+                                str(w / "min2.json")]
+
+
+def test_recipe_result_is_announced(tmp_path, cli):
+    r = _write(tmp_path, {"name": "t", "vars": {"w": str(tmp_path / "w")}, "result": "${vars.w}/cloze.jsonl",
+                          "steps": [{"id": "c", "op": "corpus cloze", "args": {
+                              "corpus": str(ROOT / "fixtures" / "corpus-mini"), "per_domain": 1, "out": "${vars.w}/cloze.jsonl"}}]})
+    code, out, err = cli("run", r)
+    assert code == 0, err
+    assert err.strip().splitlines()[-1] == f"done: {tmp_path}/w/cloze.jsonl"

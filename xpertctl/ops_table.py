@@ -361,8 +361,10 @@ def _report(results, out, baseline, teacher, stats_file, selection, title, force
                  title=title, force=force)
 
 
-def _run(recipe, set_, dry_run, only, profile):
+def _run(recipe, set_, dry_run, only, profile, resolved):
     from . import recipe as runner
+    if resolved:
+        return runner.resolved(recipe, set_ or [], profile, table=BY_NAME)
     return runner.run(recipe, set_ or [], dry_run=dry_run, only=only, profile=profile, table=BY_NAME)
 
 
@@ -557,6 +559,8 @@ COMMANDS: tuple[Command, ...] = (
                 flag("dry_run", "Print the plan (run/skip per step) only."),
                 opt("only", None, "Run only steps whose id matches (glob *); repeat.", type=str, multiple=True),
                 opt("profile", None, "A named set of var overrides from the recipe (e.g. quick).", type=str),
+                flag("resolved", "Print the recipe as it would run (YAML: profile and --set applied, grids "
+                                 "expanded, references resolved, each step's command) and exit."),
             ), _run),
 )
 

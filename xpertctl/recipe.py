@@ -19,6 +19,7 @@ whose `out` exists and whose record (op, arguments, input fingerprints) matches 
 """
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from .console import err
 from .errors import XpertError
@@ -54,9 +55,12 @@ class Recipe(BaseModel):
     name: str
     description: str = ""
     estimate: str = ""  # printed before running, e.g. "about 25 minutes on 2 cores"
+    result: str = ""  # the file to look at when done (references allowed); announced at the end
     vars: dict[str, Any] = {}
     profiles: dict[str, Profile] = {}  # named sets of var overrides (--profile quick)
     steps: list[Step]
+    # --set steps.PATTERN.args.KEY=VALUE: applied to every expanded step whose id matches PATTERN
+    _arg_overrides: list[tuple[str, str, Any, str]] = PrivateAttr(default_factory=list)
 
 
 def _set(doc: dict, dotted: str, value: Any, path: Path) -> None:
@@ -87,17 +91,31 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
         raise XpertError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(doc, dict):
         raise XpertError(f"{path}: a recipe is a mapping with name, vars and steps")
+    arg_overrides = []
     for o in overrides:
         key, sep, val = o.partition("=")
         if not sep or not key:
             raise XpertError(f"--set {o!r}: expected KEY=VALUE, e.g. vars.steps=100")
-        if key.startswith("steps."):  # steps.ID.args.x=... addresses a step by id
-            parts = key.split(".")
-            idx = next((n for n, s in enumerate(doc.get("steps") or []) if isinstance(s, dict) and s.get("id") == parts[1]), None)
-            if idx is None:
-                raise XpertError(f"--set {o!r}: {path} has no step {parts[1]!r}")
-            key = ".".join(["steps", str(idx)] + parts[2:])
-        _set(doc, key, yaml.safe_load(val), path)
+        value = yaml.safe_load(val)
+        if key.startswith("vars."):  # a typo must not silently do nothing
+            name = key[5:].split(".")[0]
+            if name not in (doc.get("vars") or {}):
+                known = ", ".join(doc.get("vars") or {}) or "(none)"
+                raise XpertError(f"--set {o}: {path} has no var {name!r} (vars: {known})")
+        elif key.startswith("steps."):  # steps.PATTERN.args.KEY (glob over expanded ids) or steps.PATTERN.FIELD
+            pattern, sep, sub = key[6:].partition(".args.")
+            if sep and sub:
+                arg_overrides.append((pattern, sub, value, o))
+                continue
+            pattern, _, sub = key[6:].partition(".")
+            ids = [n for n, st in enumerate(doc.get("steps") or []) if isinstance(st, dict)
+                   and fnmatch.fnmatchcase(str(st.get("id")), pattern)]
+            if not ids or not sub:
+                raise XpertError(f"--set {o}: {path} has no step matching {pattern!r}")
+            for n in ids:
+                _set(doc, f"steps.{n}.{sub}", value, path)
+            continue
+        _set(doc, key, value, path)
     try:
         recipe = Recipe.model_validate(doc)
     except ValidationError as e:
@@ -108,6 +126,11 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
             sid = sid.get("id") if isinstance(sid, dict) else None
             loc = f"step {sid!r}: " + ".".join(str(x) for x in first["loc"][2:]) if sid else loc
         raise XpertError(f"{path}: {loc}: {first['msg']}") from None
+    recipe._arg_overrides = arg_overrides
+    for name, prof in recipe.profiles.items():
+        unknown = sorted(set(prof.vars) - set(recipe.vars))
+        if unknown:
+            raise XpertError(f"{path}: profiles.{name}: {', '.join(unknown)} not in vars")
     if profile is not None:
         if profile not in recipe.profiles:
             raise XpertError(f"--profile {profile!r}: {path} has profiles {', '.join(recipe.profiles) or '(none)'}")
@@ -156,7 +179,7 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
     ctx: dict = {"vars": {}, "steps": {}}
     for k, v in recipe.vars.items():  # vars may refer to earlier vars
         ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
-    plan = []
+    plan, matched = [], set()
     for step in recipe.steps:
         where = f"{path}: step {step.id!r}"
         grid = _resolve(step.grid or {}, ctx, where)
@@ -170,11 +193,27 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
             sid = _resolve(step.id, c, where)
             if sid in ctx["steps"] or any(p[0] == sid for p in plan):
                 raise XpertError(f"{where}: id {sid!r} is used twice (put every grid key in the id)")
-            args = _resolve(step.args, c, f"{path}: step {sid!r}")
+            raw = json.loads(json.dumps(step.args))
+            for n, (pattern, sub, value, _) in enumerate(recipe._arg_overrides):
+                if fnmatch.fnmatchcase(sid, pattern) or fnmatch.fnmatchcase(step.id, pattern):
+                    _set(raw, sub, value, path)
+                    matched.add(n)
+            args = _resolve(raw, c, f"{path}: step {sid!r}")
             plan.append((sid, step.op, args))
             if "out" in args:
                 ctx["steps"][sid] = args["out"]
+    for n, (pattern, _, _, o) in enumerate(recipe._arg_overrides):
+        if n not in matched:
+            raise XpertError(f"--set {o}: {path} has no step matching {pattern!r}")
     return plan
+
+
+def result(recipe: Recipe, path: Path) -> str:
+    """The recipe's `result` with its references resolved ('' when it names none)."""
+    ctx: dict = {"vars": {}, "steps": {}}
+    for k, v in recipe.vars.items():
+        ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
+    return str(_resolve(recipe.result, ctx, f"{path}: result"))
 
 
 # ---- running steps through the table of operations ------------------------------------------------
@@ -221,29 +260,61 @@ def _record_path(out: str) -> Path:
     return p.parent / f".{p.name}.step.json"
 
 
+def _check_inputs(cmd, values: dict, where: str, outputs: list[str]) -> None:
+    """Every input path exists now or is written by an earlier step (its `out`, or inside it)."""
+    for p, value in cmd.inputs(values):
+        made = any(value == o or value.startswith(o.rstrip("/") + "/") or o.startswith(value.rstrip("/") + "/")
+                   for o in outputs)
+        if not made and not Path(value).exists():
+            raise XpertError(f"{where}: {p.display} {value}: no such file or directory, and no earlier step writes it")
+
+
+def plan_steps(path: Path, recipe: Recipe, table: dict) -> list[tuple]:
+    """(id, command, bound values, argv, args) per step: every op, value and input checked up front."""
+    steps, outputs = [], []
+    for sid, op, args in expand(recipe, Path(path)):
+        where = f"{path}: step {sid!r}"
+        cmd = command(op, where, table)
+        values = cmd.bind(args, where)
+        _check_inputs(cmd, values, where, outputs)
+        if args.get("out") is not None:
+            outputs.append(str(args["out"]))
+        steps.append((sid, cmd, values, cmd.argv(args), args))
+    return steps
+
+
+def resolved(path: Path, overrides: list[str] = (), profile: str | None = None, *, table: dict) -> str:
+    """The recipe as it would run (profile and --set applied, grids expanded, references resolved): YAML."""
+    recipe = load(path, overrides, profile)
+    steps = [{"id": sid, "op": cmd.name, "args": args, "command": shlex.join(["xpertctl", *argv])}
+             for sid, cmd, _, argv, args in plan_steps(path, recipe, table)]
+    doc = {"name": recipe.name, "profile": profile, "estimate": recipe.estimate, "result": result(recipe, path),
+           "vars": recipe.vars, "steps": steps}
+    return yaml.safe_dump(doc, sort_keys=False, width=1000).rstrip("\n")
+
+
 def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list[str] | None = None,
         profile: str | None = None, *, table: dict) -> list[str]:
     """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs."""
     from .io import provenance
     recipe = load(path, overrides, profile)
-    plan = expand(recipe, Path(path))
-    steps = []
-    for sid, op, args in plan:
-        where = f"{path}: step {sid!r}"
-        cmd = command(op, where, table)
-        steps.append((sid, cmd, cmd.bind(args, where), cmd.argv(args), args))
+    steps = plan_steps(path, recipe, table)
+    for o in only or []:
+        if not any(fnmatch.fnmatchcase(sid, o) for sid, *_ in steps):
+            raise XpertError(f"--only {o!r}: matches no step of {path} (e.g. {', '.join(s[0] for s in steps[:3])})")
     err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
               + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
     outs = []
     for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
-        if only and not any(re.fullmatch(o.replace("*", ".*"), sid) for o in only):
+        if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
             continue
         out = args.get("out")
         rec = _record(cmd.name, argv, args)
         done = out is not None and Path(out).exists() and _record_path(out).is_file() and \
             json.loads(_record_path(out).read_text()) == rec
         state = "skip (done)" if done else "run"
-        err.print(f"[{n}/{len(steps)}] {sid}: {state}  xpertctl {' '.join(argv)}", highlight=False, soft_wrap=True)
+        err.print(f"[{n}/{len(steps)}] {sid}: {state}  {shlex.join(['xpertctl', *argv])}", highlight=False,
+                  soft_wrap=True, markup=False)
         if dry_run or done:
             if out:
                 outs.append(out)
@@ -263,4 +334,6 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         if out is not None:
             _record_path(out).write_text(json.dumps(rec, indent=1))
             outs.append(out)
+    if recipe.result and not dry_run:
+        err.print(f"done: {result(recipe, path)}", highlight=False, soft_wrap=True, markup=False)
     return outs
