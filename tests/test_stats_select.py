@@ -261,3 +261,12 @@ def test_selection_records_router_probability_from_mass(tmp_path):
     layer = sel.choose(sel.load_stats(p), "min", 2)[0]
     assert layer["experts"] == [1, 3]
     assert layer["prob"] == {"d0": [0.01, 0.03], "d1": [0.07, 0.09], "d2": [0.13, 0.15]}
+
+
+def test_select_with_plot_prints_one_path(tmp_path, cli):
+    stats = _stats_file(tmp_path, COUNTS, [100, 100, 100])
+    code, out, err = cli("select", stats, "-o", tmp_path / "s.json", "--plot", tmp_path / "f.png")
+    assert code == 0, err
+    assert out == f"{tmp_path / 's.json'}\n" and (tmp_path / "f.png").is_file()
+    code, out, err = cli("select", stats, "--plot", tmp_path / "g.png")
+    assert code == 0 and out == f"{tmp_path / 'g.png'}\n"

@@ -28,6 +28,20 @@ def kv_table(title: str, rows: dict) -> Table:
     return t
 
 
+def families_table(rows: list[dict]) -> Table:
+    t = Table(title="supported families (keys under model.layers.{i}.; any MoE family may also be fused: "
+              "mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I])", title_justify="left")
+    for c in ("family", "kind", "experts (expert j)", "router", "notes"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        notes = [f"shared: mlp.{r['shared']}" if r["shared"] else "", f"QK-norm: {r['qk_norm']}" if r["qk_norm"] else "",
+                 "latent attention" if r["attention"] == "mla" else "", "sigmoid router" if r["scoring"] == "sigmoid" else ""]
+        experts = f"{r['block']}.experts.{{j}}.{{{','.join(r['expert_names'])}}}" if r["moe"] else "-"
+        t.add_row(r["name"], "MoE" if r["moe"] else "dense", experts,
+                  f"{r['block']}.gate" if r["moe"] else "-", "; ".join(n for n in notes if n) or "-")
+    return t
+
+
 def selection_table(doc: dict) -> Table:
     t = Table(title=f"selection: criterion={doc['criterion']}, {doc['per_layer']} per layer", title_justify="left")
     t.add_column("layer", justify="right")

@@ -227,7 +227,7 @@ def _task_path(spec: str) -> str | None:
     return path if kind in ("ppl", "mc", "gen") else None
 
 
-def _families() -> tuple[str, ...]:
+def _family_names() -> tuple[str, ...]:
     from .io.arch import BY_NAME
     return tuple(BY_NAME)
 
@@ -265,6 +265,18 @@ def _inspect(src, as_json):
         import json
         return json.dumps(info, indent=2)
     out.print(kv_table(str(src), info))
+
+
+def _families(as_json):
+    from dataclasses import asdict
+    from .io import arch
+    rows = [{**asdict(f), "expert_keys": list(arch.expert_keys(f)) if f.moe else [],
+             "router": arch.router_key(f, False) if f.moe else None} for f in arch.FAMILIES]
+    if as_json:
+        import json
+        return json.dumps(rows, indent=2)
+    from .console import families_table, out
+    out.print(families_table(rows))
 
 
 def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, stream_layers,
@@ -376,6 +388,10 @@ COMMANDS: tuple[Command, ...] = (
                 arg("src", "Model directory or .safetensors file."),
                 opt("as_json", False, "Print JSON instead of a table.", "--json"),
             ), _inspect),
+    Command("families", "List the supported model families (the architecture table) and their on-disk keys.",
+            "xpertctl families\nxpertctl families --json", (
+                opt("as_json", False, "Print JSON instead of a table.", "--json"),
+            ), _families),
     Command("stats", "Count top-k router selections per (domain, layer, expert) -> stats.safetensors.",
             "xpertctl stats olmoe/ -d wiki=wiki.txt -d code=code/ -o stats.safetensors", (
                 arg("src", "MoE model directory or .safetensors file."),
@@ -525,7 +541,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("init", "Write a fresh, seeded model of a family (e.g. a teacher MoE to train).",
             "xpertctl init olmoe --tokenizer build/tokenizer -o teacher-init/ --layers 6 --experts 16", (
                 arg("family", "Family from the architecture table (`xpertctl families`).", type=str,
-                    choices=_families()),
+                    choices=_family_names()),
                 out_param("Model directory to write."),
                 opt("tokenizer", REQUIRED, "Tokenizer directory.", type=Path, input=True),
                 opt("layers", 6, "Decoder layers."),
