@@ -310,11 +310,13 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, widt
                   combine=combine, width_select=width_select, force=force)
 
 
-def _graft(src, out, target, layers, hidden, ffn, heads, like, stats_file, selection, criterion, per_layer, ranks,
+def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, no_tucker, layer_map, combine, width_select, arch, inherit, ffn_init, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
-    return op.run(src, out, target=_target(target, layers, hidden, ffn, heads, required=False), like=like,
+    target = _target(target, layers, hidden, ffn, heads, required=False)
+    heads = target.heads if target is not None else heads  # h of --target, or --heads
+    return op.run(src, out, target=target, like=like, tokenizer=tokenizer,
                   stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
                   align_neurons=align, no_tucker=no_tucker, layer_map_how=layer_map, combine=combine,
                   width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
@@ -445,6 +447,8 @@ COMMANDS: tuple[Command, ...] = (
                 arg("src", "adapted.safetensors, or an MoE checkpoint for the one-shot path."),
                 out_param("Model directory to write."), TARGET, LAYERS, HIDDEN, FFN, HEADS,
                 opt("like", None, "Source MoE for config/tokenizer (adapted input; default: the recorded source).",
+                    type=Path, input=True),
+                opt("tokenizer", None, "Tokenizer directory to include (default: the one beside the source).",
                     type=Path, input=True),
                 opt("stats_file", None, "One-shot: select from these stats.", "--stats", type=Path, input=True),
                 opt("selection", None, "One-shot: use this selection.json.", type=Path, input=True),

@@ -18,6 +18,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
+def has_tokenizer(files) -> bool:
+    """Whether these file names include a tokenizer's vocabulary (not just its config)."""
+    return any(n in files for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def tokenizer_files(directory: Path) -> dict[str, Path]:
     """The tokenizer files present in a directory (what a model directory copies along)."""
     return {n: Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()}
@@ -95,6 +100,30 @@ class Checkpoint:
         names = list(self.reader.weight_map)
         return _DTYPES.get(self.reader.dtype(names[0]), self.reader.dtype(names[0])) if names else "?"
 
+    @property
+    def vocab(self) -> int | None:
+        """The vocabulary size: config.json's, else the embedding's rows."""
+        v = self.config.get("vocab_size")
+        if v is None and self.has("model.embed_tokens.weight"):
+            v = self.reader.shape("model.embed_tokens.weight")[0]
+        return int(v) if v is not None else None
+
+    def attention_heads(self) -> tuple[int, int, int] | None:
+        """(heads, kv heads, head_dim): config.json's, else what the shapes tell (per-head QK-norm gives
+        the head size, q/k projections then give the counts); None when neither says."""
+        cfg = self.config
+        if cfg.get("num_attention_heads"):
+            heads = int(cfg["num_attention_heads"])
+            kv = int(cfg.get("num_key_value_heads") or heads)
+            hd = cfg.get("head_dim") if self.family.attention == "standard" and cfg.get("head_dim") else None
+            return heads, kv, int(hd or self.hidden // heads)
+        layer = f"model.layers.{(self.moe_layers or [0])[0]}.self_attn"
+        if self.family.qk_norm == "head" and all(self.has(f"{layer}.{k}.weight") for k in ("q_norm", "q_proj", "k_proj")):
+            hd = self.reader.shape(f"{layer}.q_norm.weight")[0]
+            return (self.reader.shape(f"{layer}.q_proj.weight")[0] // hd,
+                    self.reader.shape(f"{layer}.k_proj.weight")[0] // hd, hd)
+        return None
+
     def summary(self) -> dict:
         n_params = 0
         for name in self.reader.weight_map:
@@ -103,6 +132,7 @@ class Checkpoint:
                 numel *= d
             n_params += numel
         shared_n = self.config.get("n_shared_experts", 1 if self.shared_ffn else 0) if self.shared_ffn else 0
+        heads, kv_heads, head_dim = self.attention_heads() or (None, None, None)
         return {
             "path": str(self.path),
             "family": self.family.name,
@@ -116,7 +146,10 @@ class Checkpoint:
             "shared_ffn": self.shared_ffn,
             "hidden": self.hidden,
             "expert_ffn": self.expert_ffn,
-            "vocab": self.config.get("vocab_size"),
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab": self.vocab,
             "dtype": self.dtype,
             "parameters": n_params,
             "bytes": tree_size(self.files),

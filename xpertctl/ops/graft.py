@@ -16,7 +16,7 @@ from .. import __version__
 from ..console import notice
 from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
-from ..io.checkpoint import TOKENIZER_FILES, Checkpoint  # noqa: F401  (TOKENIZER_FILES: old home)
+from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, Target, parse_dtype
 from . import decompose, reshape
@@ -36,13 +36,13 @@ def parse_inherit(text: str | None) -> list[str]:
 
 def _src_heads(ck: Checkpoint, heads_flag: int | None) -> tuple[int, int, int]:
     """(heads, kv heads, head_dim) of the source attention."""
-    cfg = ck.config
-    heads = cfg.get("num_attention_heads") or heads_flag
-    if not heads:
-        raise XpertError(f"{ck.path}: no config.json to read the attention heads from; pass --heads")
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") if ck.family.attention == "standard" and cfg.get("head_dim") else ck.hidden // heads
-    return int(heads), int(kv), int(hd)
+    known = ck.attention_heads()
+    if known is not None:
+        return known
+    if not heads_flag:
+        raise XpertError(f"{ck.path}: neither a config.json nor the shapes tell the attention heads; "
+                         "pass --heads or h in --target (e.g. 12L,h16)")
+    return heads_flag, heads_flag, ck.hidden // heads_flag
 
 
 def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int | None, arch: str,
@@ -51,7 +51,11 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
     if arch not in TARGET_CLASSES:
         raise XpertError(f"--arch {arch!r}: choose one of {', '.join(TARGET_CLASSES)}")
     s_heads, s_kv, hd = _src_heads(ck, heads_flag)
-    if heads_flag:
+    if heads_flag and (d, heads_flag) != (ck.hidden, s_heads):
+        if d % heads_flag:
+            raise XpertError(f"--target: {heads_flag} heads do not divide the hidden size {d}")
+        heads, hd = heads_flag, d // heads_flag  # the target's own head size
+    elif heads_flag:
         heads = heads_flag
     elif d == ck.hidden:
         heads = s_heads
@@ -64,7 +68,7 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
     else:
         kv = heads
     cfg = ck.config
-    vocab = cfg.get("vocab_size") or ck.reader.shape("model.embed_tokens.weight")[0]
+    vocab = ck.vocab
     attn_bias = "attention" in inherit and ck.has(f"model.layers.{ck.moe_layers[0]}.self_attn.q_proj.bias")
     kwargs = dict(
         vocab_size=int(vocab), hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
@@ -173,7 +177,8 @@ def card(rec: dict, config, ffn_init: str) -> str:
     return "\n".join(lines)
 
 
-def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None, stats: Path | None = None,
+def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None,
+        tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = False, no_tucker: bool = False, layer_map_how: str = "uniform", combine: str = "mean",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
@@ -182,8 +187,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     inherit_l = parse_inherit(inherit)
     src = Path(src)
-    inputs = [src] + [p for p in (like, stats, selection) if p is not None]
+    inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
     check_output(out, force, inputs)
+    if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
+        raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
     if is_adapted:
         rec_in = provenance.read(src, "adapted")
@@ -244,10 +251,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary)
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
-    tok_dir = ck.path if ck.path.is_dir() else ck.path.parent
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            files[name] = tok_dir / name
+    tok_dir = Path(tokenizer) if tokenizer is not None else (ck.path if ck.path.is_dir() else ck.path.parent)
+    files.update(tokenizer_files(tok_dir))
+    if not has_tokenizer(files):
+        notice(f"{out} gets no tokenizer (none beside {ck.path}); pass --tokenizer DIR to include one")
     return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
 
 
