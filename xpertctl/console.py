@@ -1,6 +1,8 @@
 """Terminal output: tables and progress go to stderr so stdout carries only paths (pipeline-friendly)."""
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -14,9 +16,10 @@ def notice(msg: str) -> None:
 
 
 def progress(transient: bool = True) -> Progress:
+    # a transient bar on a non-terminal (a log file, a pipe) only leaves a blank line behind: skip it
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=err, transient=transient)
+                    console=err, transient=transient, disable=transient and not err.is_terminal)
 
 
 def kv_table(title: str, rows: dict) -> Table:
@@ -26,6 +29,33 @@ def kv_table(title: str, rows: dict) -> Table:
     for k, v in rows.items():
         t.add_row(k, "-" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
     return t
+
+
+def summary_tables(info: dict) -> list[Table]:
+    """An inspect/summary dict as tables: its scalar fields, then each per-layer/per-domain mapping."""
+    def cell(v):
+        if isinstance(v, dict):
+            return "; ".join(f"{k}: {cell(x)}" for k, x in v.items())
+        if isinstance(v, list):
+            return " ".join(map(str, v)) if all(not isinstance(x, (list, dict)) for x in v) else json.dumps(v)
+        return v
+    scalars = {k: cell(v) for k, v in info.items() if not _nested(v)}
+    tables = [kv_table(str(info.get("path", "")), scalars)]
+    for key, v in info.items():
+        if _nested(v):
+            cols = list(dict.fromkeys(c for row in v.values() for c in row))
+            t = Table(title=key, title_justify="left")
+            for c in ["layer", *cols]:
+                t.add_column(c, justify="right")
+            for name, row in v.items():
+                t.add_row(str(name), *[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+                                       for c in cols])
+            tables.append(t)
+    return tables
+
+
+def _nested(v) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(x, dict) for x in v.values())
 
 
 def families_table(rows: list[dict]) -> Table:
@@ -48,12 +78,15 @@ def selection_table(doc: dict) -> Table:
     t.add_column("experts")
     t.add_column("min freq", justify="right")
     t.add_column("mean freq", justify="right")
+    t.add_column("mean router prob", justify="right")
     for l in doc["layers"]:
-        fr = list(l["freq"].values())
-        mins = [min(f[n] for f in fr) for n in range(len(l["experts"]))]
-        means = [sum(f[n] for f in fr) / len(fr) for n in range(len(l["experts"]))]
+        fr, pr = list(l["freq"].values()), list(l.get("prob", {}).values())
+        n = len(l["experts"])
+        mins = [min(f[j] for f in fr) for j in range(n)]
+        means = [sum(f[j] for f in fr) / len(fr) for j in range(n)]
+        prob = f"{sum(sum(p) for p in pr) / (len(pr) * n):.3f}" if pr else "-"
         t.add_row(str(l["layer"]), " ".join(map(str, l["experts"])),
-                  f"{sum(mins) / len(mins):.3f}", f"{sum(means) / len(means):.3f}")
+                  f"{sum(mins) / len(mins):.3f}", f"{sum(means) / len(means):.3f}", prob)
     return t
 
 

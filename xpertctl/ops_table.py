@@ -185,7 +185,8 @@ def out_param(help: str = "Output path.", required: bool = True) -> Param:
 
 
 FORCE = flag("force", "Replace an existing output.")
-JSON = flag("as_json", "Print the summary as JSON on stdout (its \"out\" is the output path).", "--json")
+JSON = flag("as_json", "Print the summary as JSON on stdout instead of the path (its \"path\" is the output).",
+            "--json")
 
 
 def _check_target(spec: str) -> None:
@@ -257,14 +258,23 @@ def _target(spec, layers, hidden, ffn, heads, required=True):
 
 # ---- adapters: parse nothing, call one op, return what the CLI prints --------------------------------
 
-def _inspect(src, as_json):
-    from .console import kv_table, out
-    from .io import open_checkpoint
-    info = open_checkpoint(src).summary()
+def _summary(info: dict, as_json: bool, console: str = "err"):
+    """A summary: returned as JSON for stdout with --json, else tables on stderr (inspect: stdout)."""
+    import json
+    from . import console as c
     if as_json:
-        import json
         return json.dumps(info, indent=2)
-    out.print(kv_table(str(src), info))
+    for t in c.summary_tables(info):
+        getattr(c, console).print(t)
+    return info.get("path")
+
+
+def _inspect(src, as_json):
+    from . import summaries
+    info = summaries.describe(src)
+    if as_json:
+        return _summary(info, True)
+    _summary(info, False, "out")  # the tables are inspect's output: stdout
 
 
 def _families(as_json):
@@ -280,28 +290,35 @@ def _families(as_json):
 
 
 def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, stream_layers,
-           stream_tokens, force):
+           stream_tokens, as_json, force):
+    from . import summaries
     from .ops import stats as op
-    return op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
+    path = op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                   batch_size=batch_size, device=device, dtype=dtype, top_k=top_k, stream_layers=stream_layers,
                   stream_tokens=stream_tokens, force=force)
+    return _summary(summaries.stats(path), as_json)
 
 
-def _select(stats_file, out, criterion, per_layer, seed, plot, plot_layers, show, force):
+def _select(stats_file, out, criterion, per_layer, seed, plot, plot_layers, show, as_json, force):
     from .ops import select as op
-    if out is None and not show and plot is None:
-        raise XpertError("select: give -o FILE, --plot FILE or --show")
+    if out is None and not show and plot is None and not as_json:
+        raise XpertError("select: give -o FILE, --plot FILE, --show or --json")
     doc, path = op.run(stats_file, out, criterion=criterion, per_layer=per_layer, seed=seed, plot_path=plot,
                        plot_layers=int_list(plot_layers, "--plot-layers"), force=force)
     if show:
         from .console import err, selection_table
         err.print(selection_table(doc))
+    if as_json:
+        from . import summaries
+        return _summary(summaries.selection(doc, path), True)
     return path if path is not None else plot
 
 
-def _decompose(src, selection, out, ranks, align, no_tucker, force):
+def _decompose(src, selection, out, ranks, align, no_tucker, as_json, force):
+    from . import summaries
     from .ops import decompose as op
-    return op.run(src, selection, out, ranks=ranks, align_neurons=align, no_tucker=no_tucker, force=force)
+    path = op.run(src, selection, out, ranks=ranks, align_neurons=align, no_tucker=no_tucker, force=force)
+    return _summary(summaries.factors(path), as_json)
 
 
 def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, width_select, force):
@@ -385,9 +402,10 @@ def _run(recipe, set_, dry_run, only, profile, resolved):
 # ---- the table ---------------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
-    Command("inspect", "Describe a checkpoint: family, layout, layers, experts, sizes.",
-            "xpertctl inspect olmoe/\nxpertctl inspect model.safetensors --json", (
-                arg("src", "Model directory or .safetensors file."),
+    Command("inspect", "Describe a checkpoint (family, layout, layers, experts, sizes) or an xpertctl artifact.",
+            "xpertctl inspect olmoe/\nxpertctl inspect model.safetensors --json\nxpertctl inspect factors.safetensors", (
+                arg("src", "Model directory, .safetensors file, or an xpertctl artifact (stats, selection, "
+                           "factors, adapted)."),
                 opt("as_json", False, "Print JSON instead of a table.", "--json"),
             ), _inspect),
     Command("families", "List the supported model families (the architecture table) and their on-disk keys.",
@@ -409,7 +427,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("top_k", None, "Experts per token (default: the config's num_experts_per_tok).", type=int),
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
-                FORCE,
+                JSON, FORCE,
             ), _stats),
     Command("select", "Choose the experts used across all domains -> selection.json.",
             "xpertctl select stats.safetensors -o selection.json --plot freq.png --show", (
@@ -423,7 +441,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("plot_layers", None, "Comma-separated layers to plot (default: all).",
                     check=_check_int_list("--plot-layers")),
                 flag("show", "Print the selection as a table (stderr)."),
-                FORCE,
+                JSON, FORCE,
             ), _select),
     Command("decompose", "Stack each layer's selected experts and Tucker-decompose them -> factors.safetensors.",
             "xpertctl decompose olmoe/ selection.json -o factors.safetensors --ranks full,full,1", (
@@ -433,7 +451,7 @@ COMMANDS: tuple[Command, ...] = (
                 RANKS,
                 flag("align", "Match experts' neurons to the first before stacking."),
                 flag("no_tucker", "Frequency-weighted mean instead (ablation)."),
-                FORCE,
+                JSON, FORCE,
             ), _decompose),
     Command("reshape", "Adapt factors to the target depth and width -> adapted.safetensors (one dense FFN per layer).",
             "xpertctl reshape factors.safetensors --target 12L,d2048,f1024 -o adapted.safetensors", (
