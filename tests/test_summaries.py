@@ -83,3 +83,15 @@ def test_inspect_of_an_unknown_json_is_a_one_line_error(tmp_path, cli):
     p.write_text("{}")
     code, _, err = cli("inspect", p)
     assert_user_error(code, err, "x.json", "not an xpertctl selection")
+
+
+def test_model_card_is_readable(chain, cli, tmp_path):
+    code, _, err = cli("graft", chain["adapted"], "-o", tmp_path / "g")
+    assert code == 0, err
+    card = (tmp_path / "g" / "README.md").read_text()
+    row = next(l for l in card.splitlines() if l.startswith("| selection |"))
+    assert row == f"| selection | min, 2 per layer from {chain['sel']} |"
+    rec = json.loads(card.split("```json\n")[1].split("```")[0])
+    assert rec["selection_summary"] == f"min, 2 per layer from {chain['sel']}"
+    assert rec["params"]["dtype"] == "float32"
+    assert "torch.float32" not in card and '\\"' not in card

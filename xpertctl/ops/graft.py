@@ -208,7 +208,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                 raise XpertError(f"--target {target}: {src} was adapted to {have}; run reshape again for another size")
         from safetensors.torch import load_file
         adapted, meta = load_file(str(src)), rec_in
-        sel_summary = json.dumps(rec_in.get("factors", {}).get("selection"))
+        s = rec_in.get("factors", {}).get("selection") or {}
+        sel_summary = _selection_summary(s.get("criterion"), s.get("per_layer"), s.get("path"))
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
     else:
         if like is not None:
@@ -238,13 +239,13 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                      each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                       width_select=width_select)
-        sel_summary = f"{doc.get('criterion')}, {doc.get('per_layer')} per layer from {sel_path}"
+        sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
                           ffn_init=ffn_init, seed=seed)
     config.architectures = [TARGET_CLASSES[arch][1]]
     rec = provenance.record("grafted", inputs=in_fps, params={
-        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init, "dtype": str(config.dtype),
+        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init, "dtype": str(config.dtype).removeprefix("torch."),
         "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "layer_map": layer_map_how, "combine": combine,
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
@@ -256,6 +257,11 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not has_tokenizer(files):
         notice(f"{out} gets no tokenizer (none beside {ck.path}); pass --tokenizer DIR to include one")
     return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
+
+
+def _selection_summary(criterion, per_layer, path) -> str:
+    """One readable line for the model card (plain text, not JSON inside JSON)."""
+    return f"{criterion}, {per_layer} per layer from {path}"
 
 
 def _check_options(dtype: str, ffn_init: str) -> None:
