@@ -269,14 +269,15 @@ def _check_inputs(cmd, values: dict, where: str, outputs: list[str]) -> None:
             raise XpertError(f"{where}: {p.display} {value}: no such file or directory, and no earlier step writes it")
 
 
-def plan_steps(path: Path, recipe: Recipe, table: dict) -> list[tuple]:
+def plan_steps(path: Path, recipe: Recipe, table: dict, check_inputs: bool = True) -> list[tuple]:
     """(id, command, bound values, argv, args) per step: every op, value and input checked up front."""
     steps, outputs = [], []
     for sid, op, args in expand(recipe, Path(path)):
         where = f"{path}: step {sid!r}"
         cmd = command(op, where, table)
         values = cmd.bind(args, where)
-        _check_inputs(cmd, values, where, outputs)
+        if check_inputs:
+            _check_inputs(cmd, values, where, outputs)
         if args.get("out") is not None:
             outputs.append(str(args["out"]))
         steps.append((sid, cmd, values, cmd.argv(args), args))
@@ -287,7 +288,7 @@ def resolved(path: Path, overrides: list[str] = (), profile: str | None = None, 
     """The recipe as it would run (profile and --set applied, grids expanded, references resolved): YAML."""
     recipe = load(path, overrides, profile)
     steps = [{"id": sid, "op": cmd.name, "args": args, "command": shlex.join(["xpertctl", *argv])}
-             for sid, cmd, _, argv, args in plan_steps(path, recipe, table)]
+             for sid, cmd, _, argv, args in plan_steps(path, recipe, table, check_inputs=False)]
     doc = {"name": recipe.name, "profile": profile, "estimate": recipe.estimate, "result": result(recipe, path),
            "vars": recipe.vars, "steps": steps}
     return yaml.safe_dump(doc, sort_keys=False, width=1000).rstrip("\n")
