@@ -231,3 +231,13 @@ def test_recipe_result_is_announced(tmp_path, cli):
     code, out, err = cli("run", r)
     assert code == 0, err
     assert err.strip().splitlines()[-1] == f"done: {tmp_path}/w/cloze.jsonl"
+
+
+def test_a_step_records_its_own_command(recipe, tmp_path):
+    """Steps run through the table, not sys.argv: each artifact still records the step's command line."""
+    import sys
+    before = list(sys.argv)
+    _run(recipe)
+    assert sys.argv == before
+    rec = json.loads((tmp_path / "w" / "sel-low.json").read_text())["xpertctl"]
+    assert rec["command"].startswith("xpertctl select ") and "--criterion low" in rec["command"]

@@ -56,12 +56,13 @@ class Param:
         t, bad = self.type, False
         if t is bool:
             bad = not isinstance(v, bool)
-        elif t in (int, float):
+        elif t in (int, float):  # 3, 3.0 (int only if whole) or "3" from --set
             try:
-                bad = isinstance(v, (bool, list, dict)) or (t is int and float(v) != int(float(v)))
-                v = t(float(v)) if t is int and not isinstance(v, str) else t(v)
+                whole = not (t is int and isinstance(v, float) and not v.is_integer())
+                num = t(v) if whole and not isinstance(v, (bool, list, dict)) else None
             except (TypeError, ValueError):
-                bad = True
+                num = None
+            bad, v = num is None, v if num is None else num
         elif isinstance(v, (list, tuple)) and t is str:
             v = ",".join(map(str, v))  # a YAML list for a comma-separated option
         elif isinstance(v, (dict, list, tuple)):
@@ -345,12 +346,7 @@ def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, force):
     return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus, force=force)
 
 
-TRAIN_CONFIG = ("steps", "tokens", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio", "warmup",
-                "weight_decay", "grad_clip", "seed", "eval_every", "eval_batches", "save_every", "keep", "device",
-                "save_dtype")
-
-
-def _train(ckpt, out, data_dir, sft, resume, force, **cfg):
+def _train(ckpt, out, data_dir, sft, resume, force, **cfg):  # every other parameter is a TrainConfig field
     from .train import TrainConfig, train as op
     return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force)
 
