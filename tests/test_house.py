@@ -75,8 +75,12 @@ def test_no_import_cycles():
 
 
 def test_nothing_imports_the_cli():
-    users = [m for m, deps in _imports().items() if "xpertctl.cli" in deps]
+    graph = _imports()
+    users = [m for m, deps in graph.items() if "xpertctl.cli" in deps]
     assert users == []
+    # the CLI and the recipe runner share the table of operations; neither imports the other
+    assert "xpertctl.recipe" not in graph["xpertctl.cli"] and "xpertctl.ops_table" in graph["xpertctl.cli"]
+    assert not {"xpertctl.cli", "xpertctl.ops_table"} & graph["xpertctl.recipe"]
 
 
 def test_recipe_does_not_swap_sys_argv():

@@ -1,7 +1,10 @@
 """YAML recipes: named steps, each one xpertctl command with its arguments, run in order.
 
     name: demo
+    estimate: "about 5 minutes on 2 cores"      # printed first
+    result: "${vars.work}/run-0/final"          # announced last ("done: ...")
     vars: {work: work/demo, seeds: [0, 1, 2]}
+    profiles: {quick: {vars: {seeds: [0]}}}     # --profile quick
     steps:
       - id: stats
         op: stats
@@ -13,9 +16,10 @@
 
 References: ${vars.NAME}, ${steps.ID.out} (an earlier step's `out`), ${grid.KEY}. A value that is a
 single reference keeps its type (a list stays a list). A grid expands a step into one per combination.
-Each step is bound to its command in the table of operations (ops_table, handed in by the caller)
-and validated there exactly as the command line's options are. A step
-whose `out` exists and whose record (op, arguments, input fingerprints) matches is skipped.
+Each step is bound to its command in the table of operations (ops_table, handed in by the caller),
+so its values are checked exactly as the command line's options are, and every input must exist or
+be written by an earlier step, all before the first step runs. A step whose `out` exists and whose
+record (op, arguments, input fingerprints) matches is skipped.
 """
 from __future__ import annotations
 

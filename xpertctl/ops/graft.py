@@ -52,9 +52,7 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
         raise XpertError(f"--arch {arch!r}: choose one of {', '.join(TARGET_CLASSES)}")
     s_heads, s_kv, hd = _src_heads(ck, heads_flag)
     if heads_flag and (d, heads_flag) != (ck.hidden, s_heads):
-        if d % heads_flag:
-            raise XpertError(f"--target: {heads_flag} heads do not divide the hidden size {d}")
-        heads, hd = heads_flag, d // heads_flag  # the target's own head size
+        heads, hd = heads_flag, d // heads_flag  # the target's own head size (Target.check_fits: it divides)
     elif heads_flag:
         heads = heads_flag
     elif d == ck.hidden:
@@ -245,7 +243,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                           ffn_init=ffn_init, seed=seed)
     config.architectures = [TARGET_CLASSES[arch][1]]
     rec = provenance.record("grafted", inputs=in_fps, params={
-        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init, "dtype": str(config.dtype).removeprefix("torch."),
+        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
+        "dtype": str(config.dtype).removeprefix("torch."),
         "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "layer_map": layer_map_how, "combine": combine,
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
