@@ -29,15 +29,15 @@ corpus: setup
 	  $(BIN)/xpertctl corpus build -o build/corpus; \
 	else echo "build/corpus exists"; fi
 
+# The time estimate and the report's path come from the recipe itself (one number everywhere).
 demo: setup
 ifeq ($(DEMO),quick)
-	@echo "make demo DEMO=quick: about 2 minutes on 2 cores (committed mini corpus, one depth, one seed)"
+	@$(BIN)/xpertctl run recipes/demo.yaml --profile quick --resolved | sed -n 's/^estimate: /make demo DEMO=quick: /p'
 	$(BIN)/xpertctl run recipes/demo.yaml --profile quick
 else
-	@echo "make demo: about 30 minutes on 2 cores: set-up and corpus ~4 min, then the recipe (45 student runs)"
+	@$(BIN)/xpertctl run recipes/demo.yaml --resolved | sed -n 's/^estimate: /make demo: /p'
 	$(MAKE) --no-print-directory corpus
 	$(BIN)/xpertctl run recipes/demo.yaml
-	@echo "report: report/REPORT.md"
 endif
 
 # Retrain the committed teacher (fixtures/teacher) from scratch with its own recipe.

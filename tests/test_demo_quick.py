@@ -20,3 +20,21 @@ def test_quick_demo_produces_the_report(tmp_path, monkeypatch, cli):
         assert (work / "report" / png).read_bytes()[:4] == b"\x89PNG"
     # evaluation touched only the test split; stats only the train split
     assert "/train/legal.txt" in err and "--split test" in err
+    # it says where the report went (its last line), and stderr carries no blank lines
+    assert err.strip().splitlines()[-1] == f"done: {work / 'report' / 'REPORT.md'}"
+    assert "" not in err.strip().splitlines()
+
+
+def test_one_demo_time_estimate_everywhere():
+    """The recipe's estimates are the only numbers: the Makefile prints them from the recipe and the
+    README quotes them verbatim."""
+    import re
+    import yaml
+    doc = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    full, quick = doc["estimate"], doc["profiles"]["quick"]["estimate"]
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert not re.search(r"\d+\s*min", makefile), "the Makefile must not carry its own estimate"
+    assert full.split(" (")[0] in readme and quick.split(" (")[0] in readme
+    stated = set(re.findall(r"(?:about|~)\s*(\d+)[- ]min", readme))
+    assert stated <= {re.search(r"\d+", full).group(), re.search(r"\d+", quick).group()}, stated

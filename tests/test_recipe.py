@@ -8,8 +8,13 @@ import yaml
 from conftest import ROOT, assert_user_error, stats_file
 from xpertctl import recipe as rc
 from xpertctl.errors import XpertError
+from xpertctl.ops_table import BY_NAME as TABLE
 
 COUNTS = [[[90, 40, 10, 30, 25, 5]], [[5, 45, 80, 30, 35, 5]], [[5, 35, 70, 30, 55, 5]]]
+
+
+def _run(*args, **kw):
+    return rc.run(*args, table=TABLE, **kw)
 
 
 def _write(tmp_path, doc, name="r.yaml"):
@@ -38,7 +43,7 @@ def recipe(tmp_path):
 
 
 def test_grid_references_and_outputs(recipe, tmp_path):
-    outs = rc.run(recipe)
+    outs = _run(recipe)
     w = tmp_path / "w"
     assert outs == [str(w / "sel-min.json"), str(w / "sel-low.json"), str(w / "cloze.jsonl"), str(w / "min2.json")]
     assert json.loads((w / "sel-min.json").read_text())["layers"][0]["experts"] == [1, 3]
@@ -47,7 +52,7 @@ def test_grid_references_and_outputs(recipe, tmp_path):
 
 
 def test_set_and_profile_override_vars(recipe, tmp_path):
-    rc.run(recipe, ["vars.crits=[min, mean]", "vars.n=3"])
+    _run(recipe, ["vars.crits=[min, mean]", "vars.n=3"])
     assert json.loads((tmp_path / "w" / "sel-mean.json").read_text())["per_layer"] == 3
     assert not (tmp_path / "w" / "sel-low.json").exists()
     plan = rc.expand(rc.load(recipe, [], profile="small"), recipe)
@@ -64,18 +69,18 @@ def test_skip_if_done_after_interrupt(recipe, tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
     monkeypatch.setattr(corpus_mod, "cloze", dies)
     with pytest.raises(KeyboardInterrupt):
-        rc.run(recipe)
+        _run(recipe)
     assert (tmp_path / "w" / "sel-low.json").exists() and not (tmp_path / "w" / "cloze.jsonl").exists()
     monkeypatch.setattr(corpus_mod, "cloze", real)
     before = (tmp_path / "w" / "sel-min.json").stat().st_mtime_ns
     capsys.readouterr()
-    rc.run(recipe)
+    _run(recipe)
     err = capsys.readouterr().err
     assert "sel-min: skip (done)" in err and "sel-low: skip (done)" in err and "cloze: run" in err
     assert (tmp_path / "w" / "sel-min.json").stat().st_mtime_ns == before
     # a changed argument makes the step run again (and replaces its stale output)
     capsys.readouterr()
-    rc.run(recipe, ["vars.n=3"])
+    _run(recipe, ["vars.n=3"])
     err = capsys.readouterr().err
     assert "sel-min: run" in err and json.loads((tmp_path / "w" / "sel-min.json").read_text())["per_layer"] == 3
 
@@ -92,7 +97,7 @@ def test_shipped_recipes_expand(tmp_path):
         r = rc.load(ROOT / "recipes" / name)
         plan = rc.expand(r, ROOT / "recipes" / name)
         for sid, op, args in plan:
-            rc.argv_for(op, args, sid)  # every op and argument exists
+            rc.argv_for(op, args, sid, TABLE)  # every op and argument exists
     demo = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml"), Path("demo.yaml"))
     assert sum(op == "train" for _, op, _ in demo) == 5 * 3 * 3
 
@@ -130,3 +135,109 @@ def test_invalid_yaml_and_bad_set(tmp_path, cli):
     p.write_text("name: x\nsteps: []\n")
     code, _, err = cli("run", p, "--set", "novalue")
     assert_user_error(code, err, "--set 'novalue'")
+
+
+def test_a_changed_large_input_reruns_its_step(tmp_path, capsys):
+    """Skip-if-done fingerprints inputs with the one provenance scheme: a large file that changes
+    without changing size still changes the fingerprint (it used to be hashed by size only)."""
+    import shutil
+    corpus = tmp_path / "corpus"
+    shutil.copytree(ROOT / "fixtures" / "corpus-mini", corpus)
+    big = corpus / "notes.txt"
+    big.write_bytes(b"a" * (2 << 20))
+    r = _write(tmp_path, {"name": "t", "steps": [{"id": "cloze", "op": "corpus cloze", "args": {
+        "corpus": str(corpus), "per_domain": 2, "out": str(tmp_path / "w" / "cloze.jsonl")}}]})
+    _run(r)
+    capsys.readouterr()
+    big.write_bytes(b"b" * (2 << 20))
+    _run(r)
+    assert "cloze: run" in capsys.readouterr().err
+
+
+# ---- issue 14: typos are errors, globs, dry-run checks, the resolved recipe, one path per output -----
+
+def test_set_of_an_undefined_var_is_an_error(recipe, cli):
+    code, _, err = cli("run", recipe, "--set", "vars.typo=3")
+    assert_user_error(code, err, "--set vars.typo=3", "no var 'typo'", "crits")
+
+
+def test_only_matching_no_step_is_an_error(recipe, cli, tmp_path):
+    code, _, err = cli("run", recipe, "--only", "sel-*", "--only", "trian-*")
+    assert_user_error(code, err, "--only 'trian-*'", "matches no step")
+    assert not (tmp_path / "w").exists()
+
+
+def test_set_on_grid_steps_by_glob(recipe, tmp_path):
+    plan = rc.expand(rc.load(recipe, ["steps.sel-*.args.per_layer=3"]), recipe)
+    assert [a["per_layer"] for sid, _, a in plan if sid.startswith("sel-")] == [3, 3]
+    assert {sid: a.get("per_layer") for sid, _, a in plan}["copy-min"] == 2  # not matched: unchanged
+    plan = rc.expand(rc.load(recipe, ["steps.sel-low.args.per_layer=1"]), recipe)  # one expanded step
+    assert [a["per_layer"] for _, _, a in plan[:2]] == [2, 1]
+    with pytest.raises(XpertError, match="no step matching 'sle-\\*'"):
+        rc.expand(rc.load(recipe, ["steps.sle-*.args.per_layer=3"]), recipe)
+
+
+def test_dry_run_checks_values_and_existing_inputs(recipe, cli, tmp_path):
+    doc = yaml.safe_load(recipe.read_text())
+    doc["steps"][2]["args"]["criterion"] = "best"
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = cli("run", recipe, "--dry-run")
+    assert_user_error(code, err, "step 'copy-min'", "--criterion 'best'")
+    doc["steps"][2]["args"]["criterion"] = "min"
+    doc["steps"][0]["args"]["stats_file"] = str(tmp_path / "missing.safetensors")
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = cli("run", recipe, "--dry-run")
+    assert_user_error(code, err, "step 'sel-min'", "missing.safetensors", "no earlier step writes it")
+
+
+def test_dry_run_prints_shell_quoted_commands(tmp_path, cli):
+    import shlex
+    import subprocess
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100], name="my stats.safetensors")
+    r = _write(tmp_path, {"name": "t", "steps": [{"id": "s", "op": "select", "args": {
+        "stats_file": str(stats), "out": str(tmp_path / "it's here.json")}}]})
+    code, _, err = cli("run", r, "--dry-run")
+    assert code == 0, err
+    line = next(l for l in err.splitlines() if "xpertctl select" in l)
+    cmd = line[line.index("xpertctl select"):]
+    assert shlex.split(cmd)[2] == str(stats)
+    # it pastes into a shell
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' {cmd[len('xpertctl '):]}"], capture_output=True, text=True).stdout
+    assert out.splitlines() == ["select", str(stats), "--out", str(tmp_path / "it's here.json")]
+
+
+def test_resolved_recipe_is_printed(recipe, cli, tmp_path):
+    code, out, err = cli("run", recipe, "--resolved", "--set", "vars.n=1")
+    assert code == 0, err
+    doc = yaml.safe_load(out)
+    assert [s["id"] for s in doc["steps"]] == ["sel-min", "sel-low", "cloze", "copy-min"]
+    assert doc["steps"][0]["args"]["per_layer"] == 1 and doc["steps"][3]["args"]["plot"] == f"{tmp_path}/w/sel-min.json.png"
+    assert doc["steps"][0]["command"].startswith("xpertctl select ")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_fresh_run_prints_each_output_once(recipe, cli, tmp_path):
+    code, out, err = cli("run", recipe)
+    assert code == 0, err
+    w = tmp_path / "w"
+    assert out.splitlines() == [str(w / "sel-min.json"), str(w / "sel-low.json"), str(w / "cloze.jsonl"),
+                                str(w / "min2.json")]
+
+
+def test_recipe_result_is_announced(tmp_path, cli):
+    r = _write(tmp_path, {"name": "t", "vars": {"w": str(tmp_path / "w")}, "result": "${vars.w}/cloze.jsonl",
+                          "steps": [{"id": "c", "op": "corpus cloze", "args": {
+                              "corpus": str(ROOT / "fixtures" / "corpus-mini"), "per_domain": 1, "out": "${vars.w}/cloze.jsonl"}}]})
+    code, out, err = cli("run", r)
+    assert code == 0, err
+    assert err.strip().splitlines()[-1] == f"done: {tmp_path}/w/cloze.jsonl"
+
+
+def test_a_step_records_its_own_command(recipe, tmp_path):
+    """Steps run through the table, not sys.argv: each artifact still records the step's command line."""
+    import sys
+    before = list(sys.argv)
+    _run(recipe)
+    assert sys.argv == before
+    rec = json.loads((tmp_path / "w" / "sel-low.json").read_text())["xpertctl"]
+    assert rec["command"].startswith("xpertctl select ") and "--criterion low" in rec["command"]

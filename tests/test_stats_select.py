@@ -203,7 +203,7 @@ def test_select_default_per_layer_is_top_k(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--per-layer", "7"], "--per-layer 7: must be 1..6"),
     (["--per-layer", "0"], "--per-layer 0"),
-    (["--criterion", "best"], "--criterion 'best'"),
+    (["--criterion", "best"], "'--criterion': Value error, 'best' is not one of 'min', 'mean'"),
 ])
 def test_select_bad_options(tmp_path, cli, args, needle):
     stats = _stats_file(tmp_path, COUNTS, [100] * 3)
@@ -249,3 +249,24 @@ def test_stream_layers_cli(fx, corpus, cli, tmp_path):
     code, _, err = cli("stats", fx / "mixtral-fused", *args, "--stream-layers", "--stream-tokens", "64", "-o", b)
     assert code == 0, err
     assert torch.equal(load_file(str(a))["counts"], load_file(str(b))["counts"])
+
+
+def test_selection_records_router_probability_from_mass(tmp_path):
+    """The stats `mass` array is used: each chosen expert's mean router probability per domain."""
+    from safetensors.torch import load_file, save_file
+    p = _stats_file(tmp_path, COUNTS, [100, 100, 100])
+    t = load_file(str(p))
+    t["mass"] = torch.arange(18, dtype=torch.float32).reshape(3, 1, 6)  # distinct from the counts
+    save_file(t, str(p), metadata=__import__("safetensors").safe_open(str(p), "pt").metadata())
+    layer = sel.choose(sel.load_stats(p), "min", 2)[0]
+    assert layer["experts"] == [1, 3]
+    assert layer["prob"] == {"d0": [0.01, 0.03], "d1": [0.07, 0.09], "d2": [0.13, 0.15]}
+
+
+def test_select_with_plot_prints_one_path(tmp_path, cli):
+    stats = _stats_file(tmp_path, COUNTS, [100, 100, 100])
+    code, out, err = cli("select", stats, "-o", tmp_path / "s.json", "--plot", tmp_path / "f.png")
+    assert code == 0, err
+    assert out == f"{tmp_path / 's.json'}\n" and (tmp_path / "f.png").is_file()
+    code, out, err = cli("select", stats, "--plot", tmp_path / "g.png")
+    assert code == 0 and out == f"{tmp_path / 'g.png'}\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import XpertError
+from .specs import SPLITS
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -112,7 +113,6 @@ def windows(stream: torch.Tensor, seq_len: int, batch_size: int, pad_id: int) ->
 
 # ---- token data: memmaps per domain and split ------------------------------------------------------
 
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 
 
@@ -176,7 +176,7 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
             else:
                 docs = read_documents(p)
                 parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
-            entry = {"source": str(p), "corpus": provenance.tree_fingerprint(p)["sha256"]}
+            entry = {"source": str(p), "corpus": provenance.fingerprint(p)["sha256"]}
             for s, ds in parts.items():
                 ids = token_stream(ds, tok) if ds else None
                 arr = ids.numpy().astype(dtype) if ids is not None else np.zeros(0, dtype)

@@ -98,10 +98,6 @@ def loglikelihoods(model, tok, context: str, continuations: list[str], device: s
     return out
 
 
-def loglikelihood(model, tok, context: str, continuation: str, device: str) -> float:
-    return loglikelihoods(model, tok, context, [continuation], device)[0]
-
-
 def multiple_choice(model, tok, path: str, device: str) -> dict:
     recs = data.read_jsonl(Path(path), {"context": str, "choices": list, "label": int})
     acc = acc_norm = 0
@@ -173,15 +169,8 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
 
 
 def _task_fp(path: str) -> str | None:
-    p = Path(path)
-    if p.is_file():
-        return provenance.sha256(p.read_bytes())
-    if (p / data.MANIFEST).is_file():
-        return provenance.sha256((p / data.MANIFEST).read_bytes())
-    return None
+    return provenance.fingerprint(Path(path))["sha256"] if Path(path).exists() else None
 
 
 def _model_fp(ckpt: Path) -> str:
-    from .io.files import read_header
-    raws = [read_header(f).raw for f in sorted(ckpt.glob("*.safetensors"))]
-    return provenance.sha256(b"".join(raws))
+    return provenance.fingerprint(Path(ckpt), sorted(Path(ckpt).glob("*.safetensors")))["sha256"]

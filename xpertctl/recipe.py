@@ -1,7 +1,10 @@
 """YAML recipes: named steps, each one xpertctl command with its arguments, run in order.
 
     name: demo
+    estimate: "about 5 minutes on 2 cores"      # printed first
+    result: "${vars.work}/run-0/final"          # announced last ("done: ...")
     vars: {work: work/demo, seeds: [0, 1, 2]}
+    profiles: {quick: {vars: {seeds: [0]}}}     # --profile quick
     steps:
       - id: stats
         op: stats
@@ -13,20 +16,23 @@
 
 References: ${vars.NAME}, ${steps.ID.out} (an earlier step's `out`), ${grid.KEY}. A value that is a
 single reference keeps its type (a list stays a list). A grid expands a step into one per combination.
-Each step is run through the CLI itself, so it validates exactly as the command line does. A step
-whose `out` exists and whose record (op, arguments, input fingerprints) matches is skipped.
+Each step is bound to its command in the table of operations (ops_table, handed in by the caller),
+so its values are checked exactly as the command line's options are, and every input must exist or
+be written by an earlier step, all before the first step runs. A step whose `out` exists and whose
+record (op, arguments, input fingerprints) matches is skipped.
 """
 from __future__ import annotations
 
-import hashlib
+import fnmatch
 import itertools
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from .console import err
 from .errors import XpertError
@@ -53,9 +59,12 @@ class Recipe(BaseModel):
     name: str
     description: str = ""
     estimate: str = ""  # printed before running, e.g. "about 25 minutes on 2 cores"
+    result: str = ""  # the file to look at when done (references allowed); announced at the end
     vars: dict[str, Any] = {}
     profiles: dict[str, Profile] = {}  # named sets of var overrides (--profile quick)
     steps: list[Step]
+    # --set steps.PATTERN.args.KEY=VALUE: applied to every expanded step whose id matches PATTERN
+    _arg_overrides: list[tuple[str, str, Any, str]] = PrivateAttr(default_factory=list)
 
 
 def _set(doc: dict, dotted: str, value: Any, path: Path) -> None:
@@ -86,17 +95,31 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
         raise XpertError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(doc, dict):
         raise XpertError(f"{path}: a recipe is a mapping with name, vars and steps")
+    arg_overrides = []
     for o in overrides:
         key, sep, val = o.partition("=")
         if not sep or not key:
             raise XpertError(f"--set {o!r}: expected KEY=VALUE, e.g. vars.steps=100")
-        if key.startswith("steps."):  # steps.ID.args.x=... addresses a step by id
-            parts = key.split(".")
-            idx = next((n for n, s in enumerate(doc.get("steps") or []) if isinstance(s, dict) and s.get("id") == parts[1]), None)
-            if idx is None:
-                raise XpertError(f"--set {o!r}: {path} has no step {parts[1]!r}")
-            key = ".".join(["steps", str(idx)] + parts[2:])
-        _set(doc, key, yaml.safe_load(val), path)
+        value = yaml.safe_load(val)
+        if key.startswith("vars."):  # a typo must not silently do nothing
+            name = key[5:].split(".")[0]
+            if name not in (doc.get("vars") or {}):
+                known = ", ".join(doc.get("vars") or {}) or "(none)"
+                raise XpertError(f"--set {o}: {path} has no var {name!r} (vars: {known})")
+        elif key.startswith("steps."):  # steps.PATTERN.args.KEY (glob over expanded ids) or steps.PATTERN.FIELD
+            pattern, sep, sub = key[6:].partition(".args.")
+            if sep and sub:
+                arg_overrides.append((pattern, sub, value, o))
+                continue
+            pattern, _, sub = key[6:].partition(".")
+            ids = [n for n, st in enumerate(doc.get("steps") or []) if isinstance(st, dict)
+                   and fnmatch.fnmatchcase(str(st.get("id")), pattern)]
+            if not ids or not sub:
+                raise XpertError(f"--set {o}: {path} has no step matching {pattern!r}")
+            for n in ids:
+                _set(doc, f"steps.{n}.{sub}", value, path)
+            continue
+        _set(doc, key, value, path)
     try:
         recipe = Recipe.model_validate(doc)
     except ValidationError as e:
@@ -107,6 +130,11 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
             sid = sid.get("id") if isinstance(sid, dict) else None
             loc = f"step {sid!r}: " + ".".join(str(x) for x in first["loc"][2:]) if sid else loc
         raise XpertError(f"{path}: {loc}: {first['msg']}") from None
+    recipe._arg_overrides = arg_overrides
+    for name, prof in recipe.profiles.items():
+        unknown = sorted(set(prof.vars) - set(recipe.vars))
+        if unknown:
+            raise XpertError(f"{path}: profiles.{name}: {', '.join(unknown)} not in vars")
     if profile is not None:
         if profile not in recipe.profiles:
             raise XpertError(f"--profile {profile!r}: {path} has profiles {', '.join(recipe.profiles) or '(none)'}")
@@ -155,7 +183,7 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
     ctx: dict = {"vars": {}, "steps": {}}
     for k, v in recipe.vars.items():  # vars may refer to earlier vars
         ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
-    plan = []
+    plan, matched = [], set()
     for step in recipe.steps:
         where = f"{path}: step {step.id!r}"
         grid = _resolve(step.grid or {}, ctx, where)
@@ -169,69 +197,52 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
             sid = _resolve(step.id, c, where)
             if sid in ctx["steps"] or any(p[0] == sid for p in plan):
                 raise XpertError(f"{where}: id {sid!r} is used twice (put every grid key in the id)")
-            args = _resolve(step.args, c, f"{path}: step {sid!r}")
+            raw = json.loads(json.dumps(step.args))
+            for n, (pattern, sub, value, _) in enumerate(recipe._arg_overrides):
+                if fnmatch.fnmatchcase(sid, pattern) or fnmatch.fnmatchcase(step.id, pattern):
+                    _set(raw, sub, value, path)
+                    matched.add(n)
+            args = _resolve(raw, c, f"{path}: step {sid!r}")
             plan.append((sid, step.op, args))
             if "out" in args:
                 ctx["steps"][sid] = args["out"]
+    for n, (pattern, _, _, o) in enumerate(recipe._arg_overrides):
+        if n not in matched:
+            raise XpertError(f"--set {o}: {path} has no step matching {pattern!r}")
     return plan
 
 
-# ---- running steps through the CLI ----------------------------------------------------------------
+def result(recipe: Recipe, path: Path) -> str:
+    """The recipe's `result` with its references resolved ('' when it names none)."""
+    ctx: dict = {"vars": {}, "steps": {}}
+    for k, v in recipe.vars.items():
+        ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
+    return str(_resolve(recipe.result, ctx, f"{path}: result"))
 
-def _command(op: str, where: str):
-    import typer
-    from .cli import app
-    cmd = typer.main.get_command(app)
-    for word in op.split():
-        sub = getattr(cmd, "commands", {}).get(word)
-        if sub is None or word == "run":
-            ops = sorted(k for k in getattr(cmd, "commands", {}) if k != "run")
-            raise XpertError(f"{where}: unknown op {op!r} (ops: {', '.join(ops)})")
-        cmd = sub
+
+# ---- running steps through the table of operations ------------------------------------------------
+
+def command(op: str, where: str, table: dict):
+    """The table entry of a step's op (a recipe cannot run a recipe)."""
+    cmd = table.get(op) if op != "run" else None
+    if cmd is None:
+        ops = sorted(k for k in table if k != "run")
+        raise XpertError(f"{where}: unknown op {op!r} (ops: {', '.join(ops)})")
     return cmd
 
 
-def argv_for(op: str, args: dict, where: str) -> list[str]:
+def argv_for(op: str, args: dict, where: str, table: dict) -> list[str]:
     """The command line that runs `op` with `args` (keys are the command's parameter names)."""
-    cmd = _command(op, where)
-    params = {p.name: p for p in cmd.params}
-    pos, opts = [], []
-    for key, val in args.items():
-        p = params.get(key.replace("-", "_"))
-        if p is None:
-            known = ", ".join(sorted(n for n in params if n != "help"))
-            raise XpertError(f"{where}: {op} has no argument {key!r} (arguments: {known})")
-        vals = val if isinstance(val, list) else [val]
-        if p.param_type_name == "argument":
-            pos += [str(v) for v in vals]
-        elif getattr(p, "is_flag", False):
-            if val:
-                opts.append(p.opts[0])
-            elif getattr(p, "secondary_opts", None):  # an on-by-default switch: --align/--no-align
-                opts.append(p.secondary_opts[0])
-        else:
-            flag = max(p.opts, key=len)
-            for v in vals:
-                opts += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    return op.split() + pos + opts
+    cmd = command(op, where, table)
+    cmd.bind(args, where)
+    return cmd.argv(args)
 
 
 def fingerprint(value: str) -> str | None:
-    """A cheap content fingerprint for an existing path argument (file, or directory tree)."""
+    """The provenance fingerprint of an existing path argument (file, or directory tree)."""
+    from .io import provenance
     p = Path(value)
-    if not p.exists():
-        return None
-    h = hashlib.sha256()
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}".encode())
-        if st.st_size <= 1 << 20 or f.suffix in (".json",):
-            h.update(f.read_bytes())
-        elif f.suffix == ".safetensors":
-            from .io.files import read_header
-            h.update(read_header(f).raw)
-    return h.hexdigest()
+    return provenance.fingerprint(p)["sha256"] if p.exists() else None
 
 
 def _record(op: str, argv: list[str], args: dict) -> dict:
@@ -253,25 +264,62 @@ def _record_path(out: str) -> Path:
     return p.parent / f".{p.name}.step.json"
 
 
-def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list[str] | None = None,
-        profile: str | None = None) -> list[str]:
-    """`xpertctl run`: run (or with dry_run, print) every step; returns the outputs."""
-    from .cli import app
+def _check_inputs(cmd, values: dict, where: str, outputs: list[str]) -> None:
+    """Every input path exists now or is written by an earlier step (its `out`, or inside it)."""
+    for p, value in cmd.inputs(values):
+        made = any(value == o or value.startswith(o.rstrip("/") + "/") or o.startswith(value.rstrip("/") + "/")
+                   for o in outputs)
+        if not made and not Path(value).exists():
+            raise XpertError(f"{where}: {p.display} {value}: no such file or directory, and no earlier step writes it")
+
+
+def plan_steps(path: Path, recipe: Recipe, table: dict, check_inputs: bool = True) -> list[tuple]:
+    """(id, command, bound values, argv, args) per step: every op, value and input checked up front."""
+    steps, outputs = [], []
+    for sid, op, args in expand(recipe, Path(path)):
+        where = f"{path}: step {sid!r}"
+        cmd = command(op, where, table)
+        values = cmd.bind(args, where)
+        if check_inputs:
+            _check_inputs(cmd, values, where, outputs)
+        if args.get("out") is not None:
+            outputs.append(str(args["out"]))
+        steps.append((sid, cmd, values, cmd.argv(args), args))
+    return steps
+
+
+def resolved(path: Path, overrides: list[str] = (), profile: str | None = None, *, table: dict) -> str:
+    """The recipe as it would run (profile and --set applied, grids expanded, references resolved): YAML."""
     recipe = load(path, overrides, profile)
-    plan = expand(recipe, Path(path))
-    argvs = [(sid, op, argv_for(op, args, f"{path}: step {sid!r}"), args) for sid, op, args in plan]
-    err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(argvs)} steps"
+    steps = [{"id": sid, "op": cmd.name, "args": args, "command": shlex.join(["xpertctl", *argv])}
+             for sid, cmd, _, argv, args in plan_steps(path, recipe, table, check_inputs=False)]
+    doc = {"name": recipe.name, "profile": profile, "estimate": recipe.estimate, "result": result(recipe, path),
+           "vars": recipe.vars, "steps": steps}
+    return yaml.safe_dump(doc, sort_keys=False, width=1000).rstrip("\n")
+
+
+def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list[str] | None = None,
+        profile: str | None = None, *, table: dict) -> list[str]:
+    """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs."""
+    from .io import provenance
+    recipe = load(path, overrides, profile)
+    steps = plan_steps(path, recipe, table)
+    for o in only or []:
+        if not any(fnmatch.fnmatchcase(sid, o) for sid, *_ in steps):
+            raise XpertError(f"--only {o!r}: matches no step of {path} (e.g. {', '.join(s[0] for s in steps[:3])})")
+    err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
               + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
     outs = []
-    for n, (sid, op, argv, args) in enumerate(argvs, 1):
-        if only and not any(re.fullmatch(o.replace("*", ".*"), sid) for o in only):
+    for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
+        if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
             continue
         out = args.get("out")
-        rec = _record(op, argv, args)
+        rec = _record(cmd.name, argv, args)
         done = out is not None and Path(out).exists() and _record_path(out).is_file() and \
             json.loads(_record_path(out).read_text()) == rec
         state = "skip (done)" if done else "run"
-        err.print(f"[{n}/{len(argvs)}] {sid}: {state}  xpertctl {' '.join(argv)}", highlight=False, soft_wrap=True)
+        err.print(f"[{n}/{len(steps)}] {sid}: {state}  {shlex.join(['xpertctl', *argv])}", highlight=False,
+                  soft_wrap=True, markup=False)
         if dry_run or done:
             if out:
                 outs.append(out)
@@ -279,22 +327,18 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             _record_path(out).unlink(missing_ok=True)
-            if Path(out).exists() and op == "train" and "--resume" not in argv:
-                argv = argv + ["--resume", "auto"]  # a killed training run continues from its checkpoint
-            elif Path(out).exists() and "--force" not in argv:
-                argv = argv + ["--force"]  # a stale output (its record did not match) is replaced
-        import sys
-        saved = sys.argv
-        sys.argv = ["xpertctl", *argv]
+            if Path(out).exists() and cmd.name == "train" and "resume" not in args:
+                values["resume"] = "auto"  # a killed training run continues from its checkpoint
+            elif Path(out).exists() and "force" in values:
+                values["force"] = True  # a stale output (its record did not match) is replaced
         try:
-            rv = app(argv, prog_name="xpertctl", standalone_mode=False)
-            if rv == 130:  # typer turns Ctrl-C into exit code 130 outside standalone mode
-                raise KeyboardInterrupt
+            with provenance.command(shlex.join(["xpertctl", *argv])):
+                cmd.invoke(values)
         except XpertError as e:
             raise XpertError(f"{path}: step {sid!r}: {e}") from None
-        finally:
-            sys.argv = saved
         if out is not None:
             _record_path(out).write_text(json.dumps(rec, indent=1))
             outs.append(out)
+    if recipe.result and not dry_run:
+        err.print(f"done: {result(recipe, path)}", highlight=False, soft_wrap=True, markup=False)
     return outs

@@ -1,4 +1,5 @@
-"""Small parsers for option values shared by commands (lists, target specs)."""
+"""Option values shared by commands: the enumerations (the one place each is listed; the ops import
+them and the table of operations offers them as choices) and small parsers (lists, target specs)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,17 @@ from .errors import XpertError
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+CRITERIA = ("min", "mean", "vote", "random", "low", "all")  # select; the last three are controls
+LAYER_MAPS = ("uniform", "first", "merge")  # reshape: depth map
+COMBINES = ("usage", "uniform", "literal", "first")  # reshape: expert-mode combination
+RESCALES = ("routed", "none")  # reshape: scale the down projection by the layer's routing mass
+WEIGHTINGS = ("joint", "per-matrix")  # decompose: one expert-mode factor per layer, or one per matrix
+FITS = ("none", "down")  # graft: data-aware fit of the down projections
+WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
+ARCHS = ("llama", "qwen3")  # graft: the dense target class
+FFN_INITS = ("xpert", "scratch", "norm-matched")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
+SPLITS = ("train", "val", "test")  # token data splits
+RESUME = ("no", "auto")  # train
 
 
 def parse_dtype(name: str, flag: str = "--dtype"):
@@ -40,13 +52,22 @@ class Target:
                  f"f{self.ffn}" if self.ffn else None, f"h{self.heads}" if self.heads else None]
         return ",".join(p for p in parts if p)
 
+    def check_fits(self, hidden: int, ffn: int) -> None:
+        """The one width check: not wider than the source, and the heads divide the width."""
+        d, f = self.hidden or hidden, self.ffn or ffn
+        if d > hidden:
+            raise XpertError(f"--target {self}: hidden {d} is wider than the source's {hidden}")
+        if f > ffn:
+            raise XpertError(f"--target {self}: FFN {f} is wider than one source expert's {ffn}")
+        if self.heads and d % self.heads:
+            raise XpertError(f"--target {self}: {self.heads} heads do not divide the hidden size {d}")
+
 
 _PART = re.compile(r"^(?:(\d+)L|d(\d+)|f(\d+)|h(\d+))$")
 
 
-def parse_target(spec: str | None, layers: int | None = None, hidden: int | None = None,
-                 ffn: int | None = None, heads: int | None = None) -> Target:
-    """'12L', '12L,d2048,f1024', '8L,h16' plus --layers/--hidden/--ffn/--heads (flags win)."""
+def target_parts(spec: str | None) -> dict[str, int]:
+    """The parts of a target spec ('12L,d2048,f1024,h16' -> layers, hidden, ffn, heads); syntax only."""
     vals: dict[str, int] = {}
     if spec:
         for part in spec.replace(" ", "").split(","):
@@ -58,6 +79,13 @@ def parse_target(spec: str | None, layers: int | None = None, hidden: int | None
                     if key in vals:
                         raise XpertError(f"--target {spec!r}: {key} given twice")
                     vals[key] = int(g)
+    return vals
+
+
+def parse_target(spec: str | None, layers: int | None = None, hidden: int | None = None,
+                 ffn: int | None = None, heads: int | None = None) -> Target:
+    """'12L', '12L,d2048,f1024', '8L,h16' plus --layers/--hidden/--ffn/--heads (flags win)."""
+    vals = target_parts(spec)
     for key, v in (("layers", layers), ("hidden", hidden), ("ffn", ffn), ("heads", heads)):
         if v is not None:
             vals[key] = v

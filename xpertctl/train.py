@@ -101,10 +101,10 @@ def save_checkpoint(model, tokenizer_dir: Path | None, run: Path, name: str, sta
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, metadata={"format": "pt", **provenance.as_metadata(rec)})
     if tokenizer_dir is not None:
-        from .ops.graft import TOKENIZER_FILES
-        for f in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / f).is_file() and not (tmp / f).exists():
-                shutil.copyfile(Path(tokenizer_dir) / f, tmp / f)
+        from .io.checkpoint import tokenizer_files
+        for f, src in tokenizer_files(tokenizer_dir).items():
+            if not (tmp / f).exists():
+                shutil.copyfile(src, tmp / f)
     if state is not None:
         torch.save(state, tmp / "trainer_state.pt")
     if final.exists():

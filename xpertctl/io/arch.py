@@ -18,8 +18,6 @@ class Family:
     block: str = "mlp"  # MoE block attribute in the per-expert layout
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     shared: str | None = None  # shared-expert MLP attribute inside the block
-    shared_gate: str | None = None  # Qwen2-MoE's sigmoid gate on the shared expert
-    router_bias: str | None = None  # DeepSeek-V3's e_score_correction_bias (inside the router)
     experts_key: str = "num_experts"  # config key: number of routed experts
     ffn_key: str = "intermediate_size"  # config key: one expert's FFN width
     qk_norm: str | None = None  # "full": q_norm over all heads (OLMoE); "head": per head (Qwen3)
@@ -37,7 +35,7 @@ FAMILIES: tuple[Family, ...] = (
            expert_names=("w1", "w3", "w2"), experts_key="num_local_experts",
            requires=(".gate.weight",), forbids=("shared_expert", "kv_a_proj", "q_norm")),
     Family("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", shared="shared_expert",
-           shared_gate="shared_expert_gate", ffn_key="moe_intermediate_size",
+           ffn_key="moe_intermediate_size",
            requires=("shared_expert_gate.weight",)),
     Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", ffn_key="moe_intermediate_size",
            qk_norm="head", requires=(".gate.weight", "q_norm"), forbids=("shared_expert", "kv_a_proj")),
@@ -45,7 +43,7 @@ FAMILIES: tuple[Family, ...] = (
            experts_key="n_routed_experts", ffn_key="moe_intermediate_size",
            requires=(".gate.weight", "kv_a_proj_with_mqa"), forbids=("e_score_correction_bias",)),
     Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", shared="shared_experts", attention="mla",
-           router_bias="e_score_correction_bias", experts_key="n_routed_experts", scoring="sigmoid",
+           experts_key="n_routed_experts", scoring="sigmoid",
            ffn_key="moe_intermediate_size", requires=("e_score_correction_bias",)),
     # dense outputs (what graft writes) and dense inputs that inspect should describe
     Family("llama", ("llama",), "LlamaForCausalLM", moe=False,

@@ -9,11 +9,23 @@ from pathlib import Path
 import torch
 
 from ..errors import XpertError
-from . import arch
+from . import arch, provenance
 from .arch import Family
-from .files import ShardedReader, open_files, sha256, tree_size
+from .files import ShardedReader, open_files, tree_size
 
 INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def has_tokenizer(files) -> bool:
+    """Whether these file names include a tokenizer's vocabulary (not just its config)."""
+    return any(n in files for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def tokenizer_files(directory: Path) -> dict[str, Path]:
+    """The tokenizer files present in a directory (what a model directory copies along)."""
+    return {n: Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -88,6 +100,30 @@ class Checkpoint:
         names = list(self.reader.weight_map)
         return _DTYPES.get(self.reader.dtype(names[0]), self.reader.dtype(names[0])) if names else "?"
 
+    @property
+    def vocab(self) -> int | None:
+        """The vocabulary size: config.json's, else the embedding's rows."""
+        v = self.config.get("vocab_size")
+        if v is None and self.has("model.embed_tokens.weight"):
+            v = self.reader.shape("model.embed_tokens.weight")[0]
+        return int(v) if v is not None else None
+
+    def attention_heads(self) -> tuple[int, int, int] | None:
+        """(heads, kv heads, head_dim): config.json's, else what the shapes tell (per-head QK-norm gives
+        the head size, q/k projections then give the counts); None when neither says."""
+        cfg = self.config
+        if cfg.get("num_attention_heads"):
+            heads = int(cfg["num_attention_heads"])
+            kv = int(cfg.get("num_key_value_heads") or heads)
+            hd = cfg.get("head_dim") if self.family.attention == "standard" and cfg.get("head_dim") else None
+            return heads, kv, int(hd or self.hidden // heads)
+        layer = f"model.layers.{(self.moe_layers or [0])[0]}.self_attn"
+        if self.family.qk_norm == "head" and all(self.has(f"{layer}.{k}.weight") for k in ("q_norm", "q_proj", "k_proj")):
+            hd = self.reader.shape(f"{layer}.q_norm.weight")[0]
+            return (self.reader.shape(f"{layer}.q_proj.weight")[0] // hd,
+                    self.reader.shape(f"{layer}.k_proj.weight")[0] // hd, hd)
+        return None
+
     def summary(self) -> dict:
         n_params = 0
         for name in self.reader.weight_map:
@@ -96,6 +132,7 @@ class Checkpoint:
                 numel *= d
             n_params += numel
         shared_n = self.config.get("n_shared_experts", 1 if self.shared_ffn else 0) if self.shared_ffn else 0
+        heads, kv_heads, head_dim = self.attention_heads() or (None, None, None)
         return {
             "path": str(self.path),
             "family": self.family.name,
@@ -109,7 +146,10 @@ class Checkpoint:
             "shared_ffn": self.shared_ffn,
             "hidden": self.hidden,
             "expert_ffn": self.expert_ffn,
-            "vocab": self.config.get("vocab_size"),
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab": self.vocab,
             "dtype": self.dtype,
             "parameters": n_params,
             "bytes": tree_size(self.files),
@@ -180,13 +220,9 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None, dict, P
     raise XpertError(f"{src}: no model.safetensors or {INDEX} (not a model directory?)")
 
 
-def fingerprint(src: Path, files: list[Path], index: Path | None, reader: ShardedReader) -> dict:
-    """path + size + sha256 over the index (or the file headers): cheap, and changes with the weights' layout."""
-    if index is not None:
-        digest = sha256(index.read_bytes())
-    else:
-        digest = sha256(b"".join(reader.headers[p].raw for p in files))
-    return {"path": str(src.resolve()), "size": tree_size(files), "sha256": digest}
+def fingerprint(src: Path, files: list[Path], index: Path | None) -> dict:
+    """The weights' fingerprint: their headers and index (cheap, and changes with the weights' layout)."""
+    return provenance.fingerprint(src, files + ([index] if index is not None else []))
 
 
 def open_checkpoint(src: str | Path) -> Checkpoint:
@@ -255,5 +291,5 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         path=src, files=files, config=config, family=family, fused=fused, reader=reader,
         num_layers=num_layers, moe_layers=moe_layers, num_experts=num_experts,
         top_k=int(top_k) if top_k is not None else None, hidden=hidden, expert_ffn=expert_ffn,
-        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index, reader),
+        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index),
     )

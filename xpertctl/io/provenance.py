@@ -1,9 +1,12 @@
 """Provenance recorded in every artifact: version, command, input fingerprints, parameters, seed."""
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import json
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import __version__
@@ -13,30 +16,57 @@ from .files import read_header, sha256  # noqa: F401  (sha256 re-exported)
 KEY = "xpertctl"
 
 
+_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("xpertctl_command", default=None)
+
+
+@contextmanager
+def command(line: str):
+    """Record `line` as the command of artifacts written inside (a recipe step's own command line)."""
+    token = _COMMAND.set(line)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
 def command_line() -> str:
+    if _COMMAND.get() is not None:
+        return _COMMAND.get()
     return "xpertctl " + shlex.join(sys.argv[1:]) if sys.argv and "xpertctl" in Path(sys.argv[0]).name else ""
 
 
-def file_fingerprint(path: Path) -> dict:
-    """path + size + sha256 of the safetensors header, or of the whole file for small JSON/text."""
+def digest(path: Path) -> str:
+    """sha256 of a safetensors file's header (tensor layout + provenance metadata; cheap for any size),
+    or of any other file's bytes."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        digest = sha256(read_header(path).raw)
+    return sha256(read_header(path).raw) if path.suffix == ".safetensors" else sha256(path.read_bytes())
+
+
+def fingerprint(path: Path, files: list[Path] | None = None) -> dict:
+    """The one fingerprint of every input: path + size + sha256.
+
+    One file: its digest. A directory: the digests of its files with their relative names (hidden
+    files, i.e. temps and recipe records, skipped). With `files` (a checkpoint's weights and index):
+    the digests of those files only, in order and without names, so a model directory and a bare
+    copy of its weights file fingerprint the same.
+    """
+    path = Path(path)
+    named = files is None
+    if named:
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+    files = [Path(f) for f in files]
+    if len(files) == 1 and (not named or files == [path]):
+        dig = digest(files[0])
     else:
-        digest = sha256(path.read_bytes())
-    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest}
+        h = hashlib.sha256()
+        for f in files:
+            h.update((f"{f.relative_to(path)}\0" if named else "").encode() + digest(f).encode() + b"\n")
+        dig = h.hexdigest()
+    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": dig}
 
 
-def tree_fingerprint(path: Path) -> dict:
-    """path + size + sha256 over a file's bytes, or over every file (name and bytes) of a directory."""
-    import hashlib
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return {"path": str(path.resolve()), "size": sum(f.stat().st_size for f in files), "sha256": h.hexdigest()}
+file_fingerprint = fingerprint  # the name the ops use for their single-file inputs
 
 
 def record(kind: str, inputs: list[dict], params: dict, seed: int | None = None, **extra) -> dict:

@@ -131,7 +131,7 @@ def prepare(ck: Checkpoint, domains: list[str], *, tokenizer: Path | None = None
             device: str = "cpu", dtype: str = "float32", stream_layers: bool = False) -> Runner:
     """The source model (transformers' class, or layer-streamed), its tokenizer and the text to run."""
     from ..specs import parse_dtype
-    from .stats import load_model
+    from .hf_model import load_model
     paths = data.parse_domains(domains)
     max_pos = int(ck.config.get("max_position_embeddings", 2048))
     seq_len = seq_len or min(1024, max_pos)

@@ -12,6 +12,7 @@ from ..errors import XpertError
 from ..io import open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
 from . import select as sel
+from ..specs import WEIGHTINGS
 from .tucker import DEFAULT_RANKS, expert_factor, parse_ranks, resolve, tucker, tucker_given_experts
 
 MATRICES = ("gate", "up", "down")
@@ -92,7 +93,6 @@ def joint_gram(experts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     return g
 
 
-WEIGHTINGS = ("joint", "per-matrix")
 
 
 def layer_weights(layer_doc: dict) -> torch.Tensor:

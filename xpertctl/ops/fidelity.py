@@ -258,7 +258,7 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
                                stream_tokens=stream_tokens, seed=seed)
     rows = rows_per[0]
     rec = provenance.record("fidelity", inputs=[ck.fingerprint, _fingerprint(Path(student))]
-                            + [provenance.tree_fingerprint(p) for p in paths.values()],
+                            + [provenance.fingerprint(p) for p in paths.values()],
                             params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens,
                                     "seq_len": seq_len, "batch_size": batch_size, "dtype": dtype,
                                     "stream_layers": stream_layers}, seed=seed)

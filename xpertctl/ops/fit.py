@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from ..errors import XpertError
 from ..io.checkpoint import Checkpoint
+from ..specs import FITS  # noqa: F401  (the choices; graft checks them)
 from . import capture
 
-FITS = ("none", "down")
 
 
 class NormalEquations:

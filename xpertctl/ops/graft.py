@@ -16,18 +16,15 @@ from .. import __version__
 from ..console import notice
 from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
-from ..specs import DTYPES, Target, parse_dtype
+from ..specs import DTYPES, FFN_INITS, Target, parse_dtype
 from . import decompose, reshape
 from .tucker import parse_ranks
 from . import select as sel
 
 TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 INHERITABLE = ("embeddings", "norms", "attention")
-FFN_INITS = ("xpert", "scratch", "norm-matched")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def parse_inherit(text: str | None) -> list[str]:
@@ -40,13 +37,13 @@ def parse_inherit(text: str | None) -> list[str]:
 
 def _src_heads(ck: Checkpoint, heads_flag: int | None) -> tuple[int, int, int]:
     """(heads, kv heads, head_dim) of the source attention."""
-    cfg = ck.config
-    heads = cfg.get("num_attention_heads") or heads_flag
-    if not heads:
-        raise XpertError(f"{ck.path}: no config.json to read the attention heads from; pass --heads")
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = cfg.get("head_dim") if ck.family.attention == "standard" and cfg.get("head_dim") else ck.hidden // heads
-    return int(heads), int(kv), int(hd)
+    known = ck.attention_heads()
+    if known is not None:
+        return known
+    if not heads_flag:
+        raise XpertError(f"{ck.path}: neither a config.json nor the shapes tell the attention heads; "
+                         "pass --heads or h in --target (e.g. 12L,h16)")
+    return heads_flag, heads_flag, ck.hidden // heads_flag
 
 
 def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int | None, arch: str,
@@ -55,7 +52,9 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
     if arch not in TARGET_CLASSES:
         raise XpertError(f"--arch {arch!r}: choose one of {', '.join(TARGET_CLASSES)}")
     s_heads, s_kv, hd = _src_heads(ck, heads_flag)
-    if heads_flag:
+    if heads_flag and (d, heads_flag) != (ck.hidden, s_heads):
+        heads, hd = heads_flag, d // heads_flag  # the target's own head size (Target.check_fits: it divides)
+    elif heads_flag:
         heads = heads_flag
     elif d == ck.hidden:
         heads = s_heads
@@ -68,7 +67,7 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
     else:
         kv = heads
     cfg = ck.config
-    vocab = cfg.get("vocab_size") or ck.reader.shape("model.embed_tokens.weight")[0]
+    vocab = ck.vocab
     attn_bias = "attention" in inherit and ck.has(f"model.layers.{ck.moe_layers[0]}.self_attn.q_proj.bias")
     kwargs = dict(
         vocab_size=int(vocab), hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
@@ -191,7 +190,8 @@ def card(rec: dict, config, ffn_init: str) -> str:
     return "\n".join(lines)
 
 
-def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None, stats: Path | None = None,
+def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None,
+        tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = True, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
         combine: str = "usage", rescale: str = "routed", fit: str = "none", calibration: list[str] | None = None,
@@ -202,12 +202,14 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     inherit_l = parse_inherit(inherit)
     src = Path(src)
-    inputs = [src] + [p for p in (like, stats, selection) if p is not None]
+    inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
     cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens)
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
     check_output(out, force, inputs + list(cal_paths.values()))
+    if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
+        raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
     if is_adapted:
         rec_in = provenance.read(src, "adapted")
@@ -225,7 +227,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                 raise XpertError(f"--target {target}: {src} was adapted to {have}; run reshape again for another size")
         from safetensors.torch import load_file
         adapted, meta = load_file(str(src)), rec_in
-        sel_summary = json.dumps(rec_in.get("factors", {}).get("selection"))
+        s = rec_in.get("factors", {}).get("selection") or {}
+        sel_summary = _selection_summary(s.get("criterion"), s.get("per_layer"), s.get("path"))
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
     else:
         if like is not None:
@@ -255,7 +258,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                      each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                       width_select=width_select, rescale=rescale)
-        sel_summary = f"{doc.get('criterion')}, {doc.get('per_layer')} per layer from {sel_path}"
+        sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     fit_rec = None
     if fit == "down":
@@ -266,7 +269,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                           ffn_init=ffn_init, seed=seed)
     config.architectures = [TARGET_CLASSES[arch][1]]
     rec = provenance.record("grafted", inputs=in_fps, params={
-        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init, "dtype": str(config.dtype),
+        "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
+        "dtype": str(config.dtype).removeprefix("torch."),
         "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "weighting": weighting,
         "layer_map": layer_map_how, "combine": combine, "rescale": rescale, "fit": fit_rec and fit_rec["params"],
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
@@ -275,10 +279,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         residual_index=meta.get("residual_index"), experts=meta.get("experts"))
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
-    tok_dir = ck.path if ck.path.is_dir() else ck.path.parent
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            files[name] = tok_dir / name
+    tok_dir = Path(tokenizer) if tokenizer is not None else (ck.path if ck.path.is_dir() else ck.path.parent)
+    files.update(tokenizer_files(tok_dir))
+    if not has_tokenizer(files):
+        notice(f"{out} gets no tokenizer (none beside {ck.path}); pass --tokenizer DIR to include one")
     path = write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
     if not is_adapted:
         reshape.unscaled_notice(meta)
@@ -288,7 +292,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: int | None) -> dict:
     """Validate the data-aware fit options up front; the calibration paths."""
     from .. import data
-    from .fit import FITS
+    from ..specs import FITS
     if fit not in FITS:
         raise XpertError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
     if fit == "none":
@@ -314,10 +318,16 @@ def _fit_down(ck: Checkpoint, adapted: dict, meta: dict, calibration: list[str],
     adapted = dict(adapted)
     for t, d in enumerate(downs):
         adapted[f"layers.{t}.down_proj"] = d
-    rec = {"inputs": [provenance.tree_fingerprint(p) for p in cal_paths.values()],
+    rec = {"inputs": [provenance.fingerprint(p) for p in cal_paths.values()],
            "params": {"method": "down", "ridge": ridge, "calibration": {n: str(p) for n, p in cal_paths.items()},
                       "calibration_tokens": calibration_tokens, "seq_len": runner.seq_len}}
     return adapted, rec
+
+
+
+def _selection_summary(criterion, per_layer, path) -> str:
+    """One readable line for the model card (plain text, not JSON inside JSON)."""
+    return f"{criterion}, {per_layer} per layer from {path}"
 
 
 def _check_options(dtype: str, ffn_init: str) -> None:
@@ -330,10 +340,7 @@ def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, 
                     inherit: list[str]) -> None:
     """Fail on bad options before the (possibly long) select/decompose/reshape work."""
     _check_options(dtype or "float32", ffn_init)
-    if target["hidden"] > ck.hidden:
-        raise XpertError(f"--target: hidden {target['hidden']} is wider than the source's {ck.hidden}")
-    if target["ffn"] > ck.expert_ffn:
-        raise XpertError(f"--target: FFN {target['ffn']} is wider than one source expert's {ck.expert_ffn}")
+    Target(target["layers"], target["hidden"], target["ffn"], heads).check_fits(ck.hidden, ck.expert_ffn)
     config, src_heads = target_config(ck, target["hidden"], target["ffn"], target["layers"], heads, arch,
                                       dtype or "float32", inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)

@@ -22,12 +22,10 @@ from ..errors import XpertError
 from ..io import provenance, write_safetensors
 from ..specs import Target
 from .decompose import MATRICES
+from .ranking import top_indices
 from .tucker import reconstruct
 
-LAYER_MAPS = ("uniform", "first", "merge")
-COMBINES = ("usage", "uniform", "literal", "first")
-WIDTH_SELECTS = ("norm", "first")
-RESCALES = ("routed", "none")
+from ..specs import COMBINES, LAYER_MAPS, RESCALES, WIDTH_SELECTS
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
@@ -102,8 +100,7 @@ def neuron_index(g: torch.Tensor, u: torch.Tensor, dn: torch.Tensor, f: int, how
 
 
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    order = np.lexsort((np.arange(score.numel()), -score.numpy()))  # ties -> lower index
-    return torch.as_tensor(np.sort(order[:k]), dtype=torch.long)
+    return torch.as_tensor(np.sort(top_indices(score.numpy(), k)), dtype=torch.long)
 
 
 def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: str) -> None:
@@ -119,11 +116,7 @@ def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_se
     check_choices(layer_map_how, combine, width_select, rescale)
     if combine not in ("usage", "uniform") and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
-    H, I = int(meta["hidden"]), int(meta["expert_ffn"])
-    if (target.hidden or H) > H:
-        raise XpertError(f"--target {target}: hidden {target.hidden} is wider than the source's {H}")
-    if (target.ffn or I) > I:
-        raise XpertError(f"--target {target}: FFN {target.ffn} is wider than one source expert's {I}")
+    target.check_fits(int(meta["hidden"]), int(meta["expert_ffn"]))
     return layer_map(list(meta["layers"]), target.layers, layer_map_how)
 
 

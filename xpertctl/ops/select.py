@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from ..errors import XpertError
 from ..io import provenance
+from .ranking import top_indices
 
-CRITERIA = ("min", "mean", "vote", "random", "low", "all")
+from ..specs import CRITERIA
 
 
 @dataclass
@@ -32,6 +33,11 @@ class Stats:
     def freq(self) -> np.ndarray:
         """Per-domain activation frequency: share of a domain's tokens routed to each expert."""
         return self.counts / np.maximum(self.tokens, 1)[:, None, None]
+
+    @property
+    def prob(self) -> np.ndarray:
+        """Per-domain mean router probability of each expert (the stats' `mass` per token)."""
+        return self.mass / np.maximum(self.tokens, 1)[:, None, None]
 
 
 def load_stats(path: Path) -> Stats:
@@ -54,12 +60,6 @@ def load_stats(path: Path) -> Stats:
                  t["routed"].numpy() if "routed" in t else None)
 
 
-def _rank(score: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n highest scores; ties go to the lower expert id (deterministic)."""
-    order = np.lexsort((np.arange(score.size), -score))
-    return order[:n]
-
-
 def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, seed: int = 0) -> list[dict]:
     """Per MoE layer: chosen expert ids (best first), their scores and per-domain frequencies."""
     if criterion not in CRITERIA:
@@ -68,7 +68,7 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
     n = E if criterion == "all" else (per_layer if per_layer is not None else stats.top_k)
     if not 1 <= n <= E:
         raise XpertError(f"--per-layer {n}: must be 1..{E} (experts per layer)")
-    freq = stats.freq  # [D, L, E]
+    freq, prob = stats.freq, stats.prob  # [D, L, E]
     rng = np.random.default_rng(seed)
     layers = []
     for li, layer in enumerate(stats.layers):
@@ -81,7 +81,7 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             # number of domains in whose top-n the expert is; ties broken by mean frequency
             votes = np.zeros(E)
             for d in range(f.shape[0]):
-                votes[_rank(f[d], n)] += 1
+                votes[top_indices(f[d], n)] += 1
             score = votes + f.mean(0) / (f.mean(0).max() + 1e-12) * 0.5
         elif criterion == "random":
             score = rng.permutation(E).astype(float)
@@ -89,12 +89,13 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             score = -f.mean(0)
         else:  # all
             score = f.mean(0)
-        ids = _rank(score, n)
+        ids = top_indices(score, n)
         layers.append({
             "layer": int(layer),
             "experts": [int(j) for j in ids],
             "scores": [float(score[j]) for j in ids],
             "freq": {d: [float(f[k, j]) for j in ids] for k, d in enumerate(stats.domains)},
+            "prob": {d: [round(float(prob[k, li, j]), 6) for j in ids] for k, d in enumerate(stats.domains)},
         })
         if stats.routed is not None:  # mean total top-k routing weight per token: the block's output scale
             per_domain = stats.routed[:, li, :].sum(-1) / np.maximum(stats.tokens, 1)

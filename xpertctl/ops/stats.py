@@ -1,10 +1,7 @@
 """Routing statistics: run the MoE over each domain's text and count top-k selections per expert."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,32 +13,7 @@ from ..errors import XpertError
 from ..io import arch, open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
 from ..specs import parse_dtype
-
-@contextmanager
-def _model_dir(ck: Checkpoint):
-    """A directory transformers can load: the checkpoint itself, or a bare file plus its config."""
-    if ck.path.is_dir():
-        yield ck.path
-        return
-    if not (ck.path.parent / "config.json").is_file():
-        raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
-    with tempfile.TemporaryDirectory() as d:
-        os.symlink(ck.path.resolve(), Path(d) / "model.safetensors")
-        os.symlink((ck.path.parent / "config.json").resolve(), Path(d) / "config.json")
-        yield Path(d)
-
-
-def load_model(ck: Checkpoint, dtype: torch.dtype, device: str):
-    """The checkpoint as transformers' own model class, in eval mode."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # our own progress bar is the one users watch
-    with _model_dir(ck) as d:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
-        except (OSError, ValueError, KeyError) as e:
-            raise XpertError(f"{ck.path}: transformers cannot load it ({str(e).splitlines()[0][:160]})") from None
-    return model.to(device).eval()
+from .hf_model import load_model
 
 
 class RouterCounter:
@@ -173,7 +145,8 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
 
 def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
         seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-        stream_layers: bool = False, stream_tokens: int = 65536, force: bool = False) -> Path:
+        stream_layers: bool = False, stream_tokens: int = 65536, top_k: int | None = None,
+        force: bool = False) -> Path:
     """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
     from ..io import check_output
     ck = open_checkpoint(src).require_moe()
@@ -183,9 +156,13 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
         raise XpertError(f"--max-tokens: must be positive, got {max_tokens}")
     if batch_size <= 0:
         raise XpertError(f"--batch-size: must be positive, got {batch_size}")
-    top_k = ck.top_k
+    if ck.path.is_file() and not ck.config:
+        raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
+    if top_k is not None and not 1 <= top_k <= ck.num_experts:
+        raise XpertError(f"--top-k {top_k}: must be 1..{ck.num_experts} (experts per layer)")
+    k_override, top_k = top_k, top_k or ck.top_k
     if top_k is None:
-        raise XpertError(f"{ck.path}: top-k unknown (no config.json with num_experts_per_tok)")
+        raise XpertError(f"{ck.path}: top-k unknown (its config.json has no num_experts_per_tok); pass --top-k")
     max_pos = int(ck.config.get("max_position_embeddings", 2048))
     seq_len = seq_len or min(1024, max_pos)
     if not 1 <= seq_len <= max_pos:
@@ -197,15 +174,15 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
         if device != "cpu":
             raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")
         from .stream import load_streaming
-        model = load_streaming(ck, parse_dtype(dtype))
+        model = load_streaming(ck, parse_dtype(dtype), k_override)
     else:
-        model = load_model(ck, parse_dtype(dtype), device)
+        model = load_model(ck, parse_dtype(dtype), device, k_override)
     res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
                   max_tokens=max_tokens, device=device, stream_tokens=stream_tokens if stream_layers else None)
     rec = provenance.record(
-        "stats", inputs=[ck.fingerprint] + [provenance.tree_fingerprint(p) for p in paths.values()],
+        "stats", inputs=[ck.fingerprint] + [provenance.fingerprint(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
-                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers},
+                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers, "top_k": k_override},
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
         layers=res.layers, domains=res.domains)
     tensors = {"counts": res.counts, "mass": res.mass, "routed": res.routed, "tokens": res.tokens,

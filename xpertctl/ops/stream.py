@@ -14,6 +14,7 @@ import torch
 from ..errors import XpertError
 from ..io import arch
 from ..io.checkpoint import Checkpoint
+from .hf_model import config_overrides, model_dir
 
 
 def _disk_key(ck: Checkpoint, layer: int, name: str) -> str:
@@ -49,12 +50,11 @@ def _fill_layer(layer: torch.nn.Module, ck: Checkpoint, i: int, dtype: torch.dty
             t.copy_(src.to(t.dtype))
 
 
-def load_streaming(ck: Checkpoint, dtype: torch.dtype):
+def load_streaming(ck: Checkpoint, dtype: torch.dtype, top_k: int | None = None):
     """The model with only embeddings, norms and rotary tables in memory; layers load on demand."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from .stats import _model_dir
-    with _model_dir(ck) as d:
-        config = AutoConfig.from_pretrained(str(d))
+    with model_dir(ck) as d:
+        config = AutoConfig.from_pretrained(str(d), **config_overrides(ck, top_k))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     base = model.base_model

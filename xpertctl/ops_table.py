@@ -1,0 +1,653 @@
+"""The table of operations: every xpertctl command declared once, as data.
+
+A Command names its help, an example, its typed parameters and the adapter it calls. cli.py builds
+its Typer commands from this table; recipe.py binds a step's `args` to the same parameters and calls
+the same adapter (the `run` entry hands the table to the recipe runner). Neither imports the other.
+
+  Add a command: write its adapter below (import the op inside it, so `xpertctl --help` stays
+  fast; return the output path, which the CLI prints) and append a Command to COMMANDS.
+  Add an option: add an opt(...) / flag(...) to its Command and pass the keyword on in the adapter.
+  The CLI flag, the recipe key (the Param's name), help, choices, recipe type checks and --dry-run
+  validation all follow from that one declaration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import XpertError
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, SPLITS,
+                    WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
+
+REQUIRED = ...  # a Param without a default must be given
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # the adapter's keyword and the key in a recipe step's `args`
+    type: type  # str, int, float, bool or Path (of each element when `multiple`)
+    help: str
+    default: Any = REQUIRED
+    flags: tuple[str, ...] = ()  # () = a positional argument
+    choices: tuple[str, ...] | None = None
+    multiple: bool = False  # a repeatable option; a list in a recipe
+    metavar: str | None = None
+    path: Callable[[Any], str | None] | None = None  # an input: the path inside a value (--dry-run checks it)
+    check: Callable[[Any], Any] | None = None  # validates a value before anything runs (CLI and recipes)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def display(self) -> str:
+        return max(self.flags, key=len) if self.flags else (self.metavar or self.name.upper())
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """A recipe value (YAML-typed) as this parameter's type; lists for `multiple`."""
+        if self.multiple:
+            return [self._one(v, where) for v in (value if isinstance(value, list) else [value])]
+        return self._one(value, where)
+
+    def _one(self, v: Any, where: str) -> Any:
+        if v is None and not self.required:
+            return None
+        t, bad = self.type, False
+        if t is bool:
+            bad = not isinstance(v, bool)
+        elif t in (int, float):  # 3, 3.0 (int only if whole) or "3" from --set
+            try:
+                whole = not (t is int and isinstance(v, float) and not v.is_integer())
+                num = t(v) if whole and not isinstance(v, (bool, list, dict)) else None
+            except (TypeError, ValueError):
+                num = None
+            bad, v = num is None, v if num is None else num
+        elif isinstance(v, (list, tuple)) and t is str:
+            v = ",".join(map(str, v))  # a YAML list for a comma-separated option
+        elif isinstance(v, (dict, list, tuple)):
+            bad = True
+        else:
+            v = Path(str(v)) if t is Path else str(v)
+        if bad:
+            raise XpertError(f"{where}: {self.display} expects {'true/false' if t is bool else t.__name__}, got {v!r}")
+        if self.choices and v not in self.choices:
+            raise XpertError(f"{where}: {self.display} {v!r}: choose one of {', '.join(self.choices)}")
+        return v
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # "select", or "corpus cloze" for a subcommand
+    help: str  # first line: the summary in `xpertctl --help`
+    example: str  # one or more command lines, shown under the command's help
+    params: tuple[Param, ...]
+    run: Callable[..., Any] = field(repr=False)  # adapter: every param by keyword -> what to print (path)
+
+    def param(self, key: str) -> Param | None:
+        return next((p for p in self.params if p.name == key.replace("-", "_")), None)
+
+    def bind(self, args: dict, where: str) -> dict:
+        """A recipe step's args -> every parameter's value (defaults filled); one-line errors."""
+        for key in args:
+            if self.param(key) is None:
+                known = ", ".join(p.name for p in self.params)
+                raise XpertError(f"{where}: {self.name} has no argument {key!r} (arguments: {known})")
+        given = {self.param(k).name: v for k, v in args.items()}
+        values = {}
+        for p in self.params:
+            if p.name in given:
+                values[p.name] = p.coerce(given[p.name], where)
+            elif p.required:
+                raise XpertError(f"{where}: {self.name} needs {p.name!r} ({p.help})")
+            else:
+                values[p.name] = p.default
+        self.check(values, where)
+        return values
+
+    def check(self, values: dict, where: str = "") -> None:
+        """Each value's own check (a target spec, ranks, a size...): before any work starts."""
+        for p in self.params:
+            v = values.get(p.name)
+            if p.check is None or v is None:
+                continue
+            for x in v if p.multiple else [v]:
+                try:
+                    p.check(x)
+                except XpertError as e:
+                    raise XpertError(f"{where}: {e}" if where else str(e)) from None
+
+    def argv(self, args: dict) -> list[str]:
+        """The command line for a recipe step's args (as given, in order): shown, recorded, pasteable."""
+        pos, opts = [], []
+        for key, val in args.items():
+            p = self.param(key)
+            vals = val if isinstance(val, list) and p.multiple else [val]
+            if not p.flags:
+                pos += [str(v) for v in vals]
+            elif p.type is bool:
+                on, _, off = p.display.partition("/")  # an on-by-default switch is --x/--no-x
+                if val:
+                    opts.append(on)
+                elif off:
+                    opts.append(off)
+            else:
+                for v in vals:
+                    opts += [p.display, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+        return self.name.split() + pos + opts
+
+    def inputs(self, values: dict) -> list[tuple[Param, str]]:
+        """(param, path) for every input path in bound values."""
+        found = []
+        for p in self.params:
+            v = values.get(p.name)
+            if p.path is None or v is None:
+                continue
+            for x in v if p.multiple else [v]:
+                path = p.path(x)
+                if path:
+                    found.append((p, path))
+        return found
+
+    def invoke(self, values: dict) -> Any:
+        return self.run(**values)
+
+
+# ---- parameter helpers ------------------------------------------------------------------------------
+
+def _path(v) -> str:
+    return str(v)
+
+
+def _after(sep: str):
+    """The path inside NAME=PATH (domains) or KIND:PATH (eval tasks)."""
+    return lambda v: str(v).partition(sep)[2] or None
+
+
+def arg(name: str, help: str, *, type: type = Path, metavar: str | None = None, input: bool = True, **kw) -> Param:
+    """A positional argument (by default an input path)."""
+    return Param(name, type, help, metavar=metavar or name.upper(), path=_path if input and type is Path else None, **kw)
+
+
+def opt(name: str, default: Any, help: str, *flags: str, type: type | None = None, input: bool = False, **kw) -> Param:
+    """An option; its flag is --name-with-dashes unless given; its type follows the default."""
+    t = type or (builtin_type(default) if default not in (None, REQUIRED) else str)
+    return Param(name, t, help, default=default, flags=flags or (f"--{name.replace('_', '-')}",),
+                 path=kw.pop("path", _path if input else None), **kw)
+
+
+def flag(name: str, help: str, *flags: str) -> Param:
+    return opt(name, False, help, *flags)
+
+
+def builtin_type(value: Any) -> type:
+    return {bool: bool, int: int, float: float}.get(value.__class__, str)
+
+
+def out_param(help: str = "Output path.", required: bool = True) -> Param:
+    return opt("out", REQUIRED if required else None, help, "-o", "--out", type=Path)
+
+
+FORCE = flag("force", "Replace an existing output.")
+JSON = flag("as_json", "Print the summary as JSON on stdout instead of the path (its \"path\" is the output).",
+            "--json")
+
+
+def _check_target(spec: str) -> None:
+    target_parts(spec)
+
+
+def _check_ranks(text: str) -> None:
+    from .ops.tucker import parse_ranks
+    parse_ranks(text)
+
+
+def _check_size(text: str) -> None:
+    from .io import parse_size
+    parse_size(text)
+
+
+def _check_inherit(text: str) -> None:
+    from .ops.graft import parse_inherit
+    parse_inherit(text)
+
+
+def _check_domain(spec: str) -> None:
+    name, sep, path = str(spec).partition("=")
+    if not sep or not name or not path:
+        raise XpertError(f"--domain {spec!r}: expected NAME=PATH")
+
+
+def _check_task(spec: str) -> None:
+    from .eval import parse_task
+    parse_task(spec)
+
+
+def _check_int_list(flag_: str):
+    return lambda text: int_list(text, flag_)
+
+
+def _task_path(spec: str) -> str | None:
+    kind, _, path = str(spec).partition(":")
+    return path if kind in ("ppl", "mc", "gen") else None
+
+
+def _family_names() -> tuple[str, ...]:
+    from .io.arch import BY_NAME
+    return tuple(BY_NAME)
+
+
+TARGET = opt("target", None, "Target shape: 12L, 12L,d2048,f1024 or 8L,h16 (layers, hidden, FFN, heads).",
+             "--target", "-t", check=_check_target)
+LAYERS = opt("layers", None, "Target layers (overrides the L of --target).", type=int)
+HIDDEN = opt("hidden", None, "Target hidden size (overrides d).", type=int)
+FFN = opt("ffn", None, "Target FFN width (overrides f).", type=int)
+HEADS = opt("heads", None, "Target attention heads (overrides h; default: from the source).", type=int)
+RANKS = opt("ranks", None, "Tucker ranks per mode (rows, cols, experts): 'full' or an int each; the expert mode may "
+            "be an energy fraction such as 0.9. Default full,full,full.", check=_check_ranks)
+ALIGN = opt("align", True, "Permute each expert's neurons to match before combining (--no-align: the literal "
+            "paper reading).", "--align/--no-align")
+WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
+                "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
+RESCALE = opt("rescale", "routed", "Scale each down projection by its source layer's mean top-k routing weight per "
+              "token (from the stats): routed, or none (the experts' own scale).", choices=RESCALES)
+LAYER_MAP = opt("layer_map", "uniform", "Depth map: uniform (evenly spaced), first (the first L), merge (group means).",
+                choices=LAYER_MAPS)
+COMBINE = opt("combine", "usage", "Expert combination: usage (selection frequencies; weights sum to 1), uniform, "
+              "literal (1/n, not rescaled: the paper read literally) or first (first component).", choices=COMBINES)
+WIDTH_SELECT = opt("width_select", "norm", "Which dims a narrower target keeps: norm (largest weight energy) or first.",
+                   choices=WIDTH_SELECTS)
+
+
+def _target(spec, layers, hidden, ffn, heads, required=True):
+    from .specs import parse_target
+    if spec is None and layers is None and not required:
+        return None
+    return parse_target(spec, layers, hidden, ffn, heads)
+
+
+# ---- adapters: parse nothing, call one op, return what the CLI prints --------------------------------
+
+def _summary(info: dict, as_json: bool, console: str = "err"):
+    """A summary: returned as JSON for stdout with --json, else tables on stderr (inspect: stdout)."""
+    import json
+    from . import console as c
+    if as_json:
+        return json.dumps(info, indent=2)
+    for t in c.summary_tables(info):
+        getattr(c, console).print(t)
+    return info.get("path")
+
+
+def _inspect(src, as_json):
+    from . import summaries
+    info = summaries.describe(src)
+    if as_json:
+        return _summary(info, True)
+    _summary(info, False, "out")  # the tables are inspect's output: stdout
+
+
+def _families(as_json):
+    from dataclasses import asdict
+    from .io import arch
+    rows = [{**asdict(f), "expert_keys": list(arch.expert_keys(f)) if f.moe else [],
+             "router": arch.router_key(f, False) if f.moe else None} for f in arch.FAMILIES]
+    if as_json:
+        import json
+        return json.dumps(rows, indent=2)
+    from .console import families_table, out
+    out.print(families_table(rows))
+
+
+def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, stream_layers,
+           stream_tokens, as_json, force):
+    from . import summaries
+    from .ops import stats as op
+    path = op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
+                  batch_size=batch_size, device=device, dtype=dtype, top_k=top_k, stream_layers=stream_layers,
+                  stream_tokens=stream_tokens, force=force)
+    return _summary(summaries.stats(path), as_json)
+
+
+def _select(stats_file, out, criterion, per_layer, seed, plot, plot_layers, show, as_json, force):
+    from .ops import select as op
+    if out is None and not show and plot is None and not as_json:
+        raise XpertError("select: give -o FILE, --plot FILE, --show or --json")
+    doc, path = op.run(stats_file, out, criterion=criterion, per_layer=per_layer, seed=seed, plot_path=plot,
+                       plot_layers=int_list(plot_layers, "--plot-layers"), force=force)
+    if show:
+        from .console import err, selection_table
+        err.print(selection_table(doc))
+    if as_json:
+        from . import summaries
+        return _summary(summaries.selection(doc, path), True)
+    return path if path is not None else plot
+
+
+def _decompose(src, selection, out, ranks, align, weighting, no_tucker, as_json, force):
+    from . import summaries
+    from .ops import decompose as op
+    path = op.run(src, selection, out, ranks=ranks, align_neurons=align, weighting=weighting, no_tucker=no_tucker,
+                  force=force)
+    return _summary(summaries.factors(path), as_json)
+
+
+def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, rescale, width_select, force):
+    from .ops import reshape as op
+    return op.run(factors, _target(target, layers, hidden, ffn, None), out, layer_map_how=layer_map,
+                  combine=combine, width_select=width_select, rescale=rescale, force=force)
+
+
+def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
+           align, weighting, no_tucker, layer_map, combine, rescale, width_select, fit, calibration, calibration_tokens,
+           ridge, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
+    from .io import parse_size
+    from .ops import graft as op
+    target = _target(target, layers, hidden, ffn, heads, required=False)
+    heads = target.heads if target is not None else heads  # h of --target, or --heads
+    return op.run(src, out, target=target, like=like, tokenizer=tokenizer,
+                  stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
+                  align_neurons=align, weighting=weighting, no_tucker=no_tucker, layer_map_how=layer_map,
+                  combine=combine, rescale=rescale, fit=fit, calibration=calibration, calibration_tokens=calibration_tokens,
+                  ridge=ridge, seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
+                  ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
+
+
+def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, stream_layers,
+              stream_tokens, seed, force):
+    from .ops import fidelity as op
+    return op.run(src, student, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
+                  batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
+                  stream_tokens=stream_tokens, seed=seed, force=force)
+
+
+def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, force):
+    from . import data
+    return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus, force=force)
+
+
+def _train(ckpt, out, data_dir, sft, resume, force, **cfg):  # every other parameter is a TrainConfig field
+    from .train import TrainConfig, train as op
+    return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force)
+
+
+def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, force):
+    import json
+    from .console import err, results_table
+    from .eval import run as op
+    doc, path = op(ckpt, task, out, seq_len=seq_len, device=device, max_new_tokens=max_new_tokens, seed=seed,
+                   split=split, max_tokens=max_tokens, force=force)
+    err.print(results_table(doc))
+    return path if path is not None else json.dumps(doc["tasks"], indent=2)
+
+
+def _corpus_build(out, max_bytes, force):
+    from .corpus import build
+    return build(out, max_bytes=max_bytes, force=force)
+
+
+def _corpus_tokenizer(corpus, out, vocab_size, force):
+    from .corpus import train_tokenizer
+    return train_tokenizer(corpus, out, vocab_size=vocab_size, force=force)
+
+
+def _corpus_cloze(corpus, out, per_domain, choices, seed, force):
+    from .corpus import cloze
+    return cloze(corpus, out, per_domain=per_domain, choices=choices, seed=seed, force=force)
+
+
+def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts, top_k, max_positions, seed, force):
+    from .ops import init as op
+    return op.run(family, out, tokenizer=tokenizer, layers=layers, hidden=hidden, ffn=ffn, heads=heads,
+                  kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force)
+
+
+def _report(results, out, baseline, teacher, stats_file, selection, fidelity, notes, title, force):
+    from .report import build
+    return build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
+                 fidelity=fidelity, notes=notes, title=title, force=force)
+
+
+def _run(recipe, set_, dry_run, only, profile, resolved):
+    from . import recipe as runner
+    if resolved:
+        return runner.resolved(recipe, set_ or [], profile, table=BY_NAME)
+    return runner.run(recipe, set_ or [], dry_run=dry_run, only=only, profile=profile, table=BY_NAME)
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+
+COMMANDS: tuple[Command, ...] = (
+    Command("inspect", "Describe a checkpoint (family, layout, layers, experts, sizes) or an xpertctl artifact.",
+            "xpertctl inspect olmoe/\nxpertctl inspect model.safetensors --json\nxpertctl inspect factors.safetensors", (
+                arg("src", "Model directory, .safetensors file, or an xpertctl artifact (stats, selection, "
+                           "factors, adapted)."),
+                opt("as_json", False, "Print JSON instead of a table.", "--json"),
+            ), _inspect),
+    Command("families", "List the supported model families (the architecture table) and their on-disk keys.",
+            "xpertctl families\nxpertctl families --json", (
+                opt("as_json", False, "Print JSON instead of a table.", "--json"),
+            ), _families),
+    Command("stats", "Count top-k router selections per (domain, layer, expert) -> stats.safetensors.",
+            "xpertctl stats olmoe/ -d wiki=wiki.txt -d code=code/ -o stats.safetensors", (
+                arg("src", "MoE model directory or .safetensors file."),
+                opt("domain", REQUIRED, "NAME=PATH (.txt, .jsonl or a directory); repeat.", "--domain", "-d",
+                    type=str, multiple=True, path=_after("="), check=_check_domain),
+                out_param("stats.safetensors to write."),
+                opt("tokenizer", None, "Tokenizer directory (default: the checkpoint's).", type=Path, input=True),
+                opt("max_tokens", None, "Tokens per domain (default: all).", type=int),
+                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
+                opt("batch_size", 8, "Windows per forward pass."),
+                opt("device", "cpu", "torch device, e.g. cuda:0."),
+                opt("dtype", "float32", "Compute dtype.", choices=DTYPES),
+                opt("top_k", None, "Experts per token (default: the config's num_experts_per_tok).", type=int),
+                flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
+                opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
+                JSON, FORCE,
+            ), _stats),
+    Command("select", "Choose the experts used across all domains -> selection.json.",
+            "xpertctl select stats.safetensors -o selection.json --plot freq.png --show", (
+                arg("stats_file", "stats.safetensors from `xpertctl stats`.", metavar="STATS"),
+                out_param("selection.json to write.", required=False),
+                opt("criterion", "min", "min (used in every domain), mean, vote; controls: random, low, all.",
+                    choices=CRITERIA),
+                opt("per_layer", None, "Experts per layer (default: the model's top-k).", type=int),
+                opt("seed", 0, "Seed for --criterion random."),
+                opt("plot", None, "PNG: per-domain frequency per expert, selection marked.", type=Path),
+                opt("plot_layers", None, "Comma-separated layers to plot (default: all).",
+                    check=_check_int_list("--plot-layers")),
+                flag("show", "Print the selection as a table (stderr)."),
+                JSON, FORCE,
+            ), _select),
+    Command("decompose", "Stack each layer's selected experts and Tucker-decompose them -> factors.safetensors.",
+            "xpertctl decompose olmoe/ selection.json -o factors.safetensors\n"
+            "xpertctl decompose olmoe/ selection.json -o literal.safetensors --no-align --weighting per-matrix "
+            "--ranks full,full,1", (
+                arg("src", "MoE model directory or .safetensors file."),
+                arg("selection", "selection.json from `xpertctl select`."),
+                out_param("factors.safetensors to write."),
+                RANKS, ALIGN, WEIGHTING,
+                flag("no_tucker", "Frequency-weighted mean instead (ablation)."),
+                JSON, FORCE,
+            ), _decompose),
+    Command("reshape", "Adapt factors to the target depth and width -> adapted.safetensors (one dense FFN per layer).",
+            "xpertctl reshape factors.safetensors --target 12L,d2048,f1024 -o adapted.safetensors", (
+                arg("factors", "factors.safetensors from `xpertctl decompose`."),
+                TARGET, out_param("adapted.safetensors to write."), LAYERS, HIDDEN, FFN,
+                LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT, FORCE,
+            ), _reshape),
+    Command("graft", "Write a dense causal LM (HF directory) with XPERT FFNs.",
+            "xpertctl graft adapted.safetensors -o student/\n"
+            "xpertctl graft olmoe/ --target 12L --stats stats.safetensors -o student/", (
+                arg("src", "adapted.safetensors, or an MoE checkpoint for the one-shot path."),
+                out_param("Model directory to write."), TARGET, LAYERS, HIDDEN, FFN, HEADS,
+                opt("like", None, "Source MoE for config/tokenizer (adapted input; default: the recorded source).",
+                    type=Path, input=True),
+                opt("tokenizer", None, "Tokenizer directory to include (default: the one beside the source).",
+                    type=Path, input=True),
+                opt("stats_file", None, "One-shot: select from these stats.", "--stats", type=Path, input=True),
+                opt("selection", None, "One-shot: use this selection.json.", type=Path, input=True),
+                opt("criterion", "min", "One-shot with --stats: selection criterion.", choices=CRITERIA),
+                opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int),
+                RANKS, ALIGN, WEIGHTING,
+                flag("no_tucker", "One-shot: mean instead of Tucker."),
+                LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT,
+                opt("fit", "none", "Data-aware fit: none, or down (ridge least squares of each down projection to "
+                    "the source MoE block's output on --calibration text).", choices=FITS),
+                opt("calibration", None, "With --fit down: NAME=PATH text to run the source on; repeat.", type=str,
+                    multiple=True, path=_after("="), check=_check_domain),
+                opt("calibration_tokens", 65536, "With --fit down: tokens per calibration domain."),
+                opt("ridge", 1e-3, "With --fit down: ridge, relative to the mean activation energy."),
+                opt("seq_len", None, "With --fit down: window length (default: min(1024, max positions)).", type=int),
+                opt("device", "cpu", "With --fit down: torch device for the source model."),
+                opt("arch", "llama", "Target class: llama, or qwen3 (per-head QK-norm).", choices=ARCHS),
+                opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
+                    check=_check_inherit),
+                opt("ffn_init", "xpert", "xpert; scratch (the same model with fresh FFNs: the baseline); "
+                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control).",
+                    choices=FFN_INITS),
+                opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
+                opt("seed", 0, "Seed of the fresh weights."),
+                opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
+                FORCE,
+            ), _graft),
+    Command("fidelity", "How well each student FFN reproduces its source MoE block(s) on real hidden states -> "
+            "fidelity.json.",
+            "xpertctl fidelity olmoe/ student/ -d wiki=wiki.txt --max-tokens 20000 -o fidelity.json", (
+                arg("src", "The source MoE model directory or .safetensors file."),
+                arg("student", "A model `xpertctl graft` wrote (before training), or adapted.safetensors."),
+                opt("domain", REQUIRED, "NAME=PATH text to run the source on; repeat.", "--domain", "-d",
+                    type=str, multiple=True, path=_after("="), check=_check_domain),
+                out_param("fidelity.json to write."),
+                opt("tokenizer", None, "Tokenizer directory (default: the source's).", type=Path, input=True),
+                opt("max_tokens", None, "Tokens per domain (default: all).", type=int),
+                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
+                opt("batch_size", 8, "Windows per forward pass."),
+                opt("device", "cpu", "torch device, e.g. cuda:0."),
+                opt("dtype", "float32", "Compute dtype of the source.", choices=DTYPES),
+                flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
+                opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
+                opt("seed", 0, "Seed of the scratch reference FFN."),
+                FORCE,
+            ), _fidelity),
+    Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
+            "xpertctl tokenize --tokenizer student/ -d wiki=wiki.txt -d code=code/ -o data/", (
+                opt("tokenizer", REQUIRED, "Tokenizer directory (a model dir works).", type=Path, input=True),
+                opt("domain", None, "NAME=PATH; repeat.", "--domain", "-d", type=str, multiple=True,
+                    path=_after("="), check=_check_domain),
+                opt("corpus", None, "A corpus from `corpus build` (keeps its splits).", type=Path, input=True),
+                out_param("Token data directory to write."),
+                opt("val_pct", 5, "Percent of documents (by hash) for validation."),
+                opt("test_pct", 5, "Percent of documents (by hash) for test."),
+                FORCE,
+            ), _tokenize),
+    Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
+            "xpertctl train student/ --data data/ --steps 2000 -o runs/a\n"
+            "torchrun --nproc-per-node 8 $(which xpertctl) train student/ --data data/ --steps 2000 -o runs/a --device cuda", (
+                arg("ckpt", "HF model directory (e.g. from graft)."),
+                out_param("Run directory: step-NNNNNN/, final/, metrics.jsonl."),
+                opt("data_dir", None, "Token data from `xpertctl tokenize`.", "--data", type=Path, input=True),
+                opt("sft", None, "Instruction JSONL (instruction, context, response).", type=Path, input=True),
+                opt("steps", None, "Optimizer steps.", type=int),
+                opt("tokens", None, "Training tokens (instead of --steps).", type=int),
+                opt("batch_size", 8, "Sequences per micro-step (global, across ranks)."),
+                opt("grad_accum", 1, "Micro-steps per optimizer step."),
+                opt("seq_len", 256, "Tokens per training sequence."),
+                opt("lr", 3e-4, "Peak learning rate (AdamW)."),
+                opt("warmup", 20, "Linear warmup steps before the cosine decay."),
+                opt("min_lr_ratio", 0.1, "Final LR as a fraction of --lr (cosine)."),
+                opt("weight_decay", 0.1, "AdamW weight decay (matrices only)."),
+                opt("grad_clip", 1.0, "Gradient norm clip."),
+                opt("seed", 0, "Seed: data order and init-independent batches."),
+                opt("eval_every", 50, "Validation loss every N steps (0: at the end only)."),
+                opt("eval_batches", 8, "Validation batches per evaluation."),
+                opt("save_every", 0, "Save a resumable checkpoint every N steps (0: final only)."),
+                opt("keep", 2, "Step checkpoints kept."),
+                opt("device", "cpu", "torch device (cpu, cuda, cuda:1)."),
+                opt("save_dtype", None, "dtype of the final checkpoint (default: float32).", choices=DTYPES),
+                opt("resume", "no", "auto: continue from the last checkpoint in OUT.", choices=RESUME),
+                FORCE,
+            ), _train),
+    Command("eval", "Perplexity per domain, multiple choice (acc, acc_norm), generation (Rouge-L) -> results.json.",
+            "xpertctl eval runs/a/final --task ppl:data/ --task mc:cloze.jsonl --split test -o results.json", (
+                arg("ckpt", "HF model directory."),
+                opt("task", REQUIRED, "ppl:PATH, mc:FILE.jsonl or gen:FILE.jsonl; repeat.", type=str, multiple=True,
+                    path=_task_path, check=_check_task),
+                out_param("results.json to write (default: print the results).", required=False),
+                opt("split", "val", "Split of a token DATA dir for ppl.", choices=SPLITS),
+                opt("max_tokens", None, "ppl: tokens per domain at most (default: all).", type=int),
+                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
+                opt("max_new_tokens", 64, "gen: tokens generated per record."),
+                opt("device", "cpu", "torch device."),
+                opt("seed", 0, "Seed (generation is greedy; kept for the record)."),
+                FORCE,
+            ), _eval),
+    Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",
+            "xpertctl corpus build -o build/corpus", (
+                out_param("Corpus directory to write."),
+                opt("max_bytes", 2_000_000, "Bytes of text per domain at most."),
+                FORCE,
+            ), _corpus_build),
+    Command("corpus tokenizer", "Train a byte-level BPE tokenizer on the corpus train split -> HF tokenizer directory.",
+            "xpertctl corpus tokenizer build/corpus -o build/tokenizer --vocab-size 2048", (
+                arg("corpus", "Corpus directory from `corpus build`."),
+                out_param("Tokenizer directory to write."),
+                opt("vocab_size", 4096, "Vocabulary size."),
+                FORCE,
+            ), _corpus_tokenizer),
+    Command("corpus cloze", "A multiple-choice cloze task (real continuation vs distractors) from the test split -> JSONL.",
+            "xpertctl corpus cloze build/corpus -o cloze.jsonl --per-domain 25", (
+                arg("corpus", "Corpus directory from `corpus build`."),
+                out_param("cloze.jsonl to write."),
+                opt("per_domain", 50, "Items per domain."),
+                opt("choices", 4, "Choices per item (one real continuation)."),
+                opt("seed", 0, "Seed of the distractor draw."),
+                FORCE,
+            ), _corpus_cloze),
+    Command("init", "Write a fresh, seeded model of a family (e.g. a teacher MoE to train).",
+            "xpertctl init olmoe --tokenizer build/tokenizer -o teacher-init/ --layers 6 --experts 16", (
+                arg("family", "Family from the architecture table (`xpertctl families`).", type=str,
+                    choices=_family_names()),
+                out_param("Model directory to write."),
+                opt("tokenizer", REQUIRED, "Tokenizer directory.", type=Path, input=True),
+                opt("layers", 6, "Decoder layers."),
+                opt("hidden", 128, "Hidden size."),
+                opt("ffn", 128, "FFN width (of one expert for an MoE)."),
+                opt("heads", 4, "Attention heads."),
+                opt("kv_heads", None, "Key/value heads (default: --heads).", type=int),
+                opt("experts", 16, "Routed experts per MoE layer."),
+                opt("top_k", 2, "Experts per token."),
+                opt("max_positions", 1024, "Maximum sequence length."),
+                opt("seed", 0, "Seed of the initial weights."),
+                FORCE,
+            ), _init),
+    Command("report", "Summarize training runs: REPORT.md (mean ± std, paired 95% CI vs the baseline, fidelity per "
+            "arm) + PNGs.",
+            "xpertctl report --results 'eval/*L-s*.json' --teacher eval/teacher.json -o report/", (
+                opt("results", REQUIRED, "Glob(s) of eval JSONs named ARM-<d>L-s<seed>.json; repeat.", type=str,
+                    multiple=True),
+                out_param("Report directory to write."),
+                opt("baseline", "scratch", "Arm the others are compared with."),
+                opt("teacher", None, "The teacher's eval JSON (reference numbers).", type=Path, input=True),
+                opt("stats_file", None, "Teacher stats for the heatmap.", "--stats", type=Path, input=True),
+                opt("selection", None, "Selection to mark on the heatmap.", type=Path, input=True),
+                opt("fidelity", None, "Glob(s) of `xpertctl fidelity` JSONs named like the results; repeat.",
+                    type=str, multiple=True),
+                opt("notes", None, "A paragraph added under the verdict (e.g. the training budget).", type=str),
+                opt("title", "XPERT demo", "Report title."),
+                FORCE,
+            ), _report),
+    Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped.",
+            "xpertctl run recipes/demo.yaml --profile quick --set vars.steps=20 --only 'train-*'", (
+                arg("recipe", "Recipe YAML."),
+                opt("set_", None, "Override: vars.x=1 or steps.ID.args.y=2 (ID may be a glob); repeat.", "--set",
+                    type=str, multiple=True),
+                flag("dry_run", "Print the plan (run/skip per step) only."),
+                opt("only", None, "Run only steps whose id matches (glob *); repeat.", type=str, multiple=True),
+                opt("profile", None, "A named set of var overrides from the recipe (e.g. quick).", type=str),
+                flag("resolved", "Print the recipe as it would run (YAML: profile and --set applied, grids "
+                                 "expanded, references resolved, each step's command) and exit."),
+            ), _run),
+)
+
+BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
