@@ -246,6 +246,15 @@ def _record(op: str, argv: list[str], args: dict) -> dict:
     return {"op": op, "argv": argv, "inputs": inputs}
 
 
+def _started(out: str, rec: dict) -> bool:
+    """True when the step's last run had exactly these arguments and inputs and did not finish."""
+    p = _record_path(out)
+    try:
+        return p.is_file() and json.loads(p.read_text()) == {**rec, "started": True}
+    except json.JSONDecodeError:
+        return False
+
+
 def _record_path(out: str) -> Path:
     p = Path(out)
     return p.parent / f".{p.name}.step.json"
@@ -276,11 +285,12 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             continue
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            _record_path(out).unlink(missing_ok=True)
-            if Path(out).exists() and op == "train" and "--resume" not in argv:
-                argv = argv + ["--resume", "auto"]  # a killed training run continues from its checkpoint
+            started = _started(out, rec)
+            _record_path(out).write_text(json.dumps({**rec, "started": True}, indent=1))
+            if Path(out).exists() and op == "train" and "--resume" not in argv and started:
+                argv = argv + ["--resume", "auto"]  # a killed run of this very step continues from its checkpoint
             elif Path(out).exists() and "--force" not in argv:
-                argv = argv + ["--force"]  # a stale output (its record did not match) is replaced
+                argv = argv + ["--force"]  # a stale output (its arguments changed) is replaced, never continued
         import sys
         saved = sys.argv
         sys.argv = ["xpertctl", *argv]
