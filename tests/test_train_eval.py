@@ -140,8 +140,8 @@ def test_ppl_equals_direct_exp_mean_nll(model_tok):
 
 def test_mc_acc_and_acc_norm(model_tok, tmp_path):
     model, tok = model_tok
-    recs = [{"context": "the law shall", "choices": [" apply", " god created the heaven"], "label": 1},
-            {"context": "def main ( ) :", "choices": [" return 0", " the earth"], "label": 0}]
+    recs = [{"context": "the law shall", "choices": ["apply", "god created the heaven"], "label": 1},
+            {"context": "def main ( ) :", "choices": ["return 0", "the earth"], "label": 0}]
     f = tmp_path / "mc.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in recs))
     res = ev.multiple_choice(model, tok, str(f), "cpu")
@@ -150,7 +150,7 @@ def test_mc_acc_and_acc_norm(model_tok, tmp_path):
         lls = []
         for c in r["choices"]:
             ctx = tok(r["context"], add_special_tokens=False)["input_ids"]
-            whole = tok(r["context"] + c, add_special_tokens=False)["input_ids"]
+            whole = tok(r["context"] + " " + c, add_special_tokens=False)["input_ids"]  # target delimiter " "
             with torch.no_grad():
                 lp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0, :-1], -1)
             lls.append(sum(float(lp[p - 1, whole[p]]) for p in range(len(ctx), len(whole))))
@@ -178,7 +178,7 @@ def test_gen_rouge_matches_rouge_score(model_tok, tmp_path, monkeypatch):
 
 def test_eval_cli_writes_results(fx, tdata, tmp_path, cli):
     mc = tmp_path / "mc.jsonl"
-    mc.write_text(json.dumps({"context": "the law", "choices": [" shall", " god"], "label": 0}) + "\n")
+    mc.write_text(json.dumps({"context": "the law", "choices": ["shall", "god"], "label": 0}) + "\n")
     out = tmp_path / "r.json"
     code, so, err = cli("eval", fx / "llama", "--task", f"ppl:{tdata}", "--task", f"mc:{mc}", "-o", out)
     assert code == 0, err

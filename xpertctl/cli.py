@@ -203,16 +203,18 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
 
 @app.command(name="eval")
 def evaluate(ckpt: Path = typer.Argument(..., help="HF model directory."),
-             task: List[str] = typer.Option(..., "--task", help="ppl:PATH, mc:FILE.jsonl or gen:FILE.jsonl; repeat."),
+             task: List[str] = typer.Option(..., "--task", help="ppl:PATH, mc:FILE.jsonl, gen:FILE.jsonl or lmeval:TASKS; repeat."),
              out: Optional[Path] = typer.Option(None, "-o", "--out", help="results.json to write."),
              split: str = typer.Option("val", help="Split of a token DATA dir for ppl."),
              max_tokens: Optional[int] = typer.Option(None, help="ppl: tokens per domain at most (default: all)."),
              seq_len: Optional[int] = typer.Option(None), max_new_tokens: int = typer.Option(64),
-             device: str = typer.Option("cpu"), seed: int = typer.Option(0), force: bool = ForceOpt):
+             device: str = typer.Option("cpu"), seed: int = typer.Option(0),
+             target_delimiter: str = typer.Option(" ", help="mc: text between context and choice (lm-evaluation-harness's)."),
+             force: bool = ForceOpt):
     """Perplexity per domain, multiple choice (acc, acc_norm), generation (Rouge-L) -> results.json."""
     from .eval import run as op
     doc, path = op(ckpt, task, out, seq_len=seq_len, device=device, max_new_tokens=max_new_tokens, seed=seed,
-                   split=split, max_tokens=max_tokens, force=force)
+                   split=split, max_tokens=max_tokens, target_delimiter=target_delimiter, force=force)
     from .console import err, results_table
     err.print(results_table(doc))
     if path is not None:
