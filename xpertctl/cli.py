@@ -43,19 +43,20 @@ def stats(src: Path = typer.Argument(..., help="MoE model directory or .safetens
           domain: List[str] = typer.Option(..., "--domain", "-d", help="NAME=PATH (.txt, .jsonl or a directory); repeat."),
           out: Path = OutOpt,
           tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: the checkpoint's)."),
-          max_tokens: Optional[int] = typer.Option(None, help="Tokens per domain (default: all)."),
+          max_tokens: Optional[int] = typer.Option(None, help="Tokens per domain, from documents sampled across it (default: all)."),
           seq_len: Optional[int] = typer.Option(None, help="Window length (default: min(1024, max positions))."),
           batch_size: int = typer.Option(8, help="Windows per forward pass."),
           device: str = typer.Option("cpu", help="torch device, e.g. cuda:0."),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
           stream_layers: bool = typer.Option(False, "--stream-layers", help="Load one decoder layer at a time (models larger than RAM)."),
           stream_tokens: int = typer.Option(65536, help="With --stream-layers: tokens per pass over the layers."),
+          seed: int = typer.Option(0, help="With --max-tokens: seed of the document sample."),
           force: bool = ForceOpt):
     """Count top-k router selections per (domain, layer, expert) -> stats.safetensors."""
     from .ops import stats as op
     print(op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                  batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
-                 stream_tokens=stream_tokens, force=force))
+                 stream_tokens=stream_tokens, seed=seed, force=force))
 
 
 @app.command()

@@ -184,6 +184,13 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
                 entry[s] = {"file": f"{name}.{s}.bin", "tokens": int(arr.size), "documents": len(ds)}
             if entry["train"]["tokens"] == 0:
                 raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
+            wanted = {"val": presplit is not None or val_pct > 0, "test": presplit is not None or test_pct > 0}
+            empty = [s for s in ("val", "test") if wanted[s] and entry[s]["tokens"] == 0]
+            if empty:  # train's validation and eval --split would find nothing: say so now
+                from .console import notice
+                notice(f"{p}: domain {name!r}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                       f"empty ({'no document there' if presplit is not None else 'no document hashed there'}; "
+                       "use more text or larger --val-pct/--test-pct)")
             manifest["domains"][name] = entry
         manifest["xpertctl"] = provenance.record("data", inputs=[], params={
             "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,

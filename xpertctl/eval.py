@@ -261,6 +261,8 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
     if any(k == "lmeval" for k, _ in parsed):
         from . import lmeval
         lmeval.require()  # before loading anything: the extra may be missing
+    from .io.checkpoint import resolve_source
+    ckpt = resolve_source(ckpt)
     torch.manual_seed(seed)
     model = load_causal_lm(ckpt).to(device).eval()
     tok = data.load_tokenizer(ckpt)

@@ -22,7 +22,7 @@ from . import data
 from .console import err, progress
 from .errors import XpertError
 from .io import provenance
-from .specs import parse_dtype
+from .specs import check_device, parse_dtype
 
 
 @dataclass
@@ -155,6 +155,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
     if cfg.keep < 1:
         raise XpertError(f"--keep {cfg.keep}: keep at least 1 step checkpoint (--save-every 0 saves none)")
+    check_device(cfg.device)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.batch_size % world:
@@ -162,6 +163,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     out = Path(out)
     if out.exists() and resume == "no" and not force:
         raise XpertError(f"{out}: already exists (use --resume auto to continue it, or --force)")
+    from .io.checkpoint import resolve_source
+    ckpt = resolve_source(ckpt)
     model = load_causal_lm(ckpt)
     tok = data.load_tokenizer(ckpt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -173,12 +176,19 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             raise XpertError(f"{data_dir}: {len(train_s)} training tokens, fewer than --seq-len {cfg.seq_len}")
         get = lambda step, micro, split=0: lm_batch(train_s if split == 0 else val_s, cfg, step, micro, split)
         has_val = len(val_s) > cfg.seq_len
+        if not has_val and cfg.eval_every:
+            raise XpertError(f"{data_dir}: the val split {'is empty' if not len(val_s) else f'has only {len(val_s)} tokens'}"
+                             f" (fewer than --seq-len {cfg.seq_len} + 1), so there is no validation loss; "
+                             "re-tokenize with a larger --val-pct, or pass --eval-every 0")
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     else:
         ex = sft_examples(sft, tok, cfg.seq_len)
         get = lambda step, micro, split=0: sft_batch(ex, cfg, step, micro, pad, split)
         has_val = False
         tokens_per_step = None
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and cfg.seq_len > int(max_pos):
+        raise XpertError(f"--seq-len {cfg.seq_len}: longer than {ckpt}'s max_position_embeddings ({max_pos})")
     total = cfg.steps or (math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens and tokens_per_step else None)
     if not total or total <= 0:
         raise XpertError("give --steps (or --tokens for pretraining)")

@@ -170,6 +170,7 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| selection | {rec.get('selection_summary', '-')} |",
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
+        *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
@@ -243,7 +244,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "layer_map": layer_map_how, "combine": combine,
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
-        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary)
+        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [])
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
     tok_dir = ck.path if ck.path.is_dir() else ck.path.parent

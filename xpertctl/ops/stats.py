@@ -15,7 +15,7 @@ from ..console import progress
 from ..errors import XpertError
 from ..io import arch, open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
-from ..specs import parse_dtype
+from ..specs import check_device, parse_dtype
 
 @contextmanager
 def _model_dir(ck: Checkpoint):
@@ -153,11 +153,20 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
                        list(ck.moe_layers), list(docs_by_domain), total / max(time.perf_counter() - t0, 1e-9))
 
 
+def sample_documents(docs: list[str], seed: int) -> list[str]:
+    """The domain's documents in a seeded random order, so that --max-tokens takes documents from the
+    whole domain (every file of a directory), not its first ones."""
+    import numpy as np
+    order = np.random.default_rng(seed).permutation(len(docs))
+    return [docs[i] for i in order]
+
+
 def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
         seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-        stream_layers: bool = False, stream_tokens: int = 65536, force: bool = False) -> Path:
+        stream_layers: bool = False, stream_tokens: int = 65536, seed: int = 0, force: bool = False) -> Path:
     """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
     from ..io import check_output
+    check_device(device)
     ck = open_checkpoint(src).require_moe()
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, *paths.values()])
@@ -175,6 +184,8 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
     tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
     tok = data.load_tokenizer(tok_dir)
     docs = {name: data.read_documents(p) for name, p in paths.items()}
+    if max_tokens is not None:
+        docs = {name: sample_documents(d, seed) for name, d in docs.items()}
     if stream_layers:
         if device != "cpu":
             raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")
@@ -187,7 +198,9 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
     rec = provenance.record(
         "stats", inputs=[ck.fingerprint] + [provenance.tree_fingerprint(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
-                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers},
+                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers,
+                "sample": {"seed": seed, "how": "documents in seeded random order"} if max_tokens else None},
+        seed=seed if max_tokens else None,
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
         layers=res.layers, domains=res.domains)
     tensors = {"counts": res.counts, "mass": res.mass, "tokens": res.tokens,
