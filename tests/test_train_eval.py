@@ -46,8 +46,18 @@ def test_tokenize_manifest_and_splits(tdata):
     for d in td.domains:
         assert all(m["domains"][d][s]["tokens"] > 0 for s in data.SPLITS)
         assert td.array(d, "train").max() < m["tokenizer"]["vocab_size"]
-    # the split is a function of the document text alone
-    assert data.split_of("same text") == data.split_of("same text")
+    # the split is a function of the document text alone: not of the process (str hash() is salted per
+    # process), not of the other documents; and the percentages hold
+    docs = [f"document {k}: {TEXT[k % 50:]}" for k in range(2000)]
+    here = [data.split_of(d, 10, 5) for d in docs]
+    code = ("import json, sys; from xpertctl import data; "
+            "print(json.dumps([data.split_of(d, 10, 5) for d in json.load(sys.stdin)]))")
+    other = subprocess.run([sys.executable, "-c", code], input=json.dumps(docs[::-1]), capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    assert json.loads(other.stdout)[::-1] == here
+    frac = {s: here.count(s) / len(here) for s in data.SPLITS}
+    assert abs(frac["val"] - 0.10) < 0.03 and abs(frac["test"] - 0.05) < 0.02
+    assert all(data.split_of(d, 0, 0) == "train" for d in docs[:200])
 
 
 def test_fifty_steps_lower_the_loss(fx, tdata, tmp_path):
