@@ -128,7 +128,7 @@ def test_ppl_reports_word_perplexity_and_bits_per_byte(bos_llama, tmp_path):
 # lm_eval is imported inside the tests: `make setup` installs the extra, and one test runs without it.
 
 
-def _cloze_items(tmp_path, n=12):
+def _cloze_items(tmp_path, n=8):
     from xpertctl import corpus
     f = tmp_path / "cloze.jsonl"
     corpus.cloze(ROOT / "fixtures" / "corpus-mini", f, per_domain=2, seed=7)
@@ -170,7 +170,7 @@ def test_loglikelihoods_match_the_harness_item_by_item(tmp_path):
     reqs = [Instance("loglikelihood", {}, (x["context"], " " + c), i) for x in items for i, c in enumerate(x["choices"])]
     theirs = [ll for ll, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
     ours = [ll for x in items for ll in ev.choice_loglikelihoods(model, tok, x["context"], x["choices"], "cpu")]
-    assert np.max(np.abs(np.array(ours) - np.array(theirs))) < 1e-3
+    assert np.max(np.abs(np.array(ours) - np.array(theirs))) < 1e-4  # measured: 3e-5 on 55 items
     # word perplexity / bits per byte: the harness's rolling log-likelihood of each document
     texts = [x["context"] for x in items]
     rolling = sum(lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts],

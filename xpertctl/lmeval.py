@@ -22,10 +22,10 @@ def require() -> None:
         raise XpertError(f"--task lmeval:...: needs lm-evaluation-harness, which is not installed ({EXTRA})") from None
 
 
-def parse(arg: str) -> tuple[list[str], list[str], str | None]:
-    """(task names, include directories, fingerprint of the task files)."""
+def parse(arg: str) -> tuple[list[str], list[str], str | None, bool]:
+    """(task names, include directories, fingerprint of the task files, whether a registry name is used)."""
     import yaml
-    names, includes, blobs = [], [], []
+    names, includes, blobs, registry = [], [], [], False
     for entry in (e.strip() for e in arg.split(",")):
         if not entry:
             continue
@@ -47,22 +47,24 @@ def parse(arg: str) -> tuple[list[str], list[str], str | None]:
             blobs.append(p.read_bytes())
         else:
             names.append(entry)
+            registry = True
     if not names:
         raise XpertError(f"--task lmeval:{arg}: no task named")
-    return names, sorted(set(includes)), provenance.sha256(b"".join(blobs)) if blobs else None
+    return names, sorted(set(includes)), provenance.sha256(b"".join(blobs)) if blobs else None, registry
 
 
 def evaluate(model, tok, arg: str, *, device: str = "cpu", batch_size: int = 8, seed: int = 0,
              max_length: int | None = None) -> dict:
     """{task: {metric: value, ..., "n": samples}, "lm_eval": version} for the already loaded model."""
     require()
-    names, includes, fp = parse(arg)
+    names, includes, fp, registry = parse(arg)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices are not ours to print
     import lm_eval
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    tm = TaskManager(include_path=includes or None)
+    # indexing the harness's own ~200 task folders takes seconds: only when a task is named from it
+    tm = TaskManager(include_path=includes or None, include_defaults=registry)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise XpertError(f"--task lmeval:{arg}: unknown task {unknown[0]!r} (not a harness task, nor in a given task file)")
