@@ -178,8 +178,10 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None, dict, P
     if src.is_file():
         if src.suffix != ".safetensors":
             raise XpertError(f"{src}: expected a model directory or a .safetensors file")
-        if _shard_of(src) is not None:  # its keys are a fraction of the model: never guess a family from them
-            raise XpertError(f"{src}: one shard of a sharded checkpoint; pass its directory {src.parent}")
+        index = _shard_of(src)
+        if index is not None:  # its keys are a fraction of the model: never guess a family from them
+            where = f"its directory {src.parent}" if index.is_file() else f"the model directory with its {INDEX}"
+            raise XpertError(f"{src}: one shard of a sharded checkpoint; pass {where}")
         cfg_path = src.parent / "config.json"
         return [src], None, (_load_json(cfg_path) if cfg_path.is_file() else {}), None
     if not src.is_dir():
