@@ -136,3 +136,16 @@ def test_recipe_resumes_a_killed_step_with_the_same_args(fx, tdata, tmp_path, ca
     rc.run(r)
     assert "resuming" in capsys.readouterr().err
     assert [x["step"] for x in _rows(tmp_path / "run")] == list(range(1, 9))
+
+
+def test_resume_refuses_a_checkpoint_whose_weights_do_not_fit(fx, tdata, tmp_path, cli):
+    from safetensors.torch import load_file, save_file
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    f = run / "step-000004" / "model.safetensors"
+    sd = load_file(str(f))
+    sd.pop("model.norm.weight")  # a checkpoint missing a weight must not load silently (strict=False did)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    code, out, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
+    assert_user_error(code, err, "step-000004", "model.norm.weight")
