@@ -13,11 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xpertctl.io import open_checkpoint  # noqa: E402
 from xpertctl.ops import stats as st  # noqa: E402
+from xpertctl.ops.hf_model import load_model  # noqa: E402
 
 
 def main(src: Path, batch: int = 4, seq: int = 512, repeats: int = 5) -> dict:
     ck = open_checkpoint(src)
-    model = st.load_model(ck, torch.float32, "cpu")
+    model = load_model(ck, torch.float32, "cpu")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 2048, (batch, seq), generator=g)
     mask = torch.ones_like(x)

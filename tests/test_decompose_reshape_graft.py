@@ -185,6 +185,29 @@ def test_width_selection_is_index_consistent(fx, tmp_path, how):
         assert ri.tolist() == list(range(20))
 
 
+def test_norm_width_selection_picks_the_planted_high_energy_rows():
+    """Independent oracle: dense FFNs whose high-energy residual dimensions and neurons are planted."""
+    H, I, d, f = 16, 12, 5, 4
+    g0 = torch.Generator().manual_seed(0)
+    R = [2, 5, 9, 13, 14]  # residual dimensions with energy in every layer
+    N = {0: [1, 4, 7, 10], 1: [0, 3, 8, 11]}  # neurons with energy, per layer
+    per_src = {}
+    for layer, neurons in N.items():
+        g, u, dn = (torch.randn(I, H, generator=g0) * 0.01, torch.randn(I, H, generator=g0) * 0.01,
+                    torch.randn(H, I, generator=g0) * 0.01)
+        g[:, R] += 1.0; u[:, R] -= 1.0; dn[R, :] += 1.0
+        g[neurons, :] += 2.0; u[neurons, :] += 2.0; dn[:, neurons] -= 2.0
+        per_src[layer] = (g, u, dn)
+    meta = {"hidden": H, "expert_ffn": I, "layers": [0, 1], "source": {}, "family": "olmoe"}
+    out, _ = reshape.adapt(per_src, meta, Target(2, d, f), width_select="norm")
+    assert out["residual_index"].tolist() == R
+    for layer, neurons in N.items():
+        assert out[f"layers.{layer}.neuron_index"].tolist() == neurons
+        g, u, dn = per_src[layer]
+        assert torch.equal(out[f"layers.{layer}.gate_proj"], g[neurons][:, R])
+        assert torch.equal(out[f"layers.{layer}.down_proj"], dn[R][:, neurons])
+
+
 def test_merge_averages_groups_and_full_width_keeps_everything(fx, tmp_path):
     t, meta = _factors(fx, tmp_path)
     out, m2 = reshape.compute(t, meta, Target(1), layer_map_how="merge")

@@ -46,8 +46,18 @@ def test_tokenize_manifest_and_splits(tdata):
     for d in td.domains:
         assert all(m["domains"][d][s]["tokens"] > 0 for s in data.SPLITS)
         assert td.array(d, "train").max() < m["tokenizer"]["vocab_size"]
-    # the split is a function of the document text alone
-    assert data.split_of("same text") == data.split_of("same text")
+    # the split is a function of the document text alone: not of the process (str hash() is salted per
+    # process), not of the other documents; and the percentages hold
+    docs = [f"document {k}: {TEXT[k % 50:]}" for k in range(2000)]
+    here = [data.split_of(d, 10, 5) for d in docs]
+    code = ("import json, sys; from xpertctl import data; "
+            "print(json.dumps([data.split_of(d, 10, 5) for d in json.load(sys.stdin)]))")
+    other = subprocess.run([sys.executable, "-c", code], input=json.dumps(docs[::-1]), capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    assert json.loads(other.stdout)[::-1] == here
+    frac = {s: here.count(s) / len(here) for s in data.SPLITS}
+    assert abs(frac["val"] - 0.10) < 0.03 and abs(frac["test"] - 0.05) < 0.02
+    assert all(data.split_of(d, 0, 0) == "train" for d in docs[:200])
 
 
 def test_fifty_steps_lower_the_loss(fx, tdata, tmp_path):
@@ -140,8 +150,8 @@ def test_ppl_equals_direct_exp_mean_nll(model_tok):
 
 def test_mc_acc_and_acc_norm(model_tok, tmp_path):
     model, tok = model_tok
-    recs = [{"context": "the law shall", "choices": [" apply", " god created the heaven"], "label": 1},
-            {"context": "def main ( ) :", "choices": [" return 0", " the earth"], "label": 0}]
+    recs = [{"context": "the law shall", "choices": ["apply", "god created the heaven"], "label": 1},
+            {"context": "def main ( ) :", "choices": ["return 0", "the earth"], "label": 0}]
     f = tmp_path / "mc.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in recs))
     res = ev.multiple_choice(model, tok, str(f), "cpu")
@@ -150,7 +160,7 @@ def test_mc_acc_and_acc_norm(model_tok, tmp_path):
         lls = []
         for c in r["choices"]:
             ctx = tok(r["context"], add_special_tokens=False)["input_ids"]
-            whole = tok(r["context"] + c, add_special_tokens=False)["input_ids"]
+            whole = tok(r["context"] + " " + c, add_special_tokens=False)["input_ids"]  # target delimiter " "
             with torch.no_grad():
                 lp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0, :-1], -1)
             lls.append(sum(float(lp[p - 1, whole[p]]) for p in range(len(ctx), len(whole))))
@@ -178,7 +188,7 @@ def test_gen_rouge_matches_rouge_score(model_tok, tmp_path, monkeypatch):
 
 def test_eval_cli_writes_results(fx, tdata, tmp_path, cli):
     mc = tmp_path / "mc.jsonl"
-    mc.write_text(json.dumps({"context": "the law", "choices": [" shall", " god"], "label": 0}) + "\n")
+    mc.write_text(json.dumps({"context": "the law", "choices": ["shall", "god"], "label": 0}) + "\n")
     out = tmp_path / "r.json"
     code, so, err = cli("eval", fx / "llama", "--task", f"ppl:{tdata}", "--task", f"mc:{mc}", "-o", out)
     assert code == 0, err

@@ -205,13 +205,14 @@ def cloze(corpus: Path, out: Path, *, per_domain: int = 50, choices: int = 4, co
             w = pool[i]
             start = rng.randrange(0, len(w) - context_words - continuation_words + 1)
             ctx = " ".join(w[start: start + context_words])
-            real = " " + " ".join(w[start + context_words: start + context_words + continuation_words])
+            # choices without a leading space: eval joins them with --target-delimiter " " (the harness's way)
+            real = " ".join(w[start + context_words: start + context_words + continuation_words])
             others = [j for j in range(len(pool)) if j != i]
             distract = []
             for j in rng.sample(others, len(others)):
                 v = pool[j]
                 s = rng.randrange(0, len(v) - continuation_words + 1)
-                cand = " " + " ".join(v[s: s + continuation_words])
+                cand = " ".join(v[s: s + continuation_words])
                 if cand != real and cand not in distract:
                     distract.append(cand)
                 if len(distract) == choices - 1:

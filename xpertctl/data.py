@@ -75,6 +75,14 @@ def load_tokenizer(path: Path):
         raise XpertError(f"{path}: cannot load tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
+def sample_documents(docs: list[str], seed: int) -> list[str]:
+    """The domain's documents in a seeded random order, so that --max-tokens takes documents from the
+    whole domain (every file of a directory), not its first ones."""
+    import numpy as np
+    order = np.random.default_rng(seed).permutation(len(docs))
+    return [docs[i] for i in order]
+
+
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """All documents' token ids, each document followed by EOS, cut at max_tokens."""
     eos = tokenizer.eos_token_id
@@ -184,6 +192,13 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
                 entry[s] = {"file": f"{name}.{s}.bin", "tokens": int(arr.size), "documents": len(ds)}
             if entry["train"]["tokens"] == 0:
                 raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
+            wanted = {"val": presplit is not None or val_pct > 0, "test": presplit is not None or test_pct > 0}
+            empty = [s for s in ("val", "test") if wanted[s] and entry[s]["tokens"] == 0]
+            if empty:  # train's validation and eval --split would find nothing: say so now
+                from .console import notice
+                notice(f"{p}: domain {name!r}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                       f"empty ({'no document there' if presplit is not None else 'no document hashed there'}; "
+                       "use more text or larger --val-pct/--test-pct)")
             manifest["domains"][name] = entry
         manifest["xpertctl"] = provenance.record("data", inputs=[], params={
             "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,

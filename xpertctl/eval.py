@@ -1,9 +1,15 @@
 """Evaluators: perplexity per domain, multiple choice by log-likelihood (lm-evaluation-harness's acc and
-acc_norm), generation scored with Rouge-L (the rouge-score package)."""
+acc_norm), generation scored with Rouge-L (the rouge-score package), and lm-evaluation-harness itself.
+
+Conventions follow lm-evaluation-harness 0.4.13 (HFLM, causal): a choice is scored as the continuation
+`target_delimiter + choice` of the context; text is encoded with the tokenizer's default special tokens;
+an empty context is replaced by the prefix token (BOS, else EOS); too long inputs lose tokens on the left;
+word perplexity and bits per byte come from per-document rolling windows that predict every token."""
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +23,8 @@ from .io import provenance
 
 def parse_task(spec: str) -> tuple[str, str]:
     kind, sep, arg = spec.partition(":")
-    if not sep or kind not in ("ppl", "mc", "gen") or not arg:
-        raise XpertError(f"--task {spec!r}: expected ppl:PATH, mc:FILE.jsonl or gen:FILE.jsonl")
+    if not sep or kind not in ("ppl", "mc", "gen", "lmeval") or not arg:
+        raise XpertError(f"--task {spec!r}: expected ppl:PATH, mc:FILE.jsonl, gen:FILE.jsonl or lmeval:TASKS")
     return kind, arg
 
 
@@ -43,75 +49,181 @@ def nll_windows(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, dev
 
 
 def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str = "val",
-               max_tokens: int | None = None) -> dict:
-    """ppl:PATH — a text/jsonl file or directory (one domain), or a token DATA dir (every domain, one split)."""
+               max_tokens: int | None = None, ckpt: Path | None = None) -> dict:
+    """ppl:PATH — a text/jsonl file or directory (one domain), or a token DATA dir (every domain, one split).
+
+    `ppl`/`nll` are token-level: the EOS-joined stream cut into non-overlapping `seq_len` windows, no
+    context carried between windows (the first token of each window is not predicted). The
+    tokenizer-independent figures of the harness (`word_perplexity`, `bits_per_byte`) score the same
+    text per document with rolling windows, so students with different tokenizers can be compared."""
     p = Path(arg)
     if not p.exists():
         raise XpertError(f"--task ppl:{arg}: no such file or directory")
     if (p / data.MANIFEST).is_file():
         td = data.load_token_data(p)
+        if ckpt is not None:  # ids past the model's vocabulary would be an IndexError deep in torch
+            data.check_tokenizer(td, ckpt, int(model.config.vocab_size))
         if split not in data.SPLITS:
             raise XpertError(f"--split {split!r}: choose one of {', '.join(data.SPLITS)}")
+        for d in td.domains:
+            if td.manifest["domains"][d][split]["tokens"] == 0:
+                raise XpertError(f"{p}: split {split!r} of domain {d!r} is empty (tokenize put no document "
+                                 f"there; re-tokenize with a larger --{split}-pct or more text, or pick another --split)")
         streams = {d: torch.from_numpy(td.array(d, split).astype(np.int64)) for d in td.domains}
+        documents = {d: None for d in td.domains}  # the text is not stored: decoded from the tokens
     else:
-        streams = {p.stem: data.token_stream(data.read_documents(p), tok)}
+        docs = data.read_documents(p)
+        streams = {p.stem: data.token_stream(docs, tok)}
+        documents = {p.stem: docs}
     out = {}
     for name, ids in streams.items():
+        texts = _documents_within(ids, tok, documents[name], max_tokens)
         ids = ids[:max_tokens] if max_tokens else ids
         if ids.numel() < 2:
             raise XpertError(f"--task ppl:{arg}: domain {name!r} has fewer than 2 tokens")
         nll, n = nll_windows(model, ids, seq_len, device=device)
-        out[name] = {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
+        ll = rolling_loglikelihood(model, tok, texts, seq_len, device)
+        words = sum(len(re.split(r"\s+", t)) for t in texts)  # the harness's word count
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        out[name] = {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n,
+                     "word_perplexity": math.exp(-ll / words), "bits_per_byte": -ll / n_bytes / math.log(2),
+                     "words": words, "bytes": n_bytes}
     return out
 
 
-def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], int]:
-    """(token ids, number of continuation tokens), with lm-evaluation-harness's encoding: trailing
-    spaces of the context move to the continuation, whose tokens are the whole string's tail."""
-    n_space = len(context) - len(context.rstrip())
-    if n_space:
-        continuation, context = context[-n_space:] + continuation, context[:-n_space]
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    n_cont = len(whole) - len(ctx)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return ([bos] if not ctx and bos is not None else []) + whole, n_cont
+def _documents_within(ids: torch.Tensor, tok, docs: list[str] | None, max_tokens: int | None) -> list[str]:
+    """The whole documents that begin within the first `max_tokens` of an EOS-joined stream: their
+    text when known, else their tokens decoded (token data keeps no text)."""
+    eos = tok.eos_token_id
+    pieces, cur = [], []
+    for t in ids.tolist():
+        if t == eos:
+            pieces.append(cur); cur = []
+        else:
+            cur.append(t)
+    if cur:
+        pieces.append(cur)
+    keep, start = 0, 0
+    for piece in pieces:
+        if max_tokens is not None and start >= max_tokens:
+            break
+        keep, start = keep + 1, start + len(piece) + 1
+    if docs is not None and len(docs) == len(pieces):
+        texts = docs[:keep]
+    else:
+        texts = [tok.decode(p, skip_special_tokens=True, clean_up_tokenization_spaces=False) for p in pieces[:keep]]
+    return [t for t in texts if t.strip()]
+
+
+def prefix_token_id(tok) -> int | None:
+    """The harness's stand-in for an empty context: BOS, else EOS."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids with the tokenizer's default special tokens (as the harness's tok_encode), except that
+    a text already starting with BOS does not get a second one."""
+    if tok.bos_token and text.startswith(tok.bos_token):
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(text)["input_ids"]
 
 
 @torch.no_grad()
-def loglikelihoods(model, tok, context: str, continuations: list[str], device: str) -> list[float]:
-    """log P(continuation | context) for each continuation, in one right-padded batch."""
-    pairs = [encode_pair(tok, context, c) for c in continuations]
-    T = max(len(ids) for ids, _ in pairs)
-    x = torch.zeros(len(pairs), T, dtype=torch.long)
-    m = torch.zeros(len(pairs), T, dtype=torch.long)
-    for r, (ids, _) in enumerate(pairs):
-        x[r, : len(ids)], m[r, : len(ids)] = torch.tensor(ids), 1
-    lp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float()[:, :-1], -1)
+def rolling_loglikelihood(model, tok, texts: list[str], max_len: int, device: str, batch_size: int = 8) -> float:
+    """Sum over documents of log P(document), every token predicted (the harness's
+    loglikelihood_rolling): the first window starts with the prefix token, each later window predicts
+    the next `max_len` tokens given the `max_len` tokens before them."""
+    prefix = prefix_token_id(tok)
+    wins = []  # (input ids, number of predicted tokens at its end)
+    for t in texts:
+        toks = encode(tok, t)
+        full = [prefix] + toks
+        done = 0
+        while done < len(toks):
+            end = min(len(toks), done + max_len)
+            wins.append((full[max(0, end - max_len): end + 1], end - done))
+            done = end
+    total = 0.0
+    for b in range(0, len(wins), batch_size):
+        group = wins[b: b + batch_size]
+        T = max(len(w) for w, _ in group) - 1
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        m = torch.zeros(len(group), T, dtype=torch.long)
+        for r, (w, _) in enumerate(group):
+            x[r, : len(w) - 1], m[r, : len(w) - 1] = torch.tensor(w[:-1]), 1
+        lp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float(), -1)
+        for r, (w, n) in enumerate(group):
+            pos = torch.arange(len(w) - 1 - n, len(w) - 1)
+            total += float(lp[r, pos].gather(-1, torch.tensor(w[-n:])[:, None].to(device)).sum())
+    return total
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness encodes them: trailing spaces of the context move
+    to the continuation, whose ids are the tail of the whole string's encoding; an empty context is
+    the prefix token."""
+    if context == "":
+        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        prefix = prefix_token_id(tok)
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        continuation, context = context[-n_space:] + continuation, context[:-n_space]
+    whole = encode(tok, context + continuation)
+    ctx = encode(tok, context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, tok, context: str, continuations: list[str], device: str,
+                   max_length: int | None = None) -> list[float]:
+    """log P(continuation | context) for each continuation, in one right-padded batch; inputs longer
+    than `max_length` lose tokens on the left (the harness's truncation)."""
+    seqs = []
+    for c in continuations:
+        ctx, cont = encode_pair(tok, context, c)
+        ids = ctx + cont
+        if max_length is not None:
+            ids = ids[-(max_length + 1):]
+        seqs.append((ids, min(len(cont), len(ids) - 1)))
+    T = max(len(ids) for ids, _ in seqs) - 1
+    x = torch.zeros(len(seqs), max(T, 1), dtype=torch.long)
+    m = torch.zeros(len(seqs), max(T, 1), dtype=torch.long)
+    for r, (ids, _) in enumerate(seqs):
+        x[r, : len(ids) - 1], m[r, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long), 1
+    lp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float(), -1)
     out = []
-    for r, (ids, n) in enumerate(pairs):
+    for r, (ids, n) in enumerate(seqs):
         if n <= 0:
             out.append(0.0)
             continue
         pos = torch.arange(len(ids) - 1 - n, len(ids) - 1)
-        out.append(float(lp[r, pos].gather(-1, x[r, pos + 1, None].to(device)).sum()))
+        out.append(float(lp[r, pos].gather(-1, torch.tensor(ids[-n:])[:, None].to(device)).sum()))
     return out
 
 
-def multiple_choice(model, tok, path: str, device: str) -> dict:
+def choice_loglikelihoods(model, tok, context: str, choices: list[str], device: str, delimiter: str = " ",
+                          max_length: int | None = None) -> list[float]:
+    """log P(delimiter + choice | context) per choice: the harness's multiple-choice requests."""
+    return loglikelihoods(model, tok, context, [delimiter + c for c in choices], device, max_length)
+
+
+def multiple_choice(model, tok, path: str, device: str, delimiter: str = " ", max_length: int | None = None) -> dict:
+    """acc = argmax of the log-likelihoods; acc_norm = argmax of log-likelihood / len(choice) in
+    characters, the delimiter not counted (the harness's definitions)."""
     recs = data.read_jsonl(Path(path), {"context": str, "choices": list, "label": int})
     acc = acc_norm = 0
     for n, r in enumerate(recs, 1):
-        if not r["choices"] or not all(isinstance(c, str) for c in r["choices"]):
-            raise XpertError(f"{path}:{n}: 'choices' must be a non-empty list of strings")
+        if not r["choices"] or not all(isinstance(c, str) and c for c in r["choices"]):
+            raise XpertError(f"{path}:{n}: 'choices' must be a non-empty list of non-empty strings")
         if not 0 <= r["label"] < len(r["choices"]):
             raise XpertError(f"{path}:{n}: label {r['label']} out of range for {len(r['choices'])} choices")
     for r in recs:
-        lls = np.array(loglikelihoods(model, tok, r["context"], r["choices"], device))
-        lens = np.array([float(len(c)) for c in r["choices"]])  # characters, as the harness does
+        lls = np.array(choice_loglikelihoods(model, tok, r["context"], r["choices"], device, delimiter, max_length))
+        lens = np.array([float(len(c)) for c in r["choices"]])
         acc += int(np.argmax(lls) == r["label"])
         acc_norm += int(np.argmax(lls / lens) == r["label"])
-    return {"acc": acc / len(recs), "acc_norm": acc_norm / len(recs), "n": len(recs)}
+    return {"acc": acc / len(recs), "acc_norm": acc_norm / len(recs), "n": len(recs), "target_delimiter": delimiter}
 
 
 @torch.no_grad()
@@ -131,36 +243,51 @@ def generation(model, tok, path: str, device: str, max_new_tokens: int) -> dict:
 
 def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None = None, device: str = "cpu",
         max_new_tokens: int = 64, seed: int = 0, split: str = "val", max_tokens: int | None = None,
-        force: bool = False) -> tuple[dict, Path | None]:
+        target_delimiter: str = " ", batch_size: int = 8, force: bool = False) -> tuple[dict, Path | None]:
     """`xpertctl eval`: results JSON (model and task fingerprints, seed)."""
     from .io.writer import atomic_path, check_output
+    from .specs import check_device
     from .train import load_causal_lm
     parsed = [parse_task(t) for t in tasks]
     if not parsed:
         raise XpertError("give at least one --task")
+    check_device(device)
     if out is not None:
         check_output(out, force, [Path(ckpt)])
+    if any(k == "lmeval" for k, _ in parsed):
+        from . import lmeval
+        lmeval.require()  # before loading anything: the extra may be missing
+    from .io.checkpoint import resolve_source
+    ckpt = resolve_source(ckpt)
     torch.manual_seed(seed)
     model = load_causal_lm(ckpt).to(device).eval()
     tok = data.load_tokenizer(ckpt)
-    seq_len = seq_len or min(1024, int(model.config.max_position_embeddings))
+    max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    if seq_len is not None and (seq_len < 2 or (max_pos and seq_len > max_pos)):
+        raise XpertError(f"--seq-len {seq_len}: must be 2..{max_pos} (the model's max_position_embeddings)")
+    seq_len = seq_len or min(1024, max_pos or 1024)
     results = {}
     with progress() as bar:
         job = bar.add_task("eval", total=len(parsed), info="")
         for kind, arg in parsed:
             bar.update(job, info=f"{kind}:{Path(arg).name}")
             if kind == "ppl":
-                res = perplexity(model, tok, arg, seq_len, device, split, max_tokens)
+                res = perplexity(model, tok, arg, seq_len, device, split, max_tokens, ckpt=Path(ckpt))
             elif kind == "mc":
-                res = multiple_choice(model, tok, arg, device)
+                res = multiple_choice(model, tok, arg, device, target_delimiter, max_pos)
+            elif kind == "lmeval":
+                from . import lmeval
+                res = lmeval.evaluate(model, tok, arg, device=device, batch_size=batch_size, seed=seed,
+                                      max_length=max_pos)
             else:
                 res = generation(model, tok, arg, device, max_new_tokens)
-            res["fingerprint"] = _task_fp(arg)
+            res["fingerprint"] = _task_fp(arg) if kind != "lmeval" else res.pop("fingerprint", None)
             results[f"{kind}:{arg}"] = res
             bar.advance(job)
     doc = {"model": {"path": str(Path(ckpt).resolve()), "sha256": _model_fp(Path(ckpt))}, "seed": seed,
            "seq_len": seq_len, "tasks": results,
-           "xpertctl": provenance.record("eval", inputs=[], params={"tasks": tasks, "seq_len": seq_len, "split": split, "max_tokens": max_tokens}, seed=seed)}
+           "xpertctl": provenance.record("eval", inputs=[], params={"tasks": tasks, "seq_len": seq_len, "split": split, "max_tokens": max_tokens,
+                                            "target_delimiter": target_delimiter}, seed=seed)}
     if out is None:
         return doc, None
     with atomic_path(Path(out), force) as tmp:

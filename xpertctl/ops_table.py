@@ -300,12 +300,12 @@ def _families(as_json):
 
 
 def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, stream_layers,
-           stream_tokens, as_json, force):
+           stream_tokens, seed, as_json, force):
     from . import summaries
     from .ops import stats as op
     path = op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                   batch_size=batch_size, device=device, dtype=dtype, top_k=top_k, stream_layers=stream_layers,
-                  stream_tokens=stream_tokens, force=force)
+                  stream_tokens=stream_tokens, seed=seed, force=force)
     return _summary(summaries.stats(path), as_json)
 
 
@@ -371,12 +371,12 @@ def _train(ckpt, out, data_dir, sft, resume, force, **cfg):  # every other param
     return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force)
 
 
-def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, force):
+def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, target_delimiter, force):
     import json
     from .console import err, results_table
     from .eval import run as op
     doc, path = op(ckpt, task, out, seq_len=seq_len, device=device, max_new_tokens=max_new_tokens, seed=seed,
-                   split=split, max_tokens=max_tokens, force=force)
+                   split=split, max_tokens=max_tokens, target_delimiter=target_delimiter, force=force)
     err.print(results_table(doc))
     return path if path is not None else json.dumps(doc["tasks"], indent=2)
 
@@ -435,7 +435,8 @@ COMMANDS: tuple[Command, ...] = (
                     type=str, multiple=True, path=_after("="), check=_check_domain),
                 out_param("stats.safetensors to write."),
                 opt("tokenizer", None, "Tokenizer directory (default: the checkpoint's).", type=Path, input=True),
-                opt("max_tokens", None, "Tokens per domain (default: all).", type=int),
+                opt("max_tokens", None, "Tokens per domain, from documents sampled across it (default: all).",
+                    type=int),
                 opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
                 opt("batch_size", 8, "Windows per forward pass."),
                 opt("device", "cpu", "torch device, e.g. cuda:0."),
@@ -443,6 +444,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("top_k", None, "Experts per token (default: the config's num_experts_per_tok).", type=int),
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
+                opt("seed", 0, "With --max-tokens: seed of the document sample."),
                 JSON, FORCE,
             ), _stats),
     Command("select", "Choose the experts used across all domains -> selection.json.",
@@ -571,7 +573,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("eval", "Perplexity per domain, multiple choice (acc, acc_norm), generation (Rouge-L) -> results.json.",
             "xpertctl eval runs/a/final --task ppl:data/ --task mc:cloze.jsonl --split test -o results.json", (
                 arg("ckpt", "HF model directory."),
-                opt("task", REQUIRED, "ppl:PATH, mc:FILE.jsonl or gen:FILE.jsonl; repeat.", type=str, multiple=True,
+                opt("task", REQUIRED, "ppl:PATH, mc:FILE.jsonl, gen:FILE.jsonl or lmeval:TASKS; repeat.", type=str,
+                    multiple=True,
                     path=_task_path, check=_check_task),
                 out_param("results.json to write (default: print the results).", required=False),
                 opt("split", "val", "Split of a token DATA dir for ppl.", choices=SPLITS),
@@ -580,6 +583,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("max_new_tokens", 64, "gen: tokens generated per record."),
                 opt("device", "cpu", "torch device."),
                 opt("seed", 0, "Seed (generation is greedy; kept for the record)."),
+                opt("target_delimiter", " ", "mc: text between context and choice (lm-evaluation-harness's)."),
                 FORCE,
             ), _eval),
     Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",

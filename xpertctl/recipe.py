@@ -259,6 +259,15 @@ def _record(op: str, argv: list[str], args: dict) -> dict:
     return {"op": op, "argv": argv, "inputs": inputs}
 
 
+def _started(out: str, rec: dict) -> bool:
+    """True when the step's last run had exactly these arguments and inputs and did not finish."""
+    p = _record_path(out)
+    try:
+        return p.is_file() and json.loads(p.read_text()) == {**rec, "started": True}
+    except json.JSONDecodeError:
+        return False
+
+
 def _record_path(out: str) -> Path:
     p = Path(out)
     return p.parent / f".{p.name}.step.json"
@@ -326,11 +335,12 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             continue
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            _record_path(out).unlink(missing_ok=True)
-            if Path(out).exists() and cmd.name == "train" and "resume" not in args:
-                values["resume"] = "auto"  # a killed training run continues from its checkpoint
+            started = _started(out, rec)
+            _record_path(out).write_text(json.dumps({**rec, "started": True}, indent=1))
+            if Path(out).exists() and cmd.name == "train" and "resume" not in args and started:
+                values["resume"] = "auto"  # a killed run of this very step continues from its checkpoint
             elif Path(out).exists() and "force" in values:
-                values["force"] = True  # a stale output (its record did not match) is replaced
+                values["force"] = True  # a stale output (its arguments changed) is replaced, never continued
         try:
             with provenance.command(shlex.join(["xpertctl", *argv])):
                 cmd.invoke(values)

@@ -95,3 +95,25 @@ def parse_target(spec: str | None, layers: int | None = None, hidden: int | None
     if "layers" not in vals:
         raise XpertError(f"--target {spec!r}: the number of layers is required (e.g. 12L)")
     return Target(**vals)
+
+
+def check_device(name: str, flag: str = "--device") -> str:
+    """Refuse a device this torch cannot use, up front (not as a traceback mid-run)."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise XpertError(f"{flag} {name!r}: not a torch device (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise XpertError(f"{flag} {name}: this torch ({torch.__version__}) is a CPU-only build without CUDA")
+        if not torch.cuda.is_available():
+            raise XpertError(f"{flag} {name}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise XpertError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise XpertError(f"{flag} {name}: MPS is not available")
+    elif dev.type != "cpu":
+        raise XpertError(f"{flag} {name!r}: unsupported device type (use cpu, cuda, cuda:N or mps)")
+    return name

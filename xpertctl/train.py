@@ -22,7 +22,7 @@ from . import data
 from .console import err, progress
 from .errors import XpertError
 from .io import provenance
-from .specs import parse_dtype
+from .specs import check_device, parse_dtype
 
 
 @dataclass
@@ -40,8 +40,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 0  # 0: only the final checkpoint (and at eval points when > 0)
-    keep: int = 2  # step checkpoints kept
+    save_every: int = 0  # 0: only the final checkpoint
+    keep: int = 2  # the last N step checkpoints are kept (N >= 1)
     device: str = "cpu"
     save_dtype: str | None = None  # dtype of the final checkpoint (training runs in float32)
 
@@ -153,6 +153,9 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(cfg, name) <= 0:
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
+    if cfg.keep < 1:
+        raise XpertError(f"--keep {cfg.keep}: keep at least 1 step checkpoint (--save-every 0 saves none)")
+    check_device(cfg.device)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.batch_size % world:
@@ -160,6 +163,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     out = Path(out)
     if out.exists() and resume == "no" and not force:
         raise XpertError(f"{out}: already exists (use --resume auto to continue it, or --force)")
+    from .io.checkpoint import resolve_source
+    ckpt = resolve_source(ckpt)
     model = load_causal_lm(ckpt)
     tok = data.load_tokenizer(ckpt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -171,12 +176,19 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             raise XpertError(f"{data_dir}: {len(train_s)} training tokens, fewer than --seq-len {cfg.seq_len}")
         get = lambda step, micro, split=0: lm_batch(train_s if split == 0 else val_s, cfg, step, micro, split)
         has_val = len(val_s) > cfg.seq_len
+        if not has_val and cfg.eval_every:
+            raise XpertError(f"{data_dir}: the val split {'is empty' if not len(val_s) else f'has only {len(val_s)} tokens'}"
+                             f" (fewer than --seq-len {cfg.seq_len} + 1), so there is no validation loss; "
+                             "re-tokenize with a larger --val-pct, or pass --eval-every 0")
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     else:
         ex = sft_examples(sft, tok, cfg.seq_len)
         get = lambda step, micro, split=0: sft_batch(ex, cfg, step, micro, pad, split)
         has_val = False
         tokens_per_step = None
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and cfg.seq_len > int(max_pos):
+        raise XpertError(f"--seq-len {cfg.seq_len}: longer than {ckpt}'s max_position_embeddings ({max_pos})")
     total = cfg.steps or (math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens and tokens_per_step else None)
     if not total or total <= 0:
         raise XpertError("give --steps (or --tokens for pretraining)")
@@ -195,6 +207,15 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     start = 0
+    identity = run_identity(cfg, ckpt, data_dir, sft)
+    if resume == "auto" and out.exists() and latest_checkpoint(out) is not None:
+        changed = changed_options(latest_checkpoint(out), identity)
+        if changed and not force:
+            raise XpertError(f"{out}: cannot resume, changed since {latest_checkpoint(out).name}: {changed}; "
+                             "give the same options, or --force to start over")
+        if changed:  # --resume auto --force: continue only an identical run, otherwise start over
+            err.print(f"{out}: {changed} changed; starting over (--force)")
+            resume = "no"
     if out.exists() and resume == "no":  # --force: start over
         shutil.rmtree(out) if rank == 0 else None
     if resume == "auto" and out.exists():
@@ -205,7 +226,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             sd = {}
             for f in sorted(last.glob("*.safetensors")):
                 sd.update(load_file(str(f)))
-            model.load_state_dict(sd, strict=False)
+            _load_weights(model, sd, last)
             st = torch.load(last / "trainer_state.pt", weights_only=False)
             opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
             torch.set_rng_state(st["rng"]); start = st["step"]
@@ -248,9 +269,10 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
                 loss_sum += float(loss.detach())
                 seen += int(m.sum())
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr_used = sched.get_last_lr()[0]  # before sched.step(), which sets the next step's lr
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             loss_avg = _mean_across(loss_sum, ddp)
-            row = {"step": step + 1, "loss": loss_avg, "lr": sched.get_last_lr()[0],
+            row = {"step": step + 1, "loss": loss_avg, "lr": lr_used,
                    "tokens": (step + 1) * (tokens_per_step or 0) or None,
                    "tok_s": seen / max(time.perf_counter() - t0, 1e-9)}
             boundary = cfg.eval_every and (step + 1) % cfg.eval_every == 0
@@ -261,7 +283,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
                 save = (cfg.save_every and (step + 1) % cfg.save_every == 0) and step + 1 < total
                 if save:
                     state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "rng": torch.get_rng_state(), "step": step + 1, "config": asdict(cfg)}
+                             "rng": torch.get_rng_state(), "step": step + 1, "config": asdict(cfg),
+                             "identity": identity}
                     save_checkpoint(model, ckpt, out, f"step-{step + 1:06d}", state, rec)
                     for old in sorted(out.glob("step-*"))[:-cfg.keep]:
                         shutil.rmtree(old, ignore_errors=True)
@@ -277,6 +300,57 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         import torch.distributed as dist
         dist.barrier(); dist.destroy_process_group()
     return out / "final" if rank == 0 else None
+
+
+# ---- resuming only the same run -----------------------------------------------------------------------
+
+# Options that do not change what is trained: a resumed run may differ in these.
+RESUME_FREE = ("device", "keep", "save_every", "save_dtype")
+
+
+def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path | None) -> dict:
+    """What must be equal for a checkpoint to be continued: every training option and the inputs'
+    fingerprints (the starting model, the token data or SFT file)."""
+    from .io.files import read_header
+    ckpt = Path(ckpt)
+    heads = b"".join(read_header(f).raw for f in sorted(ckpt.glob("*.safetensors")))
+    ident = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    ident["CKPT"] = provenance.sha256(heads + (ckpt / "config.json").read_bytes())
+    if data_dir is not None:
+        ident["--data"] = provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes())
+    if sft is not None:
+        ident["--sft"] = provenance.sha256(Path(sft).read_bytes())
+    return ident
+
+
+def changed_options(last: Path, identity: dict) -> str:
+    """'' when the checkpoint `last` was written by a run with this identity, else the changes."""
+    st = torch.load(last / "trainer_state.pt", weights_only=False, map_location="cpu")
+    saved = st.get("identity")
+    if saved is None:  # a checkpoint from before identities were recorded: compare the options
+        saved = {f"--{k.replace('_', '-')}": v for k, v in st.get("config", {}).items() if k not in RESUME_FREE}
+        identity = {k: v for k, v in identity.items() if k.startswith("--") and k not in ("--data", "--sft")}
+    diffs = []
+    for k in sorted(set(saved) | set(identity)):
+        a, b = saved.get(k), identity.get(k)
+        if a != b:
+            diffs.append(f"{k} ({_short(a)} -> {_short(b)})" if k in ("CKPT", "--data", "--sft") or a is None or b is None
+                         else f"{k} {b} (was {a})")
+    return ", ".join(diffs)
+
+
+def _short(v) -> str:
+    return "none" if v is None else (f"sha256 {v[:12]}" if isinstance(v, str) and len(v) == 64 else str(v))
+
+
+def _load_weights(model, sd: dict, last: Path) -> None:
+    """Load a step checkpoint's weights; only keys tied to a loaded tensor may be absent."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    loaded = {p.data_ptr() for n, p in model.state_dict().items() if n in sd}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise XpertError(f"{last}: does not match the model ({'unexpected' if unexpected else 'missing'} "
+                         f"{(unexpected or untied)[0]!r}); use --force to start over")
 
 
 def _mean_across(x: float, ddp: bool) -> float:

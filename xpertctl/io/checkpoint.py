@@ -182,17 +182,49 @@ def _load_json(path: Path) -> dict:
     return obj
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_SHARD_NAME = re.compile(r".*-\d+-of-\d+\.safetensors")
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local path as given; a missing path that reads as a hub id (org/name) resolves to its snapshot
+    in the local Hugging Face cache, as transformers would offline. Nothing is downloaded."""
+    src = Path(src)
+    if src.exists() or not _HUB_ID.fullmatch(str(src)) or src.parent.exists():
+        return src  # a local path (a missing one is reported by whoever reads it)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(src), local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several types), or a malformed id
+        raise XpertError(f"{src}: no such file or directory, nor a model in the local Hugging Face cache "
+                         "(xpertctl does not download: fetch it first, e.g. `hf download`, or pass its directory)") from None
+
+
+def _shard_of(src: Path) -> Path | None:
+    """The index naming `src` as one of several shards, if there is one beside it."""
+    index = src.parent / INDEX
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text()).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError):
+            wm = {}
+        if src.name in set(wm.values()) and len(set(wm.values())) > 1:
+            return index
+    return index if _SHARD_NAME.fullmatch(src.name) else None
+
+
 def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None, dict, Path | None]:
     """Weight files, optional weight_map, config and the index path for a directory or a file."""
     if src.is_file():
         if src.suffix != ".safetensors":
             raise XpertError(f"{src}: expected a model directory or a .safetensors file")
+        index = _shard_of(src)
+        if index is not None:  # its keys are a fraction of the model: never guess a family from them
+            where = f"its directory {src.parent}" if index.is_file() else f"the model directory with its {INDEX}"
+            raise XpertError(f"{src}: one shard of a sharded checkpoint; pass {where}")
         cfg_path = src.parent / "config.json"
         return [src], None, (_load_json(cfg_path) if cfg_path.is_file() else {}), None
     if not src.is_dir():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-            raise XpertError(f"{src}: no such path; hub ids need network access, which is off here "
-                             "(download the model and pass its directory)")
         raise XpertError(f"{src}: no such file or directory")
     cfg_path = src / "config.json"
     config = _load_json(cfg_path) if cfg_path.is_file() else {}
@@ -226,7 +258,7 @@ def fingerprint(src: Path, files: list[Path], index: Path | None) -> dict:
 
 
 def open_checkpoint(src: str | Path) -> Checkpoint:
-    src = Path(src)
+    src = resolve_source(src)
     files, wm, config, index = _weight_files(src)
     reader = open_files(files, wm)
     keys = set(reader.weight_map)

@@ -128,23 +128,30 @@ class Runner:
 
 
 def prepare(ck: Checkpoint, domains: list[str], *, tokenizer: Path | None = None, seq_len: int | None = None,
-            device: str = "cpu", dtype: str = "float32", stream_layers: bool = False) -> Runner:
-    """The source model (transformers' class, or layer-streamed), its tokenizer and the text to run."""
-    from ..specs import parse_dtype
+            device: str = "cpu", dtype: str = "float32", stream_layers: bool = False, top_k: int | None = None,
+            sample_seed: int | None = None) -> Runner:
+    """The source model (transformers' class, or layer-streamed), its tokenizer and the text to run
+    (with `sample_seed`, each domain's documents in that seeded order, so a token cap samples the domain)."""
+    from ..specs import check_device, parse_dtype
     from .hf_model import load_model
+    check_device(device)
     paths = data.parse_domains(domains)
     max_pos = int(ck.config.get("max_position_embeddings", 2048))
     seq_len = seq_len or min(1024, max_pos)
     if not 1 <= seq_len <= max_pos:
         raise XpertError(f"--seq-len {seq_len}: must be 1..{max_pos} (the model's max_position_embeddings)")
+    if ck.path.is_file() and not ck.config:
+        raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
     tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
     tok = data.load_tokenizer(tok_dir)
     docs = {name: data.read_documents(p) for name, p in paths.items()}
+    if sample_seed is not None:
+        docs = {name: data.sample_documents(d, sample_seed) for name, d in docs.items()}
     if stream_layers:
         if device != "cpu":
             raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")
         from .stream import load_streaming
-        model = load_streaming(ck, parse_dtype(dtype))
+        model = load_streaming(ck, parse_dtype(dtype), top_k)
     else:
-        model = load_model(ck, parse_dtype(dtype), device)
+        model = load_model(ck, parse_dtype(dtype), device, top_k)
     return Runner(model, tok, docs, seq_len)

@@ -219,7 +219,7 @@ def measure(ck: Checkpoint, students: list[Student], domains: list[str], *, toke
         if int(s.residual_index.max()) >= ck.hidden:
             raise XpertError(f"{s.label}: residual indices beyond the source's hidden size {ck.hidden}")
     runner = capture.prepare(ck, domains, tokenizer=tokenizer, seq_len=seq_len, device=device, dtype=dtype,
-                             stream_layers=stream_layers)
+                             stream_layers=stream_layers, sample_seed=seed if max_tokens is not None else None)
     meter = Meter(ck, students, seed)
     tokens = capture.run(ck, runner.model, runner.tokenizer, runner.docs, meter, seq_len=runner.seq_len,
                          batch_size=batch_size, max_tokens=max_tokens, device=device,

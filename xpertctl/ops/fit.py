@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from ..errors import XpertError
 from ..io.checkpoint import Checkpoint
-from ..specs import FITS  # noqa: F401  (the choices; graft checks them)
 from . import capture
 
 

@@ -185,6 +185,7 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| selection | {rec.get('selection_summary', '-')} |",
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
+        *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
@@ -275,7 +276,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         "layer_map": layer_map_how, "combine": combine, "rescale": rescale, "fit": fit_rec and fit_rec["params"],
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
-        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary,
+        inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
         residual_index=meta.get("residual_index"), experts=meta.get("experts"))
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
@@ -312,7 +313,8 @@ def _fit_down(ck: Checkpoint, adapted: dict, meta: dict, calibration: list[str],
               calibration_tokens: int | None, ridge: float, seq_len: int | None, device: str):
     """Replace each target layer's down projection by the ridge fit to the source blocks (ops/fit.py)."""
     from . import capture, fit as fit_op
-    runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device)
+    runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device,
+                             sample_seed=0 if calibration_tokens is not None else None)
     downs = fit_op.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, ridge=ridge,
                             seq_len=runner.seq_len, max_tokens=calibration_tokens, device=device)
     adapted = dict(adapted)

@@ -161,7 +161,12 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.up_proj"] = u[ni].contiguous()
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
-    new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap,
+    notes = depth_notes(lmap, len(meta["layers"]))
+    if notes:
+        from ..console import notice
+        for n in notes:
+            notice(n)
+    new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap, "notes": notes,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
                 "rescale": rescale, "routing_scale": {str(i): v for i, v in scales.items()} or None,
                 "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale == "routed" else [],
@@ -172,6 +177,17 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
                 "experts": {str(i): meta["experts"][str(i)] for g in lmap for i in g
                             if str(i) in (meta.get("experts") or {})} or None}
     return out, new_meta
+
+
+def depth_notes(lmap: list[list[int]], n_src: int) -> list[str]:
+    """A target deeper than the source repeats source layers: say so (stderr and the model card), since
+    repeated layers start from identical FFNs."""
+    used = [i for g in lmap for i in g]
+    rep = sorted({i for i in used if used.count(i) > 1})
+    if not rep:
+        return []
+    return [f"the target has {len(lmap)} layers but the source has {n_src}: source layer(s) "
+            f"{', '.join(map(str, rep))} repeat, so those target layers start from identical FFNs"]
 
 
 def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -12,8 +12,7 @@ from ..console import progress
 from ..errors import XpertError
 from ..io import arch, open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
-from ..specs import parse_dtype
-from .hf_model import load_model
+from ..specs import check_device
 
 
 class RouterCounter:
@@ -145,10 +144,11 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
 
 def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
         seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-        stream_layers: bool = False, stream_tokens: int = 65536, top_k: int | None = None,
+        stream_layers: bool = False, stream_tokens: int = 65536, top_k: int | None = None, seed: int = 0,
         force: bool = False) -> Path:
     """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
     from ..io import check_output
+    check_device(device)
     ck = open_checkpoint(src).require_moe()
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, *paths.values()])
@@ -156,33 +156,23 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
         raise XpertError(f"--max-tokens: must be positive, got {max_tokens}")
     if batch_size <= 0:
         raise XpertError(f"--batch-size: must be positive, got {batch_size}")
-    if ck.path.is_file() and not ck.config:
-        raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
     if top_k is not None and not 1 <= top_k <= ck.num_experts:
         raise XpertError(f"--top-k {top_k}: must be 1..{ck.num_experts} (experts per layer)")
     k_override, top_k = top_k, top_k or ck.top_k
     if top_k is None:
         raise XpertError(f"{ck.path}: top-k unknown (its config.json has no num_experts_per_tok); pass --top-k")
-    max_pos = int(ck.config.get("max_position_embeddings", 2048))
-    seq_len = seq_len or min(1024, max_pos)
-    if not 1 <= seq_len <= max_pos:
-        raise XpertError(f"--seq-len {seq_len}: must be 1..{max_pos} (the model's max_position_embeddings)")
-    tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
-    tok = data.load_tokenizer(tok_dir)
-    docs = {name: data.read_documents(p) for name, p in paths.items()}
-    if stream_layers:
-        if device != "cpu":
-            raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")
-        from .stream import load_streaming
-        model = load_streaming(ck, parse_dtype(dtype), k_override)
-    else:
-        model = load_model(ck, parse_dtype(dtype), device, k_override)
+    from .capture import prepare
+    runner = prepare(ck, domains, tokenizer=tokenizer, seq_len=seq_len, device=device, dtype=dtype,
+                     stream_layers=stream_layers, top_k=k_override, sample_seed=seed if max_tokens is not None else None)
+    model, tok, docs, seq_len = runner.model, runner.tokenizer, runner.docs, runner.seq_len
     res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
                   max_tokens=max_tokens, device=device, stream_tokens=stream_tokens if stream_layers else None)
     rec = provenance.record(
         "stats", inputs=[ck.fingerprint] + [provenance.fingerprint(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
-                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers, "top_k": k_override},
+                "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers, "top_k": k_override,
+                "sample": {"seed": seed, "how": "documents in seeded random order"} if max_tokens else None},
+        seed=seed if max_tokens else None,
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
         layers=res.layers, domains=res.domains)
     tensors = {"counts": res.counts, "mass": res.mass, "routed": res.routed, "tokens": res.tokens,

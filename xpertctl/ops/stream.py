@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import XpertError
-from ..io import arch
 from ..io.checkpoint import Checkpoint
 from .hf_model import config_overrides, model_dir
 

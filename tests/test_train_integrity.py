@@ -1,0 +1,151 @@
+"""Training never silently does the wrong thing: a resumed run refuses changed options, a recipe step
+whose arguments changed starts over, the logged lr is the lr the step used, --keep means what it says."""
+import hashlib
+import json
+import math
+
+import pytest
+import yaml
+
+from conftest import assert_user_error
+from xpertctl import data
+from xpertctl import recipe as rc
+from xpertctl import train as tr
+
+TEXT = ("the law shall apply to every licence holder . in the beginning god created the heaven and the earth . "
+        "def main ( ) : return 0 . a noun is a word that names a thing . the man page lists options . ")
+
+
+@pytest.fixture(scope="module")
+def tdata(fx, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok13")
+    (d / "a.txt").write_text("\n\n".join(f"{TEXT} {k}" for k in range(60)))
+    (d / "b.txt").write_text("\n\n".join(f"{TEXT[::-1]} {k}" for k in range(60)))
+    out, other = d / "data", d / "data2"
+    data.tokenize(fx / "llama", [f"a={d / 'a.txt'}"], out, val_pct=20, test_pct=10)
+    data.tokenize(fx / "llama", [f"b={d / 'b.txt'}"], other, val_pct=20, test_pct=10)
+    return out, other
+
+
+BASE = ["--steps", "8", "--batch-size", "2", "--seq-len", "16", "--lr", "3e-3", "--warmup", "2",
+        "--eval-every", "4", "--eval-batches", "1", "--save-every", "4", "--seed", "0"]
+
+
+def _rows(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _digest(root):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change,needle", [
+    (["--lr", "1e-3"], "--lr"),
+    (["--seed", "5"], "--seed"),
+    (["--batch-size", "4"], "--batch-size"),
+    (["--data", "OTHER"], "--data"),
+])
+def test_resume_refuses_a_changed_option(fx, tdata, tmp_path, cli, change, needle):
+    main, other = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    before = _digest(run)
+    args = ["--data", main, *BASE]
+    for k in range(0, len(change), 2):
+        val = str(other) if change[k + 1] == "OTHER" else change[k + 1]
+        i = args.index(change[k])
+        args[i + 1] = val
+    code, out, err = cli("train", fx / "llama", *args, "--resume", "auto", "-o", run)
+    assert_user_error(code, err, str(run), needle, "--force")
+    assert out == "" and _digest(run) == before  # nothing touched
+
+
+def test_resume_same_options_continues_and_force_starts_over(fx, tdata, tmp_path, cli):
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    # --device does not change what is trained: it may differ on resume
+    code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--device", "cpu", "--resume", "auto", "-o", run)
+    assert code == 0 and "resuming" in err and "from step 4" in " ".join(err.split())
+    code, _, err = cli("train", fx / "llama", "--data", main, *BASE[:7], "1e-3", *BASE[8:], "--resume", "auto",
+                       "--force", "-o", run)
+    assert code == 0, err
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[1]["lr"] == pytest.approx(1e-3)  # the new lr, from step 1
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["params"]["lr"] == 1e-3
+
+
+def test_logged_lr_is_the_lr_the_step_used(fx, tdata, tmp_path):
+    main, _ = tdata
+    cfg = tr.TrainConfig(steps=4, batch_size=2, seq_len=16, lr=1e-2, warmup=2, min_lr_ratio=0.1, eval_every=0)
+    tr.train(fx / "llama", tmp_path / "run", cfg, data_dir=main)
+    # warmup (s+1)/2 for s = 0, 1; then cosine from 1.0 to 0.1 over the 2 remaining steps
+    want = [0.5e-2, 1e-2, 1e-2, 1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))]
+    assert [r["lr"] for r in _rows(tmp_path / "run")] == pytest.approx(want, rel=1e-9)
+
+
+def test_keep_zero_is_refused_and_keep_one_keeps_one(fx, tdata, tmp_path, cli):
+    main, _ = tdata
+    code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--keep", "0", "-o", tmp_path / "r0")
+    assert_user_error(code, err, "--keep 0")
+    assert not (tmp_path / "r0").exists()
+    run = tmp_path / "r1"
+    args = [*BASE]
+    args[1], args[args.index("--save-every") + 1] = "9", "2"  # 9 steps, a checkpoint every 2
+    assert cli("train", fx / "llama", "--data", main, *args, "--keep", "1", "-o", run)[0] == 0
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000008"]
+
+
+def _recipe(tmp_path, fx, main, lr):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "vars": {"lr": lr}, "steps": [
+        {"id": "train", "op": "train", "args": {
+            "ckpt": str(fx / "llama"), "data_dir": str(main), "steps": 8, "batch_size": 2, "seq_len": 16,
+            "lr": "${vars.lr}", "warmup": 2, "eval_every": 0, "save_every": 4, "out": str(tmp_path / "run")}}]}))
+    return p
+
+
+def test_recipe_step_with_changed_args_starts_over(fx, tdata, tmp_path, capsys):
+    main, _ = tdata
+    r = _recipe(tmp_path, fx, main, 3e-3)
+    rc.run(r)
+    capsys.readouterr()
+    rc.run(r, ["vars.lr=1e-3"])
+    err = capsys.readouterr().err
+    assert "resuming" not in err
+    rows = _rows(tmp_path / "run")
+    assert [x["step"] for x in rows] == list(range(1, 9)) and rows[1]["lr"] == pytest.approx(1e-3)
+
+
+def test_recipe_resumes_a_killed_step_with_the_same_args(fx, tdata, tmp_path, capsys, monkeypatch):
+    main, _ = tdata
+    r = _recipe(tmp_path, fx, main, 3e-3)
+    real = tr.lm_batch
+
+    def killed(stream, c, step, micro, split_seed=0):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(stream, c, step, micro, split_seed)
+    monkeypatch.setattr(tr, "lm_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rc.run(r)
+    monkeypatch.setattr(tr, "lm_batch", real)
+    capsys.readouterr()
+    rc.run(r)
+    assert "resuming" in capsys.readouterr().err
+    assert [x["step"] for x in _rows(tmp_path / "run")] == list(range(1, 9))
+
+
+def test_resume_refuses_a_checkpoint_whose_weights_do_not_fit(fx, tdata, tmp_path, cli):
+    from safetensors.torch import load_file, save_file
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    f = run / "step-000004" / "model.safetensors"
+    sd = load_file(str(f))
+    sd.pop("model.norm.weight")  # a checkpoint missing a weight must not load silently (strict=False did)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    code, out, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
+    assert_user_error(code, err, "step-000004", "model.norm.weight")
