@@ -10,6 +10,7 @@ import yaml
 from conftest import assert_user_error
 from xpertctl import data
 from xpertctl import recipe as rc
+from xpertctl.ops_table import BY_NAME as TABLE
 from xpertctl import train as tr
 
 TEXT = ("the law shall apply to every licence holder . in the beginning god created the heaven and the earth . "
@@ -110,9 +111,9 @@ def _recipe(tmp_path, fx, main, lr):
 def test_recipe_step_with_changed_args_starts_over(fx, tdata, tmp_path, capsys):
     main, _ = tdata
     r = _recipe(tmp_path, fx, main, 3e-3)
-    rc.run(r)
+    rc.run(r, table=TABLE)
     capsys.readouterr()
-    rc.run(r, ["vars.lr=1e-3"])
+    rc.run(r, ["vars.lr=1e-3"], table=TABLE)
     err = capsys.readouterr().err
     assert "resuming" not in err
     rows = _rows(tmp_path / "run")
@@ -130,10 +131,10 @@ def test_recipe_resumes_a_killed_step_with_the_same_args(fx, tdata, tmp_path, ca
         return real(stream, c, step, micro, split_seed)
     monkeypatch.setattr(tr, "lm_batch", killed)
     with pytest.raises(KeyboardInterrupt):
-        rc.run(r)
+        rc.run(r, table=TABLE)
     monkeypatch.setattr(tr, "lm_batch", real)
     capsys.readouterr()
-    rc.run(r)
+    rc.run(r, table=TABLE)
     assert "resuming" in capsys.readouterr().err
     assert [x["step"] for x in _rows(tmp_path / "run")] == list(range(1, 9))
 
