@@ -26,7 +26,33 @@ def _features(e: tuple[torch.Tensor, ...]) -> torch.Tensor:
 def _match(target: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """The permutation p maximizing sum_i <target_i, feat_p(i)> (weight matching, as in Git Re-Basin)."""
     rows, cols = linear_sum_assignment((target @ feat.T).double().numpy(), maximize=True)
-    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    p = torch.tensor(cols[np.argsort(rows)], dtype=torch.long)
+    _release_free_memory()
+    return p
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim; nothing elsewhere).
+
+    Each match allocates and frees tens of MiB (features, scores, scipy's copy). glibc raises its mmap
+    threshold after such frees, so later blocks come from the heap, where small live objects pin the
+    freed space: without a trim, aligning 64 OLMoE experts grew the heap by ~20 MiB per match (1.4 GiB
+    over one pass), with it the RSS stays flat. About a millisecond per call."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None = None,
