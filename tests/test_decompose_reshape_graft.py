@@ -344,18 +344,53 @@ def test_graft_refuses_existing_output_and_input_as_output(fx, tmp_path, cli):
     assert_user_error(code, err, "overwrite the input")
 
 
-def test_one_shot_equals_step_by_step(fx, tmp_path, cli):
-    """The streamed one-shot graft gives exactly the weights of decompose -> reshape -> graft."""
+@pytest.mark.parametrize("dec,com", [(["--ranks", "8,full,2"], []), ([], []), ([], ["--combine", "uniform"])])
+def test_one_shot_equals_step_by_step(fx, tmp_path, cli, dec, com):
+    """The streamed one-shot graft gives exactly the weights of decompose -> reshape -> graft (at full
+    ranks it collapses each layer straight from the aligned experts, without factors)."""
     ck = open_checkpoint(fx / "olmoe")
     sel = _selection(tmp_path, ck, [6, 1, 4])
-    steps = [("decompose", fx / "olmoe", sel, "-o", tmp_path / "f.safetensors", "--ranks", "8,full,2"),
-             ("reshape", tmp_path / "f.safetensors", "-t", "2L,d24,f12", "--layer-map", "merge", "-o", tmp_path / "a.safetensors"),
+    steps = [("decompose", fx / "olmoe", sel, "-o", tmp_path / "f.safetensors", *dec),
+             ("reshape", tmp_path / "f.safetensors", "-t", "2L,d24,f12", "--layer-map", "merge", *com,
+              "-o", tmp_path / "a.safetensors"),
              ("graft", tmp_path / "a.safetensors", "--seed", "3", "-o", tmp_path / "g1")]
     for s in steps:
         code, _, err = cli(*s)
         assert code == 0, err
-    code, _, err = cli("graft", fx / "olmoe", "-t", "2L,d24,f12", "--layer-map", "merge", "--ranks", "8,full,2",
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L,d24,f12", "--layer-map", "merge", *dec, *com,
                        "--selection", sel, "--seed", "3", "-o", tmp_path / "g2")
     assert code == 0, err
     a, b = load_file(str(tmp_path / "g1" / "model.safetensors")), load_file(str(tmp_path / "g2" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_collapsed_layer_equals_the_factor_reconstruction(fx):
+    """At full ranks the one-shot path's weighted sum of aligned experts is the Tucker reconstruction
+    G x3 mix (tensorly's mode product) up to float rounding, for every combination it handles."""
+    ck = open_checkpoint(fx / "olmoe")
+    layer = {"layer": ck.moe_layers[0], "experts": [5, 0, 3, 7], "freq": {"a": [0.4, 0.1, 0.3, 0.2]}}
+    t, _ = decompose.layer_factors(ck, layer, ["full", "full", "full"], None, True, False)
+    i = layer["layer"]
+    for how in ("usage", "uniform", "literal"):
+        assert decompose.collapsible(["full", "full", "full"], False, how)
+        ffn, errors = decompose.layer_ffn(ck, layer, True, lambda w: reshape.expert_mix(w, torch.eye(w.numel()), how))
+        assert set(errors.values()) == {0.0}
+        for k, m in enumerate(decompose.MATRICES):
+            core, u3 = t[f"layers.{i}.{m}.core"], t[f"layers.{i}.{m}.U3"]
+            ref = reconstruct(core, [torch.eye(core.shape[0]), torch.eye(core.shape[1]),
+                                     reshape.expert_mix(t[f"layers.{i}.weights"], u3, how)[None]])[:, :, 0]
+            assert torch.equal(ffn[k], reshape.combine_layer(t, i, how)[k])
+            assert torch.allclose(ffn[k], ref, rtol=1e-6, atol=1e-7)
+    assert not decompose.collapsible(["full", "full", 2], False, "usage")
+    assert not decompose.collapsible(["full", "full", "full"], True, "usage")
+    assert not decompose.collapsible(["full", "full", "full"], False, "first")
+
+
+def test_joint_gram_in_chunks(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    experts = [(torch.randn(12, 20, generator=g), torch.randn(12, 20, generator=g), torch.randn(20, 12, generator=g))
+               for _ in range(5)]
+    whole = sum((x @ x.T).double() for x in (torch.stack([e[k].reshape(-1) for e in experts]) for k in range(3)))
+    assert torch.allclose(decompose.joint_gram(experts), whole, rtol=1e-5, atol=1e-3)
+    monkeypatch.setattr(decompose, "GRAM_CHUNK", 5 * 20 * 3)  # 3 rows per chunk, a short last one
+    assert torch.allclose(decompose.joint_gram(experts), whole, rtol=1e-5, atol=1e-3)

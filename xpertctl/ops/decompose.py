@@ -27,12 +27,60 @@ def _features(e: tuple[torch.Tensor, ...]) -> torch.Tensor:
 def _match(target: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """The permutation p maximizing sum_i <target_i, feat_p(i)> (weight matching, as in Git Re-Basin)."""
     rows, cols = linear_sum_assignment((target @ feat.T).double().numpy(), maximize=True)
-    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    p = torch.tensor(cols[np.argsort(rows)], dtype=torch.long)
+    _release_free_memory()
+    return p
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim; nothing elsewhere).
+
+    Each match allocates and frees tens of MiB (features, scores, scipy's copy). glibc raises its mmap
+    threshold after such frees, so later blocks come from the heap, where small live objects pin the
+    freed space: without a trim, aligning 64 OLMoE experts grew the heap by ~20 MiB per match (1.4 GiB
+    over one pass), with it the RSS stays flat. About a millisecond per call."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None = None,
           sweeps: int = 2) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
-    """Permute each expert's hidden neurons so neuron i means the same thing in every expert.
+    """The experts with their hidden neurons permuted by align_perms, and the permutations."""
+    perms = align_perms(experts, weights, sweeps)
+    return [permute(e, p) for e, p in zip(experts, perms)], perms
+
+
+def permute(e: tuple[torch.Tensor, ...], p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An expert's neurons in the order p: gate rows, up rows and down columns together."""
+    g, u, d = e
+    return g[p], u[p], d[:, p]
+
+
+def matrix(e: tuple[torch.Tensor, ...], k: int, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Matrix k (0 gate, 1 up, 2 down) of one expert in float32, its neurons in the order p."""
+    x = e[k] if p is None else (e[k][p] if k < 2 else e[k][:, p])
+    return x.float().contiguous()
+
+
+SWEEP_MAX_EXPERTS = 16
+
+
+def align_perms(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None = None,
+                sweeps: int = 2) -> list[torch.Tensor]:
+    """Permutations of each expert's hidden neurons so neuron i means the same thing in every expert.
 
     Two experts' neuron i are unrelated until aligned (any permutation of an expert's neurons computes
     the same function). The reference is the most-used expert (largest weight; the first on ties),
@@ -40,7 +88,11 @@ def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None 
     usage-weighted sum of the others as aligned so far (iterated matching to the running mean, as in
     MC-SMoE / ZipIt-style merging), so no single pair decides for all. A neuron is its gate row, up
     row and down column together: one permutation per expert moves all three. Memory: one running
-    sum and one expert's features at a time (64 experts of OLMoE stay well under a GiB).
+    sum and one expert's features at a time (64 experts of OLMoE stay well under a GiB); the experts
+    themselves are not copied. Time: one assignment per expert and pass (~0.3 s at 1024 neurons), so
+    above SWEEP_MAX_EXPERTS experts (a whole 64-expert layer, no selection) only the match to the
+    reference runs: the running mean of dozens of experts barely moves, and three passes would
+    triple a 64-expert graft's time.
     """
     n = len(experts)
     w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().clamp_min(0) + 1e-9
@@ -50,7 +102,7 @@ def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None 
     for j in range(n):
         if j != ref:
             perms[j] = _match(ref_feat, _features(experts[j]))
-    if sweeps and n > 2:
+    if sweeps and 2 < n <= SWEEP_MAX_EXPERTS:
         total = sum(float(w[k]) * _features(experts[k])[perms[k]] for k in range(n))
         for _ in range(sweeps):
             changed = False
@@ -64,8 +116,7 @@ def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None 
                     perms[j], changed = p, True
             if not changed:
                 break
-    out = [(g[p], u[p], d[:, p]) for (g, u, d), p in zip(experts, perms)]
-    return out, perms
+    return perms
 
 
 def stacks(experts: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
@@ -87,12 +138,16 @@ def joint_gram(experts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     n = len(experts)
     g = torch.zeros(n, n, dtype=torch.float64)
     for k in range(3):
-        x = torch.stack([e[k].float().reshape(-1) for e in experts])
-        g += (x @ x.T).double()
-        del x
+        rows, cols = experts[0][k].shape
+        step = max(1, GRAM_CHUNK // max(1, n * cols))  # rows per chunk: an [n, step*cols] float32 block
+        for r in range(0, rows, step):
+            x = torch.stack([e[k][r:r + step].float().reshape(-1) for e in experts])
+            g += (x @ x.T).double()
+            del x
     return g
 
 
+GRAM_CHUNK = 1 << 24  # floats per joint_gram block (64 MiB)
 
 
 def layer_weights(layer_doc: dict) -> torch.Tensor:
@@ -105,14 +160,53 @@ def layer_weights(layer_doc: dict) -> torch.Tensor:
     return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1 / len(w))
 
 
-def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, align_neurons: bool,
-                  no_tucker: bool, weighting: str = "joint") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Factors of one selected layer: {'layers.{i}.{m}.core|U1|U2|U3|error'} (or '.mean'), its errors."""
+def read_layer(ck: Checkpoint, l: dict) -> list[tuple[torch.Tensor, ...]]:
+    """The selected experts of one layer, in the checkpoint's dtype, checked finite."""
     i, ids = l["layer"], l["experts"]
     experts = ck.experts(i, ids)
     for j, e in zip(ids, experts):
         if not all(torch.isfinite(t).all() for t in e):
             raise XpertError(f"{ck.path}: expert {j} of layer {i} has NaN or Inf weights")
+    return experts
+
+
+def mode3_sum(mats, coeffs: list[float]) -> torch.Tensor:
+    """sum_j coeffs_j * mats_j in float32, accumulated in order (one matrix in memory at a time)."""
+    out = None
+    for c, x in zip(coeffs, mats):
+        if out is None:
+            out = torch.zeros_like(x)
+        out.add_(x, alpha=c)
+    return out
+
+
+def collapsible(rank_spec: list, no_tucker: bool, combine: str) -> bool:
+    """Whether a layer's combined FFN can be computed straight from the aligned experts: at full ranks
+    every Tucker factor is the identity and the core is the stack itself, so `usage`, `uniform` and
+    `literal` combinations are a weighted sum of the aligned experts (reshape.expert_mix's weights)."""
+    return not no_tucker and list(rank_spec) == ["full", "full", "full"] and combine in ("usage", "uniform", "literal")
+
+
+def layer_ffn(ck: Checkpoint, l: dict, align_neurons: bool, mix) -> tuple[tuple[torch.Tensor, ...], dict[str, float]]:
+    """The combined (gate, up, down) of one layer at full ranks (see collapsible), and its (zero) errors.
+
+    No stack, no factors: each matrix is the mix(weights)-weighted sum of the aligned experts, built
+    from the experts as read (checkpoint dtype) one float32 matrix at a time. The same numbers as
+    reshape.combine_layer on layer_factors' output."""
+    i = l["layer"]
+    experts = read_layer(ck, l)
+    w = layer_weights(l)
+    perms = align_perms(experts, w) if align_neurons else [None] * len(experts)
+    a = [float(v) for v in mix(w)]
+    ffn = tuple(mode3_sum((matrix(e, k, p) for e, p in zip(experts, perms)), a) for k in range(3))
+    return ffn, {f"layers.{i}.{m}": 0.0 for m in MATRICES}
+
+
+def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, align_neurons: bool,
+                  no_tucker: bool, weighting: str = "joint") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Factors of one selected layer: {'layers.{i}.{m}.core|U1|U2|U3|error'} (or '.mean'), its errors."""
+    i, ids = l["layer"], l["experts"]
+    experts = read_layer(ck, l)
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     w = layer_weights(l)
@@ -122,8 +216,8 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
     tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
     tensors[f"layers.{i}.weights"] = w
     u3 = None
-    if not no_tucker and weighting == "joint":
-        u3 = expert_factor(joint_gram(experts), rank_spec[2], ranks)
+    if not no_tucker and weighting == "joint":  # a full expert mode needs no Gram: its factor is the identity
+        u3 = torch.eye(len(ids)) if rank_spec[2] == "full" else expert_factor(joint_gram(experts), rank_spec[2], ranks)
     for k, m in enumerate(MATRICES):
         key = f"layers.{i}.{m}"
         if no_tucker:
@@ -163,19 +257,26 @@ def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | No
 
 def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | None = None, align_neurons: bool = True,
             no_tucker: bool = False, weighting: str = "joint", only: set[int] | None = None,
-            each=None) -> tuple[dict[str, torch.Tensor], dict]:
+            each=None, mix=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Factors for every selected layer (or those in `only`). With `each`, every layer's factors are
-    handed to each(layer, tensors) instead of being kept (the one-shot graft streams them)."""
+    handed to each(layer, tensors) instead of being kept (the one-shot graft streams them). With `mix`
+    too (full ranks only, see collapsible), each layer is collapsed at once to its combined FFN,
+    each(layer, (gate, up, down)), with expert weights mix(usage weights): no factors are formed."""
     sel.check_source(doc, Path(sel_path), ck)
     rank_spec = parse_ranks(ranks)
     check_weighting(weighting)
+    if mix is not None and (each is None or no_tucker or rank_spec != ["full", "full", "full"]):
+        raise ValueError("compute(mix=...) needs each=... and full ranks")
     layers = [l for l in doc["layers"] if only is None or l["layer"] in only]
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     with progress() as bar:
         task = bar.add_task("decompose", total=len(layers), info="")
         for l in layers:
-            t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker, weighting)
+            if mix is not None:
+                t, e = layer_ffn(ck, l, align_neurons, mix)
+            else:
+                t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker, weighting)
             errors.update(e)
             if each is not None:
                 each(l["layer"], t)

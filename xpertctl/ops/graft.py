@@ -254,9 +254,16 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
         lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale)
         per_src: dict[int, tuple] = {}
-        _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker,
-                                     weighting=weighting, only={i for g in lmap for i in g},
-                                     each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
+        if decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
+            # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
+            _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
+                                         weighting=weighting, only={i for g in lmap for i in g},
+                                         each=per_src.__setitem__,
+                                         mix=lambda w: reshape.expert_mix(w, torch.eye(w.numel()), combine))
+        else:
+            _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
+                                         no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
+                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                       width_select=width_select, rescale=rescale)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from ..errors import XpertError
 from ..io import provenance, write_safetensors
 from ..specs import Target
-from .decompose import MATRICES
+from .decompose import MATRICES, mode3_sum
 from .ranking import top_indices
-from .tucker import reconstruct
+from .tucker import _is_identity, reconstruct
 
 from ..specs import COMBINES, LAYER_MAPS, RESCALES, WIDTH_SELECTS
 
@@ -44,23 +44,36 @@ def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage") -> tup
     rank 1). `first`: only the first expert-mode component, c = 1/n."""
     out = []
     w = t[f"layers.{i}.weights"].float()
-    n = w.numel()
     for m in MATRICES:
         key = f"layers.{i}.{m}"
         if f"{key}.mean" in t:  # --no-tucker factors: already one matrix
             out.append(t[f"{key}.mean"].float())
             continue
         core, u1, u2, u3 = (t[f"{key}.{s}"].float() for s in ("core", "U1", "U2", "U3"))
-        c = w if how == "usage" else torch.full((n,), 1.0 / n)
         if how == "first":
-            core, u3 = core[:, :, :1], u3[:, :1]
-        mix = (c @ u3)[None]  # (1, r3): the expert mode collapsed by the combination
-        if how in ("usage", "uniform"):
-            a = u3 @ mix[0]  # the weights this puts on each (rank-reduced) expert
-            total, spread = float(a.sum()), float(a.abs().sum())
-            mix = mix / (total if abs(total) > 1e-3 * spread else spread)
-        out.append(reconstruct(core, [u1, u2, mix])[:, :, 0])
+            core = core[:, :, :1]
+        mix = expert_mix(w, u3, how)
+        if _is_identity(u1) and _is_identity(u2):  # full row/column ranks: a weighted sum of the core's slices
+            out.append(mode3_sum((core[:, :, r].contiguous() for r in range(core.shape[2])), mix.tolist()))
+        else:
+            out.append(reconstruct(core, [u1, u2, mix[None]])[:, :, 0])
     return tuple(out)
+
+
+def expert_mix(w: torch.Tensor, u3: torch.Tensor, how: str = "usage") -> torch.Tensor:
+    """The expert-mode combination [r3] that combine_layer applies to the core (see there): c^T U3,
+    rescaled for `usage`/`uniform` so the implied weights on the experts sum to 1. With a full expert
+    mode (U3 = I) these are the weights on the experts themselves."""
+    n = w.numel()
+    c = w if how == "usage" else torch.full((n,), 1.0 / n)
+    if how == "first":
+        u3 = u3[:, :1]
+    mix = (c @ u3)[None]  # (1, r3): the expert mode collapsed by the combination
+    if how in ("usage", "uniform"):
+        a = u3 @ mix[0]  # the weights this puts on each (rank-reduced) expert
+        total, spread = float(a.sum()), float(a.abs().sum())
+        mix = mix / (total if abs(total) > 1e-3 * spread else spread)
+    return mix[0]
 
 
 def layer_map(src_layers: list[int], n_target: int, how: str = "uniform") -> list[list[int]]:
