@@ -188,6 +188,9 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
           keep: int = typer.Option(2, help="Step checkpoints kept."),
           device: str = typer.Option("cpu"),
           save_dtype: Optional[str] = typer.Option(None, help="dtype of the final checkpoint (e.g. bfloat16)."),
+          teacher: Optional[Path] = typer.Option(None, help="Distill from this HF causal LM (same tokenizer)."),
+          kd_alpha: Optional[float] = typer.Option(None, help="KD: loss = (1-A)*CE + A*T^2*KL (default 0.5)."),
+          kd_temperature: Optional[float] = typer.Option(None, help="KD: softmax temperature T (default 1.0)."),
           resume: str = typer.Option("no", help="auto: continue from the last checkpoint in OUT."),
           force: bool = ForceOpt):
     """Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP."""
@@ -195,7 +198,8 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
     cfg = TrainConfig(steps=steps, tokens=tokens, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
                       lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay,
                       grad_clip=grad_clip, seed=seed, eval_every=eval_every, eval_batches=eval_batches,
-                      save_every=save_every, keep=keep, device=device, save_dtype=save_dtype)
+                      save_every=save_every, keep=keep, device=device, save_dtype=save_dtype,
+                      teacher=str(teacher) if teacher else None, kd_alpha=kd_alpha, kd_temperature=kd_temperature)
     path = op(ckpt, out, cfg, data_dir=data_dir, sft=sft, resume=resume, force=force)
     if path is not None:  # under torchrun only rank 0 reports
         print(path)

@@ -12,13 +12,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data
+from . import data, distill
 from .console import err, progress
 from .errors import XpertError
 from .io import provenance
@@ -44,6 +44,9 @@ class TrainConfig:
     keep: int = 2  # step checkpoints kept
     device: str = "cpu"
     save_dtype: str | None = None  # dtype of the final checkpoint (training runs in float32)
+    teacher: str | None = None  # knowledge distillation from this HF causal LM (see distill.py)
+    kd_alpha: float | None = None  # weight of the KL term; 0.5 when --teacher is given
+    kd_temperature: float | None = None  # softmax temperature of both sides; 1.0 when --teacher is given
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -153,6 +156,10 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(cfg, name) <= 0:
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
+    distill.check_options(cfg.teacher, cfg.kd_alpha, cfg.kd_temperature)
+    if cfg.teacher is not None:  # resolved here so the saved config (and a resume's check) holds the values used
+        cfg = replace(cfg, kd_alpha=0.5 if cfg.kd_alpha is None else cfg.kd_alpha,
+                      kd_temperature=1.0 if cfg.kd_temperature is None else cfg.kd_temperature)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.batch_size % world:
@@ -162,6 +169,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         raise XpertError(f"{out}: already exists (use --resume auto to continue it, or --force)")
     model = load_causal_lm(ckpt)
     tok = data.load_tokenizer(ckpt)
+    teacher = distill.load_teacher(cfg.teacher, model, ckpt) if cfg.teacher else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     if data_dir is not None:
         td = data.load_token_data(data_dir)
@@ -189,6 +197,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(cfg.seed)
     model.to(device).train()
+    if teacher is not None:
+        teacher.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -217,7 +227,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    rec = provenance.record("train", inputs=[{"path": str(Path(ckpt).resolve())}], params=asdict(cfg) | {
+    rec = provenance.record("train", inputs=[{"path": str(Path(p).resolve())} for p in (ckpt, cfg.teacher) if p],
+                            params=asdict(cfg) | {
         "data": str(data_dir) if data_dir else None, "sft": str(sft) if sft else None}, seed=cfg.seed)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +238,16 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     def run_loss(x, y, m):
         with amp:
             return net(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device), labels=y[lo:hi].to(device)).loss
+
+    def run_kd_loss(x, y, m):
+        """(loss, ce, kl) of one micro-batch; the teacher sees this rank's rows of it."""
+        x, y, m = x[lo:hi].to(device), y[lo:hi].to(device), m[lo:hi].to(device)
+        with amp:
+            out = net(input_ids=x, attention_mask=m, labels=y)
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x, attention_mask=m, use_cache=False).logits
+        loss, kl = distill.kd_loss(out.logits, t_logits, y, out.loss, cfg.kd_alpha, cfg.kd_temperature)
+        return loss, out.loss.detach(), kl.detach()
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -240,10 +261,15 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     with progress(transient=False) as bar:
         task = bar.add_task("train", total=total, completed=start, info="")
         for step in range(start, total):
-            loss_sum = 0.0
+            loss_sum = ce_sum = kl_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x, y, m = get(step, micro)
-                loss = run_loss(x, y, m) / cfg.grad_accum
+                if teacher is None:
+                    loss = run_loss(x, y, m) / cfg.grad_accum
+                else:
+                    loss, ce, kl = run_kd_loss(x, y, m)
+                    loss = loss / cfg.grad_accum
+                    ce_sum += float(ce) / cfg.grad_accum; kl_sum += float(kl) / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
                 seen += int(m.sum())
@@ -253,6 +279,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             row = {"step": step + 1, "loss": loss_avg, "lr": sched.get_last_lr()[0],
                    "tokens": (step + 1) * (tokens_per_step or 0) or None,
                    "tok_s": seen / max(time.perf_counter() - t0, 1e-9)}
+            if teacher is not None:
+                row |= {"ce": _mean_across(ce_sum, ddp), "kl": _mean_across(kl_sum, ddp)}
             boundary = cfg.eval_every and (step + 1) % cfg.eval_every == 0
             if has_val and (boundary or step + 1 == total):
                 row["val_loss"] = evaluate()
