@@ -191,6 +191,8 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
           teacher: Optional[Path] = typer.Option(None, help="Distill from this HF causal LM (same tokenizer)."),
           kd_alpha: Optional[float] = typer.Option(None, help="KD: loss = (1-A)*CE + A*T^2*KL (default 0.5)."),
           kd_temperature: Optional[float] = typer.Option(None, help="KD: softmax temperature T (default 1.0)."),
+          threads: int = typer.Option(0, help="CPU threads (0: torch's default); 1 is fastest per CPU-minute."),
+          compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long runs)."),
           resume: str = typer.Option("no", help="auto: continue from the last checkpoint in OUT."),
           force: bool = ForceOpt):
     """Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP."""
@@ -200,7 +202,8 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
                       grad_clip=grad_clip, seed=seed, eval_every=eval_every, eval_batches=eval_batches,
                       save_every=save_every, keep=keep, device=device, save_dtype=save_dtype,
                       teacher=str(teacher) if teacher else None, kd_alpha=kd_alpha, kd_temperature=kd_temperature)
-    path = op(ckpt, out, cfg, data_dir=data_dir, sft=sft, resume=resume, force=force)
+    path = op(ckpt, out, cfg, data_dir=data_dir, sft=sft, resume=resume, force=force, threads=threads,
+              compile=compile)
     if path is not None:  # under torchrun only rank 0 reports
         print(path)
 

@@ -144,9 +144,10 @@ def load_causal_lm(ckpt: Path):
 
 
 def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = None, sft: Path | None = None,
-          resume: str = "no", force: bool = False) -> Path | None:
+          resume: str = "no", force: bool = False, threads: int = 0, compile: bool = False) -> Path | None:
     """`xpertctl train`: RUN/step-NNNNNN/, RUN/final/, RUN/metrics.jsonl. Returns RUN/final (None on
-    ranks other than 0 under torchrun)."""
+    ranks other than 0 under torchrun). `threads` (0: torch's default) and `compile` change speed, not
+    results beyond float noise, so they are not part of the run's config."""
     if (data_dir is None) == (sft is None):
         raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
     if resume not in ("no", "auto"):
@@ -157,6 +158,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         if getattr(cfg, name) <= 0:
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
     distill.check_options(cfg.teacher, cfg.kd_alpha, cfg.kd_temperature)
+    if threads < 0:
+        raise XpertError(f"--threads {threads}: must be 0 (torch's default) or positive")
     if cfg.teacher is not None:  # resolved here so the saved config (and a resume's check) holds the values used
         cfg = replace(cfg, kd_alpha=0.5 if cfg.kd_alpha is None else cfg.kd_alpha,
                       kd_temperature=1.0 if cfg.kd_temperature is None else cfg.kd_temperature)
@@ -195,6 +198,9 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     if teacher is not None:
@@ -226,6 +232,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:  # evaluation below stays eager: an eval-mode graph would be a second compilation
+        net = torch.compile(net)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     rec = provenance.record("train", inputs=[{"path": str(Path(p).resolve())} for p in (ckpt, cfg.teacher) if p],
                             params=asdict(cfg) | {
@@ -235,15 +243,16 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         (out / "train_config.json").write_text(json.dumps(rec, indent=2) + "\n")
     lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
 
-    def run_loss(x, y, m):
-        with amp:
-            return net(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device), labels=y[lo:hi].to(device)).loss
+    def run_loss(x, y, m, mod=None):
+        with amp:  # use_cache=False: a KV cache is of no use in training, only an allocation per layer
+            return (mod or net)(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device),
+                                labels=y[lo:hi].to(device), use_cache=False).loss
 
     def run_kd_loss(x, y, m):
         """(loss, ce, kl) of one micro-batch; the teacher sees this rank's rows of it."""
         x, y, m = x[lo:hi].to(device), y[lo:hi].to(device), m[lo:hi].to(device)
         with amp:
-            out = net(input_ids=x, attention_mask=m, labels=y)
+            out = net(input_ids=x, attention_mask=m, labels=y, use_cache=False)
             with torch.no_grad():
                 t_logits = teacher(input_ids=x, attention_mask=m, use_cache=False).logits
         loss, kl = distill.kd_loss(out.logits, t_logits, y, out.loss, cfg.kd_alpha, cfg.kd_temperature)
@@ -252,7 +261,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = [float(run_loss(*get(b, 0, split=1))) for b in range(cfg.eval_batches)]
+        losses = [float(run_loss(*get(b, 0, split=1), mod=model)) for b in range(cfg.eval_batches)]
         model.train()
         return _mean_across(sum(losses) / len(losses), ddp)
 
@@ -304,6 +313,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if ddp:
         import torch.distributed as dist
         dist.barrier(); dist.destroy_process_group()
+    torch.set_num_threads(prev_threads)
     return out / "final" if rank == 0 else None
 
 
