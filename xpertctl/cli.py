@@ -191,7 +191,7 @@ def train(ckpt: Path = typer.Argument(..., help="HF model directory (e.g. from g
           teacher: Optional[Path] = typer.Option(None, help="Distill from this HF causal LM (same tokenizer)."),
           kd_alpha: Optional[float] = typer.Option(None, help="KD: loss = (1-A)*CE + A*T^2*KL (default 0.5)."),
           kd_temperature: Optional[float] = typer.Option(None, help="KD: softmax temperature T (default 1.0)."),
-          threads: int = typer.Option(0, help="CPU threads (0: torch's default); 1 is fastest per CPU-minute."),
+          threads: int = typer.Option(0, help="CPU threads (0: torch's default); 1 on a shared machine."),
           compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays off on long runs)."),
           resume: str = typer.Option("no", help="auto: continue from the last checkpoint in OUT."),
           force: bool = ForceOpt):
