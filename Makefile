@@ -27,7 +27,7 @@ corpus: setup
 	@if [ ! -f build/corpus/manifest.json ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CORPUS_PKGS) >/dev/null; \
 	  else echo "not root: run  sudo apt-get install -y $(CORPUS_PKGS)"; fi; \
-	  $(BIN)/xpertctl corpus build -o build/corpus; \
+	  mkdir -p build && $(BIN)/xpertctl corpus build -o build/corpus; \
 	else echo "build/corpus exists"; fi
 
 # The time estimate and the report's path come from the recipe itself (one number everywhere).

@@ -366,9 +366,12 @@ def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, force):
     return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus, force=force)
 
 
-def _train(ckpt, out, data_dir, sft, resume, force, **cfg):  # every other parameter is a TrainConfig field
+def _train(ckpt, out, data_dir, sft, resume, force, threads, compile, **cfg):  # the rest: TrainConfig fields
     from .train import TrainConfig, train as op
-    return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force)
+    if cfg.get("teacher") is not None:
+        cfg["teacher"] = str(cfg["teacher"])
+    return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force,
+              threads=threads, compile=compile)
 
 
 def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, target_delimiter, force):
@@ -545,7 +548,8 @@ COMMANDS: tuple[Command, ...] = (
             ), _tokenize),
     Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
             "xpertctl train student/ --data data/ --steps 2000 -o runs/a\n"
-            "torchrun --nproc-per-node 8 $(which xpertctl) train student/ --data data/ --steps 2000 -o runs/a --device cuda", (
+            "torchrun --nproc-per-node 8 $(which xpertctl) train student/ --data data/ --steps 2000 -o runs/a --device cuda\n"
+            "xpertctl train student/ --data data/ --steps 2000 -o runs/kd --teacher olmoe/ --kd-alpha 0.5", (
                 arg("ckpt", "HF model directory (e.g. from graft)."),
                 out_param("Run directory: step-NNNNNN/, final/, metrics.jsonl."),
                 opt("data_dir", None, "Token data from `xpertctl tokenize`.", "--data", type=Path, input=True),
@@ -567,6 +571,12 @@ COMMANDS: tuple[Command, ...] = (
                 opt("keep", 2, "Step checkpoints kept."),
                 opt("device", "cpu", "torch device (cpu, cuda, cuda:1)."),
                 opt("save_dtype", None, "dtype of the final checkpoint (default: float32).", choices=DTYPES),
+                opt("teacher", None, "Knowledge distillation from this HF causal LM (same tokenizer), e.g. the MoE "
+                    "the student was grafted from.", type=Path, input=True),
+                opt("kd_alpha", None, "KD: loss = (1-A)*CE + A*T^2*KL(teacher || student) (default 0.5).", type=float),
+                opt("kd_temperature", None, "KD: softmax temperature T of both sides (default 1.0).", type=float),
+                opt("threads", 0, "CPU threads (0: torch's default); 1 is fastest on a shared machine. Speed only."),
+                flag("compile", "torch.compile the model (pays off on long runs). Speed only."),
                 opt("resume", "no", "auto: continue from the last checkpoint in OUT.", choices=RESUME),
                 FORCE,
             ), _train),

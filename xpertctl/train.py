@@ -12,13 +12,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data
+from . import data, distill
 from .console import err, progress
 from .errors import XpertError
 from .io import provenance
@@ -44,6 +44,9 @@ class TrainConfig:
     keep: int = 2  # the last N step checkpoints are kept (N >= 1)
     device: str = "cpu"
     save_dtype: str | None = None  # dtype of the final checkpoint (training runs in float32)
+    teacher: str | None = None  # knowledge distillation from this HF causal LM (see distill.py)
+    kd_alpha: float | None = None  # weight of the KL term; 0.5 when --teacher is given
+    kd_temperature: float | None = None  # softmax temperature of both sides; 1.0 when --teacher is given
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -141,9 +144,10 @@ def load_causal_lm(ckpt: Path):
 
 
 def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = None, sft: Path | None = None,
-          resume: str = "no", force: bool = False) -> Path | None:
+          resume: str = "no", force: bool = False, threads: int = 0, compile: bool = False) -> Path | None:
     """`xpertctl train`: RUN/step-NNNNNN/, RUN/final/, RUN/metrics.jsonl. Returns RUN/final (None on
-    ranks other than 0 under torchrun)."""
+    ranks other than 0 under torchrun). `threads` (0: torch's default) and `compile` change speed, not
+    results beyond float noise, so they are not part of the run's config."""
     if (data_dir is None) == (sft is None):
         raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
     if resume not in ("no", "auto"):
@@ -156,6 +160,12 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if cfg.keep < 1:
         raise XpertError(f"--keep {cfg.keep}: keep at least 1 step checkpoint (--save-every 0 saves none)")
     check_device(cfg.device)
+    distill.check_options(cfg.teacher, cfg.kd_alpha, cfg.kd_temperature)
+    if threads < 0:
+        raise XpertError(f"--threads {threads}: must be 0 (torch's default) or positive")
+    if cfg.teacher is not None:  # resolved here so the saved config (and a resume's check) holds the values used
+        cfg = replace(cfg, kd_alpha=0.5 if cfg.kd_alpha is None else cfg.kd_alpha,
+                      kd_temperature=1.0 if cfg.kd_temperature is None else cfg.kd_temperature)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.batch_size % world:
@@ -167,6 +177,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     ckpt = resolve_source(ckpt)
     model = load_causal_lm(ckpt)
     tok = data.load_tokenizer(ckpt)
+    teacher = distill.load_teacher(cfg.teacher, model, ckpt, load_causal_lm) if cfg.teacher else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     if data_dir is not None:
         td = data.load_token_data(data_dir)
@@ -199,8 +210,13 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
+    if teacher is not None:
+        teacher.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -237,22 +253,36 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:  # evaluation below stays eager: an eval-mode graph would be a second compilation
+        net = torch.compile(net)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    rec = provenance.record("train", inputs=[{"path": str(Path(ckpt).resolve())}], params=asdict(cfg) | {
+    rec = provenance.record("train", inputs=[{"path": str(Path(p).resolve())} for p in (ckpt, cfg.teacher) if p],
+                            params=asdict(cfg) | {
         "data": str(data_dir) if data_dir else None, "sft": str(sft) if sft else None}, seed=cfg.seed)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(rec, indent=2) + "\n")
     lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
 
-    def run_loss(x, y, m):
+    def run_loss(x, y, m, mod=None):
+        with amp:  # use_cache=False: a KV cache is of no use in training, only an allocation per layer
+            return (mod or net)(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device),
+                                labels=y[lo:hi].to(device), use_cache=False).loss
+
+    def run_kd_loss(x, y, m):
+        """(loss, ce, kl) of one micro-batch; the teacher sees this rank's rows of it."""
+        x, y, m = x[lo:hi].to(device), y[lo:hi].to(device), m[lo:hi].to(device)
         with amp:
-            return net(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device), labels=y[lo:hi].to(device)).loss
+            out = net(input_ids=x, attention_mask=m, labels=y, use_cache=False)
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x, attention_mask=m, use_cache=False).logits
+        loss, kl = distill.kd_loss(out.logits, t_logits, y, out.loss, cfg.kd_alpha, cfg.kd_temperature)
+        return loss, out.loss.detach(), kl.detach()
 
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        losses = [float(run_loss(*get(b, 0, split=1))) for b in range(cfg.eval_batches)]
+        losses = [float(run_loss(*get(b, 0, split=1), mod=model)) for b in range(cfg.eval_batches)]
         model.train()
         return _mean_across(sum(losses) / len(losses), ddp)
 
@@ -261,10 +291,15 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     with progress(transient=False) as bar:
         task = bar.add_task("train", total=total, completed=start, info="")
         for step in range(start, total):
-            loss_sum = 0.0
+            loss_sum = ce_sum = kl_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x, y, m = get(step, micro)
-                loss = run_loss(x, y, m) / cfg.grad_accum
+                if teacher is None:
+                    loss = run_loss(x, y, m) / cfg.grad_accum
+                else:
+                    loss, ce, kl = run_kd_loss(x, y, m)
+                    loss = loss / cfg.grad_accum
+                    ce_sum += float(ce) / cfg.grad_accum; kl_sum += float(kl) / cfg.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
                 seen += int(m.sum())
@@ -275,6 +310,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             row = {"step": step + 1, "loss": loss_avg, "lr": lr_used,
                    "tokens": (step + 1) * (tokens_per_step or 0) or None,
                    "tok_s": seen / max(time.perf_counter() - t0, 1e-9)}
+            if teacher is not None:
+                row |= {"ce": _mean_across(ce_sum, ddp), "kl": _mean_across(kl_sum, ddp)}
             boundary = cfg.eval_every and (step + 1) % cfg.eval_every == 0
             if has_val and (boundary or step + 1 == total):
                 row["val_loss"] = evaluate()
@@ -299,6 +336,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if ddp:
         import torch.distributed as dist
         dist.barrier(); dist.destroy_process_group()
+    torch.set_num_threads(prev_threads)
     return out / "final" if rank == 0 else None
 
 
@@ -320,6 +358,8 @@ def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path 
         ident["--data"] = provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes())
     if sft is not None:
         ident["--sft"] = provenance.sha256(Path(sft).read_bytes())
+    if cfg.teacher is not None:  # the teacher's weights, not just its path: a retrained teacher is another run
+        ident["TEACHER"] = provenance.fingerprint(Path(cfg.teacher))["sha256"]
     return ident
 
 
