@@ -532,7 +532,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("dtype", "float32", "Compute dtype of the source.", choices=DTYPES),
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
-                opt("seed", 0, "Seed of the scratch reference FFN."),
+                opt("seed", 0, "Seed of the scratch reference FFN and, with --max-tokens, of the document sample."),
                 FORCE,
             ), _fidelity),
     Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
