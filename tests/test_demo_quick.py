@@ -11,7 +11,7 @@ def test_quick_demo_produces_the_report(tmp_path, monkeypatch, cli):
                          "--set", f"vars.report={work / 'report'}")
     assert code == 0, err[-3000:]
     report = (work / "report" / "REPORT.md").read_text()
-    assert "| 2 | kd | 1 |" in report
+    assert "| 2 | kd | 1 |" in report and "| 2 | xpert − norm-matched |" in report
     for arm in ("xpert", "literal", "fit", "random", "low", "norm-matched", "scratch"):
         assert f"| 2 | {arm} | 1 |" in report
         fid = json.loads((work / "fidelity" / f"{arm}-2L-s0.json").read_text())

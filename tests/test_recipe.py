@@ -99,7 +99,7 @@ def test_shipped_recipes_expand(tmp_path):
         for sid, op, args in plan:
             rc.argv_for(op, args, sid, TABLE)  # every op and argument exists
     demo = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml"), Path("demo.yaml"))
-    assert sum(op == "train" for _, op, _ in demo) == 8 * 1 * 4  # 8 arms (KD included), 1 depth, 4 seeds
+    assert sum(op == "train" for _, op, _ in demo) == 8 * 1 * 8  # 8 arms (KD included), 1 depth, 8 seeds
 
 
 @pytest.mark.parametrize("mutate,needle", [

@@ -405,10 +405,10 @@ def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts,
                   kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force)
 
 
-def _report(results, out, baseline, teacher, stats_file, selection, fidelity, notes, title, force):
+def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, force):
     from .report import build
     return build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
-                 fidelity=fidelity, notes=notes, title=title, force=force)
+                 fidelity=fidelity, contrasts=contrast, notes=notes, title=title, force=force)
 
 
 def _run(recipe, set_, dry_run, only, profile, resolved):
@@ -646,6 +646,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("stats_file", None, "Teacher stats for the heatmap.", "--stats", type=Path, input=True),
                 opt("selection", None, "Selection to mark on the heatmap.", type=Path, input=True),
                 opt("fidelity", None, "Glob(s) of `xpertctl fidelity` JSONs named like the results; repeat.",
+                    type=str, multiple=True),
+                opt("contrast", None, "FIRST:SECOND arms to compare seed by seed (e.g. xpert:norm-matched); repeat.",
                     type=str, multiple=True),
                 opt("notes", None, "A paragraph added under the verdict (e.g. the training budget).", type=str),
                 opt("title", "XPERT demo", "Report title."),

@@ -57,6 +57,13 @@ def paired_ci(x: dict[int, float], y: dict[int, float]) -> tuple[float, float, i
     return float(d.mean()), float(student_t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))), len(d)
 
 
+def _contrast(text: str) -> tuple[str, str]:
+    a, sep, b = str(text).partition(":")
+    if not sep or not a or not b:
+        raise XpertError(f"--contrast {text!r}: expected FIRST:SECOND (two arm names)")
+    return a, b
+
+
 def _ms(xs: list[float], fmt: str = "{:.3f}") -> str:
     xs = [x for x in xs if not math.isnan(x)]
     if not xs:
@@ -70,7 +77,8 @@ def _reach(val: list[tuple[int, float]], target: float) -> int | None:
 
 def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: Path | None = None,
           stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo",
-          fidelity: list[str] | None = None, notes: str | None = None, force: bool = False) -> Path:
+          fidelity: list[str] | None = None, notes: str | None = None, contrasts: list[str] | None = None,
+          force: bool = False) -> Path:
     from .io.writer import atomic_path, check_output
     files = sorted({Path(p) for pat in results for p in glob.glob(pat)})
     if not files:
@@ -133,6 +141,27 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
         lines.append(f"- {a}: better than {baseline} at {better} of {len(mine)} depths, worse at {worse}, "
                      f"indistinguishable at {len(mine) - better - worse}.")
     lines.append("")
+    pairs = [_contrast(c) for c in contrasts or []]
+    if pairs:
+        lines += ["## Contrasts between arms", "",
+                  "Each row pairs two arms seed by seed (same seed: same non-FFN init, same batches); a negative "
+                  "difference means the first arm ends lower. This is what separates knowledge from init scale "
+                  "(xpert vs norm-matched) and the selection from any experts (xpert vs random, low).", "",
+                  "| depth | first − second | paired Δ val loss (95% CI) | seeds | reading |", "|---|---|---|---|---|"]
+        for d in depths:
+            for a, b in pairs:
+                if (d, a) not in by or (d, b) not in by:
+                    continue
+                diff, half, n = paired_ci({r["seed"]: r["final_val"] for r in by[(d, a)]},
+                                          {r["seed"]: r["final_val"] for r in by[(d, b)]})
+                if math.isnan(half):
+                    reading, ci = "no interval", f"{diff:+.3f}"
+                else:
+                    ci = f"{diff:+.3f} ± {half:.3f}"
+                    reading = (f"{a} lower" if diff + half < 0 else f"{b} lower" if diff - half > 0
+                               else "indistinguishable")
+                lines.append(f"| {d} | {a} − {b} | {ci} | {n} | {reading} |")
+        lines.append("")
     if notes:
         lines += [notes, ""]
     if teacher is not None and Path(teacher).is_file():
