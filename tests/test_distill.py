@@ -177,8 +177,8 @@ def test_grad_accum_matches_one_big_batch(fx, kdata, tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "lm_batch", joined)
     tr.train(fx / "llama", tmp_path / "big", _cfg(batch_size=4, eval_every=0, **kd), data_dir=kdata)
     a, b = _rows(tmp_path / "accum"), _rows(tmp_path / "big")
-    for key in ("loss", "ce", "kl"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
+    for key in ("loss", "ce", "kl"):  # float32 sums over differently shaped batches: ~1e-5 apart on the small KL
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4), key
     wa, wb = _weights(tmp_path / "accum"), _weights(tmp_path / "big")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
