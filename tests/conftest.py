@@ -62,3 +62,13 @@ def stats_file(tmp_path, counts, tokens, top_k=2, name="s.safetensors"):
     return p
 
 
+
+
+def token_data(fx, tmp_path_factory, name, texts: dict[str, str]):
+    """Token data of {domain: text} with the llama fixture's tokenizer (20% val, 10% test by hash)."""
+    from xpertctl import data
+    d = tmp_path_factory.mktemp(name)
+    for dom, text in texts.items():
+        (d / f"{dom}.txt").write_text(text)
+    return data.tokenize(fx / "llama", [f"{dom}={d / (dom + '.txt')}" for dom in texts], d / "data",
+                         val_pct=20, test_pct=10)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import assert_user_error
+from conftest import assert_user_error, token_data
 from xpertctl import data
 from xpertctl import train as tr
 
@@ -24,12 +24,8 @@ TEXT = ("fortune favours the bold . the man page lists options . a noun is a wor
 
 @pytest.fixture(scope="module")
 def kdata(fx, tmp_path_factory):
-    d = tmp_path_factory.mktemp("kdtok")
-    for name, n in (("x", 30), ("y", 30)):
-        (d / f"{name}.txt").write_text("\n\n".join(f"{k} {TEXT} {name}" for k in range(n)))
-    out = d / "data"
-    data.tokenize(fx / "llama", [f"x={d / 'x.txt'}", f"y={d / 'y.txt'}"], out, val_pct=20, test_pct=10)
-    return out
+    return token_data(fx, tmp_path_factory, "kdtok",
+                      {name: "\n\n".join(f"{k} {TEXT} {name}" for k in range(30)) for name in ("x", "y")})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_user_error
+from conftest import ROOT, assert_user_error, token_data
 from xpertctl import data
 from xpertctl.io import provenance
 
@@ -23,11 +23,7 @@ def _digest(root):
 
 @pytest.fixture(scope="module")
 def tdata(fx, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok-err")
-    (d / "a.txt").write_text("\n\n".join(f"{TEXT} {k}" for k in range(40)))
-    out = d / "data"
-    data.tokenize(fx / "llama", [f"a={d / 'a.txt'}"], out, val_pct=20, test_pct=10)
-    return out
+    return token_data(fx, tmp_path_factory, "tok-err", {"a": "\n\n".join(f"{TEXT} {k}" for k in range(40))})
 
 
 # ---- devices ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import assert_user_error
+from conftest import assert_user_error, token_data
 from xpertctl import data
 from xpertctl import eval as ev
 from xpertctl import train as tr
@@ -21,12 +21,8 @@ TEXT = ("the law shall apply to every licence holder . in the beginning god crea
 
 @pytest.fixture(scope="module")
 def tdata(fx, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    for name, n in (("a", 40), ("b", 40)):
-        (d / f"{name}.txt").write_text("\n\n".join(f"{TEXT} {k}" for k in range(n)))
-    out = d / "data"
-    data.tokenize(fx / "llama", [f"a={d / 'a.txt'}", f"b={d / 'b.txt'}"], out, val_pct=20, test_pct=10)
-    return out
+    return token_data(fx, tmp_path_factory, "tok", {name: "\n\n".join(f"{TEXT} {k}" for k in range(40))
+                                                    for name in ("a", "b")})
 
 
 def _cfg(**kw):

@@ -4,18 +4,14 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error
-from xpertctl import data
+from conftest import assert_user_error, token_data
 from xpertctl import train as tr
 
 
 @pytest.fixture(scope="module")
 def sdata(fx, tmp_path_factory):
-    d = tmp_path_factory.mktemp("speedtok")
-    (d / "a.txt").write_text("\n\n".join(f"the man page lists options {k} . fortune favours the bold ." for k in range(60)))
-    out = d / "data"
-    data.tokenize(fx / "llama", [f"a={d / 'a.txt'}"], out, val_pct=20, test_pct=10)
-    return out
+    return token_data(fx, tmp_path_factory, "speedtok",
+                      {"a": "\n\n".join(f"the man page lists options {k} . fortune favours the bold ." for k in range(60))})
 
 
 def _cfg(**kw):
