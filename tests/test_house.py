@@ -77,7 +77,7 @@ def test_no_import_cycles():
 def test_nothing_imports_the_cli():
     graph = _imports()
     users = [m for m, deps in graph.items() if "xpertctl.cli" in deps]
-    assert users == []
+    assert users in ([], ["xpertctl.__main__"])  # only `python -m xpertctl`, which is the command itself
     # the CLI and the recipe runner share the table of operations; neither imports the other
     assert "xpertctl.recipe" not in graph["xpertctl.cli"] and "xpertctl.ops_table" in graph["xpertctl.cli"]
     assert not {"xpertctl.cli", "xpertctl.ops_table"} & graph["xpertctl.recipe"]

@@ -26,3 +26,18 @@ def test_paired_ci_pairs_by_seed_not_by_position():
 def test_one_seed_gives_no_interval():
     diff, half, n = paired_ci({0: 1.0}, {0: 1.5})
     assert diff == pytest.approx(-0.5) and n == 1 and half != half  # NaN
+
+
+def test_seeds_for_the_goal_is_the_fewest_that_reach_it():
+    import numpy as np
+    from xpertctl.report import seeds_for
+    rng = np.random.default_rng(3)
+    d = rng.normal(-0.17, 0.14, size=8)  # the spread of the random arm's paired differences in demo v2
+    res = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    half, sd = (res.high - res.low) / 2, d.std(ddof=1)
+    m = seeds_for(half, 8, 0.05)
+    width = lambda k: stats.t.ppf(0.975, k - 1) * sd / np.sqrt(k)  # noqa: E731
+    assert width(m) <= 0.05 < width(m - 1)
+    assert m > 8
+    assert seeds_for(0.03, 8, 0.05) <= 8  # already narrow enough
+    assert seeds_for(float("nan"), 1) is None

@@ -411,11 +411,11 @@ def _report(results, out, baseline, teacher, stats_file, selection, fidelity, co
                  fidelity=fidelity, contrasts=contrast, notes=notes, title=title, force=force)
 
 
-def _run(recipe, set_, dry_run, only, profile, resolved):
+def _run(recipe, set_, dry_run, only, profile, resolved, jobs):
     from . import recipe as runner
     if resolved:
         return runner.resolved(recipe, set_ or [], profile, table=BY_NAME)
-    return runner.run(recipe, set_ or [], dry_run=dry_run, only=only, profile=profile, table=BY_NAME)
+    return runner.run(recipe, set_ or [], dry_run=dry_run, only=only, profile=profile, jobs=jobs, table=BY_NAME)
 
 
 # ---- the table ---------------------------------------------------------------------------------------
@@ -663,6 +663,9 @@ COMMANDS: tuple[Command, ...] = (
                 opt("profile", None, "A named set of var overrides from the recipe (e.g. quick).", type=str),
                 flag("resolved", "Print the recipe as it would run (YAML: profile and --set applied, grids "
                                  "expanded, references resolved, each step's command) and exit."),
+                opt("jobs", 1, "Steps at once: independent steps run side by side, each as its own process with "
+                               "cores/N threads and its log in .OUT.step.log (2 on 2 cores: ~1.3x the throughput).",
+                    "--jobs", "-j"),
             ), _run),
 )
 

@@ -308,9 +308,13 @@ def resolved(path: Path, overrides: list[str] = (), profile: str | None = None, 
 
 
 def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list[str] | None = None,
-        profile: str | None = None, *, table: dict) -> list[str]:
-    """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs."""
+        profile: str | None = None, jobs: int = 1, *, table: dict) -> list[str]:
+    """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs.
+
+    jobs > 1 runs independent steps side by side, each as its own `xpertctl` process (see _run_parallel)."""
     from .io import provenance
+    if jobs < 1:
+        raise XpertError(f"--jobs {jobs}: must be 1 or more")
     recipe = load(path, overrides, profile)
     steps = plan_steps(path, recipe, table)
     for o in only or []:
@@ -318,7 +322,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             raise XpertError(f"--only {o!r}: matches no step of {path} (e.g. {', '.join(s[0] for s in steps[:3])})")
     err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
               + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
-    outs = []
+    outs, todo = {}, []
     for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
         if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
             continue
@@ -326,21 +330,16 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         rec = _record(cmd.name, argv, args)
         done = out is not None and Path(out).exists() and _record_path(out).is_file() and \
             json.loads(_record_path(out).read_text()) == rec
-        state = "skip (done)" if done else "run"
-        err.print(f"[{n}/{len(steps)}] {sid}: {state}  {shlex.join(['xpertctl', *argv])}", highlight=False,
-                  soft_wrap=True, markup=False)
+        if dry_run or done or jobs == 1:
+            _say(n, len(steps), sid, "skip (done)" if done else "run", argv)
         if dry_run or done:
             if out:
-                outs.append(out)
+                outs[n] = out
             continue
-        if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            started = _started(out, rec)
-            _record_path(out).write_text(json.dumps({**rec, "started": True}, indent=1))
-            if Path(out).exists() and cmd.name == "train" and "resume" not in args and started:
-                values["resume"] = "auto"  # a killed run of this very step continues from its checkpoint
-            elif Path(out).exists() and "force" in values:
-                values["force"] = True  # a stale output (its arguments changed) is replaced, never continued
+        if jobs > 1:
+            todo.append((n, sid, cmd, values, args))
+            continue
+        values.update(_begin(out, rec, cmd, values, args))
         try:
             with provenance.command(shlex.join(["xpertctl", *argv])):
                 cmd.invoke(values)
@@ -348,7 +347,154 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             raise XpertError(f"{path}: step {sid!r}: {e}") from None
         if out is not None:
             _record_path(out).write_text(json.dumps(rec, indent=1))
-            outs.append(out)
+            outs[n] = out
+    if todo:
+        outs.update(_run_parallel(path, todo, len(steps), jobs))
     if recipe.result and not dry_run:
         err.print(f"done: {result(recipe, path)}", highlight=False, soft_wrap=True, markup=False)
+    return [outs[n] for n in sorted(outs)]
+
+
+def _say(n: int, total: int, sid: str, state: str, argv: list[str]) -> None:
+    err.print(f"[{n}/{total}] {sid}: {state}  {shlex.join(['xpertctl', *argv])}", highlight=False,
+              soft_wrap=True, markup=False)
+
+
+def _begin(out: str | None, rec: dict, cmd, values: dict, args: dict) -> dict:
+    """Mark the step started; returns the values to change: a killed run of this very train step
+    continues from its checkpoint, and a stale output (its arguments changed) is replaced, never continued."""
+    if out is None:
+        return {}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    started = _started(out, rec)
+    _record_path(out).write_text(json.dumps({**rec, "started": True}, indent=1))
+    if Path(out).exists() and cmd.name == "train" and "resume" not in args and started:
+        return {"resume": "auto"}
+    if Path(out).exists() and "force" in values:
+        return {"force": True}
+    return {}
+
+
+# ---- side by side (--jobs N) ---------------------------------------------------------------------------
+
+_GLOB = re.compile(r"[*?[]")
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a step's args, and the PATH part of NAME=PATH / KIND:PATH values."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if not isinstance(value, str):
+        return []
+    return [value] + [value.partition(sep)[2] for sep in "=:" if sep in value]
+
+
+def _needs(strings: list[str], out: str) -> bool:
+    """Whether a step whose args hold `strings` may read (or write) what `out` names: equal, inside, containing,
+    or matched by a glob. Conservative: a spurious edge only costs parallelism."""
+    o = out.rstrip("/")
+    for s in strings:
+        s = s.rstrip("/")
+        if not s:
+            continue
+        if s == o or s.startswith(o + "/") or o.startswith(s + "/"):
+            return True
+        m = _GLOB.search(s)
+        if m and (fnmatch.fnmatchcase(o, s) or o.startswith(s[:m.start()]) or s[:m.start()].startswith(o + "/")):
+            return True
+    return False
+
+
+def dependencies(todo: list[tuple]) -> dict[int, set[int]]:
+    """For each step to run (by number), the earlier steps to run that it must wait for. A step without
+    an `out` is a barrier: it waits for every earlier step, and every later step waits for it."""
+    deps: dict[int, set[int]] = {}
+    for j, (nj, _, _, _, args_j) in enumerate(todo):
+        strings = _strings(args_j)
+        deps[nj] = set()
+        for ni, _, _, _, args_i in todo[:j]:
+            out_i = args_i.get("out")
+            if out_i is None or args_j.get("out") is None or _needs(strings, str(out_i)):
+                deps[nj].add(ni)
+    return deps
+
+
+def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[int, str]:
+    """Run `todo` with up to `jobs` steps at once, each as `python -m xpertctl ARGV` with its output in a
+    log beside the step record (.OUT.step.log) and cores/jobs threads (unless OMP_NUM_THREADS is set).
+    A step starts when every step it reads from has finished. After a failure no new step starts; the
+    running ones finish, and the first failure is raised as one line naming the step."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    deps = dependencies(todo)
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(k, threads)
+    waiting = {t[0]: t for t in todo}
+    running, finished, outs, failure = {}, set(), {}, None  # running: n -> (process, log, start time, record)
+
+    def start(step):
+        n, sid, cmd, values, args = step
+        out = args.get("out")
+        rec = _record(cmd.name, cmd.argv(args), args)  # now: the inputs it reads exist now
+        argv = cmd.argv({**args, **_begin(out, rec, cmd, values, args)})
+        _say(n, total, sid, "run", argv)
+        log = _record_path(out).with_suffix(".log") if out is not None else None
+        with open(log, "w") if log else open(os.devnull, "w") as fh:
+            # its own session: a Ctrl-C reaches this runner only, which passes it on once (below)
+            proc = subprocess.Popen([sys.executable, "-m", "xpertctl", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return proc, log, time.monotonic(), rec
+
+    def finish(n, proc, log, t0, rec):
+        nonlocal failure
+        _, sid, _, _, args = next(t for t in todo if t[0] == n)
+        out = args.get("out")
+        if proc.returncode == 0:
+            if out is not None:
+                _record_path(out).write_text(json.dumps(rec, indent=1))
+                outs[n] = str(out)
+            err.print(f"[{n}/{total}] {sid}: done in {time.monotonic() - t0:.0f} s", highlight=False, markup=False)
+        elif failure is None:
+            lines = log.read_text(errors="replace").splitlines() if log else []
+            msg = next((l.removeprefix("xpertctl: error: ") for l in reversed(lines) if l.startswith("xpertctl: error: ")),
+                       f"exited with code {proc.returncode}" + (f"; its output is in {log}" if log else ""))
+            failure = f"{path}: step {sid!r}: {msg}"
+        finished.add(n)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {}
+        try:
+            while waiting or futures:
+                if failure is None:
+                    for n in [n for n in waiting if deps[n] <= finished]:
+                        if len(futures) >= jobs:
+                            break
+                        running[n] = start(waiting.pop(n))
+                        futures[pool.submit(running[n][0].wait)] = n
+                if not futures:
+                    break
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in done:
+                    n = futures.pop(f)
+                    finish(n, *running.pop(n))
+        except KeyboardInterrupt:
+            for proc, *_ in running.values():
+                proc.send_signal(2)  # SIGINT: each step cleans up its partial output
+            for proc, *_ in running.values():
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # SIGINT ignored (a background shell): stop it
+                    proc.terminate()
+                    proc.wait()
+            raise
+    if failure:
+        raise XpertError(failure)
     return outs

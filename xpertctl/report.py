@@ -57,6 +57,18 @@ def paired_ci(x: dict[int, float], y: dict[int, float]) -> tuple[float, float, i
     return float(d.mean()), float(student_t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))), len(d)
 
 
+CI_GOAL = 0.05  # nats: the half-width of the paired 95% interval a demo arm should reach (issue 12)
+
+
+def seeds_for(half: float, n: int, goal: float = CI_GOAL) -> int | None:
+    """The fewest seeds whose 95% t half-width reaches `goal` at the spread that gave `half` over `n` seeds."""
+    if math.isnan(half) or n < 2:
+        return None
+    from scipy.stats import t as student_t
+    sd = half * math.sqrt(n) / student_t.ppf(0.975, n - 1)
+    return next((m for m in range(2, 100_000) if student_t.ppf(0.975, m - 1) * sd / math.sqrt(m) <= goal), None)
+
+
 def _contrast(text: str) -> tuple[str, str]:
     a, sep, b = str(text).partition(":")
     if not sep or not a or not b:
@@ -128,11 +140,11 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
                 spread = (f"paired over {n} seeds, 95% CI {diff - half:+.3f} to {diff + half:+.3f}: "
                           f"{'excludes' if sig else 'includes'} zero")
             verdicts.append((a, d, diff, sig, f"- depth {d}: **{a}** ends with val loss {abs(diff):.3f} {word} "
-                                                f"than {baseline} ({spread})."))
+                                                f"than {baseline} ({spread}).", half, n))
     lines += ["## Result", "", *table, ""]
     lines += ["## Outcome", "", "Final validation loss of each arm against the scratch baseline (same data, same "
               "steps, same seeds; the difference is taken seed by seed, each arm paired with the scratch run of "
-              "its seed):", "", *[v[-1] for v in verdicts], ""]
+              "its seed):", "", *[v[4] for v in verdicts], ""]
     lines += ["**Verdict** (an arm is better or worse when the paired 95% interval excludes zero):", ""]
     for a in dict.fromkeys(v[0] for v in verdicts):
         mine = [v for v in verdicts if v[0] == a]
@@ -141,6 +153,11 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
         lines.append(f"- {a}: better than {baseline} at {better} of {len(mine)} depths, worse at {worse}, "
                      f"indistinguishable at {len(mine) - better - worse}.")
     lines.append("")
+    met = [f"{a} at {d}L (±{h:.3f})" for a, d, _, _, _, h, n in verdicts if h <= CI_GOAL]
+    short = [f"{a} at {d}L (±{h:.3f} over {n} seeds; about {seeds_for(h, n) or 'too many'} seeds at this spread)"
+             for a, d, _, _, _, h, n in verdicts if not h <= CI_GOAL]
+    lines += [f"**Precision** (goal: a paired 95% interval no wider than ±{CI_GOAL} nats): met for "
+              f"{', '.join(met) or 'no arm'}; not met for {', '.join(short) or 'no arm'}.", ""]
     pairs = [_contrast(c) for c in contrasts or []]
     if pairs:
         lines += ["## Contrasts between arms", "",

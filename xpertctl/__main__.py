@@ -1,0 +1,7 @@
+"""`python -m xpertctl ...` is the `xpertctl` command (the recipe runner starts --jobs steps this way)."""
+import sys
+
+from .cli import main
+
+sys.argv[0] = "xpertctl"  # what provenance records as the command's name
+main()
