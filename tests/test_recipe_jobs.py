@@ -26,8 +26,10 @@ def test_dependencies_follow_what_a_step_reads():
         _step(5, task=["ppl:w/data", "mc:w/cloze.jsonl"], out="w/eval/a-1L-s0.json"),  # KIND:PATH = 3's out
         _step(6, results="w/eval/*L-s*.json", out="w/report"),  # a glob matching 5's out
         _step(7, stats_file="w/stats.safetensorsx", selection="w/sel.json.png", out="w/other"),  # look-alikes
-        _step(8, ckpt="w"),  # no out: a barrier
-        _step(9, corpus="c/", out="w/late"),
+        _step(8, stats_file="./w//stats.safetensors", out="w/x.json"),  # the same path, spelled otherwise
+        _step(9, src="m2/", out="c/extra"),  # writes inside what step 3 reads: must not overtake it
+        _step(10, ckpt="w"),  # no out: a barrier
+        _step(11, corpus="c/", out="w/late"),
     ]
     deps = rc.dependencies(todo)
     assert deps[1] == set() and deps[3] == set()
@@ -35,8 +37,9 @@ def test_dependencies_follow_what_a_step_reads():
     assert deps[4] == {3} and deps[5] == {3}
     assert deps[6] == {5}
     assert deps[7] == set()
-    assert deps[8] == {1, 2, 3, 4, 5, 6, 7}
-    assert deps[9] == {8}
+    assert deps[8] == {1} and deps[9] == {3}
+    assert deps[10] == set(range(1, 10))
+    assert deps[11] == {9, 10}  # it reads c/, which step 9 writes into
 
 
 @pytest.fixture
@@ -81,6 +84,10 @@ def test_jobs_wait_for_inputs_and_write_what_one_at_a_time_writes(chain, tmp_pat
     capsys.readouterr()
     rc.run(chain, ["vars.w=" + str(b)], jobs=2, table=TABLE)
     assert capsys.readouterr().err.count("skip (done)") == 4
+    # a changed first step reruns what reads it (as one at a time does), not only itself
+    rc.run(chain, ["vars.w=" + str(b), "steps.stats.args.max_tokens=150"], jobs=2, table=TABLE)
+    err = capsys.readouterr().err
+    assert "stats: run" in err and "sel: run" in err and "graft: run" in err and "cloze: skip (done)" in err
 
 
 def test_a_failing_step_is_one_line_and_nothing_new_starts(tmp_path, cli):

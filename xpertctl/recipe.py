@@ -328,8 +328,9 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             continue
         out = args.get("out")
         rec = _record(cmd.name, argv, args)
-        done = out is not None and Path(out).exists() and _record_path(out).is_file() and \
-            json.loads(_record_path(out).read_text()) == rec
+        done = _done(out, rec)
+        if done and jobs > 1 and not dry_run and any(_reads(args, t[4]) for t in todo):
+            done = False  # a step it reads from runs first: checked again when its turn comes
         if dry_run or done or jobs == 1:
             _say(n, len(steps), sid, "skip (done)" if done else "run", argv)
         if dry_run or done:
@@ -353,6 +354,12 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
     if recipe.result and not dry_run:
         err.print(f"done: {result(recipe, path)}", highlight=False, soft_wrap=True, markup=False)
     return [outs[n] for n in sorted(outs)]
+
+
+def _done(out: str | None, rec: dict) -> bool:
+    """The step's output exists and its record (op, arguments, input fingerprints) is this one."""
+    return out is not None and Path(out).exists() and _record_path(out).is_file() and \
+        json.loads(_record_path(out).read_text()) == rec
 
 
 def _say(n: int, total: int, sid: str, state: str, argv: list[str]) -> None:
@@ -381,54 +388,56 @@ _GLOB = re.compile(r"[*?[]")
 
 
 def _strings(value: Any) -> list[str]:
-    """Every string in a step's args, and the PATH part of NAME=PATH / KIND:PATH values."""
+    """Every string in a step's args and the PATH part of NAME=PATH / KIND:PATH values, as absolute paths."""
+    import os
     if isinstance(value, dict):
         return [s for v in value.values() for s in _strings(v)]
     if isinstance(value, list):
         return [s for v in value for s in _strings(v)]
-    if not isinstance(value, str):
+    if not isinstance(value, (str, Path)) or not str(value):
         return []
-    return [value] + [value.partition(sep)[2] for sep in "=:" if sep in value]
+    value = str(value)
+    return [os.path.abspath(v) for v in [value] + [value.partition(sep)[2] for sep in "=:" if sep in value] if v]
 
 
-def _needs(strings: list[str], out: str) -> bool:
-    """Whether a step whose args hold `strings` may read (or write) what `out` names: equal, inside, containing,
-    or matched by a glob. Conservative: a spurious edge only costs parallelism."""
-    o = out.rstrip("/")
+def _touches(strings: list[str], out: str) -> bool:
+    """Whether a path among `strings` is `out`, inside it, contains it, or is a glob that may match in it."""
     for s in strings:
-        s = s.rstrip("/")
-        if not s:
-            continue
-        if s == o or s.startswith(o + "/") or o.startswith(s + "/"):
+        if s == out or s.startswith(out + "/") or out.startswith(s + "/"):
             return True
         m = _GLOB.search(s)
-        if m and (fnmatch.fnmatchcase(o, s) or o.startswith(s[:m.start()]) or s[:m.start()].startswith(o + "/")):
+        if m and (fnmatch.fnmatchcase(out, s) or out.startswith(s[:m.start()]) or s[:m.start()].startswith(out + "/")):
             return True
     return False
 
 
+def _reads(later: dict, earlier: dict) -> bool:
+    """Whether the step with args `later` must wait for the one with args `earlier`: either writes where
+    the other reads or writes, or either has no `out` (a barrier). Conservative: a spurious edge only
+    costs parallelism."""
+    if later.get("out") is None or earlier.get("out") is None:
+        return True
+    return _touches(_strings(later), _strings(earlier["out"])[0]) or \
+        _touches(_strings(earlier), _strings(later["out"])[0])
+
+
 def dependencies(todo: list[tuple]) -> dict[int, set[int]]:
-    """For each step to run (by number), the earlier steps to run that it must wait for. A step without
-    an `out` is a barrier: it waits for every earlier step, and every later step waits for it."""
-    deps: dict[int, set[int]] = {}
-    for j, (nj, _, _, _, args_j) in enumerate(todo):
-        strings = _strings(args_j)
-        deps[nj] = set()
-        for ni, _, _, _, args_i in todo[:j]:
-            out_i = args_i.get("out")
-            if out_i is None or args_j.get("out") is None or _needs(strings, str(out_i)):
-                deps[nj].add(ni)
-    return deps
+    """For each step to run (by number), the earlier steps to run that it must wait for."""
+    return {nj: {ni for ni, *_, args_i in todo[:j] if _reads(args_j, args_i)}
+            for j, (nj, *_, args_j) in enumerate(todo)}
 
 
 def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[int, str]:
     """Run `todo` with up to `jobs` steps at once, each as `python -m xpertctl ARGV` with its output in a
     log beside the step record (.OUT.step.log) and cores/jobs threads (unless OMP_NUM_THREADS is set).
-    A step starts when every step it reads from has finished. After a failure no new step starts; the
-    running ones finish, and the first failure is raised as one line naming the step."""
+    A step starts when every step it reads from has finished, and is skipped then if its record matches.
+    After a failure no new step starts; the running ones finish, and the first failure is raised as one
+    line naming the step. Ctrl-C, SIGTERM or SIGHUP pass SIGINT on to the running steps (which clean up)."""
     import os
+    import signal
     import subprocess
     import sys
+    import tempfile
     import time
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -438,63 +447,104 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(k, threads)
     waiting = {t[0]: t for t in todo}
-    running, finished, outs, failure = {}, set(), {}, None  # running: n -> (process, log, start time, record)
+    running, finished, outs, failure = {}, set(), {}, None  # running: n -> [process, log, start time, record]
 
-    def start(step):
-        n, sid, cmd, values, args = step
+    def start(n, sid, cmd, values, args) -> bool:
         out = args.get("out")
-        rec = _record(cmd.name, cmd.argv(args), args)  # now: the inputs it reads exist now
-        argv = cmd.argv({**args, **_begin(out, rec, cmd, values, args)})
+        rec = _record(cmd.name, cmd.argv(args), args)  # the inputs it reads exist now
+        if _done(out, rec):  # what it reads was rewritten identically
+            _say(n, total, sid, "skip (done)", cmd.argv(args))
+            outs[n] = str(out)
+            finished.add(n)
+            return False
+        given = {k: v for k, v in args.items() if v is not None}
+        argv = cmd.argv({**given, **_begin(out, rec, cmd, values, args)})
         _say(n, total, sid, "run", argv)
-        log = _record_path(out).with_suffix(".log") if out is not None else None
-        with open(log, "w") if log else open(os.devnull, "w") as fh:
+        if out is not None:
+            log = _record_path(out).with_suffix(".log")
+        else:  # no output beside which to keep it
+            fd, name = tempfile.mkstemp(prefix=f"xpertctl-{sid}-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
+        running[n] = [None, log, time.monotonic(), rec]
+        with open(log, "w") as fh:
             # its own session: a Ctrl-C reaches this runner only, which passes it on once (below)
-            proc = subprocess.Popen([sys.executable, "-m", "xpertctl", *argv], stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        return proc, log, time.monotonic(), rec
+            running[n][0] = subprocess.Popen([sys.executable, "-m", "xpertctl", *argv], stdout=fh,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                             start_new_session=True)
+        return True
 
     def finish(n, proc, log, t0, rec):
         nonlocal failure
-        _, sid, _, _, args = next(t for t in todo if t[0] == n)
+        _, sid, _, _, args = started.pop(n)
         out = args.get("out")
         if proc.returncode == 0:
             if out is not None:
                 _record_path(out).write_text(json.dumps(rec, indent=1))
                 outs[n] = str(out)
+            else:
+                log.unlink()
             err.print(f"[{n}/{total}] {sid}: done in {time.monotonic() - t0:.0f} s", highlight=False, markup=False)
         elif failure is None:
-            lines = log.read_text(errors="replace").splitlines() if log else []
+            lines = log.read_text(errors="replace").splitlines()
             msg = next((l.removeprefix("xpertctl: error: ") for l in reversed(lines) if l.startswith("xpertctl: error: ")),
-                       f"exited with code {proc.returncode}" + (f"; its output is in {log}" if log else ""))
+                       f"exited with code {proc.returncode}; its output is in {log}")
             failure = f"{path}: step {sid!r}: {msg}"
         finished.add(n)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {}
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    started = {}  # started steps, until finished
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
-            while waiting or futures:
-                if failure is None:
-                    for n in [n for n in waiting if deps[n] <= finished]:
-                        if len(futures) >= jobs:
-                            break
-                        running[n] = start(waiting.pop(n))
-                        futures[pool.submit(running[n][0].wait)] = n
-                if not futures:
-                    break
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for f in done:
-                    n = futures.pop(f)
-                    finish(n, *running.pop(n))
-        except KeyboardInterrupt:
-            for proc, *_ in running.values():
-                proc.send_signal(2)  # SIGINT: each step cleans up its partial output
-            for proc, *_ in running.values():
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:  # SIGINT ignored (a background shell): stop it
-                    proc.terminate()
-                    proc.wait()
-            raise
+            handlers[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: leave the process's handlers alone
+            pass
+    futures = {}
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            try:
+                while True:
+                    moved = failure is None
+                    while moved:  # start what is ready; skipping a step may make others ready
+                        moved = False
+                        for n in [n for n in waiting if deps[n] <= finished]:
+                            if len(futures) >= jobs:
+                                break
+                            started[n] = waiting.pop(n)
+                            moved = True
+                            if start(*started[n]):
+                                futures[pool.submit(running[n][0].wait)] = n
+                            else:
+                                started.pop(n)
+                    if not futures:
+                        break
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        n = futures.pop(f)
+                        finish(n, *running.pop(n))
+            except BaseException:  # before the pool's exit, which waits for the running steps
+                _interrupt([r[0] for r in running.values() if r[0] is not None])
+                raise
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     if failure:
         raise XpertError(failure)
     return outs
+
+
+def _interrupt(procs: list) -> None:
+    """SIGINT to each running step (each cleans up its partial output); terminate one that ignores it."""
+    import signal
+    import subprocess
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # SIGINT ignored (started from a background shell)
+            proc.terminate()
+            proc.wait()

@@ -154,10 +154,14 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
                      f"indistinguishable at {len(mine) - better - worse}.")
     lines.append("")
     met = [f"{a} at {d}L (±{h:.3f})" for a, d, _, _, _, h, n in verdicts if h <= CI_GOAL]
-    short = [f"{a} at {d}L (±{h:.3f} over {n} seeds; about {seeds_for(h, n) or 'too many'} seeds at this spread)"
-             for a, d, _, _, _, h, n in verdicts if not h <= CI_GOAL]
-    lines += [f"**Precision** (goal: a paired 95% interval no wider than ±{CI_GOAL} nats): met for "
-              f"{', '.join(met) or 'no arm'}; not met for {', '.join(short) or 'no arm'}.", ""]
+    short = [f"{a} at {d}L (±{h:.3f} over {n} seeds; about {seeds_for(h, n) or 'more than 100,000'} seeds at "
+             f"this spread)" for a, d, _, _, _, h, n in verdicts if h > CI_GOAL]
+    alone = [f"{a} at {d}L" for a, d, _, _, _, h, n in verdicts if math.isnan(h)]
+    if verdicts:
+        lines += [f"**Precision** (goal: a paired 95% interval no wider than ±{CI_GOAL} nats; the seed counts "
+                  f"take the observed spread as the true one): met for {', '.join(met) or 'no arm'}; not met for "
+                  f"{', '.join(short) or 'no arm'}" + (f"; no interval (one paired seed) for {', '.join(alone)}"
+                                                        if alone else "") + ".", ""]
     pairs = [_contrast(c) for c in contrasts or []]
     if pairs:
         lines += ["## Contrasts between arms", "",
