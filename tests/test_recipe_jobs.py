@@ -112,3 +112,49 @@ def test_jobs_must_be_positive(tmp_path, cli):
     r.write_text(yaml.safe_dump({"name": "r", "steps": []}))
     code, _, err = cli("run", r, "--jobs", "0")
     assert_user_error(code, err, "--jobs 0: must be 1 or more")
+
+
+def test_stopping_the_runner_stops_its_steps(tmp_path):
+    """SIGTERM to `xpertctl run --jobs 2` reaches the steps it started (they run in their own sessions):
+    none is left running on its own, and the runner ends as interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    w = tmp_path / "w"
+    doc = {"name": "long", "steps": [
+        {"id": "data", "op": "tokenize", "args": {"tokenizer": str(ROOT / "fixtures/teacher"), "corpus": str(MINI),
+                                                   "out": str(w / "data")}},
+        {"id": "init", "op": "graft", "args": {"src": str(ROOT / "fixtures/teacher"), "target": "1L",
+                                               "dtype": "float32", "out": str(w / "init")}}] + [
+        {"id": f"train-{s}", "op": "train", "args": {"ckpt": str(w / "init"), "data_dir": str(w / "data"),
+                                                      "steps": 100000, "batch_size": 1, "seq_len": 16,
+                                                      "seed": s, "out": str(w / f"run-{s}")}} for s in (0, 1)]}
+    r = tmp_path / "long.yaml"
+    r.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "xpertctl", "run", str(r), "--jobs", "2"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids = []
+    try:
+        metrics = [w / f"run-{s}" / "metrics.jsonl" for s in (0, 1)]
+        deadline = time.time() + 240
+        while not all(m.is_file() and m.stat().st_size for m in metrics):  # both are training
+            assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+            time.sleep(0.2)
+        kids = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        assert len(kids) == 2
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 130
+        time.sleep(0.5)
+        for k in kids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(k, 0)
+    finally:  # never leave a 100,000-step training behind
+        for pid in [p.pid, *kids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
