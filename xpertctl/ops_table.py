@@ -663,8 +663,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("profile", None, "A named set of var overrides from the recipe (e.g. quick).", type=str),
                 flag("resolved", "Print the recipe as it would run (YAML: profile and --set applied, grids "
                                  "expanded, references resolved, each step's command) and exit."),
-                opt("jobs", 1, "Steps at once: independent steps run side by side, each as its own process with "
-                               "cores/N threads and its log in .OUT.step.log (2 on 2 cores: ~1.3x the throughput).",
+                opt("jobs", 1, "Steps at once: independent steps run side by side on N worker processes with "
+                               "cores/N threads each, each step's output in .OUT.step.log.",
                     "--jobs", "-j"),
             ), _run),
 )

@@ -428,11 +428,13 @@ def dependencies(todo: list[tuple]) -> dict[int, set[int]]:
 
 
 def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[int, str]:
-    """Run `todo` with up to `jobs` steps at once, each as `python -m xpertctl ARGV` with its output in a
-    log beside the step record (.OUT.step.log) and cores/jobs threads (unless OMP_NUM_THREADS is set).
-    A step starts when every step it reads from has finished, and is skipped then if its record matches.
-    After a failure no new step starts; the running ones finish, and the first failure is raised as one
-    line naming the step. Ctrl-C, SIGTERM or SIGHUP pass SIGINT on to the running steps (which clean up)."""
+    """Run `todo` with up to `jobs` steps at once on `jobs` worker processes (`python -m
+    xpertctl.step_worker`, each with cores/jobs threads unless OMP_NUM_THREADS is set, each running a
+    step in-process exactly as the one-at-a-time runner does, its output in a log beside the step
+    record: .OUT.step.log). A step starts when every step it reads from has finished, and is skipped
+    then if its record matches. After a failure no new step starts; the running ones finish, and the
+    first failure is raised as one line naming the step. Ctrl-C, SIGTERM or SIGHUP pass SIGINT on to
+    the workers (each step cleans up), then the runner ends as interrupted."""
     import os
     import signal
     import subprocess
@@ -447,18 +449,28 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(k, threads)
     waiting = {t[0]: t for t in todo}
-    running, finished, outs, failure = {}, set(), {}, None  # running: n -> [process, log, start time, record]
+    idle, busy = [], {}  # workers; busy: n -> (worker, step, log, start time, record)
+    finished, outs, failure = set(), {}, None
 
-    def start(n, sid, cmd, values, args) -> bool:
+    def worker():
+        if idle:
+            return idle.pop()
+        # its own session: a Ctrl-C reaches this runner only, which passes it on once (below)
+        return subprocess.Popen([sys.executable, "-m", "xpertctl.step_worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+                                start_new_session=True)
+
+    def start(step) -> bool:
+        n, sid, cmd, values, args = step
         out = args.get("out")
-        rec = _record(cmd.name, cmd.argv(args), args)  # the inputs it reads exist now
+        argv = cmd.argv(args)
+        rec = _record(cmd.name, argv, args)  # the inputs it reads exist now
         if _done(out, rec):  # what it reads was rewritten identically
-            _say(n, total, sid, "skip (done)", cmd.argv(args))
+            _say(n, total, sid, "skip (done)", argv)
             outs[n] = str(out)
             finished.add(n)
             return False
-        given = {k: v for k, v in args.items() if v is not None}
-        argv = cmd.argv({**given, **_begin(out, rec, cmd, values, args)})
+        extra = _begin(out, rec, cmd, values, args)
         _say(n, total, sid, "run", argv)
         if out is not None:
             log = _record_path(out).with_suffix(".log")
@@ -466,19 +478,22 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
             fd, name = tempfile.mkstemp(prefix=f"xpertctl-{sid}-", suffix=".log")
             os.close(fd)
             log = Path(name)
-        running[n] = [None, log, time.monotonic(), rec]
-        with open(log, "w") as fh:
-            # its own session: a Ctrl-C reaches this runner only, which passes it on once (below)
-            running[n][0] = subprocess.Popen([sys.executable, "-m", "xpertctl", *argv], stdout=fh,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                             start_new_session=True)
+        w = worker()
+        busy[n] = (w, step, log, time.monotonic(), rec)
+        w.stdin.write(json.dumps({"op": cmd.name, "args": args, "extra": extra, "log": str(log),
+                                  "where": f"{path}: step {sid!r}",
+                                  "command": shlex.join(["xpertctl", *argv])}) + "\n")
+        w.stdin.flush()
         return True
 
-    def finish(n, proc, log, t0, rec):
+    def finish(n, line: str):
         nonlocal failure
-        _, sid, _, _, args = started.pop(n)
+        w, (_, sid, _, _, args), log, t0, rec = busy.pop(n)
         out = args.get("out")
-        if proc.returncode == 0:
+        reply = json.loads(line) if line else {"error": f"its worker ended (code {w.wait()}); see {log}"}
+        if line:
+            idle.append(w)
+        if "error" not in reply:
             if out is not None:
                 _record_path(out).write_text(json.dumps(rec, indent=1))
                 outs[n] = str(out)
@@ -486,16 +501,12 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
                 log.unlink()
             err.print(f"[{n}/{total}] {sid}: done in {time.monotonic() - t0:.0f} s", highlight=False, markup=False)
         elif failure is None:
-            lines = log.read_text(errors="replace").splitlines()
-            msg = next((l.removeprefix("xpertctl: error: ") for l in reversed(lines) if l.startswith("xpertctl: error: ")),
-                       f"exited with code {proc.returncode}; its output is in {log}")
-            failure = f"{path}: step {sid!r}: {msg}"
+            failure = f"{path}: step {sid!r}: {reply['error']}"
         finished.add(n)
 
     def stop(*_):
         raise KeyboardInterrupt
 
-    started = {}  # started steps, until finished
     handlers = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
@@ -513,21 +524,21 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
                         for n in [n for n in waiting if deps[n] <= finished]:
                             if len(futures) >= jobs:
                                 break
-                            started[n] = waiting.pop(n)
                             moved = True
-                            if start(*started[n]):
-                                futures[pool.submit(running[n][0].wait)] = n
-                            else:
-                                started.pop(n)
+                            if start(waiting.pop(n)):
+                                futures[pool.submit(busy[n][0].stdout.readline)] = n
                     if not futures:
                         break
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
                     for f in done:
-                        n = futures.pop(f)
-                        finish(n, *running.pop(n))
+                        finish(futures.pop(f), f.result())
             except BaseException:  # before the pool's exit, which waits for the running steps
-                _interrupt([r[0] for r in running.values() if r[0] is not None])
+                _interrupt([b[0] for b in busy.values()])
                 raise
+            finally:
+                for w in idle:
+                    w.stdin.close()  # a worker ends at the end of its input
+                    w.wait()
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -537,7 +548,7 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
 
 
 def _interrupt(procs: list) -> None:
-    """SIGINT to each running step (each cleans up its partial output); terminate one that ignores it."""
+    """SIGINT to each busy worker (its step cleans up its partial output); terminate one that ignores it."""
     import signal
     import subprocess
     for proc in procs:
@@ -545,6 +556,46 @@ def _interrupt(procs: list) -> None:
     for proc in procs:
         try:
             proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # SIGINT ignored (started from a background shell)
+        except subprocess.TimeoutExpired:
             proc.terminate()
             proc.wait()
+
+
+def serve(table: dict) -> None:
+    """A --jobs worker: runs each step it is sent (one JSON line on stdin) in this process exactly as the
+    one-at-a-time runner does, with the step's output (fds 1 and 2) in the step's log; answers one JSON
+    line per step on its original stdout. Ends at the end of its input, or after an interrupted step."""
+    import os
+    import sys
+    import traceback
+    from .io import provenance
+    chan = os.fdopen(os.dup(1), "w")
+    saved = os.dup(1), os.dup(2)
+    for line in sys.stdin:
+        req = json.loads(line)
+        reply, stop = {}, False
+        with open(req["log"], "w") as log:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+            try:
+                cmd = table[req["op"]]
+                values = cmd.bind(req["args"], req["where"])
+                values.update(req["extra"])
+                with provenance.command(req["command"]):
+                    cmd.invoke(values)
+            except XpertError as e:
+                print(f"xpertctl: error: {e}", file=sys.stderr)
+                reply = {"error": str(e)}
+            except KeyboardInterrupt:
+                print("xpertctl: interrupted; no partial output was kept", file=sys.stderr)
+                reply, stop = {"error": "interrupted"}, True
+            except Exception as e:  # a bug, not a user error: the traceback goes to the step's log
+                traceback.print_exc()
+                reply = {"error": f"{type(e).__name__}: {e} (traceback in {req['log']})"}
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        chan.write(json.dumps(reply) + "\n")
+        chan.flush()
+        if stop:
+            break
