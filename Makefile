@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= full
+# DEMO=power: 40 seeds for the main arms (the recipe's power profile), reusing a full demo's runs
+DEMO_PROFILE := $(if $(filter power,$(DEMO)),--profile power)
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib
 
 .PHONY: setup test demo corpus teacher bench fixtures clean
@@ -36,9 +38,9 @@ ifeq ($(DEMO),quick)
 	@$(BIN)/xpertctl run recipes/demo.yaml --profile quick --resolved | sed -n 's/^estimate: /make demo DEMO=quick: /p'
 	$(BIN)/xpertctl run recipes/demo.yaml --profile quick
 else
-	@$(BIN)/xpertctl run recipes/demo.yaml --resolved | sed -n 's/^estimate: /make demo: /p'
+	@$(BIN)/xpertctl run recipes/demo.yaml $(DEMO_PROFILE) --resolved | sed -n 's/^estimate: /make demo: /p'
 	$(MAKE) --no-print-directory corpus
-	$(BIN)/xpertctl run recipes/demo.yaml
+	$(BIN)/xpertctl run recipes/demo.yaml $(DEMO_PROFILE) --jobs 2
 endif
 
 # Retrain the committed teacher (fixtures/teacher) from scratch with its own recipe.
