@@ -44,7 +44,8 @@ def test_dependencies_follow_what_a_step_reads():
 
 @pytest.fixture
 def chain(tmp_path, fx):
-    """stats -> select (reads the stats) -> graft (reads the selection), and an independent cloze step."""
+    """stats -> select (reads the stats) -> graft (reads the selection), and an independent cloze step
+    (no training: trained weights depend on the thread count, which --jobs lowers, by float noise)."""
     doms = [f"{d}={MINI / 'train' / f'{d}.txt'}" for d in ("legal", "code")]
     doc = {"name": "chain", "vars": {"w": str(tmp_path / "w")}, "steps": [
         {"id": "stats", "op": "stats", "args": {"src": str(fx / "olmoe"), "domain": doms, "max_tokens": 200,
@@ -158,3 +159,36 @@ def test_stopping_the_runner_stops_its_steps(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_worker_killed_while_idle_is_replaced(tmp_path, cli, monkeypatch):
+    """An idle worker can die between steps (the OOM killer picks the largest process): the next step
+    gets a new worker instead of a broken pipe."""
+    import os
+    import signal
+    import subprocess
+    from xpertctl import recipe as runner
+    real_popen, real_done, made = subprocess.Popen, runner._done, []
+
+    def tracked(*a, **k):
+        made.append(real_popen(*a, **k))
+        return made[-1]
+
+    def kill_idle_worker(out, rec):  # runs as the evaluation starts, after the cloze step's worker went idle
+        if str(out).endswith("e.json") and len(made) == 1:
+            os.kill(made[0].pid, signal.SIGKILL)
+            made[0].wait()
+        return real_done(out, rec)
+    monkeypatch.setattr(subprocess, "Popen", tracked)
+    monkeypatch.setattr(runner, "_done", kill_idle_worker)
+    w = tmp_path / "w"
+    doc = {"name": "d", "steps": [
+        {"id": "cloze", "op": "corpus cloze", "args": {"corpus": str(MINI), "per_domain": 1, "out": str(w / "c.jsonl")}},
+        {"id": "eval", "op": "eval", "args": {"ckpt": str(ROOT / "fixtures/teacher"), "task": [f"mc:{w / 'c.jsonl'}"],
+                                              "out": str(w / "e.json")}}]}
+    r = tmp_path / "d.yaml"
+    r.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = cli("run", r, "--jobs", "2")
+    assert code == 0, err
+    assert len(made) == 2 and made[0].returncode == -signal.SIGKILL
+    assert json.loads((w / "e.json").read_text())["tasks"]

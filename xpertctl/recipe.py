@@ -358,8 +358,12 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
 
 def _done(out: str | None, rec: dict) -> bool:
     """The step's output exists and its record (op, arguments, input fingerprints) is this one."""
-    return out is not None and Path(out).exists() and _record_path(out).is_file() and \
-        json.loads(_record_path(out).read_text()) == rec
+    if out is None or not Path(out).exists() or not _record_path(out).is_file():
+        return False
+    try:
+        return json.loads(_record_path(out).read_text()) == rec
+    except json.JSONDecodeError:  # cut short by a killed runner: run the step again
+        return False
 
 
 def _say(n: int, total: int, sid: str, state: str, argv: list[str]) -> None:
@@ -430,8 +434,9 @@ def dependencies(todo: list[tuple]) -> dict[int, set[int]]:
 def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[int, str]:
     """Run `todo` with up to `jobs` steps at once on `jobs` worker processes (`python -m
     xpertctl.step_worker`, each with cores/jobs threads unless OMP_NUM_THREADS is set, each running a
-    step in-process exactly as the one-at-a-time runner does, its output in a log beside the step
-    record: .OUT.step.log). A step starts when every step it reads from has finished, and is skipped
+    step in-process as the one-at-a-time runner does, its output in a log beside the step record:
+    .OUT.step.log). Fewer threads per step sum floats in another order: results equal a one-at-a-time
+    run's up to float noise, and are byte-identical between runs with the same --jobs. A step starts when every step it reads from has finished, and is skipped
     then if its record matches. After a failure no new step starts; the running ones finish, and the
     first failure is raised as one line naming the step. Ctrl-C, SIGTERM or SIGHUP pass SIGINT on to
     the workers (each step cleans up), then the runner ends as interrupted."""
@@ -453,8 +458,10 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
     finished, outs, failure = set(), {}, None
 
     def worker():
-        if idle:
-            return idle.pop()
+        while idle:
+            w = idle.pop()
+            if w.poll() is None:  # an idle worker may have been killed (e.g. out of memory)
+                return w
         # its own session: a Ctrl-C reaches this runner only, which passes it on once (below)
         return subprocess.Popen([sys.executable, "-m", "xpertctl.step_worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
@@ -480,19 +487,30 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
             log = Path(name)
         w = worker()
         busy[n] = (w, step, log, time.monotonic(), rec)
-        w.stdin.write(json.dumps({"op": cmd.name, "args": args, "extra": extra, "log": str(log),
-                                  "where": f"{path}: step {sid!r}",
-                                  "command": shlex.join(["xpertctl", *argv])}) + "\n")
-        w.stdin.flush()
+        # default=str: YAML values JSON lacks (a date) reach the command as the text they are on its line
+        req = json.dumps({"op": cmd.name, "args": args, "extra": extra, "log": str(log), "command":
+                          shlex.join(["xpertctl", *argv]), "where": f"{path}: step {sid!r}"}, default=str)
+        try:
+            w.stdin.write(req + "\n")
+            w.stdin.flush()
+        except OSError:  # it died: finish() reports it
+            pass
         return True
 
     def finish(n, line: str):
         nonlocal failure
         w, (_, sid, _, _, args), log, t0, rec = busy.pop(n)
         out = args.get("out")
-        reply = json.loads(line) if line else {"error": f"its worker ended (code {w.wait()}); see {log}"}
-        if line:
+        try:
+            reply = json.loads(line) if line else None
+        except json.JSONDecodeError:
+            reply = None
+        if isinstance(reply, dict):
             idle.append(w)
+        else:  # it died, or its answer is garbled: it runs nothing more
+            if w.poll() is None:
+                w.kill()
+            reply = {"error": f"its worker ended (code {w.wait()}); see {log}"}
         if "error" not in reply:
             if out is not None:
                 _record_path(out).write_text(json.dumps(rec, indent=1))
@@ -510,7 +528,8 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
     handlers = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         try:
-            handlers[sig] = signal.signal(sig, stop)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, hanging up stops nothing
+                handlers[sig] = signal.signal(sig, stop)
         except ValueError:  # not the main thread: leave the process's handlers alone
             pass
     futures = {}
@@ -570,7 +589,9 @@ def serve(table: dict) -> None:
     import traceback
     from .io import provenance
     chan = os.fdopen(os.dup(1), "w")
-    saved = os.dup(1), os.dup(2)
+    # between steps fds 1 and 2 lead nowhere: a thread a step left behind cannot write into the answers
+    idle = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(idle, 1), os.dup2(idle, 2)
     for line in sys.stdin:
         req = json.loads(line)
         reply, stop = {}, False
@@ -594,7 +615,7 @@ def serve(table: dict) -> None:
                 reply = {"error": f"{type(e).__name__}: {e} (traceback in {req['log']})"}
             finally:
                 sys.stdout.flush(), sys.stderr.flush()
-                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                os.dup2(idle, 1), os.dup2(idle, 2)
         chan.write(json.dumps(reply) + "\n")
         chan.flush()
         if stop:
