@@ -1,6 +1,11 @@
 """`xpertctl run --jobs N`: steps side by side wait for what they read, write what one-at-a-time writes,
 and a failure is one line naming its step, after which nothing new starts."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -118,11 +123,6 @@ def test_jobs_must_be_positive(tmp_path, cli):
 def test_stopping_the_runner_stops_its_steps(tmp_path):
     """SIGTERM to `xpertctl run --jobs 2` reaches the steps it started (they run in their own sessions):
     none is left running on its own, and the runner ends as interrupted."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
     w = tmp_path / "w"
     doc = {"name": "long", "steps": [
         {"id": "data", "op": "tokenize", "args": {"tokenizer": str(ROOT / "fixtures/teacher"), "corpus": str(MINI),
@@ -164,11 +164,7 @@ def test_stopping_the_runner_stops_its_steps(tmp_path):
 def test_a_worker_killed_while_idle_is_replaced(tmp_path, cli, monkeypatch):
     """An idle worker can die between steps (the OOM killer picks the largest process): the next step
     gets a new worker instead of a broken pipe."""
-    import os
-    import signal
-    import subprocess
-    from xpertctl import recipe as runner
-    real_popen, real_done, made = subprocess.Popen, runner._done, []
+    real_popen, real_done, made = subprocess.Popen, rc._done, []
 
     def tracked(*a, **k):
         made.append(real_popen(*a, **k))
@@ -180,7 +176,7 @@ def test_a_worker_killed_while_idle_is_replaced(tmp_path, cli, monkeypatch):
             made[0].wait()
         return real_done(out, rec)
     monkeypatch.setattr(subprocess, "Popen", tracked)
-    monkeypatch.setattr(runner, "_done", kill_idle_worker)
+    monkeypatch.setattr(rc, "_done", kill_idle_worker)
     w = tmp_path / "w"
     doc = {"name": "d", "steps": [
         {"id": "cloze", "op": "corpus cloze", "args": {"corpus": str(MINI), "per_domain": 1, "out": str(w / "c.jsonl")}},

@@ -311,7 +311,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         profile: str | None = None, jobs: int = 1, *, table: dict) -> list[str]:
     """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs.
 
-    jobs > 1 runs independent steps side by side, each as its own `xpertctl` process (see _run_parallel)."""
+    jobs > 1 runs independent steps side by side on worker processes (see _run_parallel)."""
     from .io import provenance
     if jobs < 1:
         raise XpertError(f"--jobs {jobs}: must be 1 or more")
@@ -436,10 +436,12 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
     xpertctl.step_worker`, each with cores/jobs threads unless OMP_NUM_THREADS is set, each running a
     step in-process as the one-at-a-time runner does, its output in a log beside the step record:
     .OUT.step.log). Fewer threads per step sum floats in another order: results equal a one-at-a-time
-    run's up to float noise, and are byte-identical between runs with the same --jobs. A step starts when every step it reads from has finished, and is skipped
-    then if its record matches. After a failure no new step starts; the running ones finish, and the
-    first failure is raised as one line naming the step. Ctrl-C, SIGTERM or SIGHUP pass SIGINT on to
-    the workers (each step cleans up), then the runner ends as interrupted."""
+    run's up to float noise, and are byte-identical between runs with the same --jobs.
+
+    A step starts when every step it reads from has finished, and is skipped then if its record
+    matches. After a failure no new step starts; the running ones finish, and the first failure is
+    raised as one line naming the step. Ctrl-C, SIGTERM or SIGHUP pass SIGINT on to the workers (each
+    step cleans up), then the runner ends as interrupted."""
     import os
     import signal
     import subprocess
