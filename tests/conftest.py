@@ -1,4 +1,5 @@
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -31,8 +32,12 @@ def cli(capsys, monkeypatch):
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["xpertctl", *map(str, args)])
+        handler = signal.getsignal(signal.SIGINT)  # a finished command takes over Ctrl-C until its exit
         with pytest.raises(SystemExit) as e:
-            main()
+            try:
+                main()
+            finally:
+                signal.signal(signal.SIGINT, handler)
         cap = capsys.readouterr()
         return e.value.code, cap.out, cap.err
     return run

@@ -189,8 +189,8 @@ CASES = [
                                   "-o", e.d / "o"], ["a.jsonl", "empty corpus"]),
     ("train-other-tokenizer", lambda e: ["train", other_tokenizer_model(e), "--data", tokdata(e), "--steps", "1",
                                          "-o", e.d / "o"], ["another tokenizer"]),
-    ("train-not-causal", lambda e: ["train", e.text("config.json", json.dumps(
-        {"model_type": "bert", "architectures": ["BertForMaskedLM"]})) and e.d, "--data", tokdata(e), "--steps", "1",
+    ("train-not-causal", lambda e: ["train", ((e.d / "m").mkdir() or e.text("m/config.json", json.dumps(
+        {"model_type": "bert", "architectures": ["BertForMaskedLM"]}))) and e.d / "m", "--data", tokdata(e), "--steps", "1",
         "-o", e.d / "o"], ["not a causal LM"]),
     ("eval-bad-record", lambda e: ["eval", e.fx / "llama", "--task", f"mc:{e.text('t.jsonl', chr(10).join([json.dumps({'context': 'a', 'choices': ['b'], 'label': 0}), '{broken']))}",
                                    "-o", e.d / "o.json"], ["t.jsonl:2", "not valid JSON"]),
@@ -226,12 +226,12 @@ def test_bad_input_contract(fx, tmp_path, cli, monkeypatch, case):
             import xpertctl.io.writer as w
             real = w.atomic_path
 
-            def failing(out, force):
+            def failing(out, force, **kw):
                 import contextlib
 
                 @contextlib.contextmanager
                 def cm():
-                    with real(out, force) as tmp:
+                    with real(out, force, **kw) as tmp:
                         yield tmp
                         raise OSError(28, "No space left on device")
                 return cm()

@@ -3,13 +3,16 @@ parses, calls its adapter and prints what it returns (the output path) on stdout
 from __future__ import annotations
 
 import inspect
+import os
+import signal
 import sys
+import threading
 from typing import Annotated, List, Literal, Optional
 
 import typer
 from typer.core import TyperOption
 
-from .errors import XpertError
+from .errors import XpertError, forget_written, interrupted_message, written
 from .ops_table import COMMANDS, REQUIRED, Command, Param
 
 HELP = "XPERT model surgery: find cross-domain experts in an MoE LLM and graft them into a dense LM."
@@ -43,9 +46,22 @@ def _emit(result) -> None:
             print(item)
 
 
+def _finished() -> None:
+    """The command's work is done: a Ctrl-C from here on (printing, interpreter shutdown) stops nothing,
+    so it ends with a line saying the output is complete instead of a silent exit 130."""
+    def late(signum, frame):
+        done = ", ".join(map(str, written())) or "its output"
+        os.write(2, f"xpertctl: interrupted after the command finished; {done} is complete and kept\n".encode())
+        os._exit(130)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, late)
+
+
 def _callback(cmd: Command):
     def callback(**values):
-        _emit(cmd.invoke(values))
+        result = cmd.invoke(values)
+        _finished()
+        _emit(result)
     params = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(p),
                                 default=inspect.Parameter.empty if p.default is REQUIRED else p.default)
               for p in cmd.params]
@@ -102,6 +118,7 @@ def main() -> None:
     # typer may vendor click: take its exception classes from what it exports
     mro = {c.__name__: c for c in typer.BadParameter.__mro__}
     usage_error, click_exception = mro["UsageError"], mro["ClickException"]
+    forget_written()  # a new command in this process (tests)
     try:
         rv = click_command(app).main(prog_name="xpertctl", standalone_mode=False)
     except XpertError as e:
@@ -116,11 +133,11 @@ def main() -> None:
     except click_exception as e:
         print(f"xpertctl: error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        print("xpertctl: interrupted; no partial output was kept", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt) as e:
+        print(f"xpertctl: {interrupted_message(e)}", file=sys.stderr)
         sys.exit(130)
     if rv == 130:  # Ctrl-C inside a command (typer reports it as this exit code)
-        print("xpertctl: interrupted; no partial output was kept", file=sys.stderr)
+        print(f"xpertctl: {interrupted_message(KeyboardInterrupt())}", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -122,11 +122,11 @@ def quotes() -> list[str]:
 def build(out: Path, *, max_bytes: int = 2_000_000, force: bool = False) -> Path:
     """`xpertctl corpus build`: out/{train,val,test}/{domain}.txt + manifest.json."""
     from .io.writer import atomic_path, check_output
-    check_output(out, force)
+    check_output(out, force, marker="manifest.json")
     sources = {"legal": legal, "scripture": scripture, "lexicon": lexicon, "code": code,
                "manuals": lambda: manuals(int(max_bytes * 1.3)), "quotes": quotes}
     manifest = {"domains": {}, "doc_chars": DOC_CHARS, "max_bytes": max_bytes}
-    with atomic_path(Path(out), force) as tmp, progress() as bar:
+    with atomic_path(Path(out), force, marker="manifest.json") as tmp, progress() as bar:
         task = bar.add_task("corpus", total=len(sources), info="")
         for s in data.SPLITS:
             (tmp / s).mkdir(parents=True)
@@ -168,7 +168,7 @@ def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = 4096, force: b
     files = sorted((corpus / "train").glob("*.txt"))
     if not files:
         raise XpertError(f"{corpus}: no train/*.txt (build it with `xpertctl corpus build`)")
-    check_output(out, force, [corpus])
+    check_output(out, force, [corpus], marker="tokenizer.json")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -178,7 +178,7 @@ def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = 4096, force: b
     docs = [d for f in files for d in f.read_text().split("\n\n")]
     tok.train_from_iterator(docs, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>")
-    with atomic_path(Path(out), force) as tmp:
+    with atomic_path(Path(out), force, marker="tokenizer.json") as tmp:
         fast.save_pretrained(tmp)
     return Path(out)
 

@@ -167,7 +167,7 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
     if presplit is not None and domains:
         raise XpertError("give --corpus or --domain, not both")
     paths = {d: Path(corpus) for d in presplit} if presplit is not None else parse_domains(domains)
-    check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)])
+    check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)], marker="manifest.json")
     if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
         raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
     tok = load_tokenizer(tokenizer_dir)
@@ -176,7 +176,7 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
     manifest = {"tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir),
                               "vocab_size": vocab, "eos_id": tok.eos_token_id},
                 "dtype": np.dtype(dtype).name, "split": {"val_pct": val_pct, "test_pct": test_pct}, "domains": {}}
-    with atomic_path(Path(out), force) as tmp:
+    with atomic_path(Path(out), force, marker="manifest.json") as tmp:
         tmp.mkdir()
         for name, p in paths.items():
             if presplit is not None:

@@ -35,6 +35,7 @@ class Param:
     metavar: str | None = None
     path: Callable[[Any], str | None] | None = None  # an input: the path inside a value (--dry-run checks it)
     check: Callable[[Any], Any] | None = None  # validates a value before anything runs (CLI and recipes)
+    glob: bool = False  # a glob of input files: a recipe step's record fingerprints what it matches
 
     @property
     def required(self) -> bool:
@@ -150,6 +151,8 @@ class Command:
         return found
 
     def invoke(self, values: dict) -> Any:
+        """Run the adapter after the same checks a recipe's bind (and so --dry-run) makes."""
+        self.check(values)
         return self.run(**values)
 
 
@@ -367,11 +370,18 @@ def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, force):
 
 
 def _train(ckpt, out, data_dir, sft, resume, force, threads, compile, **cfg):  # the rest: TrainConfig fields
-    from .train import TrainConfig, train as op
+    from .errors import Interrupted
+    from .io.writer import check_output
+    from .train import TrainConfig, interrupted_note, train as op
+    # the output rule: train replaces (--force) or continues (--resume auto) only a run directory
+    check_output(out, True, [ckpt, data_dir, sft, cfg.get("teacher")], marker="metrics.jsonl", make_parents=True)
     if cfg.get("teacher") is not None:
         cfg["teacher"] = str(cfg["teacher"])
-    return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force,
-              threads=threads, compile=compile)
+    try:
+        return op(ckpt, out, TrainConfig(**cfg), data_dir=data_dir, sft=sft, resume=resume, force=force,
+                  threads=threads, compile=compile)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_note(out)) from None
 
 
 def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, target_delimiter, force):
@@ -639,14 +649,14 @@ COMMANDS: tuple[Command, ...] = (
             "arm) + PNGs.",
             "xpertctl report --results 'eval/*L-s*.json' --teacher eval/teacher.json -o report/", (
                 opt("results", REQUIRED, "Glob(s) of eval JSONs named ARM-<d>L-s<seed>.json; repeat.", type=str,
-                    multiple=True),
+                    multiple=True, glob=True),
                 out_param("Report directory to write."),
                 opt("baseline", "scratch", "Arm the others are compared with."),
                 opt("teacher", None, "The teacher's eval JSON (reference numbers).", type=Path, input=True),
                 opt("stats_file", None, "Teacher stats for the heatmap.", "--stats", type=Path, input=True),
                 opt("selection", None, "Selection to mark on the heatmap.", type=Path, input=True),
                 opt("fidelity", None, "Glob(s) of `xpertctl fidelity` JSONs named like the results; repeat.",
-                    type=str, multiple=True),
+                    type=str, multiple=True, glob=True),
                 opt("contrast", None, "FIRST:SECOND arms to compare seed by seed (e.g. xpert:norm-matched); repeat.",
                     type=str, multiple=True),
                 opt("notes", None, "A paragraph added under the verdict (e.g. the training budget).", type=str),

@@ -24,6 +24,7 @@ record (op, arguments, input fingerprints) matches is skipped.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import itertools
 import json
 import re
@@ -35,7 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from .console import err
-from .errors import XpertError
+from .errors import XpertError, forget_written, interrupted_message
+from .io.names import check_name
 
 _REF = re.compile(r"\$\{([a-z]+)\.([^}]+)\}")
 
@@ -178,11 +180,17 @@ def _lookup(kind: str, key: str, ctx: dict, where: str) -> Any:
     raise XpertError(f"{where}: unknown reference ${{{kind}.{key}}}")
 
 
+def resolved_vars(recipe: Recipe, path: Path) -> dict:
+    """The recipe's vars with their references resolved (vars may refer to earlier vars)."""
+    ctx: dict = {"vars": {}, "steps": {}}
+    for k, v in recipe.vars.items():
+        ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
+    return ctx["vars"]
+
+
 def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
     """(id, op, resolved args) for every step, grids expanded, references resolved in order."""
-    ctx: dict = {"vars": {}, "steps": {}}
-    for k, v in recipe.vars.items():  # vars may refer to earlier vars
-        ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
+    ctx: dict = {"vars": resolved_vars(recipe, path), "steps": {}}
     plan, matched = [], set()
     for step in recipe.steps:
         where = f"{path}: step {step.id!r}"
@@ -194,7 +202,7 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
         combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
         for combo in combos:
             c = {**ctx, "grid": combo}
-            sid = _resolve(step.id, c, where)
+            sid = check_name(_resolve(step.id, c, where), f"{where}: id")  # it names the step's log file
             if sid in ctx["steps"] or any(p[0] == sid for p in plan):
                 raise XpertError(f"{where}: id {sid!r} is used twice (put every grid key in the id)")
             raw = json.loads(json.dumps(step.args))
@@ -214,9 +222,7 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
 
 def result(recipe: Recipe, path: Path) -> str:
     """The recipe's `result` with its references resolved ('' when it names none)."""
-    ctx: dict = {"vars": {}, "steps": {}}
-    for k, v in recipe.vars.items():
-        ctx["vars"][k] = _resolve(v, ctx, f"{path}: vars.{k}")
+    ctx: dict = {"vars": resolved_vars(recipe, path), "steps": {}}
     return str(_resolve(recipe.result, ctx, f"{path}: result"))
 
 
@@ -245,18 +251,25 @@ def fingerprint(value: str) -> str | None:
     return provenance.fingerprint(p)["sha256"] if p.exists() else None
 
 
-def _record(op: str, argv: list[str], args: dict) -> dict:
+def _record(cmd, argv: list[str], values: dict) -> dict:
+    """What makes a finished step current: its op, command line and the fingerprint of every input the
+    table declares, whatever the path looks like (`data`, `a=corpus/x.txt`, `ppl:data`), and of every
+    file an input glob (report's --results) matches now."""
     inputs = {}
-    for k, v in args.items():
-        if k == "out":
+    for _, value in cmd.inputs(values):
+        fp = fingerprint(value)
+        if fp:
+            inputs[value] = fp
+    for p in cmd.params:
+        v = values.get(p.name)
+        if not p.glob or v is None:
             continue
-        for x in v if isinstance(v, list) else [v]:
-            if isinstance(x, str) and ("/" in x or "." in x):
-                parts = x.split("=", 1)  # NAME=PATH arguments
-                fp = fingerprint(parts[-1])
+        for pattern in v if p.multiple else [v]:
+            for m in sorted(glob.glob(str(pattern))):
+                fp = fingerprint(m)
                 if fp:
-                    inputs[x] = fp
-    return {"op": op, "argv": argv, "inputs": inputs}
+                    inputs[m] = fp
+    return {"op": cmd.name, "argv": argv, "inputs": inputs}
 
 
 def _started(out: str, rec: dict) -> bool:
@@ -303,7 +316,7 @@ def resolved(path: Path, overrides: list[str] = (), profile: str | None = None, 
     steps = [{"id": sid, "op": cmd.name, "args": args, "command": shlex.join(["xpertctl", *argv])}
              for sid, cmd, _, argv, args in plan_steps(path, recipe, table, check_inputs=False)]
     doc = {"name": recipe.name, "profile": profile, "estimate": recipe.estimate, "result": result(recipe, path),
-           "vars": recipe.vars, "steps": steps}
+           "vars": resolved_vars(recipe, path), "steps": steps}
     return yaml.safe_dump(doc, sort_keys=False, width=1000).rstrip("\n")
 
 
@@ -320,6 +333,9 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
     for o in only or []:
         if not any(fnmatch.fnmatchcase(sid, o) for sid, *_ in steps):
             raise XpertError(f"--only {o!r}: matches no step of {path} (e.g. {', '.join(s[0] for s in steps[:3])})")
+    selected = [s for s in steps if not only or any(fnmatch.fnmatchcase(s[0], o) for o in only)]
+    if only:
+        _check_only(selected, steps)
     err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
               + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
     outs, todo = {}, []
@@ -327,7 +343,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
             continue
         out = args.get("out")
-        rec = _record(cmd.name, argv, args)
+        rec = _record(cmd, argv, values)
         done = _done(out, rec)
         if done and jobs > 1 and not dry_run and any(_reads(args, t[4]) for t in todo):
             done = False  # a step it reads from runs first: checked again when its turn comes
@@ -341,6 +357,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             todo.append((n, sid, cmd, values, args))
             continue
         values.update(_begin(out, rec, cmd, values, args))
+        forget_written()  # a Ctrl-C names only this step's complete outputs
         try:
             with provenance.command(shlex.join(["xpertctl", *argv])):
                 cmd.invoke(values)
@@ -352,8 +369,37 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
     if todo:
         outs.update(_run_parallel(path, todo, len(steps), jobs))
     if recipe.result and not dry_run:
-        err.print(f"done: {result(recipe, path)}", highlight=False, soft_wrap=True, markup=False)
+        err.print(_done_line(result(recipe, path), steps, selected), highlight=False, soft_wrap=True, markup=False)
     return [outs[n] for n in sorted(outs)]
+
+
+def _writer(path: str, steps: list[tuple]) -> tuple | None:
+    """The step whose `out` is `path` or holds it."""
+    for step in steps:
+        out = step[4].get("out")
+        if out is not None and (path == str(out) or path.startswith(str(out).rstrip("/") + "/")):
+            return step
+    return None
+
+
+def _check_only(selected: list[tuple], steps: list[tuple]) -> None:
+    """--only: every input of a selected step exists, or a selected step writes it."""
+    chosen = {s[0] for s in selected}
+    for sid, cmd, values, _, _ in selected:
+        for p, value in cmd.inputs(values):
+            w = _writer(value, steps)
+            if w is not None and w[0] not in chosen and not Path(value).exists():
+                raise XpertError(f"--only: step {sid!r} reads {value}, which step {w[0]!r} writes; it has not run "
+                                 f"and is not selected (add --only {w[0]!r}, or run without --only)")
+
+
+def _done_line(res: str, steps: list[tuple], selected: list[tuple]) -> str:
+    """`done: RESULT` when this run wrote (or found current) the recipe's result, else what it did."""
+    w = _writer(res, steps)
+    if Path(res).exists() and (w is None or w[0] in {s[0] for s in selected}):
+        return f"done: {res}"
+    return (f"done: {len(selected)} of {len(steps)} steps; {res} was not written"
+            + (f" (step {w[0]!r} was not selected)" if w is not None else ""))
 
 
 def _done(out: str | None, rec: dict) -> bool:
@@ -473,7 +519,7 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
         n, sid, cmd, values, args = step
         out = args.get("out")
         argv = cmd.argv(args)
-        rec = _record(cmd.name, argv, args)  # the inputs it reads exist now
+        rec = _record(cmd, argv, values)  # the inputs it reads exist now
         if _done(out, rec):  # what it reads was rewritten identically
             _say(n, total, sid, "skip (done)", argv)
             outs[n] = str(out)
@@ -596,6 +642,7 @@ def serve(table: dict) -> None:
     os.dup2(idle, 1), os.dup2(idle, 2)
     for line in sys.stdin:
         req = json.loads(line)
+        forget_written()
         reply, stop = {}, False
         with open(req["log"], "w") as log:
             sys.stdout.flush(), sys.stderr.flush()
@@ -609,8 +656,8 @@ def serve(table: dict) -> None:
             except XpertError as e:
                 print(f"xpertctl: error: {e}", file=sys.stderr)
                 reply = {"error": str(e)}
-            except KeyboardInterrupt:
-                print("xpertctl: interrupted; no partial output was kept", file=sys.stderr)
+            except KeyboardInterrupt as e:
+                print(f"xpertctl: {interrupted_message(e)}", file=sys.stderr)
                 reply, stop = {"error": "interrupted"}, True
             except Exception as e:  # a bug, not a user error: the traceback goes to the step's log
                 traceback.print_exc()

@@ -18,32 +18,76 @@ from .errors import XpertError
 _NAME = re.compile(r"^(?P<arm>.+)-(?P<depth>\d+)L-s(?P<seed>\d+)$")
 
 
-def _load_run(res_path: Path) -> dict:
+def _eval_doc(path: Path, what: str) -> dict:
+    """An `xpertctl eval` results JSON, or a one-line error naming `what` (--results, --teacher)."""
+    if not path.is_file():
+        raise XpertError(f"{what} {path}: no such file")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise XpertError(f"{what} {path}: not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict) or not isinstance(doc.get("model"), dict):
+        raise XpertError(f"{what} {path}: not an `xpertctl eval` results JSON (no 'model' and 'tasks')")
+    return doc
+
+
+def _split(doc: dict) -> str:
+    """The split its perplexities were measured on (results written before it was recorded: 'val', eval's default)."""
+    return ((doc.get("xpertctl") or {}).get("params") or {}).get("split") or "val"
+
+
+def _model_sha(final: Path) -> str | None:
+    """The fingerprint eval records for a model directory (its weights files), or None when absent."""
+    from .io import provenance
+    files = sorted(final.glob("*.safetensors"))
+    return provenance.fingerprint(final, files)["sha256"] if files else None
+
+
+def _load_run(res_path: Path, ignored: list[str]) -> dict | None:
+    """One run's numbers: its eval JSON and the metrics.jsonl beside the model it evaluated. None (and a
+    line in `ignored`) when that model is no longer the one evaluated (retrained since)."""
     m = _NAME.match(res_path.stem)
     if not m:
         raise XpertError(f"{res_path}: result name is not ARM-<depth>L-s<seed>")
-    doc = json.loads(res_path.read_text())
-    run_dir = Path(doc["model"]["path"]).parent
+    doc = _eval_doc(res_path, "--results")
+    model = Path(str(doc["model"].get("path")))
+    run_dir = model.parent
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise XpertError(f"{res_path}: evaluated {model}, whose run has no metrics.jsonl (not a `train` output)")
+    if doc["model"].get("sha256") != _model_sha(model):
+        ignored.append(f"{res_path}: evaluated another model than today's {model} (retrained since?); "
+                       "re-run its eval")
+        return None
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     ppl = next((v for k, v in doc["tasks"].items() if k.startswith("ppl:")), {})
     mc = next((v for k, v in doc["tasks"].items() if k.startswith("mc:")), {})
     doms = {d: v["nll"] for d, v in ppl.items() if isinstance(v, dict)}
-    return {"arm": m["arm"], "depth": int(m["depth"]), "seed": int(m["seed"]), "val": val,
+    return {"arm": m["arm"], "depth": int(m["depth"]), "seed": int(m["seed"]), "val": val, "split": _split(doc),
             "final_val": val[-1][1] if val else float("nan"), "test_nll": doms,
             "test_ppl": math.exp(np.mean(list(doms.values()))) if doms else float("nan"),
             "acc": mc.get("acc", float("nan")), "acc_norm": mc.get("acc_norm", float("nan")),
             "train_loss": [(r["step"], r["loss"]) for r in rows]}
 
 
-def _fidelity(patterns: list[str] | None) -> dict[tuple[str, int, int], float]:
-    """Mean rel_error over target layers from `xpertctl fidelity` JSONs named ARM-<depth>L-s<seed>.json."""
+def _fidelity(patterns: list[str] | None, runs: set, ignored: list[str]) -> dict[tuple[str, int, int], float]:
+    """Mean rel_error over target layers from `xpertctl fidelity` JSONs named ARM-<depth>L-s<seed>.json;
+    a file named like no run is listed in `ignored`."""
     out = {}
+    for pat in patterns or []:
+        if not glob.glob(pat):
+            raise XpertError(f"--fidelity {pat}: no files match")
     for f in sorted({Path(p) for pat in (patterns or []) for p in glob.glob(pat)}):
         m = _NAME.match(f.stem)
-        if m:
+        key = (m["arm"], int(m["depth"]), int(m["seed"])) if m else None
+        if key not in runs:
+            ignored.append(f"{f}: fidelity of no run in the results (named ARM-<depth>L-s<seed> like them)")
+            continue
+        try:
             rows = json.loads(f.read_text())["layers"]
-            out[(m["arm"], int(m["depth"]), int(m["seed"]))] = float(np.mean([r["rel_error"] for r in rows]))
+            out[key] = float(np.mean([r["rel_error"] for r in rows]))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise XpertError(f"--fidelity {f}: not an `xpertctl fidelity` JSON (no 'layers' with 'rel_error')") from None
     return out
 
 
@@ -91,13 +135,34 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
           stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo",
           fidelity: list[str] | None = None, notes: str | None = None, contrasts: list[str] | None = None,
           force: bool = False) -> Path:
+    from .console import notice
     from .io.writer import atomic_path, check_output
     files = sorted({Path(p) for pat in results for p in glob.glob(pat)})
     if not files:
         raise XpertError(f"--results {' '.join(results)}: no result files match")
-    check_output(out, force)
-    runs = [_load_run(f) for f in files]
-    fid = _fidelity(fidelity)
+    fid_files = [Path(p) for pat in fidelity or [] for p in glob.glob(pat)]
+    check_output(out, force, [*files, *fid_files, teacher, stats, selection], marker="REPORT.md")
+    ignored: list[str] = []  # every input left out, named in REPORT.md and on stderr
+    runs = [r for r in (_load_run(f, ignored) for f in files) if r is not None]
+    if not runs:
+        raise XpertError(f"--results {' '.join(results)}: every result evaluated another model than its run's "
+                         f"({ignored[0]})")
+    splits = sorted({r["split"] for r in runs})
+    if len(splits) > 1:
+        raise XpertError(f"--results: perplexities of different splits ({', '.join(splits)}); eval every run with "
+                         "the same --split")
+    split = splits[0]
+    arm_names = sorted({r["arm"] for r in runs})
+    if baseline not in arm_names:
+        raise XpertError(f"--baseline {baseline!r}: no results of that arm (arms: {', '.join(arm_names)})")
+    for c in contrasts or []:
+        for a in _contrast(c):
+            if a not in arm_names:
+                raise XpertError(f"--contrast {c!r}: no results of arm {a!r} (arms: {', '.join(arm_names)})")
+    tdoc = _eval_doc(Path(teacher), "--teacher") if teacher is not None else None
+    fid = _fidelity(fidelity, {(r["arm"], r["depth"], r["seed"]) for r in runs}, ignored)
+    for line in ignored:
+        notice(f"ignored {line}")
     for r in runs:
         r["fidelity"] = fid.get((r["arm"], r["depth"], r["seed"]), float("nan"))
     by = defaultdict(list)
@@ -108,7 +173,7 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     lines = [f"# {title}", ""]
     verdicts = []
     table = ["| depth | arm | seeds | FFN fidelity (rel_error before training) | final val loss | paired Δ vs scratch (95% CI) "
-             "| test ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
+             f"| {split} ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for d in depths:
         base = by.get((d, baseline), [])
@@ -185,17 +250,17 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
         lines.append("")
     if notes:
         lines += [notes, ""]
-    if teacher is not None and Path(teacher).is_file():
-        t = json.loads(Path(teacher).read_text())
+    if tdoc is not None:
+        t = tdoc
         ppl = next((v for k, v in t["tasks"].items() if k.startswith("ppl:")), {})
         mc = next((v for k, v in t["tasks"].items() if k.startswith("mc:")), {})
         doms = [v["nll"] for v in ppl.values() if isinstance(v, dict)]
-        lines += ["## Teacher (reference)", "", f"- test ppl {math.exp(np.mean(doms)):.1f}" if doms else "",
+        lines += ["## Teacher (reference)", "", f"- {_split(t)} ppl {math.exp(np.mean(doms)):.1f}" if doms else "",
                   f"- cloze acc {mc.get('acc', float('nan')):.3f}, acc_norm {mc.get('acc_norm', float('nan')):.3f}", ""]
     # per-domain test perplexity
     doms = sorted({k for r in runs for k in r["test_nll"]})
     if doms:
-        lines += ["## Test perplexity per domain (mean over seeds)", "",
+        lines += [f"## {split.capitalize()} perplexity per domain (mean over seeds)", "",
                   "| depth | arm | " + " | ".join(doms) + " |", "|---|---|" + "---|" * len(doms)]
         for d in depths:
             for a in arms:
@@ -204,7 +269,9 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
                     cells = [f"{math.exp(np.mean([r['test_nll'][k] for r in rs if k in r['test_nll']])):.1f}" for k in doms]
                     lines.append(f"| {d} | {a} | " + " | ".join(cells) + " |")
         lines.append("")
-    with atomic_path(Path(out), force) as tmp:
+    if ignored:
+        lines += ["## Inputs ignored", "", *[f"- {line}" for line in ignored], ""]
+    with atomic_path(Path(out), force, marker="REPORT.md") as tmp:
         tmp.mkdir()
         _curves(by, depths, arms, baseline, tmp / "loss_curves.png")
         lines += ["## Plots", "", "![validation loss](loss_curves.png)", ""]

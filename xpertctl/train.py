@@ -415,3 +415,16 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def interrupted_note(out: Path) -> str:
+    """What a Ctrl-C of `train` leaves in OUT: step checkpoints are kept on purpose (resumable)."""
+    out = Path(out)
+    if not (out / "metrics.jsonl").exists():
+        return "no partial output was kept"
+    last = latest_checkpoint(out)
+    if last is not None:
+        return (f"{out} is kept with its step checkpoints (last: {last.name}); continue it with "
+                "--resume auto, or start over with --force")
+    return (f"{out} is kept (metrics so far; no step checkpoint yet, --save-every N saves them); "
+            "--resume auto or --force starts it over")

@@ -92,5 +92,7 @@ def read(path: Path, kind: str | None = None) -> dict:
     except json.JSONDecodeError:
         raise XpertError(f"{path}: corrupt '{KEY}' metadata") from None
     if kind is not None and rec.get("kind") != kind:
-        raise XpertError(f"{path}: is a {rec.get('kind')!r} artifact, expected {kind!r}")
+        kind_ = rec.get("kind")
+        article = "an" if str(kind_)[:1].lower() in "aeiou" else "a"
+        raise XpertError(f"{path}: is {article} {kind_!r} artifact, expected {kind!r}")
     return rec

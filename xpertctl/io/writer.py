@@ -38,44 +38,99 @@ def parse_size(text: str | int) -> int:
     return val
 
 
-def check_output(out: Path, force: bool, inputs: list[Path] = ()) -> None:
-    """Refuse to clobber an input or (without --force) an existing output."""
-    out_r = Path(out).resolve()
+def check_output(out: Path, force: bool, inputs: list[Path] = (), *, marker: str | None = None,
+                 make_parents: bool = False) -> None:
+    """The one rule for every output, checked before any work starts (atomic_path checks it again at the
+    rename). An output never equals, contains or lies inside an input, nor the current directory; an
+    existing output needs --force; a file never replaces a directory; and a directory output (`marker`:
+    the file every output of this command holds) replaces only an empty directory or one holding that
+    marker, i.e. an earlier output of the same kind, never a directory of unrelated files nor a file.
+    `make_parents`: the command creates missing parent directories itself."""
+    out = Path(out)
+    out_r = _check_place(out)
     for p in inputs:
+        if p is None:
+            continue
         p = Path(p).resolve()
-        if out_r == p or p in out_r.parents or out_r in p.parents:
+        if out_r == p:
             raise XpertError(f"{out}: output would overwrite the input {p}")
-    if Path(out).exists() and not force:
-        raise XpertError(f"{out}: already exists (use --force to replace it)")
-    if not Path(out).parent.exists():
-        raise XpertError(f"{out}: parent directory {Path(out).parent} does not exist")
+        if out_r in p.parents:
+            raise XpertError(f"{out}: output would replace a directory holding the input {p}")
+        if p in out_r.parents:
+            raise XpertError(f"{out}: output would be written inside the input {p}")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise XpertError(f"{out}: already exists (use --force to replace it)")
+        _check_replace(out, marker is not None, marker)
+    if not make_parents and not out.parent.exists():
+        raise XpertError(f"{out}: parent directory {out.parent} does not exist")
+
+
+def _check_place(out: Path) -> Path:
+    """`out` resolved; the current directory, an ancestor of it or / is never an output."""
+    out_r = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if out_r == cwd or out_r in cwd.parents:
+        raise XpertError(f"{out}: is the current directory or contains it; give a new path to write")
+    return out_r
+
+
+def _check_replace(out: Path, new_is_dir: bool, marker: str | None) -> None:
+    """What --force may replace: a file by a file; a directory by a directory holding `marker`."""
+    old_is_dir = out.is_dir() and not out.is_symlink()
+    if old_is_dir and not new_is_dir:
+        raise XpertError(f"{out}: is a directory; a file output never replaces a directory, even with --force "
+                         "(remove it yourself or choose another path)")
+    if new_is_dir and not old_is_dir:
+        raise XpertError(f"{out}: is a file; this command writes a directory and replaces only its own "
+                         "earlier output, even with --force")
+    if new_is_dir and any(out.iterdir()) and (marker is None or not (out / marker).is_file()):
+        raise XpertError(f"{out}: is a directory without {marker or 'the marker of this command'}, not an earlier "
+                         "output of this command; not replaced, even with --force (remove it yourself)")
 
 
 @contextmanager
-def atomic_path(out: Path, force: bool):
-    """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it."""
-    out = Path(out)
+def atomic_path(out: Path, force: bool, marker: str | None = None):
+    """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it.
+    `marker`: for a directory output, the file an earlier output that --force may replace holds."""
+    out = Path(os.path.abspath(out))
+    _check_place(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _clear_stale(out)
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             if not force:
                 raise XpertError(f"{out}: already exists (use --force to replace it)")
+            _check_replace(out, tmp.is_dir(), marker)
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
+            written.append(out)
             _remove(old)
         else:
             os.replace(tmp, out)
+            written.append(out)
     except OSError as e:
+        _restore(out)
         _remove(tmp)
         if e.errno in _WRITE_ERRORS:  # disk full, read-only, no permission: the user's problem, not a bug
             raise XpertError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
         raise
     except BaseException:
+        _restore(out)
         _remove(tmp)
         raise
+
+
+def _restore(out: Path) -> None:
+    """Put back the earlier output moved aside for --force when the new one never took its place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
+        os.replace(old, out)
+
+
+written: list[Path] = []  # outputs renamed into place by this process: a late Ctrl-C names them as complete
 
 
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -112,7 +167,14 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600; every other output follows the umask
     _sort_metadata(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _sort_metadata(path: Path) -> None:
@@ -161,7 +223,7 @@ def write_model_dir(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[
             size = 0
         shards[-1][name] = t
         size += nbytes
-    with atomic_path(Path(out), force) as tmp:
+    with atomic_path(Path(out), force, marker="config.json") as tmp:
         tmp.mkdir()
         if len(shards) == 1:
             _save(shards[0], tmp / "model.safetensors", metadata)

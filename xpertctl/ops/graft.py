@@ -208,7 +208,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
-    check_output(out, force, inputs + list(cal_paths.values()))
+    check_output(out, force, inputs + list(cal_paths.values()), marker="config.json")
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"

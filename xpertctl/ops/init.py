@@ -19,7 +19,7 @@ def run(family: str, out: Path, *, tokenizer: Path, layers: int, hidden: int, ff
     fam = arch.BY_NAME.get(family)
     if fam is None:
         raise XpertError(f"init: unknown family {family!r} (known: {', '.join(arch.BY_NAME)})")
-    check_output(out, force, [tokenizer])
+    check_output(out, force, [tokenizer], marker="config.json")
     tok = data.load_tokenizer(tokenizer)
     cls = getattr(transformers, fam.hf_class)
     cfg_cls = transformers.AutoConfig.for_model(fam.model_types[0]).__class__
@@ -35,7 +35,7 @@ def run(family: str, out: Path, *, tokenizer: Path, layers: int, hidden: int, ff
     config = cfg_cls(**kw)
     torch.manual_seed(seed)
     model = cls(config)
-    with atomic_path(Path(out), force) as tmp:
+    with atomic_path(Path(out), force, marker="config.json") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return Path(out)

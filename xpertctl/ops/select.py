@@ -186,25 +186,44 @@ def figure(stats: Stats, layers: list[dict], only: list[int] | None = None):
     return fig
 
 
-def plot(stats: Stats, layers: list[dict], out: Path, only: list[int] | None = None) -> Path:
+PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
+def plot_format(path: Path) -> str:
+    """The image format `path`'s suffix names (the bytes written are that format, never PNG under .jpg)."""
+    fmt = PLOT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise XpertError(f"--plot {path}: give a file ending in {', '.join(PLOT_FORMATS)}")
+    return fmt
+
+
+def plot(stats: Stats, layers: list[dict], out: Path, only: list[int] | None = None, force: bool = False) -> Path:
     import matplotlib.pyplot as plt
     from ..io.writer import atomic_path
     fig = figure(stats, layers, only)
-    with atomic_path(Path(out), force=True) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(Path(out), force) as tmp:
+            fig.savefig(tmp, dpi=110, format=plot_format(out))
+    finally:
+        plt.close(fig)
     return Path(out)
 
 
 def run(stats_path: Path, out: Path | None, *, criterion: str = "min", per_layer: int | None = None, seed: int = 0,
         plot_path: Path | None = None, plot_layers: list[int] | None = None, force: bool = False) -> tuple[dict, Path | None]:
-    """`xpertctl select`: the selection document, written to `out` when given."""
+    """`xpertctl select`: the selection document, written to `out` when given (and the plot to `plot_path`).
+    Both outputs follow the one output rule, checked before either is written."""
     from ..io import check_output
     if out is not None:
         check_output(out, force, [stats_path])
+    if plot_path is not None:
+        plot_format(plot_path)
+        if out is not None and Path(plot_path).resolve() == Path(out).resolve():
+            raise XpertError(f"--plot {plot_path}: the same file as -o {out}")
+        check_output(plot_path, force, [stats_path])
     stats = load_stats(stats_path)
     layers = choose(stats, criterion, per_layer, seed)
     doc = selection_doc(stats, layers, criterion, per_layer, seed)
     if plot_path is not None:
-        plot(stats, layers, plot_path, plot_layers)
+        plot(stats, layers, plot_path, plot_layers, force)
     return doc, (write_selection(out, doc, force) if out is not None else None)
