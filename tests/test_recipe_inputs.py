@@ -1,0 +1,120 @@
+"""Recipes (issue 19.4, 19.9, names): every input is fingerprinted whatever it looks like; --only
+refuses a selection whose inputs an unselected step has not written; `done:` names only a result this
+run wrote; --resolved resolves vars; step ids stay one path component; the command line checks what
+a recipe (and so --dry-run) checks."""
+import shutil
+
+import pytest
+import yaml
+
+from conftest import ROOT, assert_user_error, stats_file
+from xpertctl import recipe as rc
+from xpertctl.errors import XpertError
+from xpertctl.ops_table import BY_NAME as TABLE
+
+MINI = ROOT / "fixtures" / "corpus-mini"
+COUNTS = [[[90, 40, 10, 30, 25, 5]], [[5, 45, 80, 30, 35, 5]], [[5, 35, 70, 30, 55, 5]]]
+
+
+def _write(d, doc, name="r.yaml"):
+    p = d / name
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return p
+
+
+def test_a_bare_relative_input_name_is_fingerprinted(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(MINI, tmp_path / "mini")
+    r = _write(tmp_path, {"name": "t", "steps": [
+        {"id": "cloze", "op": "corpus cloze", "args": {"corpus": "mini", "per_domain": 2, "out": "cloze-out"}}]})
+    rc.run(r, table=TABLE)
+    capsys.readouterr()
+    rc.run(r, dry_run=True, table=TABLE)
+    assert "cloze: skip (done)" in capsys.readouterr().err
+    test_file = sorted((tmp_path / "mini" / "test").glob("*.txt"))[0]
+    test_file.write_text(test_file.read_text() + "\n\nA new passage with plenty of words " * 3)
+    rc.run(r, dry_run=True, table=TABLE)
+    err = capsys.readouterr().err
+    assert "cloze: run" in err and "skip" not in err
+
+
+def test_a_report_step_reruns_when_a_result_its_glob_matches_changes(tmp_path):
+    cmd = TABLE["report"]
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "xpert-2L-s0.json").write_text("{}")
+    args = {"results": [str(tmp_path / "ev" / "*.json")], "out": str(tmp_path / "rep")}
+    values = cmd.bind(args, "t")
+    before = rc._record(cmd, cmd.argv(args), values)
+    (tmp_path / "ev" / "xpert-2L-s0.json").write_text('{"changed": 1}')
+    assert rc._record(cmd, cmd.argv(args), values) != before
+    (tmp_path / "ev" / "scratch-2L-s0.json").write_text("{}")  # a new match too
+    assert len(rc._record(cmd, cmd.argv(args), values)["inputs"]) == 2
+
+
+def _two_steps(tmp_path):
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+    return _write(tmp_path, {"name": "t", "result": str(tmp_path / "w" / "b.json"), "steps": [
+        {"id": "a", "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "w" / "a.json")}},
+        {"id": "b", "op": "decompose", "args": {"src": str(ROOT / "fixtures" / "teacher"),
+                                                "selection": str(tmp_path / "w" / "a.json"),
+                                                "out": str(tmp_path / "w" / "b.json")}}]})
+
+
+def test_only_refuses_a_step_whose_input_an_unselected_step_has_not_written(tmp_path, cli):
+    r = _two_steps(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        code, out, err = cli("run", r, "--only", "b", *extra)
+        assert_user_error(code, err, "--only", "'b'", "a.json", "'a'")
+        assert not (tmp_path / "w").exists()
+
+
+def test_only_does_not_announce_a_result_it_did_not_write(tmp_path, cli):
+    r = _two_steps(tmp_path)
+    code, out, err = cli("run", r, "--only", "a")
+    assert code == 0, err
+    assert (tmp_path / "w" / "a.json").exists() and not (tmp_path / "w" / "b.json").exists()
+    last = err.strip().splitlines()[-1]
+    assert "b.json" in last and "not written" in last and not last.startswith(f"done: {tmp_path}")
+
+
+def test_resolved_resolves_vars_that_refer_to_vars(tmp_path, cli):
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+    r = _write(tmp_path, {"name": "t", "vars": {"seeds": [0, 1], "more": "${vars.seeds}", "w": str(tmp_path)},
+                          "steps": [{"id": "s-${grid.seed}", "op": "select", "grid": {"seed": "${vars.more}"},
+                                     "args": {"stats_file": str(stats), "seed": "${grid.seed}",
+                                              "out": "${vars.w}/s${grid.seed}.json"}}]})
+    code, out, err = cli("run", r, "--resolved")
+    assert code == 0, err
+    doc = yaml.safe_load(out)
+    assert doc["vars"]["more"] == [0, 1] and "${" not in out
+
+
+@pytest.mark.parametrize("sid", ["../../escape", "a/b", ".hidden"])
+def test_a_step_id_that_is_not_a_file_name_is_refused(tmp_path, cli, sid):
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+    r = _write(tmp_path, {"name": "t", "steps": [
+        {"id": sid, "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "s.json")}}]})
+    code, out, err = cli("run", r, "--dry-run")
+    assert_user_error(code, err, "r.yaml", "id", sid)
+
+
+def test_the_command_line_checks_what_a_recipe_checks(tmp_path):
+    """One validation for both paths: a value the table's check refuses fails the command line before
+    the command runs, as it fails `run --dry-run`."""
+    import typer
+    from xpertctl.cli import build_app
+    from xpertctl.ops_table import Command, opt
+
+    def positive(v):
+        if v < 0:
+            raise XpertError(f"--n {v}: must be 0 or more")
+    ran = []
+    cmd = Command("probe", "probe", "xpertctl probe --n 1", (opt("n", 1, "n", check=positive),),
+                  lambda n: ran.append(n))
+    with pytest.raises(XpertError, match="--n -3"):
+        rc.plan_steps(_write(tmp_path, {"name": "t", "steps": [{"id": "p", "op": "probe", "args": {"n": -3}}]}),
+                      rc.load(tmp_path / "r.yaml"), {"probe": cmd})
+    app = build_app((cmd, TABLE["families"]))
+    with pytest.raises(XpertError, match="--n -3"):
+        typer.main.get_command(app).main(["probe", "--n", "-3"], standalone_mode=False)
+    assert ran == []
