@@ -126,3 +126,71 @@ def test_same_inputs_and_seed_give_identical_bytes(fx, tmp_path, cli):
     assert snap.keys() == first.keys() and len(snap) >= 8
     for k in snap:
         assert snap[k] == first[k], k
+
+
+# ---- what a Ctrl-C says it left (issue 19.10) ----------------------------------------------------------
+
+def test_ctrl_c_on_train_says_the_step_checkpoints_are_kept_and_resumable(fx, tmp_path, cli, monkeypatch):
+    from xpertctl import data, train as tr
+    text = "\n\n".join(f"the law shall apply to every licence holder number {n} in the beginning" for n in range(80))
+    (tmp_path / "a.txt").write_text(text)
+    d = data.tokenize(fx / "llama", [f"a={tmp_path / 'a.txt'}"], tmp_path / "data")
+    real = tr.save_checkpoint
+
+    def save_then_interrupt(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tr, "save_checkpoint", save_then_interrupt)
+    run = tmp_path / "run"
+    args = ["train", fx / "llama", "--data", d, "--steps", "6", "--batch-size", "2", "--seq-len", "16",
+            "--save-every", "2", "--eval-every", "0", "-o", run]
+    code, out, err = cli(*args)
+    assert code == 130 and out == ""
+    assert "no partial output" not in err
+    assert "step-000002" in err and "--resume auto" in err and str(run) in err
+    assert (run / "step-000002" / "trainer_state.pt").is_file()
+    monkeypatch.setattr(tr, "save_checkpoint", real)
+    code, out, err = cli(*args, "--resume", "auto")
+    assert code == 0, err
+    assert "resuming" in err and (run / "final" / "model.safetensors").is_file()
+
+
+def test_ctrl_c_after_graft_renamed_its_output_says_it_is_complete(fx, tmp_path, selection, cli, monkeypatch):
+    from xpertctl.ops import reshape
+
+    def interrupt(*a, **k):  # runs after the output directory is in place
+        raise KeyboardInterrupt
+    monkeypatch.setattr(reshape, "unscaled_notice", interrupt)
+    out = tmp_path / "model"
+    code, so, err = cli("graft", fx / "olmoe", "-t", "2L", "--selection", selection, "-o", out)
+    assert code == 130 and so == ""
+    assert "no partial output" not in err and "completely written" in err and str(out) in err
+    import transformers
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # it is whole
+
+
+LATE = """
+import os, signal, sys, time
+import xpertctl.cli as c
+real = c._emit
+def emit(result):
+    real(result)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the path is printed
+    time.sleep(5)
+c._emit = emit
+sys.argv = ["xpertctl"] + sys.argv[1:]
+c.main()
+"""
+
+
+def test_ctrl_c_after_the_path_is_printed_is_not_a_silent_exit(tmp_path):
+    from conftest import stats_file
+    st = stats_file(tmp_path, [[[9, 4, 1, 3]], [[1, 4, 8, 3]]], [10, 10])
+    out = tmp_path / "s.json"
+    r = subprocess.run([sys.executable, "-c", LATE, "select", str(st), "-o", str(out)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert r.returncode == 130
+    assert "no partial output" not in r.stderr and "complete" in r.stderr and str(out) in r.stderr
+    assert json.loads(out.read_text())["layers"]

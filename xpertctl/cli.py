@@ -59,7 +59,11 @@ def _finished() -> None:
 
 def _callback(cmd: Command):
     def callback(**values):
-        result = cmd.invoke(values)
+        try:
+            result = cmd.invoke(values)
+        except KeyboardInterrupt as e:  # said here: typer turns it into a bare exit code 130
+            print(f"xpertctl: {interrupted_message(e)}", file=sys.stderr)
+            sys.exit(130)
         _finished()
         _emit(result)
     params = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(p),
