@@ -171,3 +171,21 @@ def test_check_name_refuses_what_is_not_one_path_component(bad):
 def test_check_name_keeps_ordinary_names(good):
     from xpertctl.io.names import check_name
     assert check_name(good, "step id") == good
+
+
+def test_fidelity_json_records_resolved_paths_under_the_xpertctl_key(fx, cli, tmp_path, monkeypatch):
+    import json
+    import shutil
+    from xpertctl.io import open_checkpoint
+    shutil.copytree(fx / "olmoe", tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    ck = open_checkpoint(tmp_path / "src")
+    (tmp_path / "sel.json").write_text(json.dumps({"criterion": "x", "source": ck.fingerprint, "num_experts": 8,
+                                                   "layers": [{"layer": i, "experts": [0, 1]} for i in ck.moe_layers]}))
+    (tmp_path / "t.txt").write_text("the law shall apply to every holder\n\nin the beginning was the word")
+    assert cli("graft", "src", "-t", "2L", "--selection", "sel.json", "-o", "student")[0] == 0
+    code, out, err = cli("fidelity", "src", "student", "-d", "a=t.txt", "-o", "fid.json")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "fid.json").read_text())
+    assert "provenance" not in doc and doc["xpertctl"]["kind"] == "fidelity"
+    assert doc["source"] == str(tmp_path / "src") and doc["student"] == str(tmp_path / "student")

@@ -118,3 +118,16 @@ def test_the_command_line_checks_what_a_recipe_checks(tmp_path):
     with pytest.raises(XpertError, match="--n -3"):
         typer.main.get_command(app).main(["probe", "--n", "-3"], standalone_mode=False)
     assert ran == []
+
+
+@pytest.mark.parametrize("profile", [None, "quick", "power"])
+def test_demo_notes_state_no_student_budget_its_profile_does_not_train(profile):
+    """The report notes of every profile: a student token count they state is steps x batch x seq."""
+    import re
+    r = rc.load(ROOT / "recipes" / "demo.yaml", [], profile)
+    v = r.vars  # steps, batch and seq are plain numbers in every profile
+    notes = next(args["notes"] for sid, op, args in rc.expand(r, ROOT / "recipes" / "demo.yaml") if op == "report")
+    tokens = v["steps"] * v["batch"] * v["seq"]
+    assert f"{v['steps']} steps of {v['batch']} x {v['seq']} tokens" in notes
+    for m in re.finditer(r"about ([\d.]+)M tokens", notes):
+        assert abs(float(m.group(1)) * 1e6 - tokens) <= 0.1 * tokens, (m.group(0), tokens)

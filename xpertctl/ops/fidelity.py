@@ -262,8 +262,8 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
                             params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens,
                                     "seq_len": seq_len, "batch_size": batch_size, "dtype": dtype,
                                     "stream_layers": stream_layers}, seed=seed)
-    doc = {"kind": "fidelity", "source": str(src), "student": str(student), "tokens": tokens, "layers": rows,
-           "summary": summary(rows), "provenance": rec}
+    doc = {"kind": "fidelity", "source": str(Path(src).resolve()), "student": str(Path(student).resolve()),
+           "tokens": tokens, "layers": rows, "summary": summary(rows), "xpertctl": rec}  # the key every artifact uses
     err.print(table(rows, f"fidelity of {student} against {src}"))
     with atomic_path(Path(out), force) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
