@@ -211,6 +211,77 @@ CASES = [
 ]
 
 
+# ---- i19a: the output rule, report inputs, recipe names and --only (issue 19) -----------------------------
+
+def _dir_of_other_files(e, name="other"):
+    d = e.d / name
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    return d
+
+
+def _report_runs(e):
+    from test_report_inputs import _run
+    for seed in (0, 1):
+        _run(e.d, "xpert", seed, 3.0 + seed / 10)
+        _run(e.d, "scratch", seed, 3.5 + seed / 10)
+    return str(e.d / "eval" / "*.json")
+
+
+def _two_step_recipe(e):
+    return e.text("r.yaml", json.dumps({"name": "r", "steps": [
+        {"id": "a", "op": "select", "args": {"stats_file": str(e.stats()), "out": str(e.d / "o" / "a.json")}},
+        {"id": "b", "op": "decompose", "args": {"src": str(e.fx / "olmoe"), "selection": str(e.d / "o" / "a.json"),
+                                                "out": str(e.d / "o" / "b.st")}}]}))
+
+
+CASES += [
+    ("select-plot-onto-input", lambda e: ["select", e.stats(), "-o", e.d / "o.json", "--plot", e.d / "s.safetensors"],
+     ["s.safetensors", "input"]),
+    ("select-plot-exists", lambda e: ["select", e.stats(), "--plot", e.text("p.png", "mine")], ["p.png", "already exists"]),
+    ("select-plot-format", lambda e: ["select", e.stats(), "--plot", e.d / "p.txt"], ["--plot", "p.txt", ".jpg"]),
+    ("select-plot-same-as-out", lambda e: ["select", e.stats(), "-o", e.d / "x.png", "--plot", e.d / "x.png"],
+     ["--plot", "x.png", "same file"]),
+    ("select-file-over-dir-force", lambda e: ["select", e.stats(), "-o", _dir_of_other_files(e), "--force"],
+     ["other", "never replaces a directory"]),
+    ("select-out-holds-input", lambda e: ["select", e.stats(), "-o", e.d, "--force"], ["holding the input"]),
+    ("decompose-file-over-dir-force", lambda e: ["decompose", e.fx / "olmoe", e.selection(e.fx / "olmoe", [0, 1]),
+                                                 "-o", _dir_of_other_files(e), "--force"], ["other", "directory"]),
+    ("graft-force-over-other-dir", lambda e: ["graft", e.fx / "mixtral", "-t", "2L", "-o", _dir_of_other_files(e),
+                                              "--force"], ["other", "not an earlier output"]),
+    ("init-force-over-file", lambda e: ["init", "llama", "--tokenizer", e.fx / "llama", "-o", e.text("m", "a file"),
+                                        "--force"], ["is a file"]),
+    ("train-force-over-other-dir", lambda e: ["train", e.fx / "llama", "--data", e.d / "none", "--steps", "1",
+                                              "-o", _dir_of_other_files(e), "--force"], ["other", "not an earlier output"]),
+    ("eval-out-inside-input", lambda e: ["eval", e.copy("llama"), "--task", "ppl:x.txt", "-o", e.d / "llama" / "r.json"],
+     ["r.json", "inside the input"]),
+    ("fidelity-file-over-dir-force", lambda e: ["fidelity", e.fx / "olmoe", e.fx / "llama", "-d", f"a={e.text('x.txt', 'the law')}",
+                                                "-o", _dir_of_other_files(e), "--force"], ["other", "directory"]),
+    ("tokenize-out-inside-corpus", lambda e: ["tokenize", "--tokenizer", e.fx / "llama", "--corpus",
+                                              shutil.copytree(MINI, e.d / "mini"), "-o", e.d / "mini" / "data"],
+     ["inside the input"]),
+    ("corpus-tokenizer-force-over-other-dir", lambda e: ["corpus", "tokenizer", MINI, "-o", _dir_of_other_files(e),
+                                                         "--force"], ["other", "not an earlier output"]),
+    ("report-unknown-baseline", lambda e: ["report", "--results", _report_runs(e), "--baseline", "scrach",
+                                           "-o", e.d / "rep"], ["--baseline 'scrach'", "arms: scratch, xpert"]),
+    ("report-missing-teacher", lambda e: ["report", "--results", _report_runs(e), "--teacher", e.d / "nonexist.json",
+                                          "-o", e.d / "rep"], ["--teacher", "nonexist.json", "no such file"]),
+    ("report-teacher-not-eval", lambda e: ["report", "--results", _report_runs(e), "--teacher",
+                                           e.selection(e.fx / "olmoe", [0, 1], "selection.json"), "-o", e.d / "rep"],
+     ["--teacher", "selection.json", "not an `xpertctl eval`"]),
+    ("report-fidelity-no-match", lambda e: ["report", "--results", _report_runs(e), "--fidelity",
+                                            str(e.d / "nomatch*"), "-o", e.d / "rep"], ["--fidelity", "no files match"]),
+    ("report-unknown-contrast-arm", lambda e: ["report", "--results", _report_runs(e), "--contrast", "xpert:foo",
+                                               "-o", e.d / "rep"], ["--contrast 'xpert:foo'", "arm 'foo'"]),
+    ("report-force-over-other-dir", lambda e: ["report", "--results", _report_runs(e), "-o", _dir_of_other_files(e),
+                                               "--force"], ["other", "not an earlier output"]),
+    ("run-step-id-escapes", lambda e: ["run", recipe(e, {"id": "../../x", "op": "select", "args": {
+        "stats_file": str(e.stats()), "out": str(e.d / "o" / "s.json")}})], ["r.yaml", "id '../../x'"]),
+    ("run-only-unwritten-input", lambda e: ["run", _two_step_recipe(e), "--only", "b"],
+     ["--only", "step 'b'", "a.json", "step 'a'"]),
+]
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
