@@ -189,3 +189,11 @@ def test_fidelity_json_records_resolved_paths_under_the_xpertctl_key(fx, cli, tm
     doc = json.loads((tmp_path / "fid.json").read_text())
     assert "provenance" not in doc and doc["xpertctl"]["kind"] == "fidelity"
     assert doc["source"] == str(tmp_path / "src") and doc["student"] == str(tmp_path / "student")
+
+
+def test_unknown_key_names_message_is_grammatical(tmp_path, cli):
+    from safetensors.torch import save_file
+    p = tmp_path / "w.safetensors"
+    save_file({"model.layers.0.foo.weight": torch.zeros(2)}, str(p))
+    code, out, err = cli("inspect", p)
+    assert_user_error(code, err, "w.safetensors", "key names match no supported family")

@@ -375,9 +375,12 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
 
 def _writer(path: str, steps: list[tuple]) -> tuple | None:
     """The step whose `out` is `path` or holds it."""
+    import os
+    path = os.path.normpath(path)
     for step in steps:
         out = step[4].get("out")
-        if out is not None and (path == str(out) or path.startswith(str(out).rstrip("/") + "/")):
+        out = os.path.normpath(str(out)) if out is not None else None
+        if out is not None and (path == out or path.startswith(out + "/")):
             return step
     return None
 

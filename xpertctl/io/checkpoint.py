@@ -274,8 +274,8 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     else:
         found = arch.detect(keys, shapes)
         if len(found) != 1:
-            what = "matches no supported family" if not found else \
-                f"is ambiguous ({', '.join(f.name for f in found)}); put its config.json next to it"
+            what = "match no supported family" if not found else \
+                f"are ambiguous ({', '.join(f.name for f in found)}); put its config.json next to it"
             raise XpertError(f"{src}: key names {what}")
         family = found[0]
 

@@ -93,16 +93,16 @@ def _check_replace(out: Path, new_is_dir: bool, marker: str | None) -> None:
 def atomic_path(out: Path, force: bool, marker: str | None = None):
     """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it.
     `marker`: for a directory output, the file an earlier output that --force may replace holds."""
-    out = Path(os.path.abspath(out))
-    _check_place(out)
+    given, out = Path(out), Path(os.path.abspath(out))  # absolute: './' has a name too (and is refused)
+    _check_place(given)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _clear_stale(out)
     try:
         yield tmp
         if out.exists() or out.is_symlink():
             if not force:
-                raise XpertError(f"{out}: already exists (use --force to replace it)")
-            _check_replace(out, tmp.is_dir(), marker)
+                raise XpertError(f"{given}: already exists (use --force to replace it)")
+            _check_replace(given, tmp.is_dir(), marker)
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
@@ -115,7 +115,7 @@ def atomic_path(out: Path, force: bool, marker: str | None = None):
         _restore(out)
         _remove(tmp)
         if e.errno in _WRITE_ERRORS:  # disk full, read-only, no permission: the user's problem, not a bug
-            raise XpertError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
+            raise XpertError(f"{given}: write failed ({e.strerror or e}); nothing was written") from None
         raise
     except BaseException:
         _restore(out)
