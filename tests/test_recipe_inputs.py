@@ -43,12 +43,11 @@ def test_a_report_step_reruns_when_a_result_its_glob_matches_changes(tmp_path):
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "xpert-2L-s0.json").write_text("{}")
     args = {"results": [str(tmp_path / "ev" / "*.json")], "out": str(tmp_path / "rep")}
-    values = cmd.bind(args, "t")
-    before = rc._record(cmd, cmd.argv(args), values)
+    before = rc._record(cmd, cmd.argv(args), args)
     (tmp_path / "ev" / "xpert-2L-s0.json").write_text('{"changed": 1}')
-    assert rc._record(cmd, cmd.argv(args), values) != before
+    assert rc._record(cmd, cmd.argv(args), args) != before
     (tmp_path / "ev" / "scratch-2L-s0.json").write_text("{}")  # a new match too
-    assert len(rc._record(cmd, cmd.argv(args), values)["inputs"]) == 2
+    assert len(rc._record(cmd, cmd.argv(args), args)["inputs"]) == 2
 
 
 def _two_steps(tmp_path):
@@ -131,3 +130,17 @@ def test_demo_notes_state_no_student_budget_its_profile_does_not_train(profile):
     assert f"{v['steps']} steps of {v['batch']} x {v['seq']} tokens" in notes
     for m in re.finditer(r"about ([\d.]+)M tokens", notes):
         assert abs(float(m.group(1)) * 1e6 - tokens) <= 0.1 * tokens, (m.group(0), tokens)
+
+
+def test_eval_task_files_are_fingerprinted_and_keys_stay_the_arguments_as_written(tmp_path):
+    cmd = TABLE["eval"]
+    task = tmp_path / "cloze.jsonl"
+    task.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n')
+    args = {"ckpt": str(tmp_path), "task": [f"mc:{task}", "lmeval:boolq"], "out": str(tmp_path / "r.json")}
+    before = rc._record(cmd, cmd.argv(args), args)
+    assert f"mc:{task}" in before["inputs"]  # keyed as written (records of earlier versions stay valid)
+    task.write_text('{"context": "a", "choices": ["b", "d"], "label": 1}\n')
+    assert rc._record(cmd, cmd.argv(args), args) != before
+    st = TABLE["stats"]
+    sargs = {"src": str(tmp_path), "domain": [f"a={task}"], "out": str(tmp_path / "s.safetensors")}
+    assert list(rc._record(st, st.argv(sargs), sargs)["inputs"]) == [str(tmp_path), f"a={task}"]

@@ -251,24 +251,26 @@ def fingerprint(value: str) -> str | None:
     return provenance.fingerprint(p)["sha256"] if p.exists() else None
 
 
-def _record(cmd, argv: list[str], values: dict) -> dict:
+def _record(cmd, argv: list[str], args: dict) -> dict:
     """What makes a finished step current: its op, command line and the fingerprint of every input the
-    table declares, whatever the path looks like (`data`, `a=corpus/x.txt`, `ppl:data`), and of every
-    file an input glob (report's --results) matches now."""
+    table declares, whatever the path looks like (`data`, `a=corpus/x.txt`, `ppl:data`; keyed by the
+    argument as written, as records always were), and of every file an input glob (report's --results)
+    matches now."""
     inputs = {}
-    for _, value in cmd.inputs(values):
-        fp = fingerprint(value)
-        if fp:
-            inputs[value] = fp
-    for p in cmd.params:
-        v = values.get(p.name)
-        if not p.glob or v is None:
+    for key, v in args.items():
+        p = cmd.param(key)
+        if p is None or (p.path is None and not p.glob):
             continue
-        for pattern in v if p.multiple else [v]:
-            for m in sorted(glob.glob(str(pattern))):
-                fp = fingerprint(m)
+        for x in v if isinstance(v, list) else [v]:
+            if p.path is not None:
+                path = p.path(x)
+                found = [(str(x), path)] if path else []
+            else:
+                found = [(m, m) for m in sorted(glob.glob(str(x)))]
+            for name, path in found:
+                fp = fingerprint(path)
                 if fp:
-                    inputs[m] = fp
+                    inputs[name] = fp
     return {"op": cmd.name, "argv": argv, "inputs": inputs}
 
 
@@ -343,7 +345,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
             continue
         out = args.get("out")
-        rec = _record(cmd, argv, values)
+        rec = _record(cmd, argv, args)
         done = _done(out, rec)
         if done and jobs > 1 and not dry_run and any(_reads(args, t[4]) for t in todo):
             done = False  # a step it reads from runs first: checked again when its turn comes
@@ -522,7 +524,7 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
         n, sid, cmd, values, args = step
         out = args.get("out")
         argv = cmd.argv(args)
-        rec = _record(cmd, argv, values)  # the inputs it reads exist now
+        rec = _record(cmd, argv, args)  # the inputs it reads exist now
         if _done(out, rec):  # what it reads was rewritten identically
             _say(n, total, sid, "skip (done)", argv)
             outs[n] = str(out)
