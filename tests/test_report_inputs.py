@@ -121,3 +121,22 @@ def test_report_force_replaces_only_a_report(runs, cli):
     assert (runs / "rep" / "draft.md").read_text() == "mine"
     code, out, err = cli("report", "--results", str(runs / "eval" / "*.json"), "-o", runs / "eval", "--force")
     assert_user_error(code, err, "input")
+
+
+def test_an_eval_whose_run_is_gone_is_left_out_and_named(runs, cli):
+    import shutil
+    shutil.rmtree(runs / "runs" / "scratch-2L-s1")
+    code, out, err = _report(cli, runs)
+    assert code == 0, err
+    assert "scratch-2L-s1.json" in err
+    text = (runs / "rep" / "REPORT.md").read_text()
+    assert "| 2 | scratch | 2 |" in text and "scratch-2L-s1.json" in text.split("## Inputs ignored")[1]
+
+
+def test_no_usable_result_is_a_one_line_error(tmp_path, cli):
+    import shutil
+    _run(tmp_path, "scratch", 0, 3.0)
+    shutil.rmtree(tmp_path / "runs")
+    code, out, err = _report(cli, tmp_path)
+    assert_user_error(code, err, "--results", "no usable result", "scratch-2L-s0.json")
+    assert not (tmp_path / "rep").exists()

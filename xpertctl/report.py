@@ -53,7 +53,9 @@ def _load_run(res_path: Path, ignored: list[str]) -> dict | None:
     model = Path(str(doc["model"].get("path")))
     run_dir = model.parent
     if not (run_dir / "metrics.jsonl").is_file():
-        raise XpertError(f"{res_path}: evaluated {model}, whose run has no metrics.jsonl (not a `train` output)")
+        ignored.append(f"{res_path}: evaluated {model}, whose run directory has no metrics.jsonl (moved, removed, "
+                       "or not a `train` output)")
+        return None
     if doc["model"].get("sha256") != _model_sha(model):
         ignored.append(f"{res_path}: evaluated another model than today's {model} (retrained since?); "
                        "re-run its eval")
@@ -145,8 +147,7 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     ignored: list[str] = []  # every input left out, named in REPORT.md and on stderr
     runs = [r for r in (_load_run(f, ignored) for f in files) if r is not None]
     if not runs:
-        raise XpertError(f"--results {' '.join(results)}: every result evaluated another model than its run's "
-                         f"({ignored[0]})")
+        raise XpertError(f"--results {' '.join(results)}: no usable result; e.g. {ignored[0]}")
     splits = sorted({r["split"] for r in runs})
     if len(splits) > 1:
         raise XpertError(f"--results: perplexities of different splits ({', '.join(splits)}); eval every run with "
