@@ -170,7 +170,7 @@ CASES = [
     ("reshape-bad-spec", lambda e: ["reshape", factors(e), "--target", "twelve", "-o", e.d / "o.st"], ["--target 'twelve'"]),
     ("reshape-wider", lambda e: ["reshape", factors(e), "--target", "2L,d64", "-o", e.d / "o.st"], ["hidden 64 is wider"]),
     ("reshape-wrong-kind", lambda e: ["reshape", e.stats(), "--target", "2L", "-o", e.d / "o.st"],
-     ["is a 'stats' artifact, expected 'factors'"]),
+     ["s.safetensors: is a stats file, expected a factors file"]),
     ("graft-out-is-input", lambda e: ["graft", e.copy("mixtral"), "-t", "2L", "-o", e.d / "mixtral"],
      ["overwrite the input"]),
     ("graft-bad-inherit", lambda e: ["graft", e.fx / "mixtral", "-t", "2L", "--inherit", "everything",
