@@ -384,7 +384,7 @@ CASES += [
         "ckpt": str(e.fx / "llama"), "data_dir": str(tokdata(e)), "steps": 5, "tokens": 1000,
         "out": str(e.d / "o" / "run")}})], ["r.yaml", "step 'b'", "--steps 5 and --tokens 1000"]),
     ("run-jobs-zero", lambda e: ["run", recipe(e, {"id": "b", "op": "corpus cloze", "args": {
-        "corpus": str(MINI), "out": str(e.d / "o" / "d.jsonl")}}), "--jobs", "0"], ["--jobs 0: must be > 0"]),
+        "corpus": str(MINI), "out": str(e.d / "o" / "d.jsonl")}}), "--jobs", "0"], ["--jobs 0: must be >= 1"]),
 ]
 
 

@@ -75,3 +75,10 @@ def test_grad_clip_zero_means_no_clipping(fx, tmp_path_factory, tmp_path, cli):
     assert moved > 1e-3  # it trained
     assert all((weights["0"][k] - weights["1e9"][k]).abs().max() < 1e-6 for k in weights["0"])
     assert (weights["0"][key] - weights["1e-3"][key]).abs().max() > 1e-4  # and clipping is not a no-op
+
+
+def test_reshape_help_marks_target_required():
+    from xpertctl.cli import app, click_command
+    reshape = click_command(app).commands["reshape"]
+    target = next(p for p in reshape.params if p.name == "target")
+    assert target.required and not next(p for p in reshape.params if p.name == "layers").required

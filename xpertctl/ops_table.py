@@ -773,7 +773,7 @@ COMMANDS: tuple[Command, ...] = (
                                  "expanded, references resolved, each step's command) and exit."),
                 opt("jobs", 1, "Steps at once: independent steps run side by side on N worker processes with "
                                "cores/N threads each, each step's output in .OUT.step.log.",
-                    "--jobs", "-j", range=POSITIVE),
+                    "--jobs", "-j", range=Range(1)),
             ), _run),
 )
 
