@@ -4,6 +4,7 @@ import hashlib
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,7 @@ CASES = [
     ("reshape-bad-spec", lambda e: ["reshape", factors(e), "--target", "twelve", "-o", e.d / "o.st"], ["--target 'twelve'"]),
     ("reshape-wider", lambda e: ["reshape", factors(e), "--target", "2L,d64", "-o", e.d / "o.st"], ["hidden 64 is wider"]),
     ("reshape-wrong-kind", lambda e: ["reshape", e.stats(), "--target", "2L", "-o", e.d / "o.st"],
-     ["is a 'stats' artifact, expected 'factors'"]),
+     ["s.safetensors: is a stats file, expected a factors file"]),
     ("graft-out-is-input", lambda e: ["graft", e.copy("mixtral"), "-t", "2L", "-o", e.d / "mixtral"],
      ["overwrite the input"]),
     ("graft-bad-inherit", lambda e: ["graft", e.fx / "mixtral", "-t", "2L", "--inherit", "everything",
@@ -282,6 +283,196 @@ CASES += [
 ]
 
 
+# ---- option validation (ranges and rules declared in the table) and diagnoses of the wrong input -------
+
+def bigger_tokenizer(e):
+    """A tokenizer with more tokens (200) than the fixtures' embedding rows (96)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(199)} | {"[UNK]": 199}
+    d = e.d / "bigtok"
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                            unk_token="[UNK]").save_pretrained(d)
+    return d
+
+
+def corpus_text(e):
+    return e.text("c.txt", "the law shall apply to every holder of the licence")
+
+
+def stats_run(e, *opts):
+    return ["stats", e.fx / "olmoe", "-d", f"a={corpus_text(e)}", "-o", e.d / "o.safetensors", *opts]
+
+
+def train_run(e, *opts):
+    return ["train", e.fx / "llama", "--data", tokdata(e), "--steps", "1", "--batch-size", "2", "--seq-len", "8",
+            "-o", e.d / "o", *opts]
+
+
+def graft_run(e, *opts):
+    return ["graft", e.fx / "olmoe", "-t", "2L", "-o", e.d / "o", *opts]
+
+
+def eval_run(e, *opts):
+    return ["eval", e.fx / "llama", "--task", f"ppl:{corpus_text(e)}", "-o", e.d / "o.json", *opts]
+
+
+def fidelity_run(e, *opts):
+    return ["fidelity", e.fx / "olmoe", adapted(e), "-d", f"a={corpus_text(e)}", "-o", e.d / "f.json", *opts]
+
+
+def init_run(e, family, *opts):
+    return ["init", family, "--tokenizer", e.fx / "llama", "-o", e.d / "m", *opts]
+
+
+def tokenize_run(e, *opts):
+    return ["tokenize", "--tokenizer", e.fx / "llama", "-d", f"a={corpus_text(e)}", "-o", e.d / "td", *opts]
+
+
+CASES += [
+    # stats
+    ("stats-max-tokens-negative", lambda e: stats_run(e, "--max-tokens", "-3"), ["--max-tokens -3: must be > 0"]),
+    ("stats-batch-size-zero", lambda e: stats_run(e, "--batch-size", "0"), ["--batch-size 0: must be > 0"]),
+    ("stats-top-k-zero", lambda e: stats_run(e, "--top-k", "0"), ["--top-k 0: must be > 0"]),
+    ("stats-seq-len-zero", lambda e: stats_run(e, "--seq-len", "0"), ["--seq-len 0: must be > 0"]),
+    ("stats-stream-tokens-zero", lambda e: stats_run(e, "--stream-layers", "--stream-tokens", "0"),
+     ["--stream-tokens 0: must be > 0"]),
+    ("stats-seed-negative", lambda e: stats_run(e, "--max-tokens", "5", "--seed", "-1"), ["--seed -1: must be >= 0"]),
+    ("stats-factors-as-model", lambda e: ["stats", factors(e), "-d", f"a={corpus_text(e)}", "-o", e.d / "o.st"],
+     ["f.safetensors: is a factors file, expected a model checkpoint"]),
+    # select
+    ("select-selection-as-stats", lambda e: ["select", e.selection(e.fx / "olmoe", [0, 1]), "-o", e.d / "o.json"],
+     ["sel.json: is a selection JSON, expected a stats file"]),
+    ("select-per-layer-zero", lambda e: ["select", e.stats(), "--per-layer", "0", "-o", e.d / "o.json"],
+     ["--per-layer 0: must be > 0"]),
+    ("select-per-layer-with-all", lambda e: ["select", e.stats(), "--criterion", "all", "--per-layer", "2",
+                                             "-o", e.d / "o.json"], ["--per-layer 2 conflicts with --criterion all"]),
+    ("select-seed-negative", lambda e: ["select", e.stats(), "--criterion", "random", "--seed", "-2",
+                                        "-o", e.d / "o.json"], ["--seed -2: must be >= 0"]),
+    # decompose
+    ("decompose-stats-as-selection", lambda e: ["decompose", e.fx / "olmoe", e.stats(), "-o", e.d / "o.st"],
+     ["s.safetensors: is a stats file, expected a selection JSON"]),
+    ("decompose-stats-as-model", lambda e: ["decompose", e.stats(), e.selection(e.fx / "olmoe", [0, 1]),
+                                            "-o", e.d / "o.st"], ["s.safetensors: is a stats file, expected a model"]),
+    ("decompose-selection-as-model", lambda e: ["decompose", e.selection(e.fx / "olmoe", [0, 1]),
+                                                e.selection(e.fx / "olmoe", [0, 1], "s2.json"), "-o", e.d / "o.st"],
+     ["sel.json: is a selection JSON, expected a model"]),
+    # reshape
+    ("reshape-no-target", lambda e: ["reshape", factors(e), "-o", e.d / "o.st"], ["Missing option '--target'"]),
+    ("reshape-layers-zero", lambda e: ["reshape", factors(e), "-t", "2L", "--layers", "0", "-o", e.d / "o.st"],
+     ["--layers 0: must be > 0"]),
+    ("reshape-selection-as-factors", lambda e: ["reshape", e.selection(e.fx / "olmoe", [0, 1]), "-t", "2L",
+                                                "-o", e.d / "o.st"], ["sel.json: is a selection JSON, expected a factors file"]),
+    # graft
+    ("graft-factors-file", lambda e: ["graft", factors(e), "-o", e.d / "o"],
+     ["f.safetensors: is a factors file, expected an adapted file"]),
+    ("graft-stats-file", lambda e: ["graft", e.stats(), "-t", "2L", "-o", e.d / "o"],
+     ["s.safetensors: is a stats file, expected an adapted file"]),
+    ("graft-selection-with-criterion", lambda e: graft_run(e, "--selection", e.selection(e.fx / "olmoe", [0, 1]),
+                                                           "--criterion", "mean"),
+     ["--criterion mean conflicts with --selection", "sel.json"]),
+    ("graft-selection-with-per-layer", lambda e: graft_run(e, "--selection", e.selection(e.fx / "olmoe", [0, 1]),
+                                                           "--per-layer", "4"),
+     ["--per-layer 4 conflicts with --selection", "sel.json"]),
+    ("graft-criterion-without-stats", lambda e: graft_run(e, "--criterion", "vote"),
+     ["--criterion vote: chooses experts from --stats"]),
+    ("graft-stats-and-selection", lambda e: graft_run(e, "--stats", e.stats(), "--selection",
+                                                      e.selection(e.fx / "olmoe", [0, 1])),
+     ["--stats", "--selection", "give one of them"]),
+    ("graft-inherit-other-vocabulary", lambda e: graft_run(e, "--inherit", "embeddings", "--tokenizer",
+                                                           other_tokenizer_model(e)),
+     ["--tokenizer", "its vocabulary", "drop --tokenizer, or 'embeddings' from --inherit"]),
+    ("graft-tokenizer-larger-than-embeddings", lambda e: graft_run(e, "--tokenizer", bigger_tokenizer(e)),
+     ["bigtok: 200 tokens, more than the 96 embedding rows"]),
+    ("graft-heads-zero", lambda e: graft_run(e, "--heads", "0"), ["--heads 0: must be > 0"]),
+    ("graft-ridge-negative", lambda e: graft_run(e, "--fit", "down", "--calibration", f"a={corpus_text(e)}",
+                                                 "--ridge", "-1"), ["--ridge -1: must be >= 0"]),
+    ("graft-calibration-tokens-zero", lambda e: graft_run(e, "--fit", "down", "--calibration", f"a={corpus_text(e)}",
+                                                          "--calibration-tokens", "0"),
+     ["--calibration-tokens 0: must be > 0"]),
+    ("graft-seed-negative", lambda e: graft_run(e, "--seed", "-1"), ["--seed -1: must be >= 0"]),
+    # fidelity
+    ("fidelity-batch-size-zero", lambda e: fidelity_run(e, "--batch-size", "0"), ["--batch-size 0: must be > 0"]),
+    ("fidelity-max-tokens-negative", lambda e: fidelity_run(e, "--max-tokens", "-5"), ["--max-tokens -5: must be > 0"]),
+    ("fidelity-stats-as-model", lambda e: ["fidelity", e.stats(), adapted(e), "-d", f"a={corpus_text(e)}",
+                                           "-o", e.d / "f.json"], ["s.safetensors: is a stats file, expected a model"]),
+    # tokenize
+    ("tokenize-val-pct-negative", lambda e: tokenize_run(e, "--val-pct", "-5"), ["--val-pct -5: must be in [0, 100)"]),
+    ("tokenize-test-pct-100", lambda e: tokenize_run(e, "--test-pct", "100"), ["--test-pct 100: must be in [0, 100)"]),
+    ("tokenize-pcts-leave-no-train", lambda e: tokenize_run(e, "--val-pct", "60", "--test-pct", "40"),
+     ["--val-pct 60 + --test-pct 40: must leave documents for training"]),
+    # train
+    ("train-lr-negative", lambda e: train_run(e, "--lr", "-1"), ["--lr -1: must be > 0"]),
+    ("train-lr-nan", lambda e: train_run(e, "--lr", "nan"), ["--lr nan: must be > 0"]),
+    ("train-grad-clip-negative", lambda e: train_run(e, "--grad-clip", "-1"), ["--grad-clip -1: must be >= 0 (0: no clipping)"]),
+    ("train-weight-decay-negative", lambda e: train_run(e, "--weight-decay", "-1"), ["--weight-decay -1: must be >= 0"]),
+    ("train-min-lr-ratio-above-one", lambda e: train_run(e, "--min-lr-ratio", "5"), ["--min-lr-ratio 5: must be in [0, 1]"]),
+    ("train-steps-and-tokens", lambda e: train_run(e, "--tokens", "1000"),
+     ["--steps 1 and --tokens 1000: give one of them"]),
+    ("train-steps-zero", lambda e: ["train", e.fx / "llama", "--data", tokdata(e), "--steps", "0", "-o", e.d / "o"],
+     ["--steps 0: must be > 0"]),
+    ("train-warmup-negative", lambda e: train_run(e, "--warmup", "-2"), ["--warmup -2: must be >= 0"]),
+    ("train-batch-size-zero", lambda e: train_run(e, "--batch-size", "0"), ["--batch-size 0: must be > 0"]),
+    ("train-grad-accum-zero", lambda e: train_run(e, "--grad-accum", "0"), ["--grad-accum 0: must be > 0"]),
+    ("train-eval-batches-zero", lambda e: train_run(e, "--eval-batches", "0"), ["--eval-batches 0: must be > 0"]),
+    ("train-keep-zero", lambda e: train_run(e, "--save-every", "1", "--keep", "0"), ["--keep 0: must be >= 1"]),
+    ("train-threads-negative", lambda e: train_run(e, "--threads", "-1"), ["--threads -1: must be >= 0"]),
+    ("train-kd-alpha-above-one", lambda e: train_run(e, "--teacher", e.fx / "llama", "--kd-alpha", "1.5"),
+     ["--kd-alpha 1.5: must be in [0, 1]"]),
+    ("train-kd-temperature-zero", lambda e: train_run(e, "--teacher", e.fx / "llama", "--kd-temperature", "0"),
+     ["--kd-temperature 0: must be > 0"]),
+    ("train-manifest-path", lambda e: ["train", e.fx / "llama", "--data", tokdata(e) / "manifest.json", "--steps", "1",
+                                       "-o", e.d / "o"], ["manifest.json: is a file, expected a token data directory",
+                                                          "pass "]),
+    # eval
+    ("eval-mc-directory", lambda e: ["eval", e.fx / "llama", "--task", f"mc:{corpus_text(e).parent}", "-o", e.d / "o.json"],
+     ["is a directory, expected a .jsonl file"]),
+    ("eval-max-tokens-zero", lambda e: eval_run(e, "--max-tokens", "0"), ["--max-tokens 0: must be > 0"]),
+    ("eval-seq-len-negative", lambda e: eval_run(e, "--seq-len", "-8"), ["--seq-len -8: must be > 0"]),
+    ("eval-max-new-tokens-zero", lambda e: eval_run(e, "--max-new-tokens", "0"), ["--max-new-tokens 0: must be > 0"]),
+    ("eval-lmeval-offline", lambda e: ["eval", e.fx / "llama", "--task", "lmeval:boolq", "-o", e.d / "o.json"],
+     ["--task lmeval:boolq: dataset not available"], "offline-hub"),
+    # corpus
+    ("corpus-build-max-bytes-zero", lambda e: ["corpus", "build", "--max-bytes", "0", "-o", e.d / "c"],
+     ["--max-bytes 0: must be > 0"]),
+    ("corpus-tokenizer-vocab-too-small", lambda e: ["corpus", "tokenizer", MINI, "--vocab-size", "100", "-o", e.d / "t"],
+     ["--vocab-size 100: must be >= 259"]),
+    ("corpus-cloze-one-choice", lambda e: ["corpus", "cloze", MINI, "--choices", "1", "-o", e.d / "c.jsonl"],
+     ["--choices 1: must be >= 2"]),
+    ("corpus-cloze-per-domain-zero", lambda e: ["corpus", "cloze", MINI, "--per-domain", "0", "-o", e.d / "c.jsonl"],
+     ["--per-domain 0: must be > 0"]),
+    # init
+    ("init-heads-not-dividing", lambda e: init_run(e, "llama", "--heads", "5"), ["--heads 5: does not divide --hidden 128"]),
+    ("init-top-k-above-experts", lambda e: init_run(e, "olmoe", "--experts", "4", "--top-k", "8"),
+     ["--top-k 8: more experts per token than the 4 --experts"]),
+    ("init-kv-heads-not-dividing", lambda e: init_run(e, "llama", "--kv-heads", "3"), ["--kv-heads 3: must divide --heads 4"]),
+    ("init-layers-zero", lambda e: init_run(e, "llama", "--layers", "0"), ["--layers 0: must be > 0"]),
+    # run: the table's ranges and rules hold for recipes and their dry run
+    ("run-dry-run-range", lambda e: ["run", recipe(e, {"id": "b", "op": "stats", "args": {
+        "src": str(e.fx / "olmoe"), "domain": [f"a={corpus_text(e)}"], "max_tokens": -3,
+        "out": str(e.d / "o" / "s.safetensors")}}), "--dry-run"], ["r.yaml", "step 'b'", "--max-tokens -3: must be > 0"]),
+    ("run-rule", lambda e: ["run", recipe(e, {"id": "b", "op": "train", "args": {
+        "ckpt": str(e.fx / "llama"), "data_dir": str(tokdata(e)), "steps": 5, "tokens": 1000,
+        "out": str(e.d / "o" / "run")}})], ["r.yaml", "step 'b'", "--steps 5 and --tokens 1000"]),
+    ("run-jobs-zero", lambda e: ["run", recipe(e, {"id": "b", "op": "corpus cloze", "args": {
+        "corpus": str(MINI), "out": str(e.d / "o" / "d.jsonl")}}), "--jobs", "0"], ["--jobs 0: must be >= 1"]),
+]
+
+
+def offline_hub(monkeypatch):
+    """lm-evaluation-harness offline: the hub client logs its HEAD request and retries, then the dataset
+    load fails. Emulated (no network wait): printed only if the hub's logger would let it through."""
+    import logging
+    import lm_eval
+
+    def simple_evaluate(**kw):
+        if logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING):
+            print("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/"
+                  "datasets/aps/super_glue/resolve/main/README.md", file=sys.stderr)
+        raise ConnectionError("Couldn't reach 'aps/super_glue' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -291,6 +482,8 @@ def test_bad_input_contract(fx, tmp_path, cli, monkeypatch, case):
     name, make, needles, *patch = case
     e = Env(fx, tmp_path / "in")
     argv = [str(a) for a in make(e)]
+    if patch and patch[0] == "offline-hub":
+        offline_hub(monkeypatch)
     if patch and patch[0] in ("enospc", "enospc-json"):
         enospc(monkeypatch)
         if patch[0] == "enospc-json":  # JSON outputs: fail their write the same way

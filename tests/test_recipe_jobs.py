@@ -117,7 +117,7 @@ def test_jobs_must_be_positive(tmp_path, cli):
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump({"name": "r", "steps": []}))
     code, _, err = cli("run", r, "--jobs", "0")
-    assert_user_error(code, err, "--jobs 0: must be 1 or more")
+    assert_user_error(code, err, "--jobs 0: must be >= 1")
 
 
 def test_stopping_the_runner_stops_its_steps(tmp_path):

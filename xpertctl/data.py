@@ -233,6 +233,9 @@ class TokenData:
 def load_token_data(root: Path) -> TokenData:
     root = Path(root)
     m = root / MANIFEST
+    if root.is_file():  # e.g. DATA/manifest.json: the data is the directory around it
+        raise XpertError(f"{root}: is a file, expected a token data directory (from `xpertctl tokenize`)"
+                         + (f"; pass {root.parent}" if root.name == MANIFEST else ""))
     if not m.is_file():
         raise XpertError(f"{root}: no {MANIFEST} (make it with `xpertctl tokenize`)")
     try:
@@ -272,7 +275,7 @@ def read_jsonl(path: Path, required: dict[str, type], allow_empty: bool = False)
     """Records of a JSONL task/SFT file; a bad record is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise XpertError(f"{path}: no such file")
+        raise XpertError(f"{path}: {'is a directory, expected a .jsonl file' if path.is_dir() else 'no such file'}")
     recs = []
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():

@@ -7,12 +7,27 @@ task name is the file's `task:` field), so local datasets work offline."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import XpertError
 from .io import provenance
 
 EXTRA = "pip install 'xpertctl[lmeval]'"
+
+
+@contextmanager
+def _quiet(*names: str):
+    """Loggers of the download stack at ERROR for the block: a failure becomes our one line, not theirs."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def require() -> None:
@@ -71,8 +86,9 @@ def evaluate(model, tok, arg: str, *, device: str = "cpu", batch_size: int = 8, 
     kw = {"max_length": max_length} if max_length else {}
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device, **kw)
     try:
-        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, log_samples=False, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        with _quiet("huggingface_hub", "datasets", "fsspec", "urllib3"):  # offline: no HEAD/retry lines first
+            res = simple_evaluate(model=lm, tasks=names, task_manager=tm, log_samples=False, random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     except (OSError, ValueError) as e:  # datasets: ConnectionError / FileNotFoundError / DatasetNotFoundError
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise XpertError(f"--task lmeval:{arg}: dataset not available ({e.__class__.__name__}: {first})") from None

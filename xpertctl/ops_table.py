@@ -7,12 +7,15 @@ the same adapter (the `run` entry hands the table to the recipe runner). Neither
   Add a command: write its adapter below (import the op inside it, so `xpertctl --help` stays
   fast; return the output path, which the CLI prints) and append a Command to COMMANDS.
   Add an option: add an opt(...) / flag(...) to its Command and pass the keyword on in the adapter.
-  The CLI flag, the recipe key (the Param's name), help, choices, recipe type checks and --dry-run
-  validation all follow from that one declaration.
+  A numeric option declares the values it accepts beside it (range=POSITIVE, Range(0, 1), ...); options
+  that constrain each other are a rule of their Command (rules=...).
+  The CLI flag, the recipe key (the Param's name), help, choices, ranges, recipe type checks and
+  --dry-run validation all follow from that one declaration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +24,45 @@ from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MA
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a numeric option accepts (NaN and infinities never)."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself refused
+    hi_open: bool = False
+    note: str = ""  # what an edge value means, e.g. "0: no clipping"
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+
+    def holds(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or not (v > self.hi or (self.hi_open and v == self.hi))
+
+    @property
+    def rule(self) -> str:
+        """'must be in [0, 1]', 'must be >= 0 (0: no clipping)': for errors and help alike."""
+        where = f"in {self}" if self.lo is not None and self.hi is not None else str(self)
+        return f"must be {where}" + (f" ({self.note})" if self.note else "")
+
+    def check(self, v: float, display: str) -> None:
+        if not self.holds(v):
+            raise XpertError(f"{display} {v:g}: {self.rule}")
+
+
+POSITIVE = Range(0, lo_open=True)  # sizes, counts, steps
+NONNEG = Range(0)  # seeds, intervals where 0 means "off"
+FRACTION = Range(0, 1)
 
 
 @dataclass(frozen=True)
@@ -36,6 +78,7 @@ class Param:
     path: Callable[[Any], str | None] | None = None  # an input: the path inside a value (--dry-run checks it)
     check: Callable[[Any], Any] | None = None  # validates a value before anything runs (CLI and recipes)
     glob: bool = False  # a glob of input files: a recipe step's record fingerprints what it matches
+    range: Range | None = None  # a numeric option's accepted values (checked like `check`)
 
     @property
     def required(self) -> bool:
@@ -84,6 +127,7 @@ class Command:
     example: str  # one or more command lines, shown under the command's help
     params: tuple[Param, ...]
     run: Callable[..., Any] = field(repr=False)  # adapter: every param by keyword -> what to print (path)
+    rules: tuple[Callable[[dict], None], ...] = ()  # checks of options together (values by name; raise XpertError)
 
     def param(self, key: str) -> Param | None:
         return next((p for p in self.params if p.name == key.replace("-", "_")), None)
@@ -107,16 +151,22 @@ class Command:
         return values
 
     def check(self, values: dict, where: str = "") -> None:
-        """Each value's own check (a target spec, ranks, a size...): before any work starts."""
-        for p in self.params:
-            v = values.get(p.name)
-            if p.check is None or v is None:
-                continue
-            for x in v if p.multiple else [v]:
-                try:
-                    p.check(x)
-                except XpertError as e:
-                    raise XpertError(f"{where}: {e}" if where else str(e)) from None
+        """Each value's own check (a range, a target spec, ranks, a size...), then the rules that relate
+        options: before any work starts, the same for the CLI, recipes and --dry-run."""
+        try:
+            for p in self.params:
+                v = values.get(p.name)
+                if v is None:
+                    continue
+                for x in v if p.multiple else [v]:
+                    if p.range is not None:
+                        p.range.check(x, p.display)
+                    if p.check is not None:
+                        p.check(x)
+            for rule in self.rules:
+                rule(values)
+        except XpertError as e:
+            raise XpertError(f"{where}: {e}" if where else str(e)) from None
 
     def argv(self, args: dict) -> list[str]:
         """The command line for a recipe step's args (as given, in order): shown, recorded, pasteable."""
@@ -173,8 +223,12 @@ def arg(name: str, help: str, *, type: type = Path, metavar: str | None = None, 
 
 
 def opt(name: str, default: Any, help: str, *flags: str, type: type | None = None, input: bool = False, **kw) -> Param:
-    """An option; its flag is --name-with-dashes unless given; its type follows the default."""
+    """An option; its flag is --name-with-dashes unless given; its type follows the default; a numeric
+    option's range (range=...) is shown at the end of its help."""
     t = type or (builtin_type(default) if default not in (None, REQUIRED) else str)
+    rng = kw.get("range")
+    if rng is not None:
+        help = f"{help} {rng.rule[0].upper()}{rng.rule[1:]}."
     return Param(name, t, help, default=default, flags=flags or (f"--{name.replace('_', '-')}",),
                  path=kw.pop("path", _path if input else None), **kw)
 
@@ -240,12 +294,65 @@ def _family_names() -> tuple[str, ...]:
     return tuple(BY_NAME)
 
 
+# ---- rules: options that constrain each other (values by parameter name) -------------------------------
+
+def _flag_of(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _one_of(a: str, b: str):
+    """Refuse both (neither may silently win over the other)."""
+    def rule(v: dict) -> None:
+        if v.get(a) is not None and v.get(b) is not None:
+            raise XpertError(f"{_flag_of(a)} {v[a]} and {_flag_of(b)} {v[b]}: give one of them, not both")
+    return rule
+
+
+def _graft_selection(v: dict) -> None:
+    """--criterion and --per-layer choose experts from --stats: with --selection (experts already chosen)
+    or with neither (every expert) they would be ignored."""
+    if v["stats_file"] is not None and v["selection"] is not None:
+        raise XpertError(f"--stats {v['stats_file']} and --selection {v['selection']}: give one of them, not both")
+    asked = [f"--criterion {v['criterion']}"] if v["criterion"] != "min" else []
+    asked += [f"--per-layer {v['per_layer']}"] if v["per_layer"] is not None else []
+    if asked and v["selection"] is not None:
+        raise XpertError(f"{asked[0]} conflicts with --selection {v['selection']}, whose experts are already "
+                         "chosen (drop the option, or select from --stats instead)")
+    if asked and v["stats_file"] is None:
+        raise XpertError(f"{asked[0]}: chooses experts from --stats STATS; give --stats (without it every expert "
+                         "is used)")
+
+
+def _select_per_layer(v: dict) -> None:
+    if v["criterion"] == "all" and v["per_layer"] is not None:
+        raise XpertError(f"--per-layer {v['per_layer']} conflicts with --criterion all (every expert)")
+
+
+def _split_pcts(v: dict) -> None:
+    if v["val_pct"] + v["test_pct"] >= 100:
+        raise XpertError(f"--val-pct {v['val_pct']} + --test-pct {v['test_pct']}: must leave documents for training "
+                         "(sum < 100)")
+
+
+def _init_shape(v: dict) -> None:
+    """What the model classes would refuse with a traceback (or an MoE that fails later), said up front."""
+    from .io.arch import BY_NAME
+    if v["hidden"] % v["heads"]:
+        raise XpertError(f"--heads {v['heads']}: does not divide --hidden {v['hidden']}")
+    kv = v["kv_heads"]
+    if kv is not None and (kv > v["heads"] or v["heads"] % kv):
+        raise XpertError(f"--kv-heads {kv}: must divide --heads {v['heads']}")
+    fam = BY_NAME.get(v["family"])
+    if fam is not None and fam.moe and v["top_k"] > v["experts"]:
+        raise XpertError(f"--top-k {v['top_k']}: more experts per token than the {v['experts']} --experts")
+
+
 TARGET = opt("target", None, "Target shape: 12L, 12L,d2048,f1024 or 8L,h16 (layers, hidden, FFN, heads).",
              "--target", "-t", check=_check_target)
-LAYERS = opt("layers", None, "Target layers (overrides the L of --target).", type=int)
-HIDDEN = opt("hidden", None, "Target hidden size (overrides d).", type=int)
-FFN = opt("ffn", None, "Target FFN width (overrides f).", type=int)
-HEADS = opt("heads", None, "Target attention heads (overrides h; default: from the source).", type=int)
+LAYERS = opt("layers", None, "Target layers (overrides the L of --target).", type=int, range=POSITIVE)
+HIDDEN = opt("hidden", None, "Target hidden size (overrides d).", type=int, range=POSITIVE)
+FFN = opt("ffn", None, "Target FFN width (overrides f).", type=int, range=POSITIVE)
+HEADS = opt("heads", None, "Target attention heads (overrides h; default: from the source).", type=int, range=POSITIVE)
 RANKS = opt("ranks", None, "Tucker ranks per mode (rows, cols, experts): 'full' or an int each; the expert mode may "
             "be an energy fraction such as 0.9. Default full,full,full.", check=_check_ranks)
 ALIGN = opt("align", True, "Permute each expert's neurons to match before combining (--no-align: the literal "
@@ -449,15 +556,15 @@ COMMANDS: tuple[Command, ...] = (
                 out_param("stats.safetensors to write."),
                 opt("tokenizer", None, "Tokenizer directory (default: the checkpoint's).", type=Path, input=True),
                 opt("max_tokens", None, "Tokens per domain, from documents sampled across it (default: all).",
-                    type=int),
-                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
-                opt("batch_size", 8, "Windows per forward pass."),
+                    type=int, range=POSITIVE),
+                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
+                opt("batch_size", 8, "Windows per forward pass.", range=POSITIVE),
                 opt("device", "cpu", "torch device, e.g. cuda:0."),
                 opt("dtype", "float32", "Compute dtype.", choices=DTYPES),
-                opt("top_k", None, "Experts per token (default: the config's num_experts_per_tok).", type=int),
+                opt("top_k", None, "Experts per token (default: the config's num_experts_per_tok).", type=int, range=POSITIVE),
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
-                opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
-                opt("seed", 0, "With --max-tokens: seed of the document sample."),
+                opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
+                opt("seed", 0, "With --max-tokens: seed of the document sample.", range=NONNEG),
                 JSON, FORCE,
             ), _stats),
     Command("select", "Choose the experts used across all domains -> selection.json.",
@@ -466,14 +573,14 @@ COMMANDS: tuple[Command, ...] = (
                 out_param("selection.json to write.", required=False),
                 opt("criterion", "min", "min (used in every domain), mean, vote; controls: random, low, all.",
                     choices=CRITERIA),
-                opt("per_layer", None, "Experts per layer (default: the model's top-k).", type=int),
-                opt("seed", 0, "Seed for --criterion random."),
+                opt("per_layer", None, "Experts per layer (default: the model's top-k).", type=int, range=POSITIVE),
+                opt("seed", 0, "Seed for --criterion random.", range=NONNEG),
                 opt("plot", None, "PNG: per-domain frequency per expert, selection marked.", type=Path),
                 opt("plot_layers", None, "Comma-separated layers to plot (default: all).",
                     check=_check_int_list("--plot-layers")),
                 flag("show", "Print the selection as a table (stderr)."),
                 JSON, FORCE,
-            ), _select),
+            ), _select, rules=(_select_per_layer,)),
     Command("decompose", "Stack each layer's selected experts and Tucker-decompose them -> factors.safetensors.",
             "xpertctl decompose olmoe/ selection.json -o factors.safetensors\n"
             "xpertctl decompose olmoe/ selection.json -o literal.safetensors --no-align --weighting per-matrix "
@@ -488,7 +595,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("reshape", "Adapt factors to the target depth and width -> adapted.safetensors (one dense FFN per layer).",
             "xpertctl reshape factors.safetensors --target 12L,d2048,f1024 -o adapted.safetensors", (
                 arg("factors", "factors.safetensors from `xpertctl decompose`."),
-                TARGET, out_param("adapted.safetensors to write."), LAYERS, HIDDEN, FFN,
+                replace(TARGET, default=REQUIRED), out_param("adapted.safetensors to write."), LAYERS, HIDDEN, FFN,
                 LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT, FORCE,
             ), _reshape),
     Command("graft", "Write a dense causal LM (HF directory) with XPERT FFNs.",
@@ -503,7 +610,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("stats_file", None, "One-shot: select from these stats.", "--stats", type=Path, input=True),
                 opt("selection", None, "One-shot: use this selection.json.", type=Path, input=True),
                 opt("criterion", "min", "One-shot with --stats: selection criterion.", choices=CRITERIA),
-                opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int),
+                opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int, range=POSITIVE),
                 RANKS, ALIGN, WEIGHTING,
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
                 LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT,
@@ -511,9 +618,9 @@ COMMANDS: tuple[Command, ...] = (
                     "the source MoE block's output on --calibration text).", choices=FITS),
                 opt("calibration", None, "With --fit down: NAME=PATH text to run the source on; repeat.", type=str,
                     multiple=True, path=_after("="), check=_check_domain),
-                opt("calibration_tokens", 65536, "With --fit down: tokens per calibration domain."),
-                opt("ridge", 1e-3, "With --fit down: ridge, relative to the mean activation energy."),
-                opt("seq_len", None, "With --fit down: window length (default: min(1024, max positions)).", type=int),
+                opt("calibration_tokens", 65536, "With --fit down: tokens per calibration domain.", range=POSITIVE),
+                opt("ridge", 1e-3, "With --fit down: ridge, relative to the mean activation energy.", range=NONNEG),
+                opt("seq_len", None, "With --fit down: window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
                 opt("device", "cpu", "With --fit down: torch device for the source model."),
                 opt("arch", "llama", "Target class: llama, or qwen3 (per-head QK-norm).", choices=ARCHS),
                 opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
@@ -522,10 +629,10 @@ COMMANDS: tuple[Command, ...] = (
                     "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control).",
                     choices=FFN_INITS),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
-                opt("seed", 0, "Seed of the fresh weights."),
+                opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
                 FORCE,
-            ), _graft),
+            ), _graft, rules=(_graft_selection,)),
     Command("fidelity", "How well each student FFN reproduces its source MoE block(s) on real hidden states -> "
             "fidelity.json.",
             "xpertctl fidelity olmoe/ student/ -d wiki=wiki.txt --max-tokens 20000 -o fidelity.json", (
@@ -535,14 +642,14 @@ COMMANDS: tuple[Command, ...] = (
                     type=str, multiple=True, path=_after("="), check=_check_domain),
                 out_param("fidelity.json to write."),
                 opt("tokenizer", None, "Tokenizer directory (default: the source's).", type=Path, input=True),
-                opt("max_tokens", None, "Tokens per domain (default: all).", type=int),
-                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
-                opt("batch_size", 8, "Windows per forward pass."),
+                opt("max_tokens", None, "Tokens per domain (default: all).", type=int, range=POSITIVE),
+                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
+                opt("batch_size", 8, "Windows per forward pass.", range=POSITIVE),
                 opt("device", "cpu", "torch device, e.g. cuda:0."),
                 opt("dtype", "float32", "Compute dtype of the source.", choices=DTYPES),
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
-                opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers."),
-                opt("seed", 0, "Seed of the scratch reference FFN and, with --max-tokens, of the document sample."),
+                opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
+                opt("seed", 0, "Seed of the scratch reference FFN and, with --max-tokens, of the document sample.", range=NONNEG),
                 FORCE,
             ), _fidelity),
     Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
@@ -552,10 +659,10 @@ COMMANDS: tuple[Command, ...] = (
                     path=_after("="), check=_check_domain),
                 opt("corpus", None, "A corpus from `corpus build` (keeps its splits).", type=Path, input=True),
                 out_param("Token data directory to write."),
-                opt("val_pct", 5, "Percent of documents (by hash) for validation."),
-                opt("test_pct", 5, "Percent of documents (by hash) for test."),
+                opt("val_pct", 5, "Percent of documents (by hash) for validation.", range=Range(0, 100, hi_open=True)),
+                opt("test_pct", 5, "Percent of documents (by hash) for test.", range=Range(0, 100, hi_open=True)),
                 FORCE,
-            ), _tokenize),
+            ), _tokenize, rules=(_split_pcts,)),
     Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
             "xpertctl train student/ --data data/ --steps 2000 -o runs/a\n"
             "torchrun --nproc-per-node 8 $(which xpertctl) train student/ --data data/ --steps 2000 -o runs/a --device cuda\n"
@@ -564,32 +671,32 @@ COMMANDS: tuple[Command, ...] = (
                 out_param("Run directory: step-NNNNNN/, final/, metrics.jsonl."),
                 opt("data_dir", None, "Token data from `xpertctl tokenize`.", "--data", type=Path, input=True),
                 opt("sft", None, "Instruction JSONL (instruction, context, response).", type=Path, input=True),
-                opt("steps", None, "Optimizer steps.", type=int),
-                opt("tokens", None, "Training tokens (instead of --steps).", type=int),
-                opt("batch_size", 8, "Sequences per micro-step (global, across ranks)."),
-                opt("grad_accum", 1, "Micro-steps per optimizer step."),
-                opt("seq_len", 256, "Tokens per training sequence."),
-                opt("lr", 3e-4, "Peak learning rate (AdamW)."),
-                opt("warmup", 20, "Linear warmup steps before the cosine decay."),
-                opt("min_lr_ratio", 0.1, "Final LR as a fraction of --lr (cosine)."),
-                opt("weight_decay", 0.1, "AdamW weight decay (matrices only)."),
-                opt("grad_clip", 1.0, "Gradient norm clip."),
-                opt("seed", 0, "Seed: data order and init-independent batches."),
-                opt("eval_every", 50, "Validation loss every N steps (0: at the end only)."),
-                opt("eval_batches", 8, "Validation batches per evaluation."),
-                opt("save_every", 0, "Save a resumable checkpoint every N steps (0: final only)."),
-                opt("keep", 2, "Step checkpoints kept."),
+                opt("steps", None, "Optimizer steps.", type=int, range=POSITIVE),
+                opt("tokens", None, "Training tokens (instead of --steps).", type=int, range=POSITIVE),
+                opt("batch_size", 8, "Sequences per micro-step (global, across ranks).", range=POSITIVE),
+                opt("grad_accum", 1, "Micro-steps per optimizer step.", range=POSITIVE),
+                opt("seq_len", 256, "Tokens per training sequence.", range=POSITIVE),
+                opt("lr", 3e-4, "Peak learning rate (AdamW).", range=POSITIVE),
+                opt("warmup", 20, "Linear warmup steps before the cosine decay.", range=NONNEG),
+                opt("min_lr_ratio", 0.1, "Final LR as a fraction of --lr (cosine).", range=FRACTION),
+                opt("weight_decay", 0.1, "AdamW weight decay (matrices only).", range=NONNEG),
+                opt("grad_clip", 1.0, "Gradient norm clip.", range=Range(0, note="0: no clipping")),
+                opt("seed", 0, "Seed: data order and init-independent batches.", range=NONNEG),
+                opt("eval_every", 50, "Validation loss every N steps (0: at the end only).", range=NONNEG),
+                opt("eval_batches", 8, "Validation batches per evaluation.", range=POSITIVE),
+                opt("save_every", 0, "Save a resumable checkpoint every N steps (0: final only).", range=NONNEG),
+                opt("keep", 2, "Step checkpoints kept.", range=Range(1)),
                 opt("device", "cpu", "torch device (cpu, cuda, cuda:1)."),
                 opt("save_dtype", None, "dtype of the final checkpoint (default: float32).", choices=DTYPES),
                 opt("teacher", None, "Knowledge distillation from this HF causal LM (same tokenizer), e.g. the MoE "
                     "the student was grafted from.", type=Path, input=True),
-                opt("kd_alpha", None, "KD: loss = (1-A)*CE + A*T^2*KL(teacher || student) (default 0.5).", type=float),
-                opt("kd_temperature", None, "KD: softmax temperature T of both sides (default 1.0).", type=float),
-                opt("threads", 0, "CPU threads (0: torch's default); 1 is fastest on a shared machine. Speed only."),
+                opt("kd_alpha", None, "KD: loss = (1-A)*CE + A*T^2*KL(teacher || student) (default 0.5).", type=float, range=FRACTION),
+                opt("kd_temperature", None, "KD: softmax temperature T of both sides (default 1.0).", type=float, range=POSITIVE),
+                opt("threads", 0, "CPU threads (0: torch's default); 1 is fastest on a shared machine. Speed only.", range=NONNEG),
                 flag("compile", "torch.compile the model (pays off on long runs). Speed only."),
                 opt("resume", "no", "auto: continue from the last checkpoint in OUT.", choices=RESUME),
                 FORCE,
-            ), _train),
+            ), _train, rules=(_one_of("steps", "tokens"),)),
     Command("eval", "Perplexity per domain, multiple choice (acc, acc_norm), generation (Rouge-L) -> results.json.",
             "xpertctl eval runs/a/final --task ppl:data/ --task mc:cloze.jsonl --split test -o results.json", (
                 arg("ckpt", "HF model directory."),
@@ -598,34 +705,34 @@ COMMANDS: tuple[Command, ...] = (
                     path=_task_path, check=_check_task),
                 out_param("results.json to write (default: print the results).", required=False),
                 opt("split", "val", "Split of a token DATA dir for ppl.", choices=SPLITS),
-                opt("max_tokens", None, "ppl: tokens per domain at most (default: all).", type=int),
-                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
-                opt("max_new_tokens", 64, "gen: tokens generated per record."),
+                opt("max_tokens", None, "ppl: tokens per domain at most (default: all).", type=int, range=POSITIVE),
+                opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
+                opt("max_new_tokens", 64, "gen: tokens generated per record.", range=POSITIVE),
                 opt("device", "cpu", "torch device."),
-                opt("seed", 0, "Seed (generation is greedy; kept for the record)."),
+                opt("seed", 0, "Seed (generation is greedy; kept for the record).", range=NONNEG),
                 opt("target_delimiter", " ", "mc: text between context and choice (lm-evaluation-harness's)."),
                 FORCE,
             ), _eval),
     Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",
             "xpertctl corpus build -o build/corpus", (
                 out_param("Corpus directory to write."),
-                opt("max_bytes", 2_000_000, "Bytes of text per domain at most."),
+                opt("max_bytes", 2_000_000, "Bytes of text per domain at most.", range=POSITIVE),
                 FORCE,
             ), _corpus_build),
     Command("corpus tokenizer", "Train a byte-level BPE tokenizer on the corpus train split -> HF tokenizer directory.",
             "xpertctl corpus tokenizer build/corpus -o build/tokenizer --vocab-size 2048", (
                 arg("corpus", "Corpus directory from `corpus build`."),
                 out_param("Tokenizer directory to write."),
-                opt("vocab_size", 4096, "Vocabulary size."),
+                opt("vocab_size", 4096, "Vocabulary size.", range=Range(259, note="256 bytes + 3 special tokens")),
                 FORCE,
             ), _corpus_tokenizer),
     Command("corpus cloze", "A multiple-choice cloze task (real continuation vs distractors) from the test split -> JSONL.",
             "xpertctl corpus cloze build/corpus -o cloze.jsonl --per-domain 25", (
                 arg("corpus", "Corpus directory from `corpus build`."),
                 out_param("cloze.jsonl to write."),
-                opt("per_domain", 50, "Items per domain."),
-                opt("choices", 4, "Choices per item (one real continuation)."),
-                opt("seed", 0, "Seed of the distractor draw."),
+                opt("per_domain", 50, "Items per domain.", range=POSITIVE),
+                opt("choices", 4, "Choices per item (one real continuation).", range=Range(2)),
+                opt("seed", 0, "Seed of the distractor draw.", range=NONNEG),
                 FORCE,
             ), _corpus_cloze),
     Command("init", "Write a fresh, seeded model of a family (e.g. a teacher MoE to train).",
@@ -634,17 +741,17 @@ COMMANDS: tuple[Command, ...] = (
                     choices=_family_names()),
                 out_param("Model directory to write."),
                 opt("tokenizer", REQUIRED, "Tokenizer directory.", type=Path, input=True),
-                opt("layers", 6, "Decoder layers."),
-                opt("hidden", 128, "Hidden size."),
-                opt("ffn", 128, "FFN width (of one expert for an MoE)."),
-                opt("heads", 4, "Attention heads."),
-                opt("kv_heads", None, "Key/value heads (default: --heads).", type=int),
-                opt("experts", 16, "Routed experts per MoE layer."),
-                opt("top_k", 2, "Experts per token."),
-                opt("max_positions", 1024, "Maximum sequence length."),
-                opt("seed", 0, "Seed of the initial weights."),
+                opt("layers", 6, "Decoder layers.", range=POSITIVE),
+                opt("hidden", 128, "Hidden size.", range=POSITIVE),
+                opt("ffn", 128, "FFN width (of one expert for an MoE).", range=POSITIVE),
+                opt("heads", 4, "Attention heads.", range=POSITIVE),
+                opt("kv_heads", None, "Key/value heads (default: --heads).", type=int, range=POSITIVE),
+                opt("experts", 16, "Routed experts per MoE layer.", range=POSITIVE),
+                opt("top_k", 2, "Experts per token.", range=POSITIVE),
+                opt("max_positions", 1024, "Maximum sequence length.", range=POSITIVE),
+                opt("seed", 0, "Seed of the initial weights.", range=NONNEG),
                 FORCE,
-            ), _init),
+            ), _init, rules=(_init_shape,)),
     Command("report", "Summarize training runs: REPORT.md (mean ± std, paired 95% CI vs the baseline, fidelity per "
             "arm) + PNGs.",
             "xpertctl report --results 'eval/*L-s*.json' --teacher eval/teacher.json -o report/", (
@@ -675,7 +782,7 @@ COMMANDS: tuple[Command, ...] = (
                                  "expanded, references resolved, each step's command) and exit."),
                 opt("jobs", 1, "Steps at once: independent steps run side by side on N worker processes with "
                                "cores/N threads each, each step's output in .OUT.step.log.",
-                    "--jobs", "-j"),
+                    "--jobs", "-j", range=Range(1)),
             ), _run),
 )
 

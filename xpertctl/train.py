@@ -303,7 +303,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
                 loss.backward()
                 loss_sum += float(loss.detach())
                 seen += int(m.sum())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip:  # 0: no clipping (clipping to norm 0 would zero every update)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr_used = sched.get_last_lr()[0]  # before sched.step(), which sets the next step's lr
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             loss_avg = _mean_across(loss_sum, ddp)

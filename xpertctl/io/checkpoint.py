@@ -216,6 +216,9 @@ def _shard_of(src: Path) -> Path | None:
 def _weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None, dict, Path | None]:
     """Weight files, optional weight_map, config and the index path for a directory or a file."""
     if src.is_file():
+        kind = provenance.kind_of(src)
+        if kind not in (None, "weights", "grafted"):  # an xpertctl artifact given where a model belongs
+            raise XpertError(f"{src}: is {provenance.describe(kind)}, expected a model checkpoint (directory or weights file)")
         if src.suffix != ".safetensors":
             raise XpertError(f"{src}: expected a model directory or a .safetensors file")
         index = _shard_of(src)

@@ -83,16 +83,71 @@ def as_metadata(rec: dict) -> dict[str, str]:
 
 def read(path: Path, kind: str | None = None) -> dict:
     """The provenance of an xpertctl safetensors artifact; with `kind`, check it is that kind."""
-    h = read_header(Path(path))
+    try:
+        h = read_header(Path(path))
+    except XpertError:
+        if kind is not None:
+            refuse_other_kind(path, kind)  # e.g. a selection JSON where a stats file belongs: say so
+        raise
     raw = h.metadata.get(KEY)
     if raw is None:
-        raise XpertError(f"{path}: not an xpertctl artifact (no '{KEY}' metadata)")
+        raise XpertError(f"{path}: not an xpertctl artifact (no '{KEY}' metadata)"
+                         + (f", expected {describe(kind)}" if kind else ""))
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError:
         raise XpertError(f"{path}: corrupt '{KEY}' metadata") from None
     if kind is not None and rec.get("kind") != kind:
-        kind_ = rec.get("kind")
-        article = "an" if str(kind_)[:1].lower() in "aeiou" else "a"
-        raise XpertError(f"{path}: is {article} {kind_!r} artifact, expected {kind!r}")
+        raise XpertError(f"{path}: is {describe(rec.get('kind'))}, expected {describe(kind)}")
     return rec
+
+
+# what each artifact kind is called in messages ("X is a stats file, expected a selection JSON")
+KIND_NAMES = {"stats": "a stats file", "selection": "a selection JSON", "factors": "a factors file",
+              "adapted": "an adapted file", "grafted": "the weights of a grafted model",
+              "fidelity": "a fidelity JSON", "eval": "an eval results JSON", "data": "a token data manifest",
+              "train": "a training config", "weights": "model weights (safetensors)"}
+
+
+def describe(kind: str | None) -> str:
+    return KIND_NAMES.get(kind, f"an artifact of kind {kind!r}" if kind else "an unknown file")
+
+
+def kind_of(path: Path) -> str | None:
+    """Which xpertctl artifact an existing file is: the kind it records, 'selection' for a selection
+    JSON without a record, 'weights' for safetensors without one; None when it is none of these."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        raw = read_header(path).metadata.get(KEY)
+    except XpertError:
+        return _json_kind(path)
+    try:
+        return json.loads(raw).get("kind") if raw else "weights"
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _json_kind(path: Path) -> str | None:
+    if path.stat().st_size > 64 << 20:  # no artifact JSON is this large; do not read it whole
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    rec = doc.get(KEY)
+    kind = (rec.get("kind") if isinstance(rec, dict) else None) or doc.get("kind")
+    if kind is None and isinstance(doc.get("layers"), list) and all(isinstance(l, dict) and "experts" in l
+                                                                      for l in doc["layers"]):
+        kind = "selection"
+    return kind if isinstance(kind, str) else None
+
+
+def refuse_other_kind(path: Path, expected: str, hint: str = "") -> None:
+    """Raise "PATH: is a stats file, expected a selection JSON" when `path` is another known artifact."""
+    found = kind_of(path)
+    if found is not None and found != expected:
+        raise XpertError(f"{path}: is {describe(found)}, expected {describe(expected)}{hint}")

@@ -212,6 +212,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
+    if src.is_file() and provenance.kind_of(src) not in (None, "adapted", "weights"):
+        provenance.refuse_other_kind(src, "adapted", " (from `xpertctl reshape`) or an MoE checkpoint")
     if is_adapted:
         rec_in = provenance.read(src, "adapted")
         like = Path(like) if like else Path(rec_in["source"]["path"])
@@ -219,6 +221,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             raise XpertError(f"{src}: its source {like} is gone; pass --like SRC")
         ck = open_checkpoint(like).require_moe()
         _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l)
+        _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if (rec_in["source"]["sha256"], rec_in["source"]["size"]) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
             raise XpertError(f"{src}: adapted from {rec_in['source']['path']}, not from --like {like}")
         if target is not None:
@@ -239,6 +242,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         ck = open_checkpoint(src).require_moe()
         _validate_early(ck, {"layers": target.layers, "hidden": target.hidden or ck.hidden,
                              "ffn": target.ffn or ck.expert_ffn}, heads, arch, dtype, ffn_init, inherit_l)
+        _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if selection is not None and stats is not None:
             raise XpertError("give --stats or --selection, not both")
         if selection is not None:
@@ -353,6 +357,30 @@ def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, 
     config, src_heads = target_config(ck, target["hidden"], target["ffn"], target["layers"], heads, arch,
                                       dtype or "float32", inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)
+
+
+def _check_tokenizer_fits(tokenizer: Path | None, ck: Checkpoint, inherit: list[str]) -> None:
+    """A --tokenizer must index the model's embedding rows: no id past them, and with inherited embeddings
+    the very ids the source's own tokenizer gave them (another vocabulary would read the wrong rows)."""
+    if tokenizer is None:
+        return
+    from .. import data
+    tok = data.load_tokenizer(tokenizer)
+    if ck.vocab is not None and len(tok) > ck.vocab:
+        raise XpertError(f"--tokenizer {tokenizer}: {len(tok)} tokens, more than the {ck.vocab} embedding rows "
+                         f"of {ck.path}")
+    if "embeddings" not in inherit:
+        return
+    src_dir = ck.path if ck.path.is_dir() else ck.path.parent
+    if not has_tokenizer(tokenizer_files(src_dir)):
+        notice(f"--tokenizer {tokenizer}: cannot check it against the inherited embeddings (no tokenizer beside "
+               f"{ck.path}); make sure it is the source's")
+        return
+    src_tok = data.load_tokenizer(src_dir)
+    if tok.get_vocab() != src_tok.get_vocab():
+        raise XpertError(f"--tokenizer {tokenizer}: its vocabulary ({len(tok)} tokens) is not that of {src_dir}'s "
+                         f"tokenizer ({len(src_tok)} tokens), which the inherited embeddings belong to; drop "
+                         "--tokenizer, or 'embeddings' from --inherit")
 
 
 def _kind(path: Path) -> str | None:

@@ -32,9 +32,13 @@ def run(family: str, out: Path, *, tokenizer: Path, layers: int, hidden: int, ff
                    "output_router_logits": True})  # the load-balancing loss joins the training loss
     else:
         kw["intermediate_size"] = ffn
-    config = cfg_cls(**kw)
-    torch.manual_seed(seed)
-    model = cls(config)
+    try:  # a shape the class refuses (the table's rules catch the common ones first)
+        config = cfg_cls(**kw)
+        torch.manual_seed(seed)
+        model = cls(config)
+    except (ValueError, TypeError) as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise XpertError(f"init {family}: {lines[-1] if lines else e.__class__.__name__}") from None
     with atomic_path(Path(out), force, marker="config.json") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

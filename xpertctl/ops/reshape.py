@@ -2,8 +2,9 @@
 
 Each target layer gets one dense FFN (gate [f, d], up [f, d], down [d, f]):
   1. per source layer, the factors become one matrix per weight: W = G x1 U1 x2 U2 x3 (c^T U3), with
-     c the expert-mode combination (`mean`: 1/n each; `freq`: the selection frequencies; `first`:
-     only the first expert-mode component);
+     c the expert-mode combination (`--combine`: `usage`, the selection frequencies, and `uniform`,
+     1/n each, both rescaled so the weights on the experts sum to 1; `literal`, 1/n not rescaled;
+     `first`, only the first expert-mode component; see combine_layer);
   2. depth: target layer t takes source layer(s) by `uniform` (evenly spaced, first and last kept),
      `first` (the first L), or `merge` (mean of contiguous groups);
   3. width: the same residual indices in every layer (scored over all mapped layers), and within a

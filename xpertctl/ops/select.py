@@ -126,7 +126,10 @@ def load_selection(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        provenance.refuse_other_kind(path, "selection")  # a stats or factors file given by mistake: say which
         raise XpertError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
+    if isinstance(doc, dict) and not isinstance(doc.get("layers"), list):
+        provenance.refuse_other_kind(path, "selection")
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list) or not doc["layers"]:
         raise XpertError(f"{path}: not a selection (no 'layers' list)")
     for n, l in enumerate(doc["layers"]):

@@ -9,8 +9,9 @@ is already optimal and no sweep runs. Mode products use tensorly's own tenalg on
 
 A mode kept at full rank needs no eigendecomposition at all: any orthonormal basis of the whole
 space reconstructs exactly, so its factor is the identity (and products with it are skipped). The
-default ranks (full, full, 1) therefore cost one n×n Gram of the expert mode: milliseconds, where a
-generic HOOI spends tens of seconds on 1024×2048×8 (bench/bench_tucker.py).
+default ranks (full, full, full: DEFAULT_RANKS) need no eigendecomposition at all, and the paper's
+(full, full, 1) one n×n Gram of the expert mode: milliseconds, where a generic HOOI spends tens of
+seconds on 1024×2048×8 (bench/bench_tucker.py).
 """
 from __future__ import annotations
 
