@@ -150,13 +150,13 @@ def test_safetensors_outputs_follow_the_umask(tmp_path):
 def test_artifact_kind_message_uses_an_before_a_vowel(tmp_path):
     from xpertctl.io import provenance
     p = stats_file(tmp_path, [[[1, 2]]], [3])
-    with pytest.raises(XpertError, match=r"is a 'stats' artifact, expected 'factors'"):
+    with pytest.raises(XpertError, match=r"is a stats file, expected a factors file"):
         provenance.read(p, "factors")
     rec = provenance.record("adapted", [], {})
     from safetensors.torch import save_file
     q = tmp_path / "a.safetensors"
     save_file({"x": torch.zeros(1)}, str(q), metadata={"format": "pt", **provenance.as_metadata(rec)})
-    with pytest.raises(XpertError, match=r"is an 'adapted' artifact, expected 'factors'"):
+    with pytest.raises(XpertError, match=r"is an adapted file, expected a factors file"):
         provenance.read(q, "factors")
 
 
