@@ -220,10 +220,10 @@ def run(stats_path: Path, out: Path | None, *, criterion: str = "min", per_layer
     if out is not None:
         check_output(out, force, [stats_path])
     if plot_path is not None:
-        plot_format(plot_path)
         if out is not None and Path(plot_path).resolve() == Path(out).resolve():
             raise XpertError(f"--plot {plot_path}: the same file as -o {out}")
         check_output(plot_path, force, [stats_path])
+        plot_format(plot_path)
     stats = load_stats(stats_path)
     layers = choose(stats, criterion, per_layer, seed)
     doc = selection_doc(stats, layers, criterion, per_layer, seed)
