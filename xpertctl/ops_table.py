@@ -361,9 +361,10 @@ def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_s
                   stream_tokens=stream_tokens, seed=seed, force=force)
 
 
-def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, force):
+def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, workers, text_field, force):
     from . import data
-    return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus, force=force)
+    return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus,
+                         workers=workers, text_field=text_field, force=force)
 
 
 def _train(ckpt, out, data_dir, sft, resume, force, threads, compile, **cfg):  # the rest: TrainConfig fields
@@ -544,6 +545,8 @@ COMMANDS: tuple[Command, ...] = (
                 out_param("Token data directory to write."),
                 opt("val_pct", 5, "Percent of documents (by hash) for validation."),
                 opt("test_pct", 5, "Percent of documents (by hash) for test."),
+                opt("workers", 0, "Tokenizer processes (0: every core). The output does not depend on it."),
+                opt("text_field", "text", "Text field of .jsonl[.gz|.zst] records / column of .parquet and .arrow."),
                 FORCE,
             ), _tokenize),
     Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
@@ -565,6 +568,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("weight_decay", 0.1, "AdamW weight decay (matrices only)."),
                 opt("grad_clip", 1.0, "Gradient norm clip."),
                 opt("seed", 0, "Seed: data order and init-independent batches."),
+                opt("domain_weights", None, "Training mixture NAME=W,... over every domain of --data "
+                    "(default: proportional to tokens).", type=str),
                 opt("eval_every", 50, "Validation loss every N steps (0: at the end only)."),
                 opt("eval_batches", 8, "Validation batches per evaluation."),
                 opt("save_every", 0, "Save a resumable checkpoint every N steps (0: final only)."),
@@ -587,7 +592,7 @@ COMMANDS: tuple[Command, ...] = (
                     multiple=True,
                     path=_task_path, check=_check_task),
                 out_param("results.json to write (default: print the results).", required=False),
-                opt("split", "val", "Split of a token DATA dir for ppl.", choices=SPLITS),
+                opt("split", None, "ppl: split of a token DATA dir or of a `corpus build` dir (default: val).", choices=SPLITS),
                 opt("max_tokens", None, "ppl: tokens per domain at most (default: all).", type=int),
                 opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int),
                 opt("max_new_tokens", 64, "gen: tokens generated per record."),

@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    domain_weights: str | None = None  # NAME=W,... training mixture (None: proportional to tokens)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 0  # 0: only the final checkpoint
