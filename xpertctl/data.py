@@ -99,6 +99,10 @@ class DomainText:
     seed: int | None = None
     text_field: str = "text"
 
+    def __post_init__(self):  # unknown file types and empty directories are refused before any model runs
+        from .documents import corpus_files
+        corpus_files(self.path)
+
 
 def domain_tokens(src, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """The token stream (documents EOS-joined) of a domain: `src` a DomainText or a list of documents.

@@ -34,7 +34,7 @@ def corpus_files(path: Path) -> tuple[list[Path], list[Path]]:
     path = Path(path)
     if not path.is_dir():
         if kind_of(path) is None:
-            raise XpertError(f"{path}: unknown corpus file type (use {', '.join(KINDS)})")
+            raise XpertError(f"{path}: unknown corpus file type {path.suffix or '(none)'!r} (use {', '.join(KINDS)})")
         return [path], []
     found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
@@ -74,7 +74,7 @@ def file_documents(f: Path, text_field: str = "text") -> Iterator[str]:
     elif kind == ".arrow":
         yield from _arrow(f, text_field)
     else:
-        raise XpertError(f"{f}: unknown corpus file type (use {', '.join(KINDS)})")
+        raise XpertError(f"{f}: unknown corpus file type {f.suffix or '(none)'!r} (use {', '.join(KINDS)})")
 
 
 def _check_binary(f: Path, head: bytes) -> None:
