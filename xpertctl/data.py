@@ -231,10 +231,59 @@ def corpus_domains(corpus: Path) -> dict[str, dict[str, Path]]:
     return files
 
 
-def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, **kw) -> Path:
-    """`xpertctl tokenize` (see tokenizing.py)."""
-    from .tokenizing import tokenize as run
-    return run(tokenizer_dir, domains, out, **kw)
+def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int = 5, test_pct: int = 5,
+             corpus: Path | None = None, force: bool = False, workers: int = 0, text_field: str = "text") -> Path:
+    """`xpertctl tokenize`: DATA/{domain}.{split}.bin + .idx + manifest.json.
+
+    With `corpus`, its own train/val/test files are kept as they are; otherwise each domain's
+    documents are split by a hash of their text."""
+    import numpy as np
+    from .documents import check_skipped, corpus_files
+    from .tokenizing import Encoder, Meter, check_splits, default_workers, tokenize_domain
+    from .io import provenance
+    from .io.writer import atomic_path, check_output
+    presplit = corpus_domains(corpus) if corpus is not None else None
+    if presplit is not None and domains:
+        raise XpertError("give --corpus or --domain, not both")
+    paths = {d: Path(corpus) for d in presplit} if presplit is not None else parse_domains(domains)
+    check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)])
+    if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
+        raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
+    if workers < 0:
+        raise XpertError(f"--workers {workers}: must be 0 (every core) or positive")
+    workers = workers or default_workers()
+    sources = {n: ({s: [f] for s, f in presplit[n].items()} if presplit is not None else {None: p})
+               for n, p in paths.items()}
+    for name, parts in sources.items():  # unreadable types and skipped files are reported before any work
+        for s, p in parts.items():
+            if s is None:
+                check_skipped(p, corpus_files(p)[1])
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = len(tok)
+    dtype = np.uint16 if vocab <= 65535 else np.uint32
+    manifest = {"tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir),
+                              "vocab_size": vocab, "eos_id": tok.eos_token_id},
+                "dtype": np.dtype(dtype).name, "split": {"val_pct": val_pct, "test_pct": test_pct}, "domains": {}}
+    enc = Encoder(tok, workers)
+    try:
+        with atomic_path(Path(out), force) as tmp:
+            tmp.mkdir()
+            meter = Meter()
+            with meter.bar:
+                for name, parts in sources.items():
+                    entry = tokenize_domain(tmp, name, paths[name], parts, enc, meter, tok.eos_token_id, dtype,
+                                             val_pct, test_pct, text_field)
+                    entry = {"source": entry.pop("source"), "corpus": provenance.fingerprint(paths[name])["sha256"], **entry}
+                    check_splits(name, paths[name], entry, presplit is not None, val_pct, test_pct)
+                    manifest["domains"][name] = entry
+            manifest["xpertctl"] = provenance.record("data", inputs=[], params={
+                "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,
+                "val_pct": None if corpus else val_pct, "test_pct": None if corpus else test_pct,
+                "text_field": text_field})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        enc.close()
+    return Path(out)
 
 
 @dataclass

@@ -213,9 +213,11 @@ def _check_inherit(text: str) -> None:
 
 
 def _check_domain(spec: str) -> None:
+    from .io.names import check_name
     name, sep, path = str(spec).partition("=")
     if not sep or not name or not path:
         raise XpertError(f"--domain {spec!r}: expected NAME=PATH")
+    check_name(name, f"--domain {spec!r}: domain name")
 
 
 def _check_task(spec: str) -> None:

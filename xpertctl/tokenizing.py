@@ -1,5 +1,5 @@
-"""`xpertctl tokenize`: corpora -> DATA/{domain}.{split}.bin token memmaps, {domain}.{split}.idx document
-index, manifest.json; in bounded memory, on every core.
+"""The engine of `xpertctl tokenize` (data.tokenize): corpora -> {domain}.{split}.bin token files and
+{domain}.{split}.idx document indexes, in bounded memory, on every core.
 
 Documents stream from the readers in batches of a few MB; worker processes (forked, so nothing is
 re-imported) encode a batch with the tokenizers library and hash-split it; the parent writes the
@@ -9,7 +9,6 @@ two batches per worker are in flight: memory does not grow with the corpus.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections import deque
@@ -103,7 +102,7 @@ class Encoder:
             old = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             try:
-                self.pool = mp.get_context("fork").Pool(workers)
+                self.pool = mp.get_context("fork").Pool(workers, initializer=_ignore_sigint)
             finally:
                 os.environ.pop("TOKENIZERS_PARALLELISM") if old is None else os.environ.update(TOKENIZERS_PARALLELISM=old)
         self.depth = 2 * workers
@@ -127,65 +126,17 @@ class Encoder:
             self.pool.join()
 
 
+def _ignore_sigint() -> None:
+    """Ctrl-C is the parent's to handle (it stops the pool and removes the partial output)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int = 5, test_pct: int = 5,
-             corpus: Path | None = None, force: bool = False, workers: int = 0, text_field: str = "text") -> Path:
-    """`xpertctl tokenize`: DATA/{domain}.{split}.bin + .idx + manifest.json.
-
-    With `corpus`, its own train/val/test files are kept as they are; otherwise each domain's
-    documents are split by a hash of their text."""
-    from . import data
-    from .documents import check_skipped, corpus_files
-    from .io import provenance
-    from .io.writer import atomic_path, check_output
-    presplit = data.corpus_domains(corpus) if corpus is not None else None
-    if presplit is not None and domains:
-        raise XpertError("give --corpus or --domain, not both")
-    paths = {d: Path(corpus) for d in presplit} if presplit is not None else data.parse_domains(domains)
-    check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)])
-    if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
-        raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
-    if workers < 0:
-        raise XpertError(f"--workers {workers}: must be 0 (every core) or positive")
-    workers = workers or default_workers()
-    sources = {n: ({s: [f] for s, f in presplit[n].items()} if presplit is not None else {None: p})
-               for n, p in paths.items()}
-    for name, parts in sources.items():  # unreadable types and skipped files are reported before any work
-        for s, p in parts.items():
-            if s is None:
-                check_skipped(p, corpus_files(p)[1])
-    tok = data.load_tokenizer(tokenizer_dir)
-    vocab = len(tok)
-    dtype = np.uint16 if vocab <= 65535 else np.uint32
-    manifest = {"tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": data.tokenizer_fingerprint(tokenizer_dir),
-                              "vocab_size": vocab, "eos_id": tok.eos_token_id},
-                "dtype": np.dtype(dtype).name, "split": {"val_pct": val_pct, "test_pct": test_pct}, "domains": {}}
-    enc = Encoder(tok, workers)
-    try:
-        with atomic_path(Path(out), force) as tmp:
-            tmp.mkdir()
-            meter = _Meter()
-            with meter.bar:
-                for name, parts in sources.items():
-                    entry = _tokenize_domain(tmp, name, paths[name], parts, enc, meter, tok.eos_token_id, dtype,
-                                             val_pct, test_pct, text_field)
-                    entry["corpus"] = provenance.fingerprint(paths[name])["sha256"]
-                    _check_splits(name, paths[name], entry, presplit is not None, val_pct, test_pct)
-                    manifest["domains"][name] = entry
-            manifest["xpertctl"] = provenance.record("data", inputs=[], params={
-                "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,
-                "val_pct": None if corpus else val_pct, "test_pct": None if corpus else test_pct,
-                "text_field": text_field})
-            (tmp / data.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    finally:
-        enc.close()
-    return Path(out)
-
-
-def _tokenize_domain(tmp: Path, name: str, p: Path, parts: dict, enc: Encoder, meter, eos, dtype,
+def tokenize_domain(tmp: Path, name: str, p: Path, parts: dict, enc: Encoder, meter, eos, dtype,
                      val_pct: int, test_pct: int, text_field: str) -> dict:
     from .documents import file_documents, iter_documents
     writer = SplitWriter(tmp, name)
@@ -215,7 +166,7 @@ def _tokenize_domain(tmp: Path, name: str, p: Path, parts: dict, enc: Encoder, m
     return entry
 
 
-def _check_splits(name: str, p: Path, entry: dict, presplit: bool, val_pct: int, test_pct: int) -> None:
+def check_splits(name: str, p: Path, entry: dict, presplit: bool, val_pct: int, test_pct: int) -> None:
     if entry["train"]["tokens"] == 0:
         raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
     wanted = {"val": presplit or val_pct > 0, "test": presplit or test_pct > 0}
@@ -235,7 +186,7 @@ def _check_splits(name: str, p: Path, entry: dict, presplit: bool, val_pct: int,
                "use more text or larger --val-pct/--test-pct)")
 
 
-class _Meter:
+class Meter:
     """Progress: text bytes, tokens and tokens per second."""
 
     def __init__(self):
