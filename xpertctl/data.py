@@ -10,11 +10,11 @@ import torch
 from .errors import XpertError
 from .specs import SPLITS
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 def parse_domains(specs: list[str]) -> dict[str, Path]:
-    """['legal=corpus/legal.txt', ...] -> {'legal': Path(...)}; names unique, paths exist."""
+    """['legal=corpus/legal.txt', ...] -> {'legal': Path(...)}; names plain and unique, paths exist."""
+    from .io.names import check_name
     if not specs:
         raise XpertError("--domain: give at least one NAME=PATH")
     out: dict[str, Path] = {}
@@ -22,6 +22,7 @@ def parse_domains(specs: list[str]) -> dict[str, Path]:
         name, sep, path = s.partition("=")
         if not sep or not name or not path:
             raise XpertError(f"--domain {s!r}: expected NAME=PATH")
+        check_name(name, f"--domain {s!r}: domain name")
         if name in out:
             raise XpertError(f"--domain {s!r}: domain {name!r} given twice")
         if not Path(path).exists():
@@ -40,24 +41,11 @@ def _read_text(p: Path) -> str:
         raise XpertError(f"{p}: not UTF-8 text (byte {e.start})") from None
 
 
-def read_documents(path: Path) -> list[str]:
-    """Documents of one domain: blank-line separated paragraphs of .txt, the `text` field of .jsonl,
-    or every such file under a directory (sorted, so the order is deterministic)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise XpertError(f"{path}: no .txt or .jsonl files in the directory")
-    else:
-        files = [path]
-    docs: list[str] = []
-    for f in files:
-        if f.suffix == ".txt":
-            docs += [d.strip() for d in _read_text(f).split("\n\n") if d.strip()]
-        elif f.suffix == ".jsonl":
-            docs += [r["text"].strip() for r in read_jsonl(f, {"text": str}, allow_empty=True) if r["text"].strip()]
-        else:
-            raise XpertError(f"{f}: unknown corpus file type {f.suffix or '(none)'!r} (use .txt or .jsonl)")
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    """Every document of one domain as a list (small corpora; see documents.iter_documents for the
+    formats, and domain_tokens for a bounded sample of a large one)."""
+    from .documents import iter_documents
+    docs = list(iter_documents(path, text_field))
     if not docs:
         raise XpertError(f"{path}: empty corpus (no text)")
     return docs
@@ -98,6 +86,99 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> t
     return torch.tensor(ids, dtype=torch.long)
 
 
+# ---- a domain's tokens for stats / fidelity / graft --fit / eval ppl -------------------------------------
+
+SMALL_DOMAIN = 32 << 20  # bytes: below this a sample reads every document (and picks exactly as before)
+
+
+@dataclass
+class DomainText:
+    """A domain to run a model on: its path, and the seed of the document sample taken when the
+    tokens are capped (None: every document in order)."""
+    path: Path
+    seed: int | None = None
+    text_field: str = "text"
+
+    def __post_init__(self):  # unknown file types and empty directories are refused before any model runs
+        from .documents import corpus_files
+        corpus_files(self.path)
+
+
+def domain_tokens(src, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """The token stream (documents EOS-joined) of a domain: `src` a DomainText or a list of documents.
+
+    With a token cap and a seed, documents are sampled across the whole domain, reading only what is
+    used: a domain of at most SMALL_DOMAIN bytes is read whole and its documents taken in a seeded
+    random order; in a larger one the documents after seeded random byte offsets are read (plain .txt
+    and .jsonl files; a document is picked with probability proportional to the bytes before it back to
+    the previous document), or, for compressed / columnar files that cannot be entered at an offset,
+    one pass keeps a bounded seeded reservoir."""
+    if not isinstance(src, DomainText):
+        return token_stream(src, tokenizer, max_tokens)
+    if max_tokens is None or src.seed is None:
+        from .documents import iter_documents
+        docs = iter_documents(src.path, src.text_field)
+        return _empty_check(src, token_stream(docs, tokenizer, max_tokens))
+    from .documents import SEEKABLE, corpus_files, kind_of
+    files, _ = corpus_files(src.path)
+    sizes = [f.stat().st_size for f in files]
+    if sum(sizes) <= SMALL_DOMAIN:
+        return token_stream(sample_documents(read_documents(src.path, src.text_field), src.seed), tokenizer, max_tokens)
+    if all(kind_of(f) in SEEKABLE for f in files):
+        docs = _offset_sample(files, sizes, src)
+    else:
+        docs = _reservoir_sample(src, budget_chars=16 * max_tokens)
+    return _empty_check(src, token_stream(docs, tokenizer, max_tokens))
+
+
+def _empty_check(src: DomainText, ids: torch.Tensor) -> torch.Tensor:
+    if ids.numel() == 0:
+        raise XpertError(f"{src.path}: empty corpus (no text)")
+    return ids
+
+
+def _offset_sample(files: list[Path], sizes: list[int], src: DomainText, max_misses: int = 1000):
+    """Documents after seeded random byte offsets of the domain (files laid end to end), each once."""
+    import numpy as np
+    from .documents import document_after
+    rng = np.random.default_rng(src.seed)
+    ends = np.cumsum(sizes)
+    seen, misses = set(), 0
+    while misses < max_misses:
+        pos = int(rng.integers(0, int(ends[-1])))
+        k = int(np.searchsorted(ends, pos, side="right"))
+        got = document_after(files[k], pos - (int(ends[k - 1]) if k else 0), src.text_field)
+        if got is None or (k, got[0]) in seen:
+            misses += 1
+            continue
+        seen.add((k, got[0]))
+        misses = 0
+        yield got[1]
+
+
+def _reservoir_sample(src: DomainText, budget_chars: int) -> list[str]:
+    """One pass: every document gets a seeded random key; the smallest keys are kept while their text
+    fits in `budget_chars`, so the result is the head of a seeded random permutation of the domain."""
+    import heapq
+    import numpy as np
+    from .documents import iter_documents
+    rng = np.random.default_rng(src.seed)
+    heap: list[tuple[float, int, str]] = []  # (-key, n, doc): the largest key on top
+    size, keys = 0, iter(())
+    for n, d in enumerate(iter_documents(src.path, src.text_field)):
+        key = next(keys, None)
+        if key is None:
+            keys = iter(rng.random(4096).tolist())
+            key = next(keys)
+        if heap and size >= budget_chars and -heap[0][0] < key:
+            continue
+        heapq.heappush(heap, (-key, n, d))
+        size += len(d)
+        while size - len(heap[0][2]) >= budget_chars:
+            size -= len(heapq.heappop(heap)[2])
+    return [d for _, _, d in sorted(heap, reverse=True)]
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T]
@@ -124,11 +205,7 @@ def windows(stream: torch.Tensor, seq_len: int, batch_size: int, pad_id: int) ->
 MANIFEST = "manifest.json"
 
 
-def split_of(doc: str, val_pct: int = 5, test_pct: int = 5) -> str:
-    """Deterministic split of one document, by a hash of its text: stable when the corpus grows."""
-    import hashlib
-    p = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "little") % 100
-    return "test" if p < test_pct else "val" if p < test_pct + val_pct else "train"
+from .tokenizing import split_of  # noqa: E402  (kept here: corpus.py and tests use data.split_of)
 
 
 def tokenizer_fingerprint(tok_dir: Path) -> str:
@@ -155,14 +232,16 @@ def corpus_domains(corpus: Path) -> dict[str, dict[str, Path]]:
 
 
 def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int = 5, test_pct: int = 5,
-             corpus: Path | None = None, force: bool = False) -> Path:
-    """`xpertctl tokenize`: DATA/{domain}.{split}.bin token memmaps + manifest.json.
+             corpus: Path | None = None, force: bool = False, workers: int = 0, text_field: str = "text") -> Path:
+    """`xpertctl tokenize`: DATA/{domain}.{split}.bin + .idx + manifest.json.
 
     With `corpus`, its own train/val/test files are kept as they are; otherwise each domain's
     documents are split by a hash of their text."""
     import numpy as np
-    from .io.writer import atomic_path, check_output
+    from .documents import check_skipped, corpus_files
+    from .tokenizing import Encoder, Meter, check_splits, default_workers, tokenize_domain
     from .io import provenance
+    from .io.writer import atomic_path, check_output
     presplit = corpus_domains(corpus) if corpus is not None else None
     if presplit is not None and domains:
         raise XpertError("give --corpus or --domain, not both")
@@ -170,40 +249,40 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
     check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)], marker="manifest.json")
     if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
         raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
+    if workers < 0:
+        raise XpertError(f"--workers {workers}: must be 0 (every core) or positive")
+    workers = workers or default_workers()
+    sources = {n: ({s: [f] for s, f in presplit[n].items()} if presplit is not None else {None: p})
+               for n, p in paths.items()}
+    for name, parts in sources.items():  # unreadable types and skipped files are reported before any work
+        for s, p in parts.items():
+            if s is None:
+                check_skipped(p, corpus_files(p)[1])
     tok = load_tokenizer(tokenizer_dir)
     vocab = len(tok)
     dtype = np.uint16 if vocab <= 65535 else np.uint32
     manifest = {"tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir),
                               "vocab_size": vocab, "eos_id": tok.eos_token_id},
                 "dtype": np.dtype(dtype).name, "split": {"val_pct": val_pct, "test_pct": test_pct}, "domains": {}}
-    with atomic_path(Path(out), force, marker="manifest.json") as tmp:
-        tmp.mkdir()
-        for name, p in paths.items():
-            if presplit is not None:
-                parts = {s: read_documents(f) if f.stat().st_size else [] for s, f in presplit[name].items()}
-            else:
-                docs = read_documents(p)
-                parts = {s: [d for d in docs if split_of(d, val_pct, test_pct) == s] for s in SPLITS}
-            entry = {"source": str(p), "corpus": provenance.fingerprint(p)["sha256"]}
-            for s, ds in parts.items():
-                ids = token_stream(ds, tok) if ds else None
-                arr = ids.numpy().astype(dtype) if ids is not None else np.zeros(0, dtype)
-                arr.tofile(tmp / f"{name}.{s}.bin")
-                entry[s] = {"file": f"{name}.{s}.bin", "tokens": int(arr.size), "documents": len(ds)}
-            if entry["train"]["tokens"] == 0:
-                raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
-            wanted = {"val": presplit is not None or val_pct > 0, "test": presplit is not None or test_pct > 0}
-            empty = [s for s in ("val", "test") if wanted[s] and entry[s]["tokens"] == 0]
-            if empty:  # train's validation and eval --split would find nothing: say so now
-                from .console import notice
-                notice(f"{p}: domain {name!r}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
-                       f"empty ({'no document there' if presplit is not None else 'no document hashed there'}; "
-                       "use more text or larger --val-pct/--test-pct)")
-            manifest["domains"][name] = entry
-        manifest["xpertctl"] = provenance.record("data", inputs=[], params={
-            "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,
-            "val_pct": None if corpus else val_pct, "test_pct": None if corpus else test_pct})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    enc = Encoder(tok, workers)
+    try:
+        with atomic_path(Path(out), force, marker=MANIFEST) as tmp:
+            tmp.mkdir()
+            meter = Meter()
+            with meter.bar:
+                for name, parts in sources.items():
+                    entry = tokenize_domain(tmp, name, paths[name], parts, enc, meter, tok.eos_token_id, dtype,
+                                             val_pct, test_pct, text_field)
+                    entry = {"source": entry.pop("source"), "corpus": provenance.fingerprint(paths[name])["sha256"], **entry}
+                    check_splits(name, paths[name], entry, presplit is not None, val_pct, test_pct)
+                    manifest["domains"][name] = entry
+            manifest["xpertctl"] = provenance.record("data", inputs=[], params={
+                "domains": {n: str(p) for n, p in paths.items()}, "corpus": str(corpus) if corpus else None,
+                "val_pct": None if corpus else val_pct, "test_pct": None if corpus else test_pct,
+                "text_field": text_field})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        enc.close()
     return Path(out)
 
 
@@ -223,11 +302,104 @@ class TokenData:
             return np.zeros(0, dtype=self.manifest["dtype"])
         return np.memmap(self.root / e["file"], dtype=self.manifest["dtype"], mode="r", shape=(e["tokens"],))
 
+    def document_ends(self, domain: str, split: str):
+        """Token offsets of the documents' ends (after their EOS), or None for data made before the index."""
+        import numpy as np
+        e = self.manifest["domains"][domain][split]
+        if "index" not in e:
+            return None
+        if e["documents"] == 0:
+            return np.zeros(0, dtype=np.uint64)
+        return np.memmap(self.root / e["index"], dtype=np.uint64, mode="r", shape=(e["documents"],))
+
+    def windows(self, split: str, seq_len: int, weights: dict[str, float] | None = None) -> "Windows":
+        """Training windows of one split, read in place from each domain's memmap."""
+        return Windows([self.array(d, split) for d in self.domains], seq_len,
+                       None if weights is None else [weights[d] for d in self.domains])
+
     def stream(self, split: str):
-        """All domains' tokens of one split, concatenated in manifest order (a view per domain)."""
+        """All domains' tokens of one split concatenated in manifest order: a copy, for small data and
+        tests only (training and eval read the memmaps in place)."""
         import numpy as np
         parts = [self.array(d, split) for d in self.domains]
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+class Windows:
+    """[n, seq_len] windows drawn from domains' token arrays without concatenating them.
+
+    Default (weights None): a start drawn uniformly over the domains laid end to end, so each domain
+    is drawn in proportion to its tokens, and the draws are the ones a single concatenated stream
+    gives; a window that runs past the end of a domain continues into the next one, as it would in the
+    concatenated stream (every document ends with EOS, so a domain boundary is a document boundary).
+    With weights: each row picks a domain with probability weight / sum, then a start uniformly
+    inside it; such windows never cross domains."""
+
+    def __init__(self, arrays: list, seq_len: int, weights: list[float] | None = None):
+        import numpy as np
+        self.arrays, self.seq_len = arrays, seq_len
+        self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.ends = np.cumsum(self.lengths)
+        self.weights = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            self.weights = w / w.sum()
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def draw(self, rng, n: int):
+        import numpy as np
+        T = self.seq_len
+        if self.weights is None:
+            starts = rng.integers(0, len(self) - T, size=n)
+            return np.stack([self.read(int(s), int(s) + T) for s in starts])
+        doms = rng.choice(len(self.arrays), size=n, p=self.weights)
+        starts = rng.integers(0, self.lengths[doms] - T)
+        return np.stack([np.asarray(self.arrays[d][s: s + T], dtype=np.int64) for d, s in zip(doms, starts)])
+
+    def read(self, a: int, b: int):
+        """Tokens [a, b) of the domains laid end to end, as int64."""
+        import numpy as np
+        out, k = [], int(np.searchsorted(self.ends, a, side="right"))
+        while a < b:
+            lo = a - (int(self.ends[k - 1]) if k else 0)
+            piece = self.arrays[k][lo: lo + (b - a)]
+            out.append(np.asarray(piece, dtype=np.int64))
+            a += len(piece)
+            k += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def parse_domain_weights(text: str | None, data: TokenData, seq_len: int) -> dict[str, float] | None:
+    """'--domain-weights wiki=3,code=1' -> {domain: weight}, every domain of the data named once."""
+    import math
+    if text is None:
+        return None
+    weights: dict[str, float] = {}
+    for part in str(text).split(","):
+        name, sep, w = part.strip().partition("=")
+        try:
+            val = float(w)
+        except ValueError:
+            val = float("nan")
+        if not sep or not math.isfinite(val) or val < 0:
+            raise XpertError(f"--domain-weights {text!r}: expected NAME=W,... with weights >= 0 (got {part.strip()!r})")
+        if name not in data.domains:
+            raise XpertError(f"--domain-weights: {data.root} has no domain {name!r} (domains: {', '.join(data.domains)})")
+        if name in weights:
+            raise XpertError(f"--domain-weights: domain {name!r} given twice")
+        weights[name] = val
+    missing = [d for d in data.domains if d not in weights]
+    if missing:
+        raise XpertError(f"--domain-weights: no weight for {', '.join(map(repr, missing))} (give every domain; 0 leaves one out)")
+    if not sum(weights.values()) > 0:
+        raise XpertError("--domain-weights: at least one weight must be positive")
+    for d, w in weights.items():
+        n = data.manifest["domains"][d]["train"]["tokens"]
+        if w > 0 and n <= seq_len:
+            raise XpertError(f"--domain-weights: domain {d!r} has {n} training tokens, fewer than --seq-len {seq_len} + 1")
+    return weights
 
 
 def load_token_data(root: Path) -> TokenData:
@@ -246,6 +418,10 @@ def load_token_data(root: Path) -> TokenData:
                 want = e[s]["tokens"] * (2 if manifest["dtype"] == "uint16" else 4)
                 if not f.is_file() or f.stat().st_size != want:
                     raise XpertError(f"{f}: missing or truncated (expected {want} bytes)")
+                if "index" in e[s]:  # the document index (data made before it has none)
+                    f, want = root / e[s]["index"], e[s]["documents"] * 8
+                    if not f.is_file() or f.stat().st_size != want:
+                        raise XpertError(f"{f}: missing or truncated (expected {want} bytes)")
     except (KeyError, TypeError, json.JSONDecodeError):
         raise XpertError(f"{m}: not a valid token-data manifest") from None
     return TokenData(root, manifest)

@@ -29,12 +29,13 @@ def parse_task(spec: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def nll_windows(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, device: str = "cpu") -> tuple[float, int]:
-    """Sum of next-token NLL and the number of predicted tokens over non-overlapping windows."""
+def nll_windows(model, ids, seq_len: int, batch_size: int = 8, device: str = "cpu") -> tuple[float, int]:
+    """Sum of next-token NLL and the number of predicted tokens over non-overlapping windows of `ids`
+    (a tensor or a token memmap, read one batch of windows at a time)."""
     total, count = 0.0, 0
-    chunks = [c for c in torch.split(ids, seq_len) if c.numel() > 1]
-    for b in range(0, len(chunks), batch_size):
-        group = chunks[b: b + batch_size]
+    starts = [a for a in range(0, len(ids), seq_len) if min(len(ids), a + seq_len) - a > 1]
+    for b in range(0, len(starts), batch_size):
+        group = [torch.as_tensor(np.asarray(ids[a: a + seq_len], dtype=np.int64)) for a in starts[b: b + batch_size]]
         T = max(c.numel() for c in group)
         x = torch.zeros(len(group), T, dtype=torch.long)
         m = torch.zeros(len(group), T, dtype=torch.long)
@@ -48,47 +49,101 @@ def nll_windows(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, dev
     return total, count
 
 
-def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str = "val",
+def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str | None = None,
                max_tokens: int | None = None, ckpt: Path | None = None) -> dict:
-    """ppl:PATH — a text/jsonl file or directory (one domain), or a token DATA dir (every domain, one split).
+    """ppl:PATH — a token DATA dir (every domain, one --split), a corpus dir from `corpus build`
+    (train/val/test: every domain file of one --split), or a text file / directory (one domain, all of it).
 
     `ppl`/`nll` are token-level: the EOS-joined stream cut into non-overlapping `seq_len` windows, no
     context carried between windows (the first token of each window is not predicted). The
     tokenizer-independent figures of the harness (`word_perplexity`, `bits_per_byte`) score the same
-    text per document with rolling windows, so students with different tokenizers can be compared."""
+    text per document with rolling windows, so students with different tokenizers can be compared.
+    Token data is read in place, a batch of windows / a document at a time."""
     p = Path(arg)
     if not p.exists():
         raise XpertError(f"--task ppl:{arg}: no such file or directory")
+    if split is not None and split not in data.SPLITS:
+        raise XpertError(f"--split {split!r}: choose one of {', '.join(data.SPLITS)}")
     if (p / data.MANIFEST).is_file():
         td = data.load_token_data(p)
         if ckpt is not None:  # ids past the model's vocabulary would be an IndexError deep in torch
             data.check_tokenizer(td, ckpt, int(model.config.vocab_size))
-        if split not in data.SPLITS:
-            raise XpertError(f"--split {split!r}: choose one of {', '.join(data.SPLITS)}")
+        split = split or "val"
         for d in td.domains:
             if td.manifest["domains"][d][split]["tokens"] == 0:
                 raise XpertError(f"{p}: split {split!r} of domain {d!r} is empty (tokenize put no document "
                                  f"there; re-tokenize with a larger --{split}-pct or more text, or pick another --split)")
-        streams = {d: torch.from_numpy(td.array(d, split).astype(np.int64)) for d in td.domains}
-        documents = {d: None for d in td.domains}  # the text is not stored: decoded from the tokens
+        sources = {d: (td.array(d, split), _decoded_documents(td, d, split, tok, max_tokens)) for d in td.domains}
+    elif p.is_dir() and all((p / s).is_dir() for s in data.SPLITS):
+        files = data.corpus_domains(p)  # a `corpus build` dir: its own split, one domain per file
+        split = split or "val"
+        sources = {}
+        for d, parts in files.items():
+            docs = data.read_documents(parts[split])
+            ids = data.token_stream(docs, tok)
+            sources[d] = (ids, _documents_within(ids, tok, docs, max_tokens))
     else:
+        if split is not None:
+            raise XpertError(f"--split {split}: ppl:{arg} is plain text without splits (scored whole); --split is for "
+                             "a token DATA dir or a corpus dir with train/val/test")
         docs = data.read_documents(p)
-        streams = {p.stem: data.token_stream(docs, tok)}
-        documents = {p.stem: docs}
+        ids = data.token_stream(docs, tok)
+        sources = {p.stem: (ids, _documents_within(ids, tok, docs, max_tokens))}
     out = {}
-    for name, ids in streams.items():
-        texts = _documents_within(ids, tok, documents[name], max_tokens)
+    for name, (ids, texts) in sources.items():
         ids = ids[:max_tokens] if max_tokens else ids
-        if ids.numel() < 2:
+        if len(ids) < 2:
             raise XpertError(f"--task ppl:{arg}: domain {name!r} has fewer than 2 tokens")
         nll, n = nll_windows(model, ids, seq_len, device=device)
-        ll = rolling_loglikelihood(model, tok, texts, seq_len, device)
-        words = sum(len(re.split(r"\s+", t)) for t in texts)  # the harness's word count
-        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        counted = _Counted(texts)
+        ll = rolling_loglikelihood(model, tok, counted, seq_len, device)
         out[name] = {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n,
-                     "word_perplexity": math.exp(-ll / words), "bits_per_byte": -ll / n_bytes / math.log(2),
-                     "words": words, "bytes": n_bytes}
+                     "word_perplexity": math.exp(-ll / counted.words), "bits_per_byte": -ll / counted.bytes / math.log(2),
+                     "words": counted.words, "bytes": counted.bytes}
     return out
+
+
+class _Counted:
+    """Texts passed through once, counting the harness's words and the UTF-8 bytes on the way."""
+
+    def __init__(self, texts):
+        self.texts, self.words, self.bytes = texts, 0, 0
+
+    def __iter__(self):
+        for t in self.texts:
+            self.words += len(re.split(r"\s+", t))
+            self.bytes += len(t.encode("utf-8"))
+            yield t
+
+
+def _decoded_documents(td, domain: str, split: str, tok, max_tokens: int | None):
+    """The documents of a token split that begin within its first `max_tokens`, decoded one at a time
+    (token data keeps no text); their ends come from the document index, or from the EOS tokens of
+    data made before the index."""
+    arr = td.array(domain, split)
+    ends = td.document_ends(domain, split)
+    if ends is None:
+        ends = _eos_ends(arr, tok.eos_token_id)
+    start = 0
+    for end in ends:
+        end = int(end)
+        if max_tokens is not None and start >= max_tokens:
+            break
+        piece = np.asarray(arr[start: end], dtype=np.int64)
+        if tok.eos_token_id is not None and len(piece) and piece[-1] == tok.eos_token_id:
+            piece = piece[:-1]
+        text = tok.decode(piece.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text.strip():
+            yield text
+        start = end
+
+
+def _eos_ends(arr, eos: int | None, chunk: int = 1 << 24) -> np.ndarray:
+    """Token offsets just past each EOS (and the end, if the last document has none)."""
+    ends = [np.flatnonzero(np.asarray(arr[a: a + chunk]) == eos) + a + 1 for a in range(0, len(arr), chunk)] \
+        if eos is not None else []
+    ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
+    return ends if len(ends) and ends[-1] == len(arr) else np.append(ends, len(arr))
 
 
 def _documents_within(ids: torch.Tensor, tok, docs: list[str] | None, max_tokens: int | None) -> list[str]:
@@ -129,23 +184,12 @@ def encode(tok, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def rolling_loglikelihood(model, tok, texts: list[str], max_len: int, device: str, batch_size: int = 8) -> float:
+def rolling_loglikelihood(model, tok, texts, max_len: int, device: str, batch_size: int = 8) -> float:
     """Sum over documents of log P(document), every token predicted (the harness's
     loglikelihood_rolling): the first window starts with the prefix token, each later window predicts
     the next `max_len` tokens given the `max_len` tokens before them."""
-    prefix = prefix_token_id(tok)
-    wins = []  # (input ids, number of predicted tokens at its end)
-    for t in texts:
-        toks = encode(tok, t)
-        full = [prefix] + toks
-        done = 0
-        while done < len(toks):
-            end = min(len(toks), done + max_len)
-            wins.append((full[max(0, end - max_len): end + 1], end - done))
-            done = end
     total = 0.0
-    for b in range(0, len(wins), batch_size):
-        group = wins[b: b + batch_size]
+    for group in _batched(_rolling_windows(tok, texts, max_len), batch_size):
         T = max(len(w) for w, _ in group) - 1
         x = torch.zeros(len(group), T, dtype=torch.long)
         m = torch.zeros(len(group), T, dtype=torch.long)
@@ -156,6 +200,30 @@ def rolling_loglikelihood(model, tok, texts: list[str], max_len: int, device: st
             pos = torch.arange(len(w) - 1 - n, len(w) - 1)
             total += float(lp[r, pos].gather(-1, torch.tensor(w[-n:])[:, None].to(device)).sum())
     return total
+
+
+def _rolling_windows(tok, texts, max_len: int):
+    """(input ids, number of predicted tokens at its end) of each document's rolling windows, lazily."""
+    prefix = prefix_token_id(tok)
+    for t in texts:
+        toks = encode(tok, t)
+        full = [prefix] + toks
+        done = 0
+        while done < len(toks):
+            end = min(len(toks), done + max_len)
+            yield full[max(0, end - max_len): end + 1], end - done
+            done = end
+
+
+def _batched(it, n: int):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -242,7 +310,7 @@ def generation(model, tok, path: str, device: str, max_new_tokens: int) -> dict:
 
 
 def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None = None, device: str = "cpu",
-        max_new_tokens: int = 64, seed: int = 0, split: str = "val", max_tokens: int | None = None,
+        max_new_tokens: int = 64, seed: int = 0, split: str | None = None, max_tokens: int | None = None,
         target_delimiter: str = " ", batch_size: int = 8, force: bool = False) -> tuple[dict, Path | None]:
     """`xpertctl eval`: results JSON (model and task fingerprints, seed)."""
     from .io.writer import atomic_path, check_output

@@ -270,9 +270,11 @@ def _check_inherit(text: str) -> None:
 
 
 def _check_domain(spec: str) -> None:
+    from .io.names import check_name
     name, sep, path = str(spec).partition("=")
     if not sep or not name or not path:
         raise XpertError(f"--domain {spec!r}: expected NAME=PATH")
+    check_name(name, f"--domain {spec!r}: domain name")
 
 
 def _check_task(spec: str) -> None:
@@ -471,9 +473,10 @@ def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_s
                   stream_tokens=stream_tokens, seed=seed, force=force)
 
 
-def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, force):
+def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, workers, text_field, force):
     from . import data
-    return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus, force=force)
+    return data.tokenize(tokenizer, domain or [], out, val_pct=val_pct, test_pct=test_pct, corpus=corpus,
+                         workers=workers, text_field=text_field, force=force)
 
 
 def _train(ckpt, out, data_dir, sft, resume, force, threads, compile, **cfg):  # the rest: TrainConfig fields
@@ -661,6 +664,8 @@ COMMANDS: tuple[Command, ...] = (
                 out_param("Token data directory to write."),
                 opt("val_pct", 5, "Percent of documents (by hash) for validation.", range=Range(0, 100, hi_open=True)),
                 opt("test_pct", 5, "Percent of documents (by hash) for test.", range=Range(0, 100, hi_open=True)),
+                opt("workers", 0, "Tokenizer processes (0: every core). The output does not depend on it.", range=NONNEG),
+                opt("text_field", "text", "Text field of .jsonl[.gz|.zst] records / column of .parquet and .arrow."),
                 FORCE,
             ), _tokenize, rules=(_split_pcts,)),
     Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
@@ -682,6 +687,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("weight_decay", 0.1, "AdamW weight decay (matrices only).", range=NONNEG),
                 opt("grad_clip", 1.0, "Gradient norm clip.", range=Range(0, note="0: no clipping")),
                 opt("seed", 0, "Seed: data order and init-independent batches.", range=NONNEG),
+                opt("domain_weights", None, "Training mixture NAME=W,... over every domain of --data "
+                    "(default: proportional to tokens).", type=str),
                 opt("eval_every", 50, "Validation loss every N steps (0: at the end only).", range=NONNEG),
                 opt("eval_batches", 8, "Validation batches per evaluation.", range=POSITIVE),
                 opt("save_every", 0, "Save a resumable checkpoint every N steps (0: final only).", range=NONNEG),
@@ -704,7 +711,7 @@ COMMANDS: tuple[Command, ...] = (
                     multiple=True,
                     path=_task_path, check=_check_task),
                 out_param("results.json to write (default: print the results).", required=False),
-                opt("split", "val", "Split of a token DATA dir for ppl.", choices=SPLITS),
+                opt("split", None, "ppl: split of a token DATA dir or of a `corpus build` dir (default: val).", choices=SPLITS),
                 opt("max_tokens", None, "ppl: tokens per domain at most (default: all).", type=int, range=POSITIVE),
                 opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
                 opt("max_new_tokens", 64, "gen: tokens generated per record.", range=POSITIVE),

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    domain_weights: str | None = None  # NAME=W,... training mixture (None: proportional to tokens)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 0  # 0: only the final checkpoint
@@ -60,10 +62,12 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 # ---- batches: deterministic in (seed, step, micro) ----------------------------------------------------
 
-def lm_batch(stream: np.ndarray, cfg: TrainConfig, step: int, micro: int, split_seed: int = 0):
+def lm_batch(source, cfg: TrainConfig, step: int, micro: int, split_seed: int = 0):
+    """(x, labels, mask) of one micro-step: windows of `source` (data.Windows, or one token array)."""
     rng = np.random.default_rng([cfg.seed, split_seed, step, micro])
-    starts = rng.integers(0, len(stream) - cfg.seq_len, size=cfg.batch_size)
-    x = torch.from_numpy(np.stack([stream[s: s + cfg.seq_len].astype(np.int64) for s in starts]))
+    if not isinstance(source, data.Windows):
+        source = data.Windows([source], cfg.seq_len)
+    x = torch.from_numpy(source.draw(rng, cfg.batch_size))
     return x, x.clone(), torch.ones_like(x)
 
 
@@ -143,11 +147,94 @@ def load_causal_lm(ckpt: Path):
         raise XpertError(f"{ckpt}: cannot load as a causal LM ({str(e).splitlines()[0][:160]})") from None
 
 
+@dataclass
+class Batches:
+    """Where a run's batches come from: get(step, micro, split) with split 0 = train, 1 = validation."""
+    get: Callable
+    has_val: bool
+    tokens_per_step: int | None  # None for SFT (examples have different lengths)
+
+
+@dataclass
+class Rank:
+    """This process under torchrun (rank 0 of 1 otherwise) and its rows [lo, hi) of every global batch."""
+    ddp: bool
+    rank: int
+    world: int
+    lo: int
+    hi: int
+
+
 def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = None, sft: Path | None = None,
           resume: str = "no", force: bool = False, threads: int = 0, compile: bool = False) -> Path | None:
     """`xpertctl train`: RUN/step-NNNNNN/, RUN/final/, RUN/metrics.jsonl. Returns RUN/final (None on
     ranks other than 0 under torchrun). `threads` (0: torch's default) and `compile` change speed, not
     results beyond float noise, so they are not part of the run's config."""
+    cfg = check_options(cfg, data_dir, sft, resume, threads)
+    rk = this_rank(cfg)
+    out = Path(out)
+    if out.exists() and resume == "no" and not force:
+        raise XpertError(f"{out}: already exists (use --resume auto to continue it, or --force)")
+    from .io.checkpoint import resolve_source
+    ckpt = resolve_source(ckpt)
+    model, tok = load_causal_lm(ckpt), data.load_tokenizer(ckpt)
+    teacher = distill.load_teacher(cfg.teacher, model, ckpt, load_causal_lm) if cfg.teacher else None
+    batches = lm_batches(cfg, data_dir, ckpt, model) if data_dir is not None else sft_batches(cfg, sft, tok)
+    total = total_steps(cfg, ckpt, model, batches)
+    device = setup_device(cfg, rk)
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    if teacher is not None:
+        teacher.to(device)
+    opt, sched = make_optimizer(model, cfg, total)
+    identity = run_identity(cfg, ckpt, data_dir, sft)
+    start = start_or_resume(out, model, opt, sched, identity, resume, force, rk)
+    step_fn = Stepper(model, teacher, cfg, device, rk, compile)
+    rec = provenance.record("train", inputs=[{"path": str(Path(p).resolve())} for p in (ckpt, cfg.teacher) if p],
+                            params=asdict(cfg) | {"data": str(data_dir) if data_dir else None,
+                                                  "sft": str(sft) if sft else None}, seed=cfg.seed)
+    if rk.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(rec, indent=2) + "\n")
+
+    metrics = open(out / "metrics.jsonl", "a") if rk.rank == 0 else None
+    t0, seen = time.perf_counter(), 0
+    with progress(transient=False) as bar:
+        task = bar.add_task("train", total=total, completed=start, info="")
+        for step in range(start, total):
+            loss, lr_used, kd, got = step_fn.step(batches, step, opt, sched)
+            seen += got
+            row = {"step": step + 1, "loss": loss, "lr": lr_used, "tokens": (step + 1) * (batches.tokens_per_step or 0) or None,
+                   "tok_s": seen / max(time.perf_counter() - t0, 1e-9)} | kd
+            boundary = cfg.eval_every and (step + 1) % cfg.eval_every == 0
+            if batches.has_val and (boundary or step + 1 == total):
+                row["val_loss"] = step_fn.evaluate(batches)
+            if rk.rank == 0:
+                metrics.write(json.dumps(row) + "\n"); metrics.flush()
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                    save_step(model, opt, sched, cfg, identity, ckpt, out, step + 1, rec)
+            bar.update(task, advance=1, info=f"loss {row['loss']:.3f}  {row['tok_s']:,.0f} tok/s"
+                       + (f"  val {row['val_loss']:.3f}" if "val_loss" in row else ""))
+    if rk.rank == 0:
+        metrics.close()
+        if cfg.save_dtype:
+            model.to(parse_dtype(cfg.save_dtype))
+            model.config.dtype = cfg.save_dtype
+        save_checkpoint(model, ckpt, out, "final", None, rec)
+    if rk.ddp:
+        import torch.distributed as dist
+        dist.barrier(); dist.destroy_process_group()
+    torch.set_num_threads(prev_threads)
+    return out / "final" if rk.rank == 0 else None
+
+
+# ---- setup -----------------------------------------------------------------------------------------
+
+def check_options(cfg: TrainConfig, data_dir, sft, resume: str, threads: int) -> TrainConfig:
+    """Refuse bad options before anything is loaded; the config with the KD defaults filled in."""
     if (data_dir is None) == (sft is None):
         raise XpertError("give exactly one of --data DATA_DIR (pretraining) or --sft FILE.jsonl")
     if resume not in ("no", "auto"):
@@ -159,6 +246,8 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
             raise XpertError(f"--{name.replace('_', '-')}: must be positive")
     if cfg.keep < 1:
         raise XpertError(f"--keep {cfg.keep}: keep at least 1 step checkpoint (--save-every 0 saves none)")
+    if cfg.domain_weights is not None and sft is not None:
+        raise XpertError("--domain-weights is for --data (pretraining), not --sft")
     check_device(cfg.device)
     distill.check_options(cfg.teacher, cfg.kd_alpha, cfg.kd_temperature)
     if threads < 0:
@@ -166,179 +255,176 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     if cfg.teacher is not None:  # resolved here so the saved config (and a resume's check) holds the values used
         cfg = replace(cfg, kd_alpha=0.5 if cfg.kd_alpha is None else cfg.kd_alpha,
                       kd_temperature=1.0 if cfg.kd_temperature is None else cfg.kd_temperature)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+def this_rank(cfg: TrainConfig) -> Rank:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     if cfg.batch_size % world:
         raise XpertError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    out = Path(out)
-    if out.exists() and resume == "no" and not force:
-        raise XpertError(f"{out}: already exists (use --resume auto to continue it, or --force)")
-    from .io.checkpoint import resolve_source
-    ckpt = resolve_source(ckpt)
-    model = load_causal_lm(ckpt)
-    tok = data.load_tokenizer(ckpt)
-    teacher = distill.load_teacher(cfg.teacher, model, ckpt, load_causal_lm) if cfg.teacher else None
+    return Rank(world > 1, rank, world, rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
+
+def lm_batches(cfg: TrainConfig, data_dir: Path, ckpt: Path, model) -> Batches:
+    """Pretraining windows read in place from each domain's memmap (the training mixture: --domain-weights;
+    validation windows always in proportion to the val tokens, so runs with other mixtures compare)."""
+    td = data.load_token_data(data_dir)
+    data.check_tokenizer(td, ckpt, model.config.vocab_size)
+    weights = data.parse_domain_weights(cfg.domain_weights, td, cfg.seq_len)
+    train_w, val_w = td.windows("train", cfg.seq_len, weights), td.windows("val", cfg.seq_len)
+    if len(train_w) <= cfg.seq_len:
+        raise XpertError(f"{data_dir}: {len(train_w)} training tokens, fewer than --seq-len {cfg.seq_len}")
+    has_val = len(val_w) > cfg.seq_len
+    if not has_val and cfg.eval_every:
+        raise XpertError(f"{data_dir}: the val split {'is empty' if not len(val_w) else f'has only {len(val_w)} tokens'}"
+                         f" (fewer than --seq-len {cfg.seq_len} + 1), so there is no validation loss; "
+                         "re-tokenize with a larger --val-pct, or pass --eval-every 0")
+    get = lambda step, micro, split=0: lm_batch(train_w if split == 0 else val_w, cfg, step, micro, split)
+    return Batches(get, has_val, cfg.batch_size * cfg.grad_accum * cfg.seq_len)
+
+
+def sft_batches(cfg: TrainConfig, sft: Path, tok) -> Batches:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    if data_dir is not None:
-        td = data.load_token_data(data_dir)
-        data.check_tokenizer(td, ckpt, model.config.vocab_size)
-        train_s, val_s = td.stream("train"), td.stream("val")
-        if len(train_s) <= cfg.seq_len:
-            raise XpertError(f"{data_dir}: {len(train_s)} training tokens, fewer than --seq-len {cfg.seq_len}")
-        get = lambda step, micro, split=0: lm_batch(train_s if split == 0 else val_s, cfg, step, micro, split)
-        has_val = len(val_s) > cfg.seq_len
-        if not has_val and cfg.eval_every:
-            raise XpertError(f"{data_dir}: the val split {'is empty' if not len(val_s) else f'has only {len(val_s)} tokens'}"
-                             f" (fewer than --seq-len {cfg.seq_len} + 1), so there is no validation loss; "
-                             "re-tokenize with a larger --val-pct, or pass --eval-every 0")
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    else:
-        ex = sft_examples(sft, tok, cfg.seq_len)
-        get = lambda step, micro, split=0: sft_batch(ex, cfg, step, micro, pad, split)
-        has_val = False
-        tokens_per_step = None
+    ex = sft_examples(sft, tok, cfg.seq_len)
+    return Batches(lambda step, micro, split=0: sft_batch(ex, cfg, step, micro, pad, split), False, None)
+
+
+def total_steps(cfg: TrainConfig, ckpt: Path, model, batches: Batches) -> int:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.seq_len > int(max_pos):
         raise XpertError(f"--seq-len {cfg.seq_len}: longer than {ckpt}'s max_position_embeddings ({max_pos})")
-    total = cfg.steps or (math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens and tokens_per_step else None)
+    per = batches.tokens_per_step
+    total = cfg.steps or (math.ceil(cfg.tokens / per) if cfg.tokens and per else None)
     if not total or total <= 0:
         raise XpertError("give --steps (or --tokens for pretraining)")
+    return total
 
+
+def setup_device(cfg: TrainConfig, rk: Rank) -> torch.device:
     device = torch.device(cfg.device)
-    if ddp:
+    if rk.ddp:
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    model.to(device).train()
-    if teacher is not None:
-        teacher.to(device)
+    return device
+
+
+def make_optimizer(model, cfg: TrainConfig, total: int):
+    """AdamW (weight decay on matrices only) and the warmup + cosine schedule."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    start = 0
-    identity = run_identity(cfg, ckpt, data_dir, sft)
-    if resume == "auto" and out.exists() and latest_checkpoint(out) is not None:
-        changed = changed_options(latest_checkpoint(out), identity)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+
+
+def start_or_resume(out: Path, model, opt, sched, identity: dict, resume: str, force: bool, rk: Rank) -> int:
+    """The first step to run: 0 (a new run; --force clears OUT) or the last checkpoint's step, whose
+    weights, optimizer, schedule and RNG state are restored (only for the same run)."""
+    last = latest_checkpoint(out) if out.exists() else None
+    if resume == "auto" and last is not None:
+        changed = changed_options(last, identity)
         if changed and not force:
-            raise XpertError(f"{out}: cannot resume, changed since {latest_checkpoint(out).name}: {changed}; "
+            raise XpertError(f"{out}: cannot resume, changed since {last.name}: {changed}; "
                              "give the same options, or --force to start over")
         if changed:  # --resume auto --force: continue only an identical run, otherwise start over
             err.print(f"{out}: {changed} changed; starting over (--force)")
             resume = "no"
     if out.exists() and resume == "no":  # --force: start over
-        shutil.rmtree(out) if rank == 0 else None
-    if resume == "auto" and out.exists():
-        last = latest_checkpoint(out)
-        _truncate_metrics(out / "metrics.jsonl", 0) if last is None and rank == 0 else None
-        if last is not None:
-            from safetensors.torch import load_file
-            sd = {}
-            for f in sorted(last.glob("*.safetensors")):
-                sd.update(load_file(str(f)))
-            _load_weights(model, sd, last)
-            st = torch.load(last / "trainer_state.pt", weights_only=False)
-            opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
-            torch.set_rng_state(st["rng"]); start = st["step"]
-            if rank == 0:
-                _truncate_metrics(out / "metrics.jsonl", start)
-                err.print(f"resuming {out} from step {start}")
-    net = model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:  # evaluation below stays eager: an eval-mode graph would be a second compilation
-        net = torch.compile(net)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    rec = provenance.record("train", inputs=[{"path": str(Path(p).resolve())} for p in (ckpt, cfg.teacher) if p],
-                            params=asdict(cfg) | {
-        "data": str(data_dir) if data_dir else None, "sft": str(sft) if sft else None}, seed=cfg.seed)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(rec, indent=2) + "\n")
-    lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
+        shutil.rmtree(out) if rk.rank == 0 else None
+    if resume != "auto" or not out.exists():
+        return 0
+    if last is None:
+        _truncate_metrics(out / "metrics.jsonl", 0) if rk.rank == 0 else None
+        return 0
+    from safetensors.torch import load_file
+    sd = {}
+    for f in sorted(last.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    _load_weights(model, sd, last)
+    st = torch.load(last / "trainer_state.pt", weights_only=False)
+    opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["rng"])
+    if rk.rank == 0:
+        _truncate_metrics(out / "metrics.jsonl", st["step"])
+        err.print(f"resuming {out} from step {st['step']}")
+    return st["step"]
 
-    def run_loss(x, y, m, mod=None):
-        with amp:  # use_cache=False: a KV cache is of no use in training, only an allocation per layer
-            return (mod or net)(input_ids=x[lo:hi].to(device), attention_mask=m[lo:hi].to(device),
-                                labels=y[lo:hi].to(device), use_cache=False).loss
 
-    def run_kd_loss(x, y, m):
+def save_step(model, opt, sched, cfg: TrainConfig, identity: dict, ckpt: Path, out: Path, step: int, rec: dict) -> None:
+    """A resumable step checkpoint; only the last --keep are kept."""
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+             "step": step, "config": asdict(cfg), "identity": identity}
+    save_checkpoint(model, ckpt, out, f"step-{step:06d}", state, rec)
+    for old in sorted(out.glob("step-*"))[:-cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- one optimizer step ------------------------------------------------------------------------------
+
+class Stepper:
+    """The forward/backward of one optimizer step (gradient accumulation, KD, DDP rows) and validation."""
+
+    def __init__(self, model, teacher, cfg: TrainConfig, device, rk: Rank, compile: bool):
+        self.model, self.teacher, self.cfg, self.device, self.rk = model, teacher, cfg, device, rk
+        net = model
+        if rk.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if compile:  # evaluation stays eager: an eval-mode graph would be a second compilation
+            net = torch.compile(net)
+        self.net = net
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+
+    def rows(self, *ts):
+        return [t[self.rk.lo: self.rk.hi].to(self.device) for t in ts]
+
+    def loss(self, x, y, m, mod=None):
+        x, y, m = self.rows(x, y, m)
+        with self.amp:  # use_cache=False: a KV cache is of no use in training, only an allocation per layer
+            return (mod or self.net)(input_ids=x, attention_mask=m, labels=y, use_cache=False).loss
+
+    def kd_loss(self, x, y, m):
         """(loss, ce, kl) of one micro-batch; the teacher sees this rank's rows of it."""
-        x, y, m = x[lo:hi].to(device), y[lo:hi].to(device), m[lo:hi].to(device)
-        with amp:
-            out = net(input_ids=x, attention_mask=m, labels=y, use_cache=False)
+        x, y, m = self.rows(x, y, m)
+        with self.amp:
+            out = self.net(input_ids=x, attention_mask=m, labels=y, use_cache=False)
             with torch.no_grad():
-                t_logits = teacher(input_ids=x, attention_mask=m, use_cache=False).logits
-        loss, kl = distill.kd_loss(out.logits, t_logits, y, out.loss, cfg.kd_alpha, cfg.kd_temperature)
+                t_logits = self.teacher(input_ids=x, attention_mask=m, use_cache=False).logits
+        loss, kl = distill.kd_loss(out.logits, t_logits, y, out.loss, self.cfg.kd_alpha, self.cfg.kd_temperature)
         return loss, out.loss.detach(), kl.detach()
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        losses = [float(run_loss(*get(b, 0, split=1), mod=model)) for b in range(cfg.eval_batches)]
-        model.train()
-        return _mean_across(sum(losses) / len(losses), ddp)
+    def step(self, batches: Batches, step: int, opt, sched) -> tuple[float, float, dict, int]:
+        """One optimizer step: (mean loss, the lr it used, KD's ce and kl, tokens seen)."""
+        cfg, ddp = self.cfg, self.rk.ddp
+        loss_sum = ce_sum = kl_sum = 0.0
+        seen = 0
+        for micro in range(cfg.grad_accum):
+            x, y, m = batches.get(step, micro)
+            if self.teacher is None:
+                loss = self.loss(x, y, m) / cfg.grad_accum
+            else:
+                loss, ce, kl = self.kd_loss(x, y, m)
+                loss = loss / cfg.grad_accum
+                ce_sum += float(ce) / cfg.grad_accum; kl_sum += float(kl) / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+            seen += int(m.sum())
+        if cfg.grad_clip:  # 0: no clipping (clipping to norm 0 would zero every update)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        lr_used = sched.get_last_lr()[0]  # before sched.step(), which sets the next step's lr
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        kd = {"ce": _mean_across(ce_sum, ddp), "kl": _mean_across(kl_sum, ddp)} if self.teacher is not None else {}
+        return _mean_across(loss_sum, ddp), lr_used, kd, seen
 
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    t0, seen = time.perf_counter(), 0
-    with progress(transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=start, info="")
-        for step in range(start, total):
-            loss_sum = ce_sum = kl_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y, m = get(step, micro)
-                if teacher is None:
-                    loss = run_loss(x, y, m) / cfg.grad_accum
-                else:
-                    loss, ce, kl = run_kd_loss(x, y, m)
-                    loss = loss / cfg.grad_accum
-                    ce_sum += float(ce) / cfg.grad_accum; kl_sum += float(kl) / cfg.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
-                seen += int(m.sum())
-            if cfg.grad_clip:  # 0: no clipping (clipping to norm 0 would zero every update)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr_used = sched.get_last_lr()[0]  # before sched.step(), which sets the next step's lr
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            loss_avg = _mean_across(loss_sum, ddp)
-            row = {"step": step + 1, "loss": loss_avg, "lr": lr_used,
-                   "tokens": (step + 1) * (tokens_per_step or 0) or None,
-                   "tok_s": seen / max(time.perf_counter() - t0, 1e-9)}
-            if teacher is not None:
-                row |= {"ce": _mean_across(ce_sum, ddp), "kl": _mean_across(kl_sum, ddp)}
-            boundary = cfg.eval_every and (step + 1) % cfg.eval_every == 0
-            if has_val and (boundary or step + 1 == total):
-                row["val_loss"] = evaluate()
-            if rank == 0:
-                metrics.write(json.dumps(row) + "\n"); metrics.flush()
-                save = (cfg.save_every and (step + 1) % cfg.save_every == 0) and step + 1 < total
-                if save:
-                    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "rng": torch.get_rng_state(), "step": step + 1, "config": asdict(cfg),
-                             "identity": identity}
-                    save_checkpoint(model, ckpt, out, f"step-{step + 1:06d}", state, rec)
-                    for old in sorted(out.glob("step-*"))[:-cfg.keep]:
-                        shutil.rmtree(old, ignore_errors=True)
-            bar.update(task, advance=1, info=f"loss {loss_avg:.3f}  {row['tok_s']:,.0f} tok/s"
-                       + (f"  val {row['val_loss']:.3f}" if "val_loss" in row else ""))
-    if rank == 0:
-        metrics.close()
-        if cfg.save_dtype:
-            model.to(parse_dtype(cfg.save_dtype))
-            model.config.dtype = cfg.save_dtype
-        save_checkpoint(model, ckpt, out, "final", None, rec)
-    if ddp:
-        import torch.distributed as dist
-        dist.barrier(); dist.destroy_process_group()
-    torch.set_num_threads(prev_threads)
-    return out / "final" if rank == 0 else None
+    @torch.no_grad()
+    def evaluate(self, batches: Batches) -> float:
+        self.model.eval()
+        losses = [float(self.loss(*batches.get(b, 0, split=1), mod=self.model)) for b in range(self.cfg.eval_batches)]
+        self.model.train()
+        return _mean_across(sum(losses) / len(losses), self.rk.ddp)
 
 
 # ---- resuming only the same run -----------------------------------------------------------------------

@@ -39,7 +39,13 @@ def digest(path: Path) -> str:
     """sha256 of a safetensors file's header (tensor layout + provenance metadata; cheap for any size),
     or of any other file's bytes."""
     path = Path(path)
-    return sha256(read_header(path).raw) if path.suffix == ".safetensors" else sha256(path.read_bytes())
+    if path.suffix == ".safetensors":
+        return sha256(read_header(path).raw)
+    h = hashlib.sha256()  # in blocks: a corpus may be larger than memory
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fingerprint(path: Path, files: list[Path] | None = None) -> dict:

@@ -101,7 +101,7 @@ def run(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], 
     try:
         with progress() as bar, torch.inference_mode():
             for name, docs in docs_by_domain.items():
-                stream = data.token_stream(docs, tokenizer, max_tokens)
+                stream = data.domain_tokens(docs, tokenizer, max_tokens)
                 if stream.numel() == 0:
                     raise XpertError(f"domain {name!r}: the text tokenizes to no tokens")
                 task = bar.add_task(f"{label} {name}", total=int(stream.numel()), info="")
@@ -123,7 +123,7 @@ def run(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], 
 class Runner:
     model: object
     tokenizer: object
-    docs: dict[str, list[str]]
+    docs: dict[str, "data.DomainText"]
     seq_len: int
 
 
@@ -144,9 +144,7 @@ def prepare(ck: Checkpoint, domains: list[str], *, tokenizer: Path | None = None
         raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
     tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
     tok = data.load_tokenizer(tok_dir)
-    docs = {name: data.read_documents(p) for name, p in paths.items()}
-    if sample_seed is not None:
-        docs = {name: data.sample_documents(d, sample_seed) for name, d in docs.items()}
+    docs = {name: data.DomainText(p, sample_seed) for name, p in paths.items()}  # read when run (data.domain_tokens)
     if stream_layers:
         if device != "cpu":
             raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")

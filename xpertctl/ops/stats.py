@@ -116,7 +116,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
     try:
         with progress() as bar, torch.inference_mode():
             for name, docs in docs_by_domain.items():
-                stream = data.token_stream(docs, tokenizer, max_tokens)
+                stream = data.domain_tokens(docs, tokenizer, max_tokens)
                 if stream.numel() == 0:
                     raise XpertError(f"domain {name!r}: the corpus tokenizes to no tokens")
                 batches = data.windows(stream, seq_len, batch_size, pad)

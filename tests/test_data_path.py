@@ -1,0 +1,310 @@
+"""The data path at scale: streaming readers of every format, tokenize on several workers (bytes as
+before), training windows read in place (batches as before), --domain-weights, domain-name checks,
+ppl splits, bounded --max-tokens sampling."""
+import gzip
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_user_error
+from xpertctl import data, documents
+from xpertctl import eval as ev
+from xpertctl import train as tr
+
+SUBJECTS = ["the law shall apply to every licence holder", "in the beginning god created the heaven",
+            "def main ( ) : return 0", "a noun is a word that names a thing", "the man page lists options",
+            "naïve café — ünïcödé text €"]
+
+
+def _docs(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"{SUBJECTS[k % len(SUBJECTS)]} {k} " + " ".join(rng.choice(SUBJECTS, size=int(rng.integers(1, 6))))
+            for k in range(n)]
+
+
+def _jsonl(docs, field="text"):
+    return "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs))
+
+
+def _write_formats(d, docs):
+    """The same documents in every format the reader takes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "c.txt").write_text("\n\n\n".join(docs) + "\n")
+    (d / "c.jsonl").write_text(_jsonl(docs))
+    (d / "c.jsonl.gz").write_bytes(gzip.compress(_jsonl(docs).encode()))
+    (d / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl(docs).encode()))
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), d / "c.parquet", row_group_size=7)
+    with pa.ipc.new_stream(str(d / "c.arrow"), pa.schema([("text", pa.string())])) as w:
+        for k in range(0, len(docs), 9):
+            w.write_batch(pa.record_batch([pa.array(docs[k: k + 9])], names=["text"]))
+    return d
+
+
+def test_every_format_yields_the_documents_of_the_jsonl(tmp_path):
+    docs = _docs()
+    d = _write_formats(tmp_path / "f", docs)
+    want = list(documents.iter_documents(d / "c.jsonl"))
+    assert want == [x.strip() for x in docs]
+    for name in ("c.txt", "c.jsonl.gz", "c.jsonl.zst", "c.parquet", "c.arrow"):
+        assert list(documents.iter_documents(d / name)) == want, name
+    # a directory: every file in sorted order
+    assert list(documents.iter_documents(d)) == want * 6
+
+
+def test_datasets_save_to_disk_dir(tmp_path):
+    import datasets
+    docs = _docs(40, seed=3)
+    datasets.Dataset.from_dict({"text": docs, "n": list(range(40))}).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    assert list(documents.iter_documents(tmp_path / "ds")) == docs
+
+
+def test_txt_paragraphs_across_chunk_boundaries(tmp_path, monkeypatch):
+    """Blank-line paragraphs exactly as str.split('\\n\\n') of the whole text, whatever the chunking."""
+    text = "a\n\n\nb é\n\n\n\nc\n \nd\n\n" + "€" * 5 + "\n\ne\n"
+    (tmp_path / "t.txt").write_text(text)
+    want = [p.strip() for p in text.split("\n\n") if p.strip()]
+    for chunk in (1, 2, 3, 5, 1 << 20):
+        monkeypatch.setattr(documents, "CHUNK", chunk)
+        assert list(documents.iter_documents(tmp_path / "t.txt")) == want, chunk
+
+
+def test_directory_names_the_files_it_skips(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("one\n\ntwo")
+    (tmp_path / "notes.md").write_text("# not read")
+    assert list(documents.iter_documents(tmp_path)) == ["one", "two"]
+    err = capsys.readouterr().err
+    assert "skipped 1 file" in err and "notes.md" in err
+
+
+# ---- tokenize --------------------------------------------------------------------------------------
+
+def _reference_bins(tok, docs, val_pct, test_pct):
+    """What tokenize must write: documents in order, each followed by EOS, split by sha256 of the text."""
+    out = {s: [] for s in ("train", "val", "test")}
+    ends = {s: [] for s in out}
+    for d in docs:
+        p = int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "little") % 100
+        s = "test" if p < test_pct else "val" if p < test_pct + val_pct else "train"
+        out[s] += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ends[s].append(len(out[s]))
+    return ({s: np.array(v, dtype=np.uint16).tobytes() for s, v in out.items()},
+            {s: np.array(v, dtype=np.uint64).tobytes() for s, v in ends.items()})
+
+
+def test_tokenize_bins_identical_for_1_and_2_workers_and_to_reference(fx, tmp_path, monkeypatch):
+    from xpertctl import tokenizing
+    monkeypatch.setattr(tokenizing, "BATCH_DOCS", 7)  # many jobs, so order across workers matters
+    docs = {"a": _docs(80, seed=1), "b": _docs(50, seed=2)}
+    (tmp_path / "a.jsonl.zst").write_bytes(__import__("zstandard").ZstdCompressor().compress(_jsonl(docs["a"]).encode()))
+    (tmp_path / "b.txt").write_text("\n\n".join(docs["b"]))
+    tok = data.load_tokenizer(fx / "llama")
+    outs = {}
+    for w in (1, 2):
+        outs[w] = data.tokenize(fx / "llama", [f"a={tmp_path / 'a.jsonl.zst'}", f"b={tmp_path / 'b.txt'}"],
+                                tmp_path / f"d{w}", val_pct=20, test_pct=10, workers=w)
+    for dom, ds in docs.items():
+        bins, idx = _reference_bins(tok, ds, 20, 10)
+        for s in ("train", "val", "test"):
+            assert bins[s], (dom, s)  # every split holds documents: the test can see a misplaced one
+            for w in (1, 2):
+                assert (outs[w] / f"{dom}.{s}.bin").read_bytes() == bins[s], (dom, s, w)
+                assert (outs[w] / f"{dom}.{s}.idx").read_bytes() == idx[s], (dom, s, w)
+    td = data.load_token_data(outs[2])
+    assert td.document_ends("a", "val").tolist() == list(np.frombuffer(_reference_bins(tok, docs["a"], 20, 10)[1]["val"], np.uint64))
+
+
+@pytest.mark.parametrize("name,content,args,needle", [
+    ("bad.jsonl.gz", gzip.compress(b'{"text": "hello"}\n' * 50)[:-30] + b"garbage-tail-bytes-here", [], "corrupt gzip"),
+    ("bad.jsonl.zst", b"\x28\xb5\x2f\xfd" + b"not zstd at all" * 10, [], "corrupt zstd"),
+    ("ok.jsonl", b'{"body": "hello"}\n', [], "field 'text' missing"),
+    ("ok.jsonl", b'{"text": "hello"}\n', ["--text-field", "body"], "field 'body' missing"),
+    ("p.parquet", None, [], "no column 'text'"),
+])
+def test_tokenize_bad_corpus_is_one_line_and_writes_nothing(fx, tmp_path, cli, name, content, args, needle):
+    f = tmp_path / name
+    if content is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"body": ["a b c"] * 5}), f)
+    else:
+        f.write_bytes(content)
+    before = f.read_bytes()
+    code, so, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"x={f}", "-o", tmp_path / "out", *args)
+    assert_user_error(code, err, str(f), needle)
+    assert not (tmp_path / "out").exists() and so == ""
+    assert f.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temp left behind
+
+
+@pytest.mark.parametrize("name,needle", [("../a", "path separator"), ("a/b", "path separator"),
+                                         (".hidden", "starts with '.'"), ("..", "starts with '.'"),
+                                         ("a\\b", "path separator")])
+def test_domain_names_are_plain_names(fx, tmp_path, cli, name, needle):
+    (tmp_path / "in").mkdir()
+    f = tmp_path / "in" / "x.txt"
+    f.write_text("one document\n\nanother")
+    code, _, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"{name}={f}", "-o", tmp_path / "in" / "td")
+    assert_user_error(code, err, "domain name", needle)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["x.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_tokenize_file_of_a_split_corpus_points_to_corpus(fx, tmp_path, cli):
+    """fixtures/corpus-mini is already hash-split: its train file has no val/test documents."""
+    from conftest import ROOT
+    f = ROOT / "fixtures" / "corpus-mini" / "train" / "legal.txt"
+    code, so, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"legal={f}", "-o", tmp_path / "td")
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert "--corpus" in flat and "--val-pct 0 --test-pct 0" in flat
+    code, so, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"legal={f}", "-o", tmp_path / "td0",
+                        "--val-pct", "0", "--test-pct", "0")
+    assert code == 0 and "note" not in err, err
+
+
+# ---- training windows ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three(fx, tmp_path_factory):
+    """Token data of three domains of distinct text; 'c' is shorter than a window."""
+    d = tmp_path_factory.mktemp("three")
+    (d / "a.txt").write_text("\n\n".join(_docs(60, seed=5)))
+    rev = [" ".join(reversed(x.split())) for x in SUBJECTS]  # known words, in an order 'a' never has
+    (d / "b.txt").write_text("\n\n".join(f"{rev[k % 6]} {k} {rev[(k + 1) % 6]}" for k in range(60)))
+    (d / "c.txt").write_text("tiny")
+    return data.tokenize(fx / "llama", [f"a={d / 'a.txt'}", f"c={d / 'c.txt'}", f"b={d / 'b.txt'}"], d / "data",
+                         val_pct=0, test_pct=0)
+
+
+def test_train_batches_identical_to_one_concatenated_stream(three):
+    """Today's batches: starts drawn over the domains concatenated in manifest order. Read in place,
+    a window crossing a domain end continues into the next domain, exactly as in that stream."""
+    m = json.loads((three / "manifest.json").read_text())
+    stream = np.concatenate([np.fromfile(three / m["domains"][d]["train"]["file"], dtype=np.uint16)
+                             for d in m["domains"]]).astype(np.int64)
+    td = data.load_token_data(three)
+    crossed = 0
+    for T in (8, 64):
+        cfg = tr.TrainConfig(batch_size=6, seq_len=T, seed=3)
+        win = td.windows("train", T)
+        edge = m["domains"]["a"]["train"]["tokens"]
+        for step in range(20):
+            for micro in range(2):
+                rng = np.random.default_rng([cfg.seed, 0, step, micro])
+                starts = rng.integers(0, len(stream) - T, size=cfg.batch_size)
+                want = np.stack([stream[s: s + T] for s in starts])
+                x, y, mask = tr.lm_batch(win, cfg, step, micro)
+                assert (x.numpy() == want).all() and (y == x).all() and mask.all()
+                crossed += int(((starts < edge) & (starts + T > edge)).sum())
+    assert crossed > 0  # windows over the a|c|b boundaries were drawn and read from two memmaps
+
+
+def test_domain_weights_draw_only_from_weighted_domains(three):
+    td = data.load_token_data(three)
+    arrays = {d: np.asarray(td.array(d, "train"), dtype=np.int64) for d in td.domains}
+    w = data.parse_domain_weights("a=0,c=0,b=1", td, 8)
+    cfg = tr.TrainConfig(batch_size=8, seq_len=8, seed=1)
+    win = td.windows("train", 8, w)
+    b = arrays["b"]
+    for step in range(10):
+        x = tr.lm_batch(win, cfg, step, 0)[0].numpy()
+        for row in x:
+            assert any((b[s: s + 8] == row).all() for s in range(len(b) - 8))
+    w = data.parse_domain_weights("a=1,c=0,b=1", td, 8)
+    x = np.concatenate([tr.lm_batch(td.windows("train", 8, w), cfg, s, 0)[0].numpy() for s in range(20)])
+    from_a = [any((arrays["a"][s: s + 8] == r).all() for s in range(len(arrays["a"]) - 8)) for r in x]
+    assert 0.3 < np.mean(from_a) < 0.7  # equal weights though a and b differ in size
+
+
+@pytest.mark.parametrize("spec,needle", [("a=1,b=1", "no weight for 'c'"), ("a=1,b=1,c=1", "fewer than --seq-len"),
+                                         ("a=1,x=1", "no domain 'x'"), ("a=-1,b=1,c=0", "weights >= 0"),
+                                         ("a=0,b=0,c=0", "at least one"), ("a=one", "weights >= 0")])
+def test_domain_weights_bad(three, spec, needle):
+    from xpertctl.errors import XpertError
+    with pytest.raises(XpertError, match=needle.replace("(", r"\(")):
+        data.parse_domain_weights(spec, data.load_token_data(three), 8)
+
+
+def test_train_cli_domain_weights(fx, three, tmp_path, cli):
+    code, _, err = cli("train", fx / "llama", "--data", three, "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+                       "--eval-every", "0", "--domain-weights", "a=1,b=3,c=0", "-o", tmp_path / "run")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["params"]["domain_weights"] == "a=1,b=3,c=0"
+    code, _, err = cli("train", fx / "llama", "--data", three, "--steps", "2", "--seq-len", "8", "--eval-every", "0",
+                       "--domain-weights", "a=1", "-o", tmp_path / "run2")
+    assert_user_error(code, err, "--domain-weights", "no weight")
+    assert not (tmp_path / "run2").exists()
+
+
+# ---- eval ppl --------------------------------------------------------------------------------------
+
+def test_ppl_split_of_corpus_dir_and_refused_for_plain_text(fx, tmp_path, cli):
+    from conftest import ROOT
+    corpus = ROOT / "fixtures" / "corpus-mini"
+    out = {}
+    for split in ("val", "test"):
+        code, so, err = cli("eval", fx / "llama", "--task", f"ppl:{corpus}", "--split", split, "--max-tokens", "64",
+                            "--seq-len", "32")
+        assert code == 0, err
+        out[split] = json.loads(so)[f"ppl:{corpus}"]
+    assert set(out["val"]) - {"fingerprint"} == {"code", "legal", "lexicon", "manuals", "quotes", "scripture"}
+    assert out["val"]["legal"]["ppl"] != out["test"]["legal"]["ppl"]
+    code, _, err = cli("eval", fx / "llama", "--task", f"ppl:{corpus / 'test'}", "--split", "test")
+    assert_user_error(code, err, "--split", "plain text")
+
+
+def test_ppl_token_data_same_with_and_without_index(fx, three, tmp_path):
+    import shutil
+    model = tr.load_causal_lm(fx / "llama").eval()
+    tok = data.load_tokenizer(fx / "llama")
+    a = ev.perplexity(model, tok, str(three), 16, "cpu", "train", max_tokens=300)
+    old = tmp_path / "old"
+    shutil.copytree(three, old)
+    m = json.loads((old / "manifest.json").read_text())
+    for e in m["domains"].values():
+        for s in ("train", "val", "test"):
+            e[s].pop("index")
+    (old / "manifest.json").write_text(json.dumps(m))
+    for f in old.glob("*.idx"):
+        f.unlink()
+    b = ev.perplexity(model, tok, str(old), 16, "cpu", "train", max_tokens=300)
+    assert a == b and a["a"]["words"] > 0
+
+
+# ---- --max-tokens sampling of a large domain --------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "jsonl.gz"])
+def test_large_domain_sample_reads_documents_across_it(fx, tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(data, "SMALL_DOMAIN", 0)  # every domain is "large" here
+    words = "the law shall apply to every licence holder".split()
+    code = [f"{words[k // 64]} {words[k // 8 % 8]} {words[k % 8]}" for k in range(200)]  # distinct, known words
+    head = [f"the law shall apply : {c} ." for c in code]
+    tail = [f"in the beginning god created : {c} ." for c in code]
+    docs = head + tail
+    f = tmp_path / f"d.{fmt}"
+    if fmt == "txt":
+        f.write_text("\n\n".join(docs))
+    elif fmt == "jsonl":
+        f.write_text(_jsonl(docs))
+    else:
+        f.write_bytes(gzip.compress(_jsonl(docs).encode()))
+    tok = data.load_tokenizer(fx / "llama")
+    got = {}
+    for seed in (0, 0, 1):
+        ids = data.domain_tokens(data.DomainText(f, seed), tok, 150)
+        assert len(ids) == 150
+        text = tok.decode(ids.tolist(), skip_special_tokens=False)
+        got.setdefault(seed, []).append(text)
+    assert got[0][0] == got[0][1] and got[0][0] != got[1][0]  # seeded
+    assert "law" in got[0][0] and "god" in got[0][0]  # documents from both halves
+    ids = data.domain_tokens(data.DomainText(f, 0), tok, 150).tolist()
+    eos = [k for k, t in enumerate(ids) if t == tok.eos_token_id]
+    pieces = [tuple(ids[a + 1: b]) for a, b in zip([-1] + eos, eos)]  # whole documents (the last is cut)
+    real = {tuple(tok(d, add_special_tokens=False)["input_ids"]) for d in docs}
+    assert len(pieces) > 5 and all(p in real for p in pieces)  # each a real document
+    assert len(set(pieces)) == len(pieces)  # none twice
