@@ -228,8 +228,9 @@ def test_fit_down_is_the_ridge_least_squares_solution_and_helps(moes, tmp_path, 
 
 
 def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli):
-    """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert; the
-    default --rescale routed multiplies each down projection by the layer's mean total per token."""
+    """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert. The default
+    --rescale selected multiplies each down projection by the mean weight per token the *selected* experts
+    receive; --rescale routed by the block's whole top-k weight per token (both from the router's own logits here)."""
     src, model, _ = moes["independent"]
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
@@ -246,16 +247,78 @@ def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli)
     assert cli("select", st, "-o", sel)[0] == 0
     doc = json.loads(sel.read_text())
     outs = {}
-    for r in ("routed", "none"):
+    for r in ("default", "selected", "routed", "none"):
         outs[r] = tmp_path / f"g-{r}"
-        assert cli("graft", src, "-t", f"{LAYERS}L", "--selection", sel, "--rescale", r, "--dtype", "float32",
-                   "-o", outs[r])[0] == 0
-    a, b = student_ffns(outs["routed"], LAYERS), student_ffns(outs["none"], LAYERS)
+        assert cli("graft", src, "-t", f"{LAYERS}L", "--selection", sel, "--dtype", "float32", "-o", outs[r],
+                   *([] if r == "default" else ["--rescale", r]))[0] == 0
+    got = {r: student_ffns(o, LAYERS) for r, o in outs.items()}
+    for t, lg in enumerate(logits):
+        probs = lg.float().softmax(-1)
+        top = probs.topk(2, dim=-1)
+        mass = float(top.values.sum()) / ids.shape[1]
+        chosen = doc["layers"][t]["experts"]
+        share = sum(float(top.values[top.indices == j].sum()) for j in chosen) / ids.shape[1]
+        assert 0 < share < mass < 1
+        none = got["none"][t]
+        assert torch.allclose(got["routed"][t][2], none[2] * mass, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(got["selected"][t][2], none[2] * share, atol=1e-6, rtol=1e-4)
+        assert torch.equal(got["default"][t][2], got["selected"][t][2])
+        assert all(torch.equal(got[r][t][k], none[k]) for r in got for k in (0, 1))  # gate, up untouched
+
+
+def _stats_with_routed(tmp_path, src, routed, top_k=2):
+    """A stats file for `src` with the given per-(layer, expert) routing weight sums (one domain, 100 tokens)."""
+    from safetensors.torch import save_file
+    from xpertctl.io import open_checkpoint, provenance
+    ck = open_checkpoint(src)
+    counts = torch.full((1, LAYERS, E), 30, dtype=torch.int64)
+    counts[0, :, 1] = 60  # expert 1 the most used everywhere
+    rec = provenance.record("stats", [], {}, source=ck.fingerprint, family="olmoe", top_k=top_k, num_experts=E,
+                            layers=list(range(LAYERS)), domains=["a"])
+    p = tmp_path / f"s{top_k}.safetensors"
+    save_file({"counts": counts, "mass": counts.float(), "tokens": torch.tensor([100]), "layers": torch.arange(LAYERS),
+               "routed": torch.tensor(routed, dtype=torch.float32).expand(1, LAYERS, E).contiguous()}, str(p),
+              metadata={"format": "pt", **provenance.as_metadata(rec)})
+    return p
+
+
+def test_zero_routed_mass_leaves_the_ffns_unscaled_and_says_so(moes, tmp_path, cli):
+    """A router that returns no weights records routed = 0: that is 'unknown', not 'scale by zero'."""
+    src, _, _ = moes["independent"]
+    st = _stats_with_routed(tmp_path, src, [0.0] * E)
+    outs = {}
+    for r in ("selected", "routed", "none"):
+        outs[r] = tmp_path / r
+        code, _, err = cli("graft", src, "-t", f"{LAYERS}L", "--stats", st, "--rescale", r, "--dtype", "float32",
+                           "-o", outs[r])
+        assert code == 0, err
+        if r != "none":
+            assert "no routing weights" in err and "experts' scale" in err
+    ffns = {r: student_ffns(o, LAYERS) for r, o in outs.items()}
     for t in range(LAYERS):
-        mass = doc["layers"][t]["routed_mass"]
-        assert mass == pytest.approx(float(s["routed"][0, t].sum() / s["tokens"][0]), rel=1e-5)
-        assert 0 < mass < 1
-        assert torch.allclose(a[t][2], b[t][2] * mass, atol=1e-7) and torch.equal(a[t][0], b[t][0])
+        assert float(ffns["selected"][t][2].norm()) > 0
+        assert torch.equal(ffns["selected"][t][2], ffns["none"][t][2])
+        assert torch.equal(ffns["routed"][t][2], ffns["none"][t][2])
+
+
+def test_stats_counted_with_another_top_k_do_not_scale(moes, tmp_path, cli):
+    """`stats --top-k 3` on a top-2 model: its routing weights are of three experts; the model routes with two."""
+    src, _, _ = moes["independent"]
+    routed = [5.0 + j for j in range(E)]
+    outs = {}
+    for k in (2, 3):
+        outs[k] = tmp_path / f"k{k}"
+        code, _, err = cli("graft", src, "-t", f"{LAYERS}L", "--stats", _stats_with_routed(tmp_path, src, routed, k),
+                           "--dtype", "float32", "-o", outs[k])
+        assert code == 0, err
+        assert ("top-k 3" in err and "routes with 2" in err) == (k == 3)
+    none = tmp_path / "none"
+    assert cli("graft", src, "-t", f"{LAYERS}L", "--stats", _stats_with_routed(tmp_path, src, routed, 3),
+               "--rescale", "none", "--dtype", "float32", "-o", none)[0] == 0
+    k2, k3, n = (student_ffns(o, LAYERS) for o in (outs[2], outs[3], none))
+    for t in range(LAYERS):
+        assert torch.equal(k3[t][2], n[t][2])
+        assert not torch.allclose(k2[t][2], n[t][2])
 
 
 def test_norm_matched_control_keeps_row_norms_not_content(moes, tmp_path, cli):

@@ -249,8 +249,9 @@ ALIGN = opt("align", True, "Permute each expert's neurons to match before combin
             "paper reading).", "--align/--no-align")
 WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
                 "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
-RESCALE = opt("rescale", "routed", "Scale each down projection by its source layer's mean top-k routing weight per "
-              "token (from the stats): routed, or none (the experts' own scale).", choices=RESCALES)
+RESCALE = opt("rescale", "selected", "Scale each down projection from the stats: selected (the mean routing weight per "
+              "token the selected experts receive), routed (the whole block's mean top-k weight per token) or none "
+              "(the experts' own scale).", choices=RESCALES)
 LAYER_MAP = opt("layer_map", "uniform", "Depth map: uniform (evenly spaced), first (the first L), merge (group means).",
                 choices=LAYER_MAPS)
 COMBINE = opt("combine", "usage", "Expert combination: usage (selection frequencies; weights sum to 1), uniform, "

@@ -240,14 +240,32 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
     return tensors, errors
 
 
+def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None, str | None]:
+    """Per selected layer: the block's mean total top-k routing weight per token (`routed_mass`) and the
+    part of it the selected experts receive (`selected_mass`), from the stats behind the selection; and
+    why there are none. Stats made with `stats --top-k K` other than the model's own k record another
+    routing than the one the model runs: their masses are not used (the FFNs stay at the experts' scale)."""
+    k_stats, k_model = doc.get("top_k"), ck.top_k
+    if doc["layers"] and all("routed_mass" not in l for l in doc["layers"]):
+        return None, None, None
+    if k_stats is not None and k_model is not None and int(k_stats) != int(k_model):
+        return None, None, (f"the selection's stats were counted with top-k {k_stats} but {ck.path} routes with "
+                            f"{k_model}: their routing weights are not the model's")
+    total = {str(l["layer"]): float(l["routed_mass"]) for l in doc["layers"] if l.get("routed_mass", 0) > 0}
+    sel = {str(l["layer"]): float(sum(l["routed"])) for l in doc["layers"]
+           if str(l["layer"]) in total and l.get("routed") and sum(l["routed"]) > 0}
+    return total or None, sel or None, None
+
+
 def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | None, align_neurons: bool,
                 no_tucker: bool, errors: dict[str, float], weighting: str = "joint") -> dict:
+    routed, selected, why = routing_masses(ck, doc)
     return {
         "method": "mean" if no_tucker else "tucker", "ranks": ranks or DEFAULT_RANKS, "align": align_neurons,
         "weighting": None if no_tucker else weighting,
         "layers": [l["layer"] for l in doc["layers"]], "errors": errors,
         "experts": {str(l["layer"]): list(l["experts"]) for l in doc["layers"]},
-        "routed_mass": {str(l["layer"]): l["routed_mass"] for l in doc["layers"] if "routed_mass" in l} or None,
+        "routed_mass": routed, "selected_mass": selected, "routing_note": why,
         "source": ck.fingerprint, "family": ck.family.name, "hidden": ck.hidden, "expert_ffn": ck.expert_ffn,
         "selection": {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer"),
                       "path": str(Path(sel_path)), "sha256": provenance.sha256(Path(sel_path).read_bytes())

@@ -195,7 +195,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = True, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
-        combine: str = "usage", rescale: str = "routed", fit: str = "none", calibration: list[str] | None = None,
+        combine: str = "usage", rescale: str = "selected", fit: str = "none", calibration: list[str] | None = None,
         calibration_tokens: int | None = 65536, ridge: float = 1e-3, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,

@@ -124,7 +124,7 @@ def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: 
 
 
 def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
-          rescale: str = "routed") -> list[list[int]]:
+          rescale: str = "selected") -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
     check_choices(layer_map_how, combine, width_select, rescale)
     if combine not in ("usage", "uniform") and meta.get("method") == "mean":
@@ -134,7 +134,7 @@ def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_se
 
 
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-            combine: str = "usage", width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
+            combine: str = "usage", width_select: str = "norm", rescale: str = "selected") -> tuple[dict[str, torch.Tensor], dict]:
     lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
     per_src = {i: combine_layer(t, i, combine) for i in sorted({i for g in lmap for i in g})}
     return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
@@ -142,19 +142,23 @@ def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map
 
 
 def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
-    """Each source layer's down-projection factor: its mean top-k routing weight per token.
+    """Each source layer's down-projection factor, from the stats behind the selection.
 
-    The MoE block outputs sum_k w_k E_k(x); when the top-k weights sum to less than one (OLMoE's
-    softmax over all experts, no renormalization) a dense FFN at one expert's scale overshoots the
-    block by 1/sum(w). The stats record that sum; without stats the FFNs stay at the experts' scale."""
+    The MoE block outputs sum_k w_k E_k(x). `selected` (default): the mean routing weight per token the
+    selected experts receive (0 on tokens routed elsewhere), the share of the block they make: the
+    consolidated FFN stands for them, not for the whole block. `routed`: the block's whole mean top-k
+    weight per token (OLMoE's top-k softmax weights sum to less than one), as if the FFN stood for every
+    expert; on the committed teacher it overshoots where the consolidated FFN agrees poorly with the
+    block (four layer-domain pairs worse than the zero FFN; README method section). Without stats the
+    FFNs stay at the experts' scale."""
     if rescale == "none":
         return {}
-    masses = meta.get("routed_mass") or {}
-    return {i: float(masses[str(i)]) for i in per_src if str(i) in masses}
+    masses = meta.get("selected_mass" if rescale == "selected" else "routed_mass") or {}
+    return {i: float(masses[str(i)]) for i in per_src if float(masses.get(str(i), 0)) > 0}
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-          combine: str = "usage", width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
+          combine: str = "usage", width_select: str = "norm", rescale: str = "selected") -> tuple[dict[str, torch.Tensor], dict]:
     """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width)."""
     lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
     scales = routing_scale(per_src, meta, rescale)
@@ -182,7 +186,8 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
     new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap, "notes": notes,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
                 "rescale": rescale, "routing_scale": {str(i): v for i, v in scales.items()} or None,
-                "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale == "routed" else [],
+                "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
+                "routing_note": meta.get("routing_note"),
                 "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
                 "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "selection")},
                 # what `fidelity` needs to compare against the source: kept residual dims, selected experts
@@ -212,7 +217,7 @@ def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "usage",
-        width_select: str = "norm", rescale: str = "routed", force: bool = False) -> Path:
+        width_select: str = "norm", rescale: str = "selected", force: bool = False) -> Path:
     """`xpertctl reshape`: adapted.safetensors."""
     from ..io import check_output
     check_output(out, force, [factors])
@@ -231,5 +236,6 @@ def unscaled_notice(meta: dict) -> None:
     """After a successful write: say which FFNs --rescale routed could not scale (no stats behind them)."""
     if meta.get("unscaled_layers"):
         from ..console import notice
-        notice(f"--rescale routed: no routing weights recorded for source layers {meta['unscaled_layers']} "
-               "(selection made without stats); those FFNs stay at the experts' scale")
+        why = meta.get("routing_note") or "selection made without stats"
+        notice(f"--rescale {meta.get('rescale')}: no routing weights for source layers {meta['unscaled_layers']} "
+               f"({why}); those FFNs stay at the experts' scale")
