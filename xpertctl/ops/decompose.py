@@ -129,6 +129,12 @@ def stack(experts: list[tuple[torch.Tensor, ...]], k: int) -> torch.Tensor:
     return torch.stack([e[k].float() for e in experts], dim=-1)
 
 
+def _expert_gram(x: torch.Tensor) -> torch.Tensor:
+    """The n x n Gram of one matrix's stack (d1, d2, n) over its expert mode."""
+    xm = x.reshape(-1, x.shape[-1])
+    return (xm.T @ xm).double()
+
+
 def joint_gram(experts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """The experts' n x n Gram over gate, up and down together: G[j, k] = sum_m <X_mj, X_mk>.
 
@@ -220,15 +226,18 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
         u3 = torch.eye(len(ids)) if rank_spec[2] == "full" else expert_factor(joint_gram(experts), rank_spec[2], ranks)
     for k, m in enumerate(MATRICES):
         key = f"layers.{i}.{m}"
-        if no_tucker:
-            mean = torch.zeros(experts[0][k].shape)
-            for wj, e in zip(w.tolist(), experts):
-                mean += wj * e[k].float()
-            tensors[f"{key}.mean"] = mean
+        if no_tucker:  # both weightings: reshape's --combine usage takes .mean, --combine uniform .uniform
+            tensors[f"{key}.mean"] = mode3_sum((matrix(e, k) for e in experts), w.tolist())
+            tensors[f"{key}.uniform"] = mode3_sum((matrix(e, k) for e in experts), [1.0 / len(experts)] * len(experts))
             errors[key] = 0.0
             continue
         x = stack(experts, k)
         r = resolve(rank_spec, tuple(x.shape), ranks)
+        if u3 is None and isinstance(rank_spec[2], float):  # per-matrix with an energy fraction: this matrix's own
+            u3 = expert_factor(_expert_gram(x), rank_spec[2], ranks)
+            per_matrix_u3 = True
+        else:
+            per_matrix_u3 = False
         if u3 is not None:
             core, (u1, u2, u3m), err = tucker_given_experts(x, r[0], r[1], u3)
         else:
@@ -237,6 +246,8 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
         tensors.update({f"{key}.core": core, f"{key}.U1": u1, f"{key}.U2": u2, f"{key}.U3": u3m,
                         f"{key}.error": torch.tensor(err)})
         errors[key] = err
+        if per_matrix_u3:
+            u3 = None
     return tensors, errors
 
 

@@ -263,7 +263,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         else:
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
-                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
+                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                       width_select=width_select, rescale=rescale)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)

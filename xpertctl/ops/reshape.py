@@ -34,24 +34,35 @@ def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
     return value
 
 
-def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage") -> tuple[torch.Tensor, ...]:
+def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage", weighting: str = "joint") -> tuple[torch.Tensor, ...]:
     """One (gate [I,H], up [I,H], down [H,I]) from the factors of source layer i.
 
-    `usage`/`uniform`: W = sum_j a_j X~_j, the rank-reduced experts X~ = G x1 U1 x2 U2 x3 U3 averaged
-    with weights a = U3 U3^T c (c: usage frequencies or 1/n) rescaled to sum to 1, so W sits at the
-    experts' own scale whatever the sign or spread of U3 (with a full expert mode, a = c).
+    `usage`/`uniform`: W = sum_j a_j X~_j, the rank-reduced experts X~ = G x1 U1 x2 U2 x3 U3 combined
+    with weights a = U3 U3^T c (c: usage frequencies or 1/n), rescaled so sum_j |a_j| = 1 with
+    sum_j a_j > 0: W is never larger than the largest X~_j, and when U3 keeps every expert (a = c) or
+    puts no negative weight on one, it is their weighted average. At expert rank 1, a is U3's one
+    column up to its sign, whatever c: `usage` and `uniform` then give the same FFN.
     `literal`: c = 1/n without that rescaling (the paper read literally: mean(u3) * sum_j u3_j X_j at
-    rank 1). `first`: only the first expert-mode component, c = 1/n."""
+    rank 1). `first`: only the first principal component of the expert mode, c = 1/n
+    (mean(v) * sum_j v_j X~_j, v the leading eigenvector of the experts' Gram; joint over gate, up and
+    down unless the factors were made `--weighting per-matrix`). Factors made with --no-tucker hold
+    the usage- and the uniform-weighted mean."""
     out = []
     w = t[f"layers.{i}.weights"].float()
+    pc = principal_component(t, i) if how == "first" and weighting == "joint" else None
     for m in MATRICES:
         key = f"layers.{i}.{m}"
-        if f"{key}.mean" in t:  # --no-tucker factors: already one matrix
-            out.append(t[f"{key}.mean"].float())
+        if f"{key}.mean" in t:  # --no-tucker factors: already one matrix per weighting
+            k = f"{key}.uniform" if how == "uniform" else f"{key}.mean"
+            if k not in t:
+                raise XpertError(f"--combine {how}: these --no-tucker factors hold only the usage-weighted mean "
+                                 "(made by an older xpertctl); run decompose again")
+            out.append(t[k].float())
             continue
         core, u1, u2, u3 = (t[f"{key}.{s}"].float() for s in ("core", "U1", "U2", "U3"))
         if how == "first":
-            core = core[:, :, :1]
+            v = pc if pc is not None else principal_component(t, i, (m,))
+            core, u3 = _first_component(core, u3, v)
         mix = expert_mix(w, u3, how)
         if _is_identity(u1) and _is_identity(u2):  # full row/column ranks: a weighted sum of the core's slices
             out.append(mode3_sum((core[:, :, r].contiguous() for r in range(core.shape[2])), mix.tolist()))
@@ -60,10 +71,29 @@ def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage") -> tup
     return tuple(out)
 
 
+def principal_component(t: dict[str, torch.Tensor], i: int, mats=MATRICES) -> torch.Tensor | None:
+    """The leading eigenvector [r3] of the cores' expert-mode Gram over `mats` (None: U3 is not the
+    identity, so its first column already is the leading component HOSVD found)."""
+    if not all(_is_identity(t[f"layers.{i}.{m}.U3"].float()) for m in mats):
+        return None
+    gram = None
+    for m in mats:
+        c = t[f"layers.{i}.{m}.core"].double().reshape(-1, t[f"layers.{i}.{m}.core"].shape[-1])
+        gram = c.T @ c if gram is None else gram + c.T @ c
+    return torch.linalg.eigh(gram).eigenvectors[:, -1].float()
+
+
+def _first_component(core: torch.Tensor, u3: torch.Tensor, v: torch.Tensor | None):
+    """The core and expert factor restricted to the first expert-mode component (v: rotate first)."""
+    if v is None:
+        return core[:, :, :1], u3[:, :1]
+    return (core @ v)[:, :, None], (u3 @ v)[:, None]
+
+
 def expert_mix(w: torch.Tensor, u3: torch.Tensor, how: str = "usage") -> torch.Tensor:
     """The expert-mode combination [r3] that combine_layer applies to the core (see there): c^T U3,
-    rescaled for `usage`/`uniform` so the implied weights on the experts sum to 1. With a full expert
-    mode (U3 = I) these are the weights on the experts themselves."""
+    rescaled for `usage`/`uniform` so the implied weights on the experts have sum_j |a_j| = 1 and a
+    positive sum. With a full expert mode (U3 = I) these are the weights on the experts themselves."""
     n = w.numel()
     c = w if how == "usage" else torch.full((n,), 1.0 / n)
     if how == "first":
@@ -72,7 +102,8 @@ def expert_mix(w: torch.Tensor, u3: torch.Tensor, how: str = "usage") -> torch.T
     if how in ("usage", "uniform"):
         a = u3 @ mix[0]  # the weights this puts on each (rank-reduced) expert
         total, spread = float(a.sum()), float(a.abs().sum())
-        mix = mix / (total if abs(total) > 1e-3 * spread else spread)
+        if spread > 0:
+            mix = mix / (spread if total >= 0 else -spread)
     return mix[0]
 
 
@@ -136,7 +167,7 @@ def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_se
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
             combine: str = "usage", width_select: str = "norm", rescale: str = "selected") -> tuple[dict[str, torch.Tensor], dict]:
     lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
-    per_src = {i: combine_layer(t, i, combine) for i in sorted({i for g in lmap for i in g})}
+    per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in sorted({i for g in lmap for i in g})}
     return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
                  rescale=rescale)
 
@@ -178,7 +209,7 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.up_proj"] = u[ni].contiguous()
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
-    notes = depth_notes(lmap, len(meta["layers"]))
+    notes = depth_notes(lmap, len(meta["layers"])) + combine_notes(meta, combine)
     if notes:
         from ..console import notice
         for n in notes:
@@ -195,6 +226,17 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
                 "experts": {str(i): meta["experts"][str(i)] for g in lmap for i in g
                             if str(i) in (meta.get("experts") or {})} or None}
     return out, new_meta
+
+
+def combine_notes(meta: dict, combine: str) -> list[str]:
+    """Say when the chosen combination cannot matter (combine_layer: at expert rank 1, c drops out)."""
+    from .tucker import parse_ranks
+    if meta.get("method") == "mean" or combine not in ("usage", "uniform"):
+        return []
+    if parse_ranks(meta.get("ranks"))[2] == 1:
+        return [f"--combine {combine} at expert rank 1: the FFN is U3's single component (the combination only "
+                "fixes its sign), so usage and uniform give the same FFN"]
+    return []
 
 
 def depth_notes(lmap: list[list[int]], n_src: int) -> list[str]:
