@@ -482,3 +482,43 @@ def test_no_tucker_uniform_is_the_plain_mean(fx, tmp_path):
     out = {how: reshape.compute(t, meta, Target(2), combine=how, rescale="none")[0] for how in ("usage", "uniform")}
     assert torch.allclose(out["uniform"]["layers.0.gate_proj"], (e0[0].float() + e3[0].float()) / 2, atol=1e-6)
     assert torch.allclose(out["usage"]["layers.0.gate_proj"], 0.9 * e0[0].float() + 0.1 * e3[0].float(), atol=1e-6)
+
+
+def _card_params(out):
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["xpertctl"])["params"]
+
+
+def test_graft_card_records_the_options_applied(fx, tmp_path, cli):
+    src = fx / "olmoe"
+    ck = open_checkpoint(src)
+    code, _, err = cli("graft", src, "-t", "2L", "-o", tmp_path / "all")  # no stats: every expert, nothing to rescale
+    assert code == 0, err
+    p = _card_params(tmp_path / "all")
+    assert (p["criterion"], p["per_layer"], p["rescale"]) == ("all", ck.num_experts, "none")
+    sel = _selection(tmp_path, ck, [6, 1])
+    steps = [("decompose", src, sel, "-o", tmp_path / "f.safetensors", "--ranks", "full,full,1", "--no-align"),
+             ("reshape", tmp_path / "f.safetensors", "-t", "2L", "--combine", "uniform", "--layer-map", "first",
+              "-o", tmp_path / "a.safetensors"),
+             ("graft", tmp_path / "a.safetensors", "-o", tmp_path / "g")]
+    for s in steps:
+        code, _, err = cli(*s)
+        assert code == 0, err
+    p = _card_params(tmp_path / "g")
+    assert (p["ranks"], p["align"], p["combine"], p["layer_map"], p["criterion"]) == \
+        ("full,full,1", False, "uniform", "first", "test")
+    # options of the steps an adapted file already went through are refused, not silently ignored
+    for opt in (["--combine", "first"], ["--no-align"], ["--ranks", "full,full,2"], ["--stats", sel]):
+        code, _, err = cli("graft", tmp_path / "a.safetensors", *opt, "-o", tmp_path / "x")
+        assert_user_error(code, err, "already consolidated", opt[0].split("/")[0] if opt[0] != "--no-align" else "--align")
+        assert not (tmp_path / "x").exists()
+
+
+def test_fit_with_scratch_ffns_is_refused(fx, tmp_path, cli):
+    text = tmp_path / "t.txt"
+    text.write_text("the law shall apply")
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--fit", "down", "--calibration", f"a={text}",
+                       "--ffn-init", "scratch", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--fit down", "--ffn-init scratch")
+    assert not (tmp_path / "g").exists()

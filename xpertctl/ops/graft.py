@@ -212,7 +212,14 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
+    if fit != "none" and ffn_init == "scratch":
+        raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
+                         "be computed and thrown away; drop one of them")
     if is_adapted:
+        _refuse_one_shot_options(src, stats=stats, selection=selection, criterion=criterion, per_layer=per_layer,
+                                 ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker, weighting=weighting,
+                                 layer_map_how=layer_map_how, combine=combine, rescale=rescale,
+                                 width_select=width_select)
         rec_in = provenance.read(src, "adapted")
         like = Path(like) if like else Path(rec_in["source"]["path"])
         if not like.exists():
@@ -231,6 +238,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         s = rec_in.get("factors", {}).get("selection") or {}
         sel_summary = _selection_summary(s.get("criterion"), s.get("per_layer"), s.get("path"))
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
+        applied = applied_options(rec_in, s)
     else:
         if like is not None:
             raise XpertError("--like is for an adapted.safetensors source; an MoE source is its own reference")
@@ -267,6 +275,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                       width_select=width_select, rescale=rescale)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
+        applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     fit_rec = None
     if fit == "down":
@@ -279,9 +288,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."),
-        "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "weighting": weighting,
-        "layer_map": layer_map_how, "combine": combine, "rescale": rescale, "fit": fit_rec and fit_rec["params"],
-        "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
+        **applied, "fit": fit_rec and fit_rec["params"]},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
         residual_index=meta.get("residual_index"), experts=meta.get("experts"))
@@ -295,6 +302,32 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not is_adapted:
         reshape.unscaled_notice(meta)
     return path
+
+
+def applied_options(adapted_meta: dict, selection: dict) -> dict:
+    """The consolidation options that made the FFNs, as applied (for the card): from the adapted metadata
+    (an adapted file's own record, or the one-shot path's), not graft's defaults. A rescale that found
+    no routing weights is recorded as none."""
+    f = adapted_meta.get("factors") or {}
+    mean = f.get("method") == "mean"
+    return {"ranks": None if mean else f.get("ranks"), "align": f.get("align"), "no_tucker": mean,
+            "weighting": f.get("weighting"), "layer_map": adapted_meta.get("layer_map_method"),
+            "combine": adapted_meta.get("combine"),
+            "rescale": adapted_meta.get("rescale") if adapted_meta.get("routing_scale") else "none",
+            "width_select": adapted_meta.get("width_select"),
+            "criterion": selection.get("criterion"), "per_layer": selection.get("per_layer")}
+
+
+def _refuse_one_shot_options(src: Path, **given) -> None:
+    """An adapted file was already selected, decomposed and reshaped: options of those steps cannot apply."""
+    import inspect
+    defaults = inspect.signature(run).parameters
+    changed = [k for k, v in given.items() if v != defaults[k].default]
+    if changed:
+        flags = {"stats": "--stats", "align_neurons": "--align/--no-align", "layer_map_how": "--layer-map"}
+        names = ", ".join(flags.get(k, "--" + k.replace("_", "-")) for k in changed)
+        raise XpertError(f"{src}: an adapted file is already consolidated; {names} apply to the one-shot graft from "
+                         "an MoE (run decompose/reshape again to change them)")
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: int | None) -> dict:
