@@ -367,3 +367,72 @@ def test_fidelity_refuses_what_it_cannot_compare(fx, moes, tmp_path, cli):
     code, _, err = cli("fidelity", src, src, "-d", f"a={text}", "-o", out)
     assert_user_error(code, err, "MoE checkpoint")
     assert not out.exists()
+
+
+def _all_experts_selection(path, src):
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(src)
+    doc = {"criterion": "test", "per_layer": ck.num_experts, "source": ck.fingerprint, "num_experts": ck.num_experts,
+           "layers": [{"layer": i, "experts": list(range(ck.num_experts))} for i in ck.moe_layers]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v2"])
+def test_selected_mixture_of_every_expert_is_the_block_itself(fx, tmp_path, cli, family):
+    """With every expert selected, the 'selected mixture' reference must be the MoE block's own output
+    (transformers' module computes y): shared experts, and Qwen2-MoE's sigmoid gate on them, included."""
+    src = fx / family
+    sel = _all_experts_selection(tmp_path / "sel.json", src)
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", "2L", "--selection", sel, "--dtype", "float32", "-o", g)[0] == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "fid.json"
+    code, _, err = cli("fidelity", src, g, "-d", f"a={text}", "--seq-len", "128", "-o", out)
+    assert code == 0, err
+    for row in json.loads(out.read_text())["layers"]:
+        ref = row["references"]["selected_mixture"]
+        assert ref["rel_error"] < 1e-4 and ref["cosine"] > 0.9999, (row["sources"], ref)
+
+
+def _shared_weights(src, i, name):
+    w = {}
+    for f in src.glob("*.safetensors"):
+        w.update(load_file(str(f)))
+    return [w[f"model.layers.{i}.mlp.{name}.{m}.weight"].float() for m in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize("family,name,fold", [("qwen2_moe", "shared_expert", 0.5), ("deepseek_v2", "shared_experts", 1.0)])
+def test_shared_concat_appends_the_shared_expert(fx, tmp_path, cli, family, name, fold):
+    """--shared concat: the consolidated routed FFN (as --shared none makes it) with the shared expert's neurons
+    appended (read here straight from the safetensors), its down projection times the folded gate (Qwen2-MoE's
+    per-token sigmoid as 0.5, DeepSeek's ungated 1)."""
+    src = fx / family
+    outs = {}
+    for sh in ("none", "concat"):
+        outs[sh] = tmp_path / sh
+        code, _, err = cli("graft", src, "-t", "2L", "--shared", sh, "--dtype", "float32", "--rescale", "none",
+                           "-o", outs[sh])
+        assert code == 0, err
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(src)
+    none, cat = student_ffns(outs["none"], 2), student_ffns(outs["concat"], 2)
+    with safe_open(str(outs["concat"] / "model.safetensors"), "pt") as f:
+        rec = json.loads(f.metadata()["xpertctl"])
+    assert rec["params"]["shared"] == "concat"
+    assert "shared experts | appended" in (outs["concat"] / "README.md").read_text()
+    for t, group in enumerate(rec["layer_map"]):
+        gs, us, ds = _shared_weights(src, group[0], name)
+        I = ck.expert_ffn
+        assert cat[t][0].shape[0] == I + gs.shape[0]
+        assert torch.equal(cat[t][0][:I], none[t][0]) and torch.equal(cat[t][1][:I], none[t][1])
+        assert torch.equal(cat[t][2][:, :I], none[t][2])
+        assert torch.equal(cat[t][0][I:], gs) and torch.equal(cat[t][1][I:], us)
+        assert torch.allclose(cat[t][2][:, I:], ds * fold)
+
+
+def test_shared_concat_needs_shared_experts(fx, tmp_path, cli):
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--shared", "concat", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--shared concat", "no shared experts")
+    assert not (tmp_path / "g").exists()

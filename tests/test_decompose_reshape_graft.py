@@ -522,3 +522,22 @@ def test_fit_with_scratch_ffns_is_refused(fx, tmp_path, cli):
                        "--ffn-init", "scratch", "-o", tmp_path / "g")
     assert_user_error(code, err, "--fit down", "--ffn-init scratch")
     assert not (tmp_path / "g").exists()
+
+
+def test_shared_concat_step_by_step_equals_one_shot(fx, tmp_path, cli):
+    src = fx / "qwen2_moe"
+    ck = open_checkpoint(src)
+    sel = _selection(tmp_path, ck, [6, 1, 4])
+    steps = [("decompose", src, sel, "-o", tmp_path / "f.safetensors"),
+             ("reshape", tmp_path / "f.safetensors", "-t", "2L,d24,f30", "--shared", "concat", "-o", tmp_path / "a.safetensors"),
+             ("graft", tmp_path / "a.safetensors", "--seed", "3", "-o", tmp_path / "g1")]
+    for s in steps:
+        code, _, err = cli(*s)
+        assert code == 0, err
+    code, _, err = cli("graft", src, "-t", "2L,d24,f30", "--shared", "concat", "--selection", sel, "--seed", "3",
+                       "-o", tmp_path / "g2")
+    assert code == 0, err
+    a, b = load_file(str(tmp_path / "g1" / "model.safetensors")), load_file(str(tmp_path / "g2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "-o", tmp_path / "g3")  # --shared none says so
+    assert code == 0 and "shared experts" in err and "--shared concat" in err

@@ -13,6 +13,7 @@ CRITERIA = ("min", "mean", "vote", "random", "low", "all")  # select; the last t
 LAYER_MAPS = ("uniform", "first", "merge")  # reshape: depth map
 COMBINES = ("usage", "uniform", "literal", "first")  # reshape: expert-mode combination
 RESCALES = ("selected", "routed", "none")  # reshape: scale the down projection by the selected experts' or the whole block's routing mass
+SHARED = ("none", "concat")  # reshape/graft: drop the shared experts, or append their neurons to the FFN
 WEIGHTINGS = ("joint", "per-matrix")  # decompose: one expert-mode factor per layer, or one per matrix
 FITS = ("none", "down")  # graft: data-aware fit of the down projections
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps

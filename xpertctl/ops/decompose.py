@@ -221,6 +221,8 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
         tensors[f"layers.{i}.perm"] = torch.stack(perms)
     tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
     tensors[f"layers.{i}.weights"] = w
+    for m, x in zip(MATRICES, shared_ffn(ck, i) or ()):  # kept as is, for reshape --shared concat
+        tensors[f"layers.{i}.shared.{m}"] = x
     u3 = None
     if not no_tucker and weighting == "joint":  # a full expert mode needs no Gram: its factor is the identity
         u3 = torch.eye(len(ids)) if rank_spec[2] == "full" else expert_factor(joint_gram(experts), rank_spec[2], ranks)
@@ -268,6 +270,14 @@ def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None,
     return total or None, sel or None, None
 
 
+def shared_ffn(ck: Checkpoint, i: int) -> tuple[torch.Tensor, ...] | None:
+    """The shared expert(s) of layer i (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`: one MLP) in
+    float32, or None for families without them."""
+    if ck.family.shared is None:
+        return None
+    return tuple(x.float().contiguous() for x in ck.shared(i))
+
+
 def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | None, align_neurons: bool,
                 no_tucker: bool, errors: dict[str, float], weighting: str = "joint") -> dict:
     routed, selected, why = routing_masses(ck, doc)
@@ -278,6 +288,7 @@ def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | No
         "experts": {str(l["layer"]): list(l["experts"]) for l in doc["layers"]},
         "routed_mass": routed, "selected_mass": selected, "routing_note": why,
         "source": ck.fingerprint, "family": ck.family.name, "hidden": ck.hidden, "expert_ffn": ck.expert_ffn,
+        "shared_ffn": ck.shared_ffn, "shared_gate": "sigmoid" if ck.family.shared_gate else None,
         "selection": {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer"),
                       "path": str(Path(sel_path)), "sha256": provenance.sha256(Path(sel_path).read_bytes())
                       if Path(sel_path).is_file() else None},

@@ -8,7 +8,8 @@ block's own output y on the same tokens (restricted to the residual dimensions t
   (the least-squares scale of s; at it the error is sqrt(1 - cosine^2)),  norm_ratio = ||s|| / ||y||
 
 over all tokens at once. References on the same tokens: the selected experts' own routed mixture
-(the block with only the selected experts kept, routing weights as the router gave them), a fresh
+(the block with only the selected experts kept, routing weights as the router gave them, plus the
+shared experts where the family has them, gated per token as the block gates them), a fresh
 scratch FFN of the student's shape and init, and the zero FFN (rel_error 1: the floor to beat).
 """
 from __future__ import annotations
@@ -128,8 +129,10 @@ def scratch_ffn(shape_gate: torch.Size, d: int, std: float, seed: int) -> tuple[
             torch.randn(d, f, generator=g) * std)
 
 
-def selected_mixture(io: capture.BlockIO, experts: dict[int, tuple[torch.Tensor, ...]]) -> torch.Tensor | None:
-    """The block's routed output with only the selected experts kept (their routing weights as given)."""
+def selected_mixture(io: capture.BlockIO, experts: dict[int, tuple[torch.Tensor, ...]],
+                     shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | None:
+    """The block's output with only the selected experts kept: their routing weights as given, plus the
+    shared experts every token uses (shared = (gate, up, down, sigmoid gate weight or None))."""
     if io.index is None:
         return None
     out = torch.zeros_like(io.y)
@@ -138,7 +141,20 @@ def selected_mixture(io: capture.BlockIO, experts: dict[int, tuple[torch.Tensor,
         rows = w.nonzero().squeeze(-1)
         if rows.numel():
             out[rows] += w[rows, None] * ffn(io.x[rows], g, u, d)
+    if shared is not None:
+        g, u, d, gate = shared
+        s = ffn(io.x, g, u, d)
+        out += s if gate is None else torch.sigmoid(io.x @ gate.T) * s
     return out
+
+
+def shared_block(ck: Checkpoint, i: int) -> tuple[torch.Tensor, ...] | None:
+    """(gate, up, down, sigmoid gate weight [1, H] or None) of layer i's shared experts, or None."""
+    if ck.family.shared is None:
+        return None
+    from ..io import arch
+    key = arch.shared_gate_key(ck.family)
+    return (*(m.float() for m in ck.shared(i)), ck.tensor(key.format(i=i)).float() if key else None)
 
 
 class Meter:
@@ -150,6 +166,7 @@ class Meter:
         self.scratch = [[scratch_ffn(f[0].shape, f[0].shape[1], s.init_std, seed + t) for t, f in enumerate(s.ffns)]
                         for s in students]
         self.sel_experts: dict[tuple[int, tuple[int, ...]], dict[int, tuple]] = {}
+        self.shared: dict[int, tuple | None] = {}
         for s, ms in zip(students, self.meters):
             if s.experts is None:
                 continue
@@ -161,6 +178,8 @@ class Meter:
                         ids = list(key[1])
                         self.sel_experts[key] = {j: tuple(m.float() for m in e)
                                                  for j, e in zip(ids, ck.experts(i, ids))}
+                    if i not in self.shared:
+                        self.shared[i] = shared_block(ck, i)
 
     def __call__(self, io: capture.BlockIO) -> None:
         mix_cache: dict[tuple, torch.Tensor | None] = {}
@@ -175,7 +194,7 @@ class Meter:
                 if ms[t].selected is not None:
                     key = (io.layer, tuple(s.experts.get(io.layer, [])))
                     if key not in mix_cache:
-                        mix_cache[key] = selected_mixture(io, self.sel_experts[key])
+                        mix_cache[key] = selected_mixture(io, self.sel_experts[key], self.shared.get(io.layer))
                     if mix_cache[key] is not None:
                         ms[t].selected.add(mix_cache[key][:, ri], y)
 

@@ -25,7 +25,7 @@ from .decompose import MATRICES, mode3_sum
 from .ranking import top_indices
 from .tucker import _is_identity, reconstruct
 
-from ..specs import COMBINES, LAYER_MAPS, RESCALES, WIDTH_SELECTS
+from ..specs import COMBINES, LAYER_MAPS, RESCALES, SHARED, WIDTH_SELECTS
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
@@ -155,21 +155,49 @@ def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: 
 
 
 def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
-          rescale: str = "selected") -> list[list[int]]:
+          rescale: str = "selected", shared: str = "none") -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
     check_choices(layer_map_how, combine, width_select, rescale)
+    _choice(shared, SHARED, "--shared")
     if combine not in ("usage", "uniform") and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
-    target.check_fits(int(meta["hidden"]), int(meta["expert_ffn"]))
+    if shared == "concat" and not meta.get("shared_ffn"):
+        raise XpertError(f"--shared concat: the source ({meta.get('family')}) has no shared experts")
+    target.check_fits(int(meta["hidden"]), ffn_width(meta, shared))
     return layer_map(list(meta["layers"]), target.layers, layer_map_how)
 
 
+def ffn_width(meta: dict, shared: str) -> int:
+    """The consolidated FFN's width: one expert's, plus the shared experts' with --shared concat."""
+    return int(meta["expert_ffn"]) + (int(meta["shared_ffn"]) if shared == "concat" else 0)
+
+
+# Qwen2-MoE scales its shared expert by sigmoid(x . w) per token, which no dense FFN can carry; concat folds
+# it in as a constant: 0.5, the sigmoid's mean over inputs symmetric about 0 (data-free; on real text the mean
+# gate differs per layer, and `graft --fit` is the data-aware way to absorb it).
+SHARED_GATE_FOLD = 0.5
+
+
+def with_shared(ffn: tuple[torch.Tensor, ...], shared_mlp: tuple[torch.Tensor, ...], meta: dict) -> tuple[torch.Tensor, ...]:
+    """The shared expert's neurons appended to a consolidated FFN: [g; gs], [u; us], [d, c * ds] (c: 1, or
+    SHARED_GATE_FOLD for a sigmoid-gated shared expert). The sum of both FFNs, as the block sums them."""
+    c = SHARED_GATE_FOLD if meta.get("shared_gate") == "sigmoid" else 1.0
+    (g, u, d), (gs, us, ds) = ffn, shared_mlp
+    return torch.cat([g, gs.float()]), torch.cat([u, us.float()]), torch.cat([d, ds.float() * c], dim=1)
+
+
+def shared_of(t: dict[str, torch.Tensor], layers) -> dict[int, tuple[torch.Tensor, ...]]:
+    return {i: tuple(t[f"layers.{i}.shared.{m}"] for m in MATRICES) for i in layers if f"layers.{i}.shared.gate" in t}
+
+
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-            combine: str = "usage", width_select: str = "norm", rescale: str = "selected") -> tuple[dict[str, torch.Tensor], dict]:
-    lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
-    per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in sorted({i for g in lmap for i in g})}
+            combine: str = "usage", width_select: str = "norm", rescale: str = "selected",
+            shared: str = "none") -> tuple[dict[str, torch.Tensor], dict]:
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
+    used = sorted({i for g in lmap for i in g})
+    per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in used}
     return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
-                 rescale=rescale)
+                 rescale=rescale, shared=shared, shared_ffns=shared_of(t, used) if shared == "concat" else None)
 
 
 def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
@@ -189,12 +217,20 @@ def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, resc
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-          combine: str = "usage", width_select: str = "norm", rescale: str = "selected") -> tuple[dict[str, torch.Tensor], dict]:
-    """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width)."""
-    lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
+          combine: str = "usage", width_select: str = "norm", rescale: str = "selected", shared: str = "none",
+          shared_ffns: dict[int, tuple[torch.Tensor, ...]] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width); with
+    --shared concat each source layer's shared experts (shared_ffns) are appended after the rescale."""
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
     scales = routing_scale(per_src, meta, rescale)
     per_src = {i: (g, u, dn * scales[i]) if i in scales else (g, u, dn) for i, (g, u, dn) in per_src.items()}
-    H, I = int(meta["hidden"]), int(meta["expert_ffn"])
+    if shared == "concat":
+        missing = sorted(i for i in per_src if i not in (shared_ffns or {}))
+        if missing:
+            raise XpertError(f"--shared concat: no shared experts stored for source layers {missing} "
+                             "(factors made by an older xpertctl); run decompose again")
+        per_src = {i: with_shared(f, shared_ffns[i], meta) for i, f in per_src.items()}
+    H, I = int(meta["hidden"]), ffn_width(meta, shared)
     d, f = target.hidden or H, target.ffn or I
     dense = []
     for group in lmap:
@@ -210,13 +246,18 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
     notes = depth_notes(lmap, len(meta["layers"])) + combine_notes(meta, combine)
+    if shared == "none" and meta.get("shared_ffn"):
+        notes.append(f"the source's shared experts (FFN width {meta['shared_ffn']}), which every token uses, are not "
+                     "carried (--shared none keeps the FFN one routed expert wide); --shared concat appends them")
     if notes:
         from ..console import notice
         for n in notes:
             notice(n)
     new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap, "notes": notes,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
-                "rescale": rescale, "routing_scale": {str(i): v for i, v in scales.items()} or None,
+                "rescale": rescale, "shared": shared,
+                "shared_gate_fold": SHARED_GATE_FOLD if shared == "concat" and meta.get("shared_gate") else None,
+                "routing_scale": {str(i): v for i, v in scales.items()} or None,
                 "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
                 "routing_note": meta.get("routing_note"),
                 "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
@@ -259,16 +300,16 @@ def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "usage",
-        width_select: str = "norm", rescale: str = "selected", force: bool = False) -> Path:
+        width_select: str = "norm", rescale: str = "selected", shared: str = "none", force: bool = False) -> Path:
     """`xpertctl reshape`: adapted.safetensors."""
     from ..io import check_output
     check_output(out, force, [factors])
     t, meta = load_factors(factors)
     tensors, new_meta = compute(t, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
-                                rescale=rescale)
+                                rescale=rescale, shared=shared)
     rec = provenance.record("adapted", inputs=[provenance.file_fingerprint(factors)],
                             params={"target": str(target), "layer_map": layer_map_how, "combine": combine,
-                                    "width_select": width_select, "rescale": rescale}, **new_meta)
+                                    "width_select": width_select, "rescale": rescale, "shared": shared}, **new_meta)
     path = write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
     unscaled_notice(new_meta)
     return path
