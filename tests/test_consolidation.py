@@ -436,3 +436,34 @@ def test_shared_concat_needs_shared_experts(fx, tmp_path, cli):
     code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--shared", "concat", "-o", tmp_path / "g")
     assert_user_error(code, err, "--shared concat", "no shared experts")
     assert not (tmp_path / "g").exists()
+
+
+def test_fidelity_refuses_a_student_of_another_model(fx, moes, tmp_path, cli):
+    src, other = fx / "olmoe", moes["independent"][0]  # same hidden size and depth, another model
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", "2L,d24,f12", "--dtype", "float32", "-o", g)[0] == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", other, g, "-d", f"a={text}", "--seq-len", "128", "-o", out)
+    assert_user_error(code, err, str(g), "made from", "measure it against the model it was grafted from")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec,layer_map,note", [("5L", "uniform", "repeat"), ("2L", "merge", "pools")])
+def test_fidelity_counts_each_source_layer_once_and_says_how(moes, tmp_path, cli, spec, layer_map, note):
+    src, _, _ = moes["independent"]
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", spec, "--layer-map", layer_map, "--dtype", "float32", "-o", g)[0] == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", src, g, "-d", f"a={text}", "--seq-len", "128", "-o", out)
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    distinct = {}
+    for r in doc["layers"]:
+        distinct.setdefault(tuple(r["sources"]), r["rel_error"])
+    assert len(distinct) == (LAYERS if layer_map == "uniform" else 2)
+    assert doc["summary"]["student"]["rel_error"] == pytest.approx(sum(distinct.values()) / len(distinct))
+    assert any(note in n for n in doc["notes"]) and note in err
