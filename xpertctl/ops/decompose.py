@@ -267,7 +267,9 @@ def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None,
     total = {str(l["layer"]): float(l["routed_mass"]) for l in doc["layers"] if l.get("routed_mass", 0) > 0}
     sel = {str(l["layer"]): float(sum(l["routed"])) for l in doc["layers"]
            if str(l["layer"]) in total and l.get("routed") and sum(l["routed"]) > 0}
-    return total or None, sel or None, None
+    why = None if sel or not total else "the selection records no per-expert routing weights (made by an older " \
+        "xpertctl: run select again; --rescale routed uses the whole block's)"
+    return total or None, sel or None, why
 
 
 def shared_ffn(ck: Checkpoint, i: int) -> tuple[torch.Tensor, ...] | None:
