@@ -27,15 +27,16 @@ from xpertctl.specs import Target  # noqa: E402
 
 DEFAULT = dict(align_neurons=True, weighting="joint", ranks=None)
 VARIANTS = {  # name: (selection, decompose kwargs, combine, rescale)
-    "default (aligned, joint, full ranks, usage, routed scale)": ("min", DEFAULT, "usage", "routed"),
-    "default without the routed scale": ("min", DEFAULT, "usage", "none"),
+    "default (aligned, joint, full ranks, usage, selected-mass scale)": ("min", DEFAULT, "usage", "selected"),
+    "default with the whole block's routed mass (`--rescale routed`)": ("min", DEFAULT, "usage", "routed"),
+    "default without a scale (`--rescale none`)": ("min", DEFAULT, "usage", "none"),
     "literal paper (unaligned, per-matrix rank 1)": ("min", dict(align_neurons=False, weighting="per-matrix", ranks="full,full,1"), "literal", "none"),
     "unaligned mean (no Tucker)": ("min", dict(align_neurons=False, no_tucker=True), "usage", "none"),
-    "unaligned, joint, full ranks, routed scale": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "routed"),
-    "aligned, joint rank 1, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "routed"),
-    "aligned, joint energy 0.9, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "routed"),
-    "default, random selection": ("random", DEFAULT, "usage", "routed"),
-    "default, low selection": ("low", DEFAULT, "usage", "routed"),
+    "unaligned, joint, full ranks, selected scale": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "selected"),
+    "aligned, joint rank 1, selected scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "selected"),
+    "aligned, joint energy 0.9, selected scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "selected"),
+    "default, random selection": ("random", DEFAULT, "usage", "selected"),
+    "default, low selection": ("low", DEFAULT, "usage", "selected"),
 }
 
 
@@ -87,18 +88,19 @@ def main() -> None:
                                              s.residual_index, s.experts, 0.02, None))
     rows, tokens = fidelity.measure(ck, students, val, max_tokens=a.tokens, seq_len=a.seq_len)
     out = {"src": a.src, "depth": a.depth, "tokens": tokens, "variants": {}}
-    print(f"| variant | rel_error | cosine | LS scale | rel_error at LS scale |")
-    print("|---|---|---|---|---|")
+    print(f"| variant | rel_error | worst layer | cosine | LS scale | rel_error at LS scale |")
+    print("|---|---|---|---|---|---|")
     for s, r in zip(students, rows):
         m = fidelity.summary(r)
         out["variants"][s.label] = {"summary": m, "layers": r}
         x = m["student"]
-        print(f"| {s.label} | {x['rel_error']:.3f} | {x['cosine']:+.3f} | {x['scale']:.2f} | {x['rel_error_at_scale']:.3f} |")
+        worst = max(l["rel_error"] for l in r)
+        print(f"| {s.label} | {x['rel_error']:.3f} | {worst:.3f} | {x['cosine']:+.3f} | {x['scale']:.2f} | {x['rel_error_at_scale']:.3f} |")
     ref = fidelity.summary(rows[0])
     for name in ("selected_mixture", "scratch"):
         x = ref[name]
-        print(f"| reference: {name.replace('_', ' ')} | {x['rel_error']:.3f} | {x['cosine']:+.3f} | {x['scale']:.2f} | {x['rel_error_at_scale']:.3f} |")
-    print("| reference: zero FFN | 1.000 | +0.000 | - | 1.000 |")
+        print(f"| reference: {name.replace('_', ' ')} | {x['rel_error']:.3f} | | {x['cosine']:+.3f} | {x['scale']:.2f} | {x['rel_error_at_scale']:.3f} |")
+    print("| reference: zero FFN | 1.000 | 1.000 | +0.000 | - | 1.000 |")
     print(f"\n{sum(tokens.values())} val tokens, depth {a.depth}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -112,44 +112,64 @@ def _selection(path, src, ids, freq):
     return path
 
 
-def test_independent_experts_one_weighting_no_sign_flips(moes, tmp_path, cli):
-    """Unrelated experts: the FFN is sum_j c_j P_j(E_j) with the SAME positive usage weights c for gate, up and
-    down, each P_j a permutation of whole neurons: no matrix from another expert, no sign flip."""
+def _features(e):
+    """One row per neuron: its gate row, up row and down column together."""
+    return torch.cat([e[0], e[1], e[2].T], dim=1)
+
+
+def test_aligned_sum_of_independent_experts_moves_whole_neurons(moes, tmp_path, cli):
+    """Full ranks, aligned: every neuron of the FFN is sum_j c_j (neuron p_j(r) of expert j) with the usage
+    weights c, the same p_j for gate row, up row and down column, each p_j a permutation. The p_j are recovered
+    here from the FFN itself (largest projection on each expert's neurons), not taken from the code."""
     src, model, _ = moes["independent"]
     ids, freq = [4, 1, 3], [0.5, 0.3, 0.2]
     c = torch.tensor(freq) / sum(freq)
     sel = _selection(tmp_path / "sel.json", src, ids, freq)
-    fac = tmp_path / "f.safetensors"
-    assert cli("decompose", src, sel, "-o", fac)[0] == 0
-    t = load_file(str(fac))
-    adapted = tmp_path / "a.safetensors"
-    assert cli("reshape", fac, "--target", f"{LAYERS}L", "-o", adapted)[0] == 0
-    a = load_file(str(adapted))
-    for i in range(LAYERS):
-        assert torch.equal(t[f"layers.{i}.gate.U3"], t[f"layers.{i}.down.U3"])  # one weighting per layer
-        assert torch.equal(t[f"layers.{i}.gate.U3"], t[f"layers.{i}.up.U3"])
-        perms = t[f"layers.{i}.perm"]
-        ex = experts_of(model, i)
-        want = [torch.zeros_like(m) for m in ex[0]]
-        for n, j in enumerate(ids):
-            p = perms[n]
-            assert sorted(p.tolist()) == list(range(I))
-            g, u, d = ex[j]
-            for k, m in enumerate((g[p], u[p], d[:, p])):
-                want[k] += c[n] * m
-        got = [a[f"layers.{i}.{m}"] for m in ("gate_proj", "up_proj", "down_proj")]
-        for w, x in zip(want, got):
-            assert torch.isfinite(x).all()
-            assert torch.allclose(x, w, atol=1e-5)
-        # scale: a weighted average of unrelated experts, between sqrt(sum c^2) and 1 of an expert's norm
-        ratio = float(got[0].norm() / torch.stack([ex[j][0].norm() for j in ids]).mean())
-        assert float(c.norm()) * 0.8 < ratio < 1.0
-    # the literal reading takes each matrix's weighting on its own: they disagree on unrelated experts
-    lit = tmp_path / "lit.safetensors"
-    assert cli("decompose", src, sel, "-o", lit, "--no-align", "--weighting", "per-matrix", "--ranks", "full,full,1")[0] == 0
-    tl = load_file(str(lit))
-    assert any(not torch.allclose(tl[f"layers.{i}.gate.U3"].abs(), tl[f"layers.{i}.down.U3"].abs(), atol=1e-3)
-               for i in range(LAYERS))
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", f"{LAYERS}L", "--selection", sel, "--dtype", "float32", "-o", g)[0] == 0
+    for t, f in enumerate(student_ffns(g, LAYERS)):
+        ex = [tuple(m.detach() for m in experts_of(model, t)[j]) for j in ids]
+        feats = [_features(e) for e in ex]
+        got = _features(f)
+        want = torch.zeros_like(got)
+        for n, fe in enumerate(feats):
+            p = (got @ fe.T / (fe * fe).sum(1)).argmax(1)  # which neuron of expert n each FFN neuron holds
+            assert sorted(p.tolist()) == list(range(I)), (t, n)  # a permutation: whole neurons, none twice
+            want += c[n] * fe[p]
+        assert torch.allclose(got, want, atol=1e-5), t
+
+
+def test_joint_rank_one_is_one_weighting_for_gate_up_down(moes, tmp_path, cli):
+    """Unaligned, expert rank 1: with `joint` the weights on the experts (recovered per matrix by least squares)
+    are the same for gate, up and down and proportional to the leading eigenvector of the experts' joint Gram
+    (numpy); the literal `per-matrix` reading gives each matrix its own weights."""
+    import numpy as np
+    src, model, _ = moes["independent"]
+    ids, freq = [4, 1, 3], [0.5, 0.3, 0.2]
+    sel = _selection(tmp_path / "sel.json", src, ids, freq)
+    got = {}
+    for w in ("joint", "per-matrix"):
+        g = tmp_path / w
+        code, _, err = cli("graft", src, "-t", f"{LAYERS}L", "--selection", sel, "--no-align", "--ranks", "full,full,1",
+                           "--weighting", w, "--rescale", "none", "--dtype", "float32", "-o", g)
+        assert code == 0, err
+        got[w] = student_ffns(g, LAYERS)
+    differs = False
+    for t in range(LAYERS):
+        ex = [tuple(m.detach().double().numpy() for m in experts_of(model, t)[j]) for j in ids]
+        flat = np.stack([np.concatenate([m.ravel() for m in e]) for e in ex])
+        v = np.linalg.eigh(flat @ flat.T)[1][:, -1]
+        weights = {}
+        for w, ffns in got.items():
+            weights[w] = [np.linalg.lstsq(np.stack([e[k].ravel() for e in ex], 1), ffns[t][k].double().numpy().ravel(),
+                                          rcond=None)[0] for k in range(3)]
+        a = weights["joint"]
+        assert np.allclose(a[0], a[1], atol=1e-5) and np.allclose(a[0], a[2], atol=1e-5)
+        assert abs(abs(float(a[0] @ v)) / np.linalg.norm(a[0]) - 1) < 1e-5  # along the principal component
+        assert np.abs(a[0]).sum() == pytest.approx(1, abs=1e-4) and a[0].sum() > 0  # sum |a| = 1, positive sum
+        pm = weights["per-matrix"]
+        differs |= not (np.allclose(np.abs(pm[0]), np.abs(pm[2]), atol=1e-3))
+    assert differs
 
 
 def _own_capture(model, ids, layers):
@@ -203,6 +223,20 @@ def test_fidelity_matches_an_independent_computation(moes, tmp_path, cli):
         assert row["references"]["zero"]["rel_error"] == 1.0
         assert 0.9 < row["references"]["scratch"]["rel_error"] < 1.2
         assert row["tokens"] == ids.shape[1] * len(group)
+        # the selected experts' routed mixture, from the router's weight (softmax, top-2, OLMoE: not renormalized)
+        parts = []
+        for i in group:
+            x = xs[i]
+            top = (x @ model.model.layers[i].mlp.gate.weight.T).softmax(-1).topk(2, dim=-1)
+            mix = torch.zeros_like(x)
+            for j in (0, 2):
+                w = (top.values * (top.indices == j)).sum(-1, keepdim=True)
+                mix += w * swiglu(x, *(m.detach() for m in experts_of(model, i)[j]))
+            parts.append(mix[:, ri])
+        m = torch.cat(parts).detach()
+        ref = row["references"]["selected_mixture"]
+        assert ref["rel_error"] == pytest.approx(float((m - y).norm() / y.norm()), rel=1e-4)
+        assert ref["cosine"] == pytest.approx(float((m * y).sum() / (m.norm() * y.norm())), rel=1e-4, abs=1e-6)
 
 
 def test_fit_down_is_the_ridge_least_squares_solution_and_helps(moes, tmp_path, cli):
@@ -228,8 +262,9 @@ def test_fit_down_is_the_ridge_least_squares_solution_and_helps(moes, tmp_path, 
 
 
 def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli):
-    """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert; the
-    default --rescale routed multiplies each down projection by the layer's mean total per token."""
+    """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert. The default
+    --rescale selected multiplies each down projection by the mean weight per token the *selected* experts
+    receive; --rescale routed by the block's whole top-k weight per token (both from the router's own logits here)."""
     src, model, _ = moes["independent"]
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
@@ -246,16 +281,78 @@ def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli)
     assert cli("select", st, "-o", sel)[0] == 0
     doc = json.loads(sel.read_text())
     outs = {}
-    for r in ("routed", "none"):
+    for r in ("default", "selected", "routed", "none"):
         outs[r] = tmp_path / f"g-{r}"
-        assert cli("graft", src, "-t", f"{LAYERS}L", "--selection", sel, "--rescale", r, "--dtype", "float32",
-                   "-o", outs[r])[0] == 0
-    a, b = student_ffns(outs["routed"], LAYERS), student_ffns(outs["none"], LAYERS)
+        assert cli("graft", src, "-t", f"{LAYERS}L", "--selection", sel, "--dtype", "float32", "-o", outs[r],
+                   *([] if r == "default" else ["--rescale", r]))[0] == 0
+    got = {r: student_ffns(o, LAYERS) for r, o in outs.items()}
+    for t, lg in enumerate(logits):
+        probs = lg.float().softmax(-1)
+        top = probs.topk(2, dim=-1)
+        mass = float(top.values.sum()) / ids.shape[1]
+        chosen = doc["layers"][t]["experts"]
+        share = sum(float(top.values[top.indices == j].sum()) for j in chosen) / ids.shape[1]
+        assert 0 < share < mass < 1
+        none = got["none"][t]
+        assert torch.allclose(got["routed"][t][2], none[2] * mass, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(got["selected"][t][2], none[2] * share, atol=1e-6, rtol=1e-4)
+        assert torch.equal(got["default"][t][2], got["selected"][t][2])
+        assert all(torch.equal(got[r][t][k], none[k]) for r in got for k in (0, 1))  # gate, up untouched
+
+
+def _stats_with_routed(tmp_path, src, routed, top_k=2):
+    """A stats file for `src` with the given per-(layer, expert) routing weight sums (one domain, 100 tokens)."""
+    from safetensors.torch import save_file
+    from xpertctl.io import open_checkpoint, provenance
+    ck = open_checkpoint(src)
+    counts = torch.full((1, LAYERS, E), 30, dtype=torch.int64)
+    counts[0, :, 1] = 60  # expert 1 the most used everywhere
+    rec = provenance.record("stats", [], {}, source=ck.fingerprint, family="olmoe", top_k=top_k, num_experts=E,
+                            layers=list(range(LAYERS)), domains=["a"])
+    p = tmp_path / f"s{top_k}.safetensors"
+    save_file({"counts": counts, "mass": counts.float(), "tokens": torch.tensor([100]), "layers": torch.arange(LAYERS),
+               "routed": torch.tensor(routed, dtype=torch.float32).expand(1, LAYERS, E).contiguous()}, str(p),
+              metadata={"format": "pt", **provenance.as_metadata(rec)})
+    return p
+
+
+def test_zero_routed_mass_leaves_the_ffns_unscaled_and_says_so(moes, tmp_path, cli):
+    """A router that returns no weights records routed = 0: that is 'unknown', not 'scale by zero'."""
+    src, _, _ = moes["independent"]
+    st = _stats_with_routed(tmp_path, src, [0.0] * E)
+    outs = {}
+    for r in ("selected", "routed", "none"):
+        outs[r] = tmp_path / r
+        code, _, err = cli("graft", src, "-t", f"{LAYERS}L", "--stats", st, "--rescale", r, "--dtype", "float32",
+                           "-o", outs[r])
+        assert code == 0, err
+        if r != "none":
+            assert "no routing weights" in err and "experts' scale" in err
+    ffns = {r: student_ffns(o, LAYERS) for r, o in outs.items()}
     for t in range(LAYERS):
-        mass = doc["layers"][t]["routed_mass"]
-        assert mass == pytest.approx(float(s["routed"][0, t].sum() / s["tokens"][0]), rel=1e-5)
-        assert 0 < mass < 1
-        assert torch.allclose(a[t][2], b[t][2] * mass, atol=1e-7) and torch.equal(a[t][0], b[t][0])
+        assert float(ffns["selected"][t][2].norm()) > 0
+        assert torch.equal(ffns["selected"][t][2], ffns["none"][t][2])
+        assert torch.equal(ffns["routed"][t][2], ffns["none"][t][2])
+
+
+def test_stats_counted_with_another_top_k_do_not_scale(moes, tmp_path, cli):
+    """`stats --top-k 3` on a top-2 model: its routing weights are of three experts; the model routes with two."""
+    src, _, _ = moes["independent"]
+    routed = [5.0 + j for j in range(E)]
+    outs = {}
+    for k in (2, 3):
+        outs[k] = tmp_path / f"k{k}"
+        code, _, err = cli("graft", src, "-t", f"{LAYERS}L", "--stats", _stats_with_routed(tmp_path, src, routed, k),
+                           "--dtype", "float32", "-o", outs[k])
+        assert code == 0, err
+        assert ("top-k 3" in err and "routes with 2" in err) == (k == 3)
+    none = tmp_path / "none"
+    assert cli("graft", src, "-t", f"{LAYERS}L", "--stats", _stats_with_routed(tmp_path, src, routed, 3),
+               "--rescale", "none", "--dtype", "float32", "-o", none)[0] == 0
+    k2, k3, n = (student_ffns(o, LAYERS) for o in (outs[2], outs[3], none))
+    for t in range(LAYERS):
+        assert torch.equal(k3[t][2], n[t][2])
+        assert not torch.allclose(k2[t][2], n[t][2])
 
 
 def test_norm_matched_control_keeps_row_norms_not_content(moes, tmp_path, cli):
@@ -304,3 +401,103 @@ def test_fidelity_refuses_what_it_cannot_compare(fx, moes, tmp_path, cli):
     code, _, err = cli("fidelity", src, src, "-d", f"a={text}", "-o", out)
     assert_user_error(code, err, "MoE checkpoint")
     assert not out.exists()
+
+
+def _all_experts_selection(path, src):
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(src)
+    doc = {"criterion": "test", "per_layer": ck.num_experts, "source": ck.fingerprint, "num_experts": ck.num_experts,
+           "layers": [{"layer": i, "experts": list(range(ck.num_experts))} for i in ck.moe_layers]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v2"])
+def test_selected_mixture_of_every_expert_is_the_block_itself(fx, tmp_path, cli, family):
+    """With every expert selected, the 'selected mixture' reference must be the MoE block's own output
+    (transformers' module computes y): shared experts, and Qwen2-MoE's sigmoid gate on them, included."""
+    src = fx / family
+    sel = _all_experts_selection(tmp_path / "sel.json", src)
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", "2L", "--selection", sel, "--dtype", "float32", "-o", g)[0] == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "fid.json"
+    code, _, err = cli("fidelity", src, g, "-d", f"a={text}", "--seq-len", "128", "-o", out)
+    assert code == 0, err
+    for row in json.loads(out.read_text())["layers"]:
+        ref = row["references"]["selected_mixture"]
+        assert ref["rel_error"] < 1e-4 and ref["cosine"] > 0.9999, (row["sources"], ref)
+
+
+def _shared_weights(src, i, name):
+    w = {}
+    for f in src.glob("*.safetensors"):
+        w.update(load_file(str(f)))
+    return [w[f"model.layers.{i}.mlp.{name}.{m}.weight"].float() for m in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize("family,name,fold", [("qwen2_moe", "shared_expert", 0.5), ("deepseek_v2", "shared_experts", 1.0)])
+def test_shared_concat_appends_the_shared_expert(fx, tmp_path, cli, family, name, fold):
+    """--shared concat: the consolidated routed FFN (as --shared none makes it) with the shared expert's neurons
+    appended (read here straight from the safetensors), its down projection times the folded gate (Qwen2-MoE's
+    per-token sigmoid as 0.5, DeepSeek's ungated 1)."""
+    src = fx / family
+    outs = {}
+    for sh in ("none", "concat"):
+        outs[sh] = tmp_path / sh
+        code, _, err = cli("graft", src, "-t", "2L", "--shared", sh, "--dtype", "float32", "--rescale", "none",
+                           "-o", outs[sh])
+        assert code == 0, err
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(src)
+    none, cat = student_ffns(outs["none"], 2), student_ffns(outs["concat"], 2)
+    with safe_open(str(outs["concat"] / "model.safetensors"), "pt") as f:
+        rec = json.loads(f.metadata()["xpertctl"])
+    assert rec["params"]["shared"] == "concat"
+    assert "shared experts | appended" in (outs["concat"] / "README.md").read_text()
+    for t, group in enumerate(rec["layer_map"]):
+        gs, us, ds = _shared_weights(src, group[0], name)
+        I = ck.expert_ffn
+        assert cat[t][0].shape[0] == I + gs.shape[0]
+        assert torch.equal(cat[t][0][:I], none[t][0]) and torch.equal(cat[t][1][:I], none[t][1])
+        assert torch.equal(cat[t][2][:, :I], none[t][2])
+        assert torch.equal(cat[t][0][I:], gs) and torch.equal(cat[t][1][I:], us)
+        assert torch.allclose(cat[t][2][:, I:], ds * fold)
+
+
+def test_shared_concat_needs_shared_experts(fx, tmp_path, cli):
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--shared", "concat", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--shared concat", "no shared experts")
+    assert not (tmp_path / "g").exists()
+
+
+def test_fidelity_refuses_a_student_of_another_model(fx, moes, tmp_path, cli):
+    src, other = fx / "olmoe", moes["independent"][0]  # same hidden size and depth, another model
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", "2L,d24,f12", "--dtype", "float32", "-o", g)[0] == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", other, g, "-d", f"a={text}", "--seq-len", "128", "-o", out)
+    assert_user_error(code, err, str(g), "made from", "measure it against the model it was grafted from")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec,layer_map,note", [("5L", "uniform", "repeat"), ("2L", "merge", "pools")])
+def test_fidelity_counts_each_source_layer_once_and_says_how(moes, tmp_path, cli, spec, layer_map, note):
+    src, _, _ = moes["independent"]
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", spec, "--layer-map", layer_map, "--dtype", "float32", "-o", g)[0] == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", src, g, "-d", f"a={text}", "--seq-len", "128", "-o", out)
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    distinct = {}
+    for r in doc["layers"]:
+        distinct.setdefault(tuple(r["sources"]), r["rel_error"])
+    assert len(distinct) == (LAYERS if layer_map == "uniform" else 2)
+    assert doc["summary"]["student"]["rel_error"] == pytest.approx(sum(distinct.values()) / len(distinct))
+    assert any(note in n for n in doc["notes"]) and note in err

@@ -394,3 +394,150 @@ def test_joint_gram_in_chunks(monkeypatch):
     assert torch.allclose(decompose.joint_gram(experts), whole, rtol=1e-5, atol=1e-3)
     monkeypatch.setattr(decompose, "GRAM_CHUNK", 5 * 20 * 3)  # 3 rows per chunk, a short last one
     assert torch.allclose(decompose.joint_gram(experts), whole, rtol=1e-5, atol=1e-3)
+
+
+# ---- options that do what they say (issue 20) --------------------------------------------------
+
+def _doc(fx, tmp_path, ids, freq):
+    ck = open_checkpoint(fx / "olmoe")
+    doc = json.loads(_selection(tmp_path, ck, list(ids)).read_text())
+    for l in doc["layers"]:
+        l["freq"] = {"a": list(freq)}
+    return ck, doc
+
+
+def _scaled(ck, i, ids, scales):
+    """The selected experts of layer i with each expert's weights multiplied by a distinct scale (distinct norms)."""
+    return [tuple(m.float() * s for m in e) for e, s in zip(ck.experts(i, ids), scales)]
+
+
+def test_per_matrix_energy_fraction_truncates_each_matrix_expert_mode(fx, tmp_path, monkeypatch):
+    """`--weighting per-matrix --ranks full,full,F`: each matrix keeps the fewest expert components that hold a
+    fraction F of its own stack's energy (computed here from numpy's SVD), not the full rank."""
+    import numpy as np
+    ids, scales = [0, 3, 5, 6], [3.0, 1.5, 1.0, 0.5]
+    ck, doc = _doc(fx, tmp_path, ids, [0.25] * 4)
+    monkeypatch.setattr(decompose, "read_layer", lambda ck_, l: _scaled(ck_, l["layer"], l["experts"], scales))
+    t, _ = decompose.compute(ck, doc, "x", ranks="full,full,0.8", weighting="per-matrix", align_neurons=False)
+    kept = []
+    for k, m in enumerate(decompose.MATRICES):
+        x = np.stack([e[k].numpy().reshape(-1) for e in _scaled(ck, 0, ids, scales)], axis=1)
+        energy = np.linalg.svd(x, compute_uv=False) ** 2
+        want = int(np.searchsorted(np.cumsum(energy) / energy.sum(), 0.8 - 1e-12) + 1)
+        assert t[f"layers.0.{m}.U3"].shape == (4, want)
+        kept.append(want)
+    assert max(kept) < 4  # the fraction truncates here (it was silently the full rank)
+
+
+def test_expert_weights_stay_bounded_when_u3_mixes_signs():
+    """A truncated expert factor whose implied weights nearly cancel: |a_j| must not explode (it reached ~500x)."""
+    theta = torch.tensor(torch.pi / 4 - 0.001)
+    u3 = torch.stack([theta.cos(), -theta.sin()])[:, None]  # one component, opposite signs, almost equal size
+    for how in ("usage", "uniform"):
+        w = torch.tensor([0.6, 0.4])
+        a = u3 @ reshape.expert_mix(w, u3, how)  # the weights on the experts
+        assert float(a.abs().sum()) == pytest.approx(1.0, abs=1e-6)
+        assert float(a.sum()) >= 0
+    for n, seed in ((3, 0), (5, 1)):  # a full expert mode: exactly the usage weights, summing to 1
+        w = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+        w = w / w.sum()
+        assert torch.allclose(reshape.expert_mix(w, torch.eye(n), "usage"), w, atol=1e-7)
+
+
+def test_rank_one_usage_equals_uniform_and_the_card_says_so(fx, tmp_path):
+    ck, doc = _doc(fx, tmp_path, [0, 3, 5], [0.7, 0.2, 0.1])
+    t, meta = decompose.compute(ck, doc, "x", ranks="full,full,1")
+    outs = {how: reshape.compute(t, meta, Target(2), combine=how) for how in ("usage", "uniform")}
+    for k in outs["usage"][0]:
+        assert torch.allclose(outs["usage"][0][k].float(), outs["uniform"][0][k].float(), rtol=1e-5, atol=1e-7)
+    assert all(any("usage and uniform give the same FFN" in n for n in o[1]["notes"]) for o in outs.values())
+    t, meta = decompose.compute(ck, doc, "x", ranks="full,full,2")  # rank 2: c matters, no note
+    a, b = (reshape.compute(t, meta, Target(2), combine=how) for how in ("usage", "uniform"))
+    assert not torch.allclose(a[0]["layers.0.gate_proj"], b[0]["layers.0.gate_proj"])
+    assert not any("same FFN" in n for n in a[1]["notes"])
+
+
+def test_combine_first_at_full_ranks_is_the_principal_component(fx, tmp_path, monkeypatch):
+    """`first` at full ranks: mean(v) * sum_j v_j X_j with v the leading eigenvector of the experts' joint Gram
+    (computed here with numpy), not expert 0 divided by n."""
+    import numpy as np
+    ids, scales = [0, 3, 5], [0.5, 3.0, 1.0]  # expert 3 dominates: the principal component leans on it
+    ck, doc = _doc(fx, tmp_path, ids, [1 / 3] * 3)
+    monkeypatch.setattr(decompose, "read_layer", lambda ck_, l: _scaled(ck_, l["layer"], l["experts"], scales))
+    t, meta = decompose.compute(ck, doc, "x", align_neurons=False)
+    out, _ = reshape.compute(t, meta, Target(2, None, None), combine="first", rescale="none")
+    ex = _scaled(ck, 0, ids, scales)
+    flat = np.stack([np.concatenate([e[k].numpy().ravel() for k in range(3)]) for e in ex])
+    v = np.linalg.eigh(flat @ flat.T)[1][:, -1]
+    for k, m in enumerate(("gate_proj", "up_proj", "down_proj")):
+        want = v.mean() * sum(vj * e[k].numpy() for vj, e in zip(v, ex))
+        assert np.allclose(out[f"layers.0.{m}"].numpy(), want, atol=1e-5)
+        assert not torch.allclose(out[f"layers.0.{m}"], ex[0][k] / 3, atol=1e-3)
+
+
+def test_no_tucker_uniform_is_the_plain_mean(fx, tmp_path):
+    ck, doc = _doc(fx, tmp_path, [0, 3], [0.9, 0.1])
+    t, meta = decompose.compute(ck, doc, "x", no_tucker=True, align_neurons=False)
+    e0, e3 = ck.experts(0, [0, 3])
+    out = {how: reshape.compute(t, meta, Target(2), combine=how, rescale="none")[0] for how in ("usage", "uniform")}
+    assert torch.allclose(out["uniform"]["layers.0.gate_proj"], (e0[0].float() + e3[0].float()) / 2, atol=1e-6)
+    assert torch.allclose(out["usage"]["layers.0.gate_proj"], 0.9 * e0[0].float() + 0.1 * e3[0].float(), atol=1e-6)
+
+
+def _card_params(out):
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["xpertctl"])["params"]
+
+
+def test_graft_card_records_the_options_applied(fx, tmp_path, cli):
+    src = fx / "olmoe"
+    ck = open_checkpoint(src)
+    code, _, err = cli("graft", src, "-t", "2L", "-o", tmp_path / "all")  # no stats: every expert, nothing to rescale
+    assert code == 0, err
+    p = _card_params(tmp_path / "all")
+    assert (p["criterion"], p["per_layer"], p["rescale"]) == ("all", ck.num_experts, "none")
+    sel = _selection(tmp_path, ck, [6, 1])
+    steps = [("decompose", src, sel, "-o", tmp_path / "f.safetensors", "--ranks", "full,full,1", "--no-align"),
+             ("reshape", tmp_path / "f.safetensors", "-t", "2L", "--combine", "uniform", "--layer-map", "first",
+              "-o", tmp_path / "a.safetensors"),
+             ("graft", tmp_path / "a.safetensors", "-o", tmp_path / "g")]
+    for s in steps:
+        code, _, err = cli(*s)
+        assert code == 0, err
+    p = _card_params(tmp_path / "g")
+    assert (p["ranks"], p["align"], p["combine"], p["layer_map"], p["criterion"]) == \
+        ("full,full,1", False, "uniform", "first", "test")
+    # options of the steps an adapted file already went through are refused, not silently ignored
+    for opt in (["--combine", "first"], ["--no-align"], ["--ranks", "full,full,2"], ["--stats", sel]):
+        code, _, err = cli("graft", tmp_path / "a.safetensors", *opt, "-o", tmp_path / "x")
+        assert_user_error(code, err, "already consolidated", opt[0].split("/")[0] if opt[0] != "--no-align" else "--align")
+        assert not (tmp_path / "x").exists()
+
+
+def test_fit_with_scratch_ffns_is_refused(fx, tmp_path, cli):
+    text = tmp_path / "t.txt"
+    text.write_text("the law shall apply")
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--fit", "down", "--calibration", f"a={text}",
+                       "--ffn-init", "scratch", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--fit down", "--ffn-init scratch")
+    assert not (tmp_path / "g").exists()
+
+
+def test_shared_concat_step_by_step_equals_one_shot(fx, tmp_path, cli):
+    src = fx / "qwen2_moe"
+    ck = open_checkpoint(src)
+    sel = _selection(tmp_path, ck, [6, 1, 4])
+    steps = [("decompose", src, sel, "-o", tmp_path / "f.safetensors"),
+             ("reshape", tmp_path / "f.safetensors", "-t", "2L,d24,f30", "--shared", "concat", "-o", tmp_path / "a.safetensors"),
+             ("graft", tmp_path / "a.safetensors", "--seed", "3", "-o", tmp_path / "g1")]
+    for s in steps:
+        code, _, err = cli(*s)
+        assert code == 0, err
+    code, _, err = cli("graft", src, "-t", "2L,d24,f30", "--shared", "concat", "--selection", sel, "--seed", "3",
+                       "-o", tmp_path / "g2")
+    assert code == 0, err
+    a, b = load_file(str(tmp_path / "g1" / "model.safetensors")), load_file(str(tmp_path / "g2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "-o", tmp_path / "g3")  # --shared none says so
+    assert code == 0 and "shared experts" in err and "--shared concat" in err

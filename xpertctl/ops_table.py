@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -361,8 +361,12 @@ ALIGN = opt("align", True, "Permute each expert's neurons to match before combin
             "paper reading).", "--align/--no-align")
 WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
                 "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
-RESCALE = opt("rescale", "routed", "Scale each down projection by its source layer's mean top-k routing weight per "
-              "token (from the stats): routed, or none (the experts' own scale).", choices=RESCALES)
+RESCALE = opt("rescale", "selected", "Scale each down projection from the stats: selected (the mean routing weight per "
+              "token the selected experts receive), routed (the whole block's mean top-k weight per token) or none "
+              "(the experts' own scale).", choices=RESCALES)
+SHARED_OPT = opt("shared", "none", "Shared experts (Qwen2-MoE, DeepSeek): none (dropped: the FFN stays one expert wide) "
+                 "or concat (their neurons appended to the FFN, which widens by their width; Qwen2-MoE's per-token "
+                 "sigmoid gate folded in as 0.5).", choices=SHARED)
 LAYER_MAP = opt("layer_map", "uniform", "Depth map: uniform (evenly spaced), first (the first L), merge (group means).",
                 choices=LAYER_MAPS)
 COMBINE = opt("combine", "usage", "Expert combination: usage (selection frequencies; weights sum to 1), uniform, "
@@ -444,14 +448,14 @@ def _decompose(src, selection, out, ranks, align, weighting, no_tucker, as_json,
     return _summary(summaries.factors(path), as_json)
 
 
-def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, rescale, width_select, force):
+def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, rescale, shared, width_select, force):
     from .ops import reshape as op
     return op.run(factors, _target(target, layers, hidden, ffn, None), out, layer_map_how=layer_map,
-                  combine=combine, width_select=width_select, rescale=rescale, force=force)
+                  combine=combine, width_select=width_select, rescale=rescale, shared=shared, force=force)
 
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
-           align, weighting, no_tucker, layer_map, combine, rescale, width_select, fit, calibration, calibration_tokens,
+           align, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration, calibration_tokens,
            ridge, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
@@ -460,7 +464,7 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
     return op.run(src, out, target=target, like=like, tokenizer=tokenizer,
                   stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
                   align_neurons=align, weighting=weighting, no_tucker=no_tucker, layer_map_how=layer_map,
-                  combine=combine, rescale=rescale, fit=fit, calibration=calibration, calibration_tokens=calibration_tokens,
+                  combine=combine, rescale=rescale, shared=shared, fit=fit, calibration=calibration, calibration_tokens=calibration_tokens,
                   ridge=ridge, seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                   ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
 
@@ -599,7 +603,7 @@ COMMANDS: tuple[Command, ...] = (
             "xpertctl reshape factors.safetensors --target 12L,d2048,f1024 -o adapted.safetensors", (
                 arg("factors", "factors.safetensors from `xpertctl decompose`."),
                 replace(TARGET, default=REQUIRED), out_param("adapted.safetensors to write."), LAYERS, HIDDEN, FFN,
-                LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT, FORCE,
+                LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT, FORCE,
             ), _reshape),
     Command("graft", "Write a dense causal LM (HF directory) with XPERT FFNs.",
             "xpertctl graft adapted.safetensors -o student/\n"
@@ -616,7 +620,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int, range=POSITIVE),
                 RANKS, ALIGN, WEIGHTING,
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
-                LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT,
+                LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT,
                 opt("fit", "none", "Data-aware fit: none, or down (ridge least squares of each down projection to "
                     "the source MoE block's output on --calibration text).", choices=FITS),
                 opt("calibration", None, "With --fit down: NAME=PATH text to run the source on; repeat.", type=str,

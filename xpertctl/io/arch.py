@@ -18,6 +18,7 @@ class Family:
     block: str = "mlp"  # MoE block attribute in the per-expert layout
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     shared: str | None = None  # shared-expert MLP attribute inside the block
+    shared_gate: str | None = None  # a per-token sigmoid gate on the shared expert's output (Qwen2-MoE)
     experts_key: str = "num_experts"  # config key: number of routed experts
     ffn_key: str = "intermediate_size"  # config key: one expert's FFN width
     qk_norm: str | None = None  # "full": q_norm over all heads (OLMoE); "head": per head (Qwen3)
@@ -34,7 +35,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("mixtral", ("mixtral",), "MixtralForCausalLM", block="block_sparse_moe",
            expert_names=("w1", "w3", "w2"), experts_key="num_local_experts",
            requires=(".gate.weight",), forbids=("shared_expert", "kv_a_proj", "q_norm")),
-    Family("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", shared="shared_expert",
+    Family("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", shared="shared_expert", shared_gate="shared_expert_gate",
            ffn_key="moe_intermediate_size",
            requires=("shared_expert_gate.weight",)),
     Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", ffn_key="moe_intermediate_size",
@@ -82,6 +83,10 @@ def shared_keys(family: Family) -> tuple[str, str, str] | None:
     if family.shared is None:
         return None
     return tuple(f"{LAYER}.mlp.{family.shared}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def shared_gate_key(family: Family) -> str | None:
+    return None if family.shared_gate is None else f"{LAYER}.mlp.{family.shared_gate}.weight"
 
 
 def detect(keys: set[str], shapes: dict[str, list[int]]) -> list[Family]:

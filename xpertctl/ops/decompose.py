@@ -129,6 +129,12 @@ def stack(experts: list[tuple[torch.Tensor, ...]], k: int) -> torch.Tensor:
     return torch.stack([e[k].float() for e in experts], dim=-1)
 
 
+def _expert_gram(x: torch.Tensor) -> torch.Tensor:
+    """The n x n Gram of one matrix's stack (d1, d2, n) over its expert mode."""
+    xm = x.reshape(-1, x.shape[-1])
+    return (xm.T @ xm).double()
+
+
 def joint_gram(experts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """The experts' n x n Gram over gate, up and down together: G[j, k] = sum_m <X_mj, X_mk>.
 
@@ -215,20 +221,25 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
         tensors[f"layers.{i}.perm"] = torch.stack(perms)
     tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
     tensors[f"layers.{i}.weights"] = w
+    for m, x in zip(MATRICES, shared_ffn(ck, i) or ()):  # kept as is, for reshape --shared concat
+        tensors[f"layers.{i}.shared.{m}"] = x
     u3 = None
     if not no_tucker and weighting == "joint":  # a full expert mode needs no Gram: its factor is the identity
         u3 = torch.eye(len(ids)) if rank_spec[2] == "full" else expert_factor(joint_gram(experts), rank_spec[2], ranks)
     for k, m in enumerate(MATRICES):
         key = f"layers.{i}.{m}"
-        if no_tucker:
-            mean = torch.zeros(experts[0][k].shape)
-            for wj, e in zip(w.tolist(), experts):
-                mean += wj * e[k].float()
-            tensors[f"{key}.mean"] = mean
+        if no_tucker:  # both weightings: reshape's --combine usage takes .mean, --combine uniform .uniform
+            tensors[f"{key}.mean"] = mode3_sum((matrix(e, k) for e in experts), w.tolist())
+            tensors[f"{key}.uniform"] = mode3_sum((matrix(e, k) for e in experts), [1.0 / len(experts)] * len(experts))
             errors[key] = 0.0
             continue
         x = stack(experts, k)
         r = resolve(rank_spec, tuple(x.shape), ranks)
+        if u3 is None and isinstance(rank_spec[2], float):  # per-matrix with an energy fraction: this matrix's own
+            u3 = expert_factor(_expert_gram(x), rank_spec[2], ranks)
+            per_matrix_u3 = True
+        else:
+            per_matrix_u3 = False
         if u3 is not None:
             core, (u1, u2, u3m), err = tucker_given_experts(x, r[0], r[1], u3)
         else:
@@ -237,18 +248,49 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
         tensors.update({f"{key}.core": core, f"{key}.U1": u1, f"{key}.U2": u2, f"{key}.U3": u3m,
                         f"{key}.error": torch.tensor(err)})
         errors[key] = err
+        if per_matrix_u3:
+            u3 = None
     return tensors, errors
+
+
+def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None, str | None]:
+    """Per selected layer: the block's mean total top-k routing weight per token (`routed_mass`) and the
+    part of it the selected experts receive (`selected_mass`), from the stats behind the selection; and
+    why there are none. Stats made with `stats --top-k K` other than the model's own k record another
+    routing than the one the model runs: their masses are not used (the FFNs stay at the experts' scale)."""
+    k_stats, k_model = doc.get("top_k"), ck.top_k
+    if doc["layers"] and all("routed_mass" not in l for l in doc["layers"]):
+        return None, None, None
+    if k_stats is not None and k_model is not None and int(k_stats) != int(k_model):
+        return None, None, (f"the selection's stats were counted with top-k {k_stats} but {ck.path} routes with "
+                            f"{k_model}: their routing weights are not the model's")
+    total = {str(l["layer"]): float(l["routed_mass"]) for l in doc["layers"] if l.get("routed_mass", 0) > 0}
+    sel = {str(l["layer"]): float(sum(l["routed"])) for l in doc["layers"]
+           if str(l["layer"]) in total and l.get("routed") and sum(l["routed"]) > 0}
+    why = None if sel or not total else "the selection records no per-expert routing weights (made by an older " \
+        "xpertctl: run select again; --rescale routed uses the whole block's)"
+    return total or None, sel or None, why
+
+
+def shared_ffn(ck: Checkpoint, i: int) -> tuple[torch.Tensor, ...] | None:
+    """The shared expert(s) of layer i (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`: one MLP) in
+    float32, or None for families without them."""
+    if ck.family.shared is None:
+        return None
+    return tuple(x.float().contiguous() for x in ck.shared(i))
 
 
 def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | None, align_neurons: bool,
                 no_tucker: bool, errors: dict[str, float], weighting: str = "joint") -> dict:
+    routed, selected, why = routing_masses(ck, doc)
     return {
         "method": "mean" if no_tucker else "tucker", "ranks": ranks or DEFAULT_RANKS, "align": align_neurons,
         "weighting": None if no_tucker else weighting,
         "layers": [l["layer"] for l in doc["layers"]], "errors": errors,
         "experts": {str(l["layer"]): list(l["experts"]) for l in doc["layers"]},
-        "routed_mass": {str(l["layer"]): l["routed_mass"] for l in doc["layers"] if "routed_mass" in l} or None,
+        "routed_mass": routed, "selected_mass": selected, "routing_note": why,
         "source": ck.fingerprint, "family": ck.family.name, "hidden": ck.hidden, "expert_ffn": ck.expert_ffn,
+        "shared_ffn": ck.shared_ffn, "shared_gate": "sigmoid" if ck.family.shared_gate else None,
         "selection": {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer"),
                       "path": str(Path(sel_path)), "sha256": provenance.sha256(Path(sel_path).read_bytes())
                       if Path(sel_path).is_file() else None},

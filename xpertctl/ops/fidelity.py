@@ -8,7 +8,8 @@ block's own output y on the same tokens (restricted to the residual dimensions t
   (the least-squares scale of s; at it the error is sqrt(1 - cosine^2)),  norm_ratio = ||s|| / ||y||
 
 over all tokens at once. References on the same tokens: the selected experts' own routed mixture
-(the block with only the selected experts kept, routing weights as the router gave them), a fresh
+(the block with only the selected experts kept, routing weights as the router gave them, plus the
+shared experts where the family has them, gated per token as the block gates them), a fresh
 scratch FFN of the student's shape and init, and the zero FFN (rel_error 1: the floor to beat).
 """
 from __future__ import annotations
@@ -46,11 +47,13 @@ class Student:
     source: dict | None  # the source fingerprint it was made from
 
 
-def load_student(path: Path, hidden_source: int) -> Student:
-    """A grafted HF model directory or an adapted.safetensors, with its recorded layer map."""
+def load_student(path: Path, hidden_source: int, source: Checkpoint | None = None) -> Student:
+    """A grafted HF model directory or an adapted.safetensors, with its recorded layer map (checked to
+    come from `source` when given)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         rec = provenance.read(path, "adapted")
+        _check_made_from(path, rec, source)
         from safetensors.torch import load_file
         t = load_file(str(path))
         n = rec["target"]["layers"]
@@ -65,6 +68,7 @@ def load_student(path: Path, hidden_source: int) -> Student:
         if rec is None:
             raise XpertError(f"{path}: no xpertctl graft provenance (no layer map to compare against); "
                              "measure the model `xpertctl graft` wrote, before training")
+        _check_made_from(path, rec, source)
         n = rec["target"]["layers"]
         ffns = [tuple(ck.tensor(f"model.layers.{k}.mlp.{m}.weight").float() for m in MATS) for k in range(n)]
         ri_list = rec.get("residual_index")
@@ -79,6 +83,15 @@ def load_student(path: Path, hidden_source: int) -> Student:
     return Student(label=str(path), ffns=ffns, layer_map=[list(g) for g in rec["layer_map"]], residual_index=ri,
                    experts={int(k): list(v) for k, v in experts.items()} if experts else None,
                    init_std=std, source=rec.get("source"))
+
+
+def _check_made_from(path: Path, rec: dict, source: Checkpoint | None) -> None:
+    """A student made from another model maps onto that model's layers and hidden states, not these."""
+    made = rec.get("source") or {}
+    if source is not None and made and (made.get("sha256"), made.get("size")) != \
+            (source.fingerprint["sha256"], source.fingerprint["size"]):
+        raise XpertError(f"{path}: made from {made.get('path')}, not from {source.path}; measure it against the "
+                         "model it was grafted from")
 
 
 def _has_provenance(f: Path) -> bool:
@@ -128,8 +141,10 @@ def scratch_ffn(shape_gate: torch.Size, d: int, std: float, seed: int) -> tuple[
             torch.randn(d, f, generator=g) * std)
 
 
-def selected_mixture(io: capture.BlockIO, experts: dict[int, tuple[torch.Tensor, ...]]) -> torch.Tensor | None:
-    """The block's routed output with only the selected experts kept (their routing weights as given)."""
+def selected_mixture(io: capture.BlockIO, experts: dict[int, tuple[torch.Tensor, ...]],
+                     shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | None:
+    """The block's output with only the selected experts kept: their routing weights as given, plus the
+    shared experts every token uses (shared = (gate, up, down, sigmoid gate weight or None))."""
     if io.index is None:
         return None
     out = torch.zeros_like(io.y)
@@ -138,7 +153,20 @@ def selected_mixture(io: capture.BlockIO, experts: dict[int, tuple[torch.Tensor,
         rows = w.nonzero().squeeze(-1)
         if rows.numel():
             out[rows] += w[rows, None] * ffn(io.x[rows], g, u, d)
+    if shared is not None:
+        g, u, d, gate = shared
+        s = ffn(io.x, g, u, d)
+        out += s if gate is None else torch.sigmoid(io.x @ gate.T) * s
     return out
+
+
+def shared_block(ck: Checkpoint, i: int) -> tuple[torch.Tensor, ...] | None:
+    """(gate, up, down, sigmoid gate weight [1, H] or None) of layer i's shared experts, or None."""
+    if ck.family.shared is None:
+        return None
+    from ..io import arch
+    key = arch.shared_gate_key(ck.family)
+    return (*(m.float() for m in ck.shared(i)), ck.tensor(key.format(i=i)).float() if key else None)
 
 
 class Meter:
@@ -150,6 +178,7 @@ class Meter:
         self.scratch = [[scratch_ffn(f[0].shape, f[0].shape[1], s.init_std, seed + t) for t, f in enumerate(s.ffns)]
                         for s in students]
         self.sel_experts: dict[tuple[int, tuple[int, ...]], dict[int, tuple]] = {}
+        self.shared: dict[int, tuple | None] = {}
         for s, ms in zip(students, self.meters):
             if s.experts is None:
                 continue
@@ -161,6 +190,8 @@ class Meter:
                         ids = list(key[1])
                         self.sel_experts[key] = {j: tuple(m.float() for m in e)
                                                  for j, e in zip(ids, ck.experts(i, ids))}
+                    if i not in self.shared:
+                        self.shared[i] = shared_block(ck, i)
 
     def __call__(self, io: capture.BlockIO) -> None:
         mix_cache: dict[tuple, torch.Tensor | None] = {}
@@ -175,7 +206,7 @@ class Meter:
                 if ms[t].selected is not None:
                     key = (io.layer, tuple(s.experts.get(io.layer, [])))
                     if key not in mix_cache:
-                        mix_cache[key] = selected_mixture(io, self.sel_experts[key])
+                        mix_cache[key] = selected_mixture(io, self.sel_experts[key], self.shared.get(io.layer))
                     if mix_cache[key] is not None:
                         ms[t].selected.add(mix_cache[key][:, ri], y)
 
@@ -194,8 +225,33 @@ class Meter:
         return out
 
 
+def layer_notes(rows: list[dict]) -> list[str]:
+    """What the per-layer rows and their means stand for when the map is not one source layer per target."""
+    notes, seen = [], {}
+    for r in rows:
+        key = tuple(r["sources"])
+        if key in seen:
+            seen[key].append(r["target"])
+        else:
+            seen[key] = [r["target"]]
+        if len(key) > 1 and len(seen[key]) == 1:
+            notes.append(f"target layer {r['target']} pools source layers {', '.join(map(str, key))} "
+                         "(--layer-map merge): its row is measured over the tokens of all of them")
+    for key, ts in seen.items():
+        if len(ts) > 1:
+            notes.append(f"target layers {', '.join(map(str, ts))} repeat source layer(s) {', '.join(map(str, key))} "
+                         "(a target deeper than the source): the summary counts them once")
+    return notes
+
+
 def summary(rows: list[dict]) -> dict:
-    """Mean over target layers of each measure, for the student and each reference."""
+    """Mean of each measure over the distinct source-layer groups (target layers that repeat the same
+    source layers count once), for the student and each reference."""
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(tuple(r["sources"]), r)
+    rows = list(firsts.values())
+
     def mean(key, ref=None):
         vals = [(r if ref is None else r["references"][ref] or {}).get(key) for r in rows]
         vals = [v for v in vals if v is not None]
@@ -250,9 +306,7 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
     ck = open_checkpoint(src).require_moe()
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, Path(student), *paths.values()])
-    st = load_student(student, ck.hidden)
-    if st.source and (st.source.get("sha256"), st.source.get("size")) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
-        notice(f"{student} was made from {st.source.get('path')}, not from {src}: comparing anyway")
+    st = load_student(student, ck.hidden, ck)
     rows_per, tokens = measure(ck, [st], domains, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                                batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
                                stream_tokens=stream_tokens, seed=seed)
@@ -262,9 +316,13 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
                             params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens,
                                     "seq_len": seq_len, "batch_size": batch_size, "dtype": dtype,
                                     "stream_layers": stream_layers}, seed=seed)
+    notes = layer_notes(rows)
     doc = {"kind": "fidelity", "source": str(Path(src).resolve()), "student": str(Path(student).resolve()),
-           "tokens": tokens, "layers": rows, "summary": summary(rows), "xpertctl": rec}  # the key every artifact uses
+           "tokens": tokens, "layers": rows, "summary": summary(rows), "notes": notes,
+           "xpertctl": rec}  # the key every artifact uses
     err.print(table(rows, f"fidelity of {student} against {src}"))
+    for n in notes:
+        notice(n)
     with atomic_path(Path(out), force) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
     return Path(out)

@@ -18,7 +18,7 @@ from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
 from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
-from ..specs import DTYPES, FFN_INITS, Target, parse_dtype
+from ..specs import DTYPES, FFN_INITS, SHARED, Target, parse_dtype
 from . import decompose, reshape
 from .tucker import parse_ranks
 from . import select as sel
@@ -183,6 +183,7 @@ def card(rec: dict, config, ffn_init: str) -> str:
         "| | |", "|---|---|",
         f"| source | `{rec['source']['path']}` ({rec['family']}) |",
         f"| selection | {rec.get('selection_summary', '-')} |",
+        f"| shared experts | {_shared_summary(rec)} |",
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
@@ -191,11 +192,19 @@ def card(rec: dict, config, ffn_init: str) -> str:
     return "\n".join(lines)
 
 
+def _shared_summary(rec: dict) -> str:
+    p = rec.get("params") or {}
+    if p.get("shared") != "concat":
+        return "not carried (`--shared none`)"
+    fold = p.get("shared_gate_fold")
+    return "appended to the FFN (`--shared concat`)" + (f"; the per-token sigmoid gate folded in as {fold}" if fold else "")
+
+
 def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None,
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = True, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
-        combine: str = "usage", rescale: str = "routed", fit: str = "none", calibration: list[str] | None = None,
+        combine: str = "usage", rescale: str = "selected", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
         calibration_tokens: int | None = 65536, ridge: float = 1e-3, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -208,19 +217,29 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
+    reshape._choice(shared, SHARED, "--shared")
     check_output(out, force, inputs + list(cal_paths.values()), marker="config.json")
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
     if src.is_file() and provenance.kind_of(src) not in (None, "adapted", "weights"):
         provenance.refuse_other_kind(src, "adapted", " (from `xpertctl reshape`) or an MoE checkpoint")
+    if fit != "none" and ffn_init == "scratch":
+        raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
+                         "be computed and thrown away; drop one of them")
     if is_adapted:
+        _refuse_one_shot_options(src, stats=stats, selection=selection, criterion=criterion, per_layer=per_layer,
+                                 ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker, weighting=weighting,
+                                 layer_map_how=layer_map_how, combine=combine, rescale=rescale,
+                                 width_select=width_select, shared=shared)
         rec_in = provenance.read(src, "adapted")
         like = Path(like) if like else Path(rec_in["source"]["path"])
         if not like.exists():
             raise XpertError(f"{src}: its source {like} is gone; pass --like SRC")
         ck = open_checkpoint(like).require_moe()
-        _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l)
+        _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l,
+                        reshape.ffn_width({"expert_ffn": ck.expert_ffn, "shared_ffn": ck.shared_ffn},
+                                          rec_in.get("shared") or "none"))
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if (rec_in["source"]["sha256"], rec_in["source"]["size"]) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
             raise XpertError(f"{src}: adapted from {rec_in['source']['path']}, not from --like {like}")
@@ -234,14 +253,18 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         s = rec_in.get("factors", {}).get("selection") or {}
         sel_summary = _selection_summary(s.get("criterion"), s.get("per_layer"), s.get("path"))
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
+        applied = applied_options(rec_in, s)
     else:
         if like is not None:
             raise XpertError("--like is for an adapted.safetensors source; an MoE source is its own reference")
         if target is None:
             raise XpertError("--target is required (e.g. 12L or 12L,d2048,f1024)")
         ck = open_checkpoint(src).require_moe()
+        if shared == "concat" and not ck.shared_ffn:
+            raise XpertError(f"--shared concat: {ck.path} ({ck.family.name}) has no shared experts")
+        full_ffn = ck.expert_ffn + (ck.shared_ffn if shared == "concat" else 0)
         _validate_early(ck, {"layers": target.layers, "hidden": target.hidden or ck.hidden,
-                             "ffn": target.ffn or ck.expert_ffn}, heads, arch, dtype, ffn_init, inherit_l)
+                             "ffn": target.ffn or full_ffn}, heads, arch, dtype, ffn_init, inherit_l, full_ffn)
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if selection is not None and stats is not None:
             raise XpertError("give --stats or --selection, not both")
@@ -256,7 +279,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
         # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
-        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale)
+        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared)
         per_src: dict[int, tuple] = {}
         if decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
@@ -267,10 +290,13 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         else:
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
-                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
+                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
+        shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
+                       if shared == "concat" else None)
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
-                                      width_select=width_select, rescale=rescale)
+                                      width_select=width_select, rescale=rescale, shared=shared, shared_ffns=shared_ffns)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
+        applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     fit_rec = None
     if fit == "down":
@@ -283,9 +309,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."),
-        "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "weighting": weighting,
-        "layer_map": layer_map_how, "combine": combine, "rescale": rescale, "fit": fit_rec and fit_rec["params"],
-        "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
+        **applied, "fit": fit_rec and fit_rec["params"]},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
         residual_index=meta.get("residual_index"), experts=meta.get("experts"))
@@ -299,6 +323,33 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not is_adapted:
         reshape.unscaled_notice(meta)
     return path
+
+
+def applied_options(adapted_meta: dict, selection: dict) -> dict:
+    """The consolidation options that made the FFNs, as applied (for the card): from the adapted metadata
+    (an adapted file's own record, or the one-shot path's), not graft's defaults. A rescale that found
+    no routing weights is recorded as none."""
+    f = adapted_meta.get("factors") or {}
+    mean = f.get("method") == "mean"
+    return {"ranks": None if mean else f.get("ranks"), "align": f.get("align"), "no_tucker": mean,
+            "weighting": f.get("weighting"), "layer_map": adapted_meta.get("layer_map_method"),
+            "combine": adapted_meta.get("combine"),
+            "rescale": adapted_meta.get("rescale") if adapted_meta.get("routing_scale") else "none",
+            "width_select": adapted_meta.get("width_select"), "shared": adapted_meta.get("shared") or "none",
+            "shared_gate_fold": adapted_meta.get("shared_gate_fold"),
+            "criterion": selection.get("criterion"), "per_layer": selection.get("per_layer")}
+
+
+def _refuse_one_shot_options(src: Path, **given) -> None:
+    """An adapted file was already selected, decomposed and reshaped: options of those steps cannot apply."""
+    import inspect
+    defaults = inspect.signature(run).parameters
+    changed = [k for k, v in given.items() if v != defaults[k].default]
+    if changed:
+        flags = {"stats": "--stats", "align_neurons": "--align/--no-align", "layer_map_how": "--layer-map"}
+        names = ", ".join(flags.get(k, "--" + k.replace("_", "-")) for k in changed)
+        raise XpertError(f"{src}: an adapted file is already consolidated; {names} apply to the one-shot graft from "
+                         "an MoE (run decompose/reshape again to change them)")
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: int | None) -> dict:
@@ -350,10 +401,10 @@ def _check_options(dtype: str, ffn_init: str) -> None:
 
 
 def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, dtype: str | None, ffn_init: str,
-                    inherit: list[str]) -> None:
+                    inherit: list[str], full_ffn: int | None = None) -> None:
     """Fail on bad options before the (possibly long) select/decompose/reshape work."""
     _check_options(dtype or "float32", ffn_init)
-    Target(target["layers"], target["hidden"], target["ffn"], heads).check_fits(ck.hidden, ck.expert_ffn)
+    Target(target["layers"], target["hidden"], target["ffn"], heads).check_fits(ck.hidden, full_ffn or ck.expert_ffn)
     config, src_heads = target_config(ck, target["hidden"], target["ffn"], target["layers"], heads, arch,
                                       dtype or "float32", inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)

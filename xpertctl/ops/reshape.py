@@ -26,7 +26,7 @@ from .decompose import MATRICES, mode3_sum
 from .ranking import top_indices
 from .tucker import _is_identity, reconstruct
 
-from ..specs import COMBINES, LAYER_MAPS, RESCALES, WIDTH_SELECTS
+from ..specs import COMBINES, LAYER_MAPS, RESCALES, SHARED, WIDTH_SELECTS
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
@@ -35,24 +35,35 @@ def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
     return value
 
 
-def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage") -> tuple[torch.Tensor, ...]:
+def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage", weighting: str = "joint") -> tuple[torch.Tensor, ...]:
     """One (gate [I,H], up [I,H], down [H,I]) from the factors of source layer i.
 
-    `usage`/`uniform`: W = sum_j a_j X~_j, the rank-reduced experts X~ = G x1 U1 x2 U2 x3 U3 averaged
-    with weights a = U3 U3^T c (c: usage frequencies or 1/n) rescaled to sum to 1, so W sits at the
-    experts' own scale whatever the sign or spread of U3 (with a full expert mode, a = c).
+    `usage`/`uniform`: W = sum_j a_j X~_j, the rank-reduced experts X~ = G x1 U1 x2 U2 x3 U3 combined
+    with weights a = U3 U3^T c (c: usage frequencies or 1/n), rescaled so sum_j |a_j| = 1 with
+    sum_j a_j > 0: W is never larger than the largest X~_j, and when U3 keeps every expert (a = c) or
+    puts no negative weight on one, it is their weighted average. At expert rank 1, a is U3's one
+    column up to its sign, whatever c: `usage` and `uniform` then give the same FFN.
     `literal`: c = 1/n without that rescaling (the paper read literally: mean(u3) * sum_j u3_j X_j at
-    rank 1). `first`: only the first expert-mode component, c = 1/n."""
+    rank 1). `first`: only the first principal component of the expert mode, c = 1/n
+    (mean(v) * sum_j v_j X~_j, v the leading eigenvector of the experts' Gram; joint over gate, up and
+    down unless the factors were made `--weighting per-matrix`). Factors made with --no-tucker hold
+    the usage- and the uniform-weighted mean."""
     out = []
     w = t[f"layers.{i}.weights"].float()
+    pc = principal_component(t, i) if how == "first" and weighting == "joint" else None
     for m in MATRICES:
         key = f"layers.{i}.{m}"
-        if f"{key}.mean" in t:  # --no-tucker factors: already one matrix
-            out.append(t[f"{key}.mean"].float())
+        if f"{key}.mean" in t:  # --no-tucker factors: already one matrix per weighting
+            k = f"{key}.uniform" if how == "uniform" else f"{key}.mean"
+            if k not in t:
+                raise XpertError(f"--combine {how}: these --no-tucker factors hold only the usage-weighted mean "
+                                 "(made by an older xpertctl); run decompose again")
+            out.append(t[k].float())
             continue
         core, u1, u2, u3 = (t[f"{key}.{s}"].float() for s in ("core", "U1", "U2", "U3"))
         if how == "first":
-            core = core[:, :, :1]
+            v = pc if pc is not None else principal_component(t, i, (m,))
+            core, u3 = _first_component(core, u3, v)
         mix = expert_mix(w, u3, how)
         if _is_identity(u1) and _is_identity(u2):  # full row/column ranks: a weighted sum of the core's slices
             out.append(mode3_sum((core[:, :, r].contiguous() for r in range(core.shape[2])), mix.tolist()))
@@ -61,10 +72,29 @@ def combine_layer(t: dict[str, torch.Tensor], i: int, how: str = "usage") -> tup
     return tuple(out)
 
 
+def principal_component(t: dict[str, torch.Tensor], i: int, mats=MATRICES) -> torch.Tensor | None:
+    """The leading eigenvector [r3] of the cores' expert-mode Gram over `mats` (None: U3 is not the
+    identity, so its first column already is the leading component HOSVD found)."""
+    if not all(_is_identity(t[f"layers.{i}.{m}.U3"].float()) for m in mats):
+        return None
+    gram = None
+    for m in mats:
+        c = t[f"layers.{i}.{m}.core"].double().reshape(-1, t[f"layers.{i}.{m}.core"].shape[-1])
+        gram = c.T @ c if gram is None else gram + c.T @ c
+    return torch.linalg.eigh(gram).eigenvectors[:, -1].float()
+
+
+def _first_component(core: torch.Tensor, u3: torch.Tensor, v: torch.Tensor | None):
+    """The core and expert factor restricted to the first expert-mode component (v: rotate first)."""
+    if v is None:
+        return core[:, :, :1], u3[:, :1]
+    return (core @ v)[:, :, None], (u3 @ v)[:, None]
+
+
 def expert_mix(w: torch.Tensor, u3: torch.Tensor, how: str = "usage") -> torch.Tensor:
     """The expert-mode combination [r3] that combine_layer applies to the core (see there): c^T U3,
-    rescaled for `usage`/`uniform` so the implied weights on the experts sum to 1. With a full expert
-    mode (U3 = I) these are the weights on the experts themselves."""
+    rescaled for `usage`/`uniform` so the implied weights on the experts have sum_j |a_j| = 1 and a
+    positive sum. With a full expert mode (U3 = I) these are the weights on the experts themselves."""
     n = w.numel()
     c = w if how == "usage" else torch.full((n,), 1.0 / n)
     if how == "first":
@@ -73,7 +103,8 @@ def expert_mix(w: torch.Tensor, u3: torch.Tensor, how: str = "usage") -> torch.T
     if how in ("usage", "uniform"):
         a = u3 @ mix[0]  # the weights this puts on each (rank-reduced) expert
         total, spread = float(a.sum()), float(a.abs().sum())
-        mix = mix / (total if abs(total) > 1e-3 * spread else spread)
+        if spread > 0:
+            mix = mix / (spread if total >= 0 else -spread)
     return mix[0]
 
 
@@ -125,42 +156,82 @@ def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: 
 
 
 def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
-          rescale: str = "routed") -> list[list[int]]:
+          rescale: str = "selected", shared: str = "none") -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
     check_choices(layer_map_how, combine, width_select, rescale)
+    _choice(shared, SHARED, "--shared")
     if combine not in ("usage", "uniform") and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
-    target.check_fits(int(meta["hidden"]), int(meta["expert_ffn"]))
+    if shared == "concat" and not meta.get("shared_ffn"):
+        raise XpertError(f"--shared concat: the source ({meta.get('family')}) has no shared experts")
+    target.check_fits(int(meta["hidden"]), ffn_width(meta, shared))
     return layer_map(list(meta["layers"]), target.layers, layer_map_how)
 
 
+def ffn_width(meta: dict, shared: str) -> int:
+    """The consolidated FFN's width: one expert's, plus the shared experts' with --shared concat."""
+    return int(meta["expert_ffn"]) + (int(meta["shared_ffn"]) if shared == "concat" else 0)
+
+
+# Qwen2-MoE scales its shared expert by sigmoid(x . w) per token, which no dense FFN can carry; concat folds
+# it in as a constant: 0.5, the sigmoid's mean over inputs symmetric about 0 (data-free; on real text the mean
+# gate differs per layer, and `graft --fit` is the data-aware way to absorb it).
+SHARED_GATE_FOLD = 0.5
+
+
+def with_shared(ffn: tuple[torch.Tensor, ...], shared_mlp: tuple[torch.Tensor, ...], meta: dict) -> tuple[torch.Tensor, ...]:
+    """The shared expert's neurons appended to a consolidated FFN: [g; gs], [u; us], [d, c * ds] (c: 1, or
+    SHARED_GATE_FOLD for a sigmoid-gated shared expert). The sum of both FFNs, as the block sums them."""
+    c = SHARED_GATE_FOLD if meta.get("shared_gate") == "sigmoid" else 1.0
+    (g, u, d), (gs, us, ds) = ffn, shared_mlp
+    return torch.cat([g, gs.float()]), torch.cat([u, us.float()]), torch.cat([d, ds.float() * c], dim=1)
+
+
+def shared_of(t: dict[str, torch.Tensor], layers) -> dict[int, tuple[torch.Tensor, ...]]:
+    return {i: tuple(t[f"layers.{i}.shared.{m}"] for m in MATRICES) for i in layers if f"layers.{i}.shared.gate" in t}
+
+
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-            combine: str = "usage", width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
-    lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
-    per_src = {i: combine_layer(t, i, combine) for i in sorted({i for g in lmap for i in g})}
+            combine: str = "usage", width_select: str = "norm", rescale: str = "selected",
+            shared: str = "none") -> tuple[dict[str, torch.Tensor], dict]:
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
+    used = sorted({i for g in lmap for i in g})
+    per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in used}
     return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
-                 rescale=rescale)
+                 rescale=rescale, shared=shared, shared_ffns=shared_of(t, used) if shared == "concat" else None)
 
 
 def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
-    """Each source layer's down-projection factor: its mean top-k routing weight per token.
+    """Each source layer's down-projection factor, from the stats behind the selection.
 
-    The MoE block outputs sum_k w_k E_k(x); when the top-k weights sum to less than one (OLMoE's
-    softmax over all experts, no renormalization) a dense FFN at one expert's scale overshoots the
-    block by 1/sum(w). The stats record that sum; without stats the FFNs stay at the experts' scale."""
+    The MoE block outputs sum_k w_k E_k(x). `selected` (default): the mean routing weight per token the
+    selected experts receive (0 on tokens routed elsewhere), the share of the block they make: the
+    consolidated FFN stands for them, not for the whole block. `routed`: the block's whole mean top-k
+    weight per token (OLMoE's top-k softmax weights sum to less than one), as if the FFN stood for every
+    expert; on the committed teacher it overshoots where the consolidated FFN agrees poorly with the
+    block (four layer-domain pairs worse than the zero FFN; README method section). Without stats the
+    FFNs stay at the experts' scale."""
     if rescale == "none":
         return {}
-    masses = meta.get("routed_mass") or {}
-    return {i: float(masses[str(i)]) for i in per_src if str(i) in masses}
+    masses = meta.get("selected_mass" if rescale == "selected" else "routed_mass") or {}
+    return {i: float(masses[str(i)]) for i in per_src if float(masses.get(str(i), 0)) > 0}
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-          combine: str = "usage", width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
-    """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width)."""
-    lmap = check(meta, target, layer_map_how, combine, width_select, rescale)
+          combine: str = "usage", width_select: str = "norm", rescale: str = "selected", shared: str = "none",
+          shared_ffns: dict[int, tuple[torch.Tensor, ...]] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width); with
+    --shared concat each source layer's shared experts (shared_ffns) are appended after the rescale."""
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
     scales = routing_scale(per_src, meta, rescale)
     per_src = {i: (g, u, dn * scales[i]) if i in scales else (g, u, dn) for i, (g, u, dn) in per_src.items()}
-    H, I = int(meta["hidden"]), int(meta["expert_ffn"])
+    if shared == "concat":
+        missing = sorted(i for i in per_src if i not in (shared_ffns or {}))
+        if missing:
+            raise XpertError(f"--shared concat: no shared experts stored for source layers {missing} "
+                             "(factors made by an older xpertctl); run decompose again")
+        per_src = {i: with_shared(f, shared_ffns[i], meta) for i, f in per_src.items()}
+    H, I = int(meta["hidden"]), ffn_width(meta, shared)
     d, f = target.hidden or H, target.ffn or I
     dense = []
     for group in lmap:
@@ -175,22 +246,39 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.up_proj"] = u[ni].contiguous()
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
-    notes = depth_notes(lmap, len(meta["layers"]))
+    notes = depth_notes(lmap, len(meta["layers"])) + combine_notes(meta, combine)
+    if shared == "none" and meta.get("shared_ffn"):
+        notes.append(f"the source's shared experts (FFN width {meta['shared_ffn']}), which every token uses, are not "
+                     "carried (--shared none keeps the FFN one routed expert wide); --shared concat appends them")
     if notes:
         from ..console import notice
         for n in notes:
             notice(n)
     new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap, "notes": notes,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
-                "rescale": rescale, "routing_scale": {str(i): v for i, v in scales.items()} or None,
-                "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale == "routed" else [],
+                "rescale": rescale, "shared": shared,
+                "shared_gate_fold": SHARED_GATE_FOLD if shared == "concat" and meta.get("shared_gate") else None,
+                "routing_scale": {str(i): v for i, v in scales.items()} or None,
+                "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
+                "routing_note": meta.get("routing_note"),
                 "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
-                "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "selection")},
+                "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "weighting", "selection")},
                 # what `fidelity` needs to compare against the source: kept residual dims, selected experts
                 "residual_index": ri.tolist() if d < H else None,
                 "experts": {str(i): meta["experts"][str(i)] for g in lmap for i in g
                             if str(i) in (meta.get("experts") or {})} or None}
     return out, new_meta
+
+
+def combine_notes(meta: dict, combine: str) -> list[str]:
+    """Say when the chosen combination cannot matter (combine_layer: at expert rank 1, c drops out)."""
+    from .tucker import parse_ranks
+    if meta.get("method") == "mean" or combine not in ("usage", "uniform"):
+        return []
+    if parse_ranks(meta.get("ranks"))[2] == 1:
+        return [f"--combine {combine} at expert rank 1: the FFN is U3's single component (the combination only "
+                "fixes its sign), so usage and uniform give the same FFN"]
+    return []
 
 
 def depth_notes(lmap: list[list[int]], n_src: int) -> list[str]:
@@ -213,16 +301,16 @@ def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "usage",
-        width_select: str = "norm", rescale: str = "routed", force: bool = False) -> Path:
+        width_select: str = "norm", rescale: str = "selected", shared: str = "none", force: bool = False) -> Path:
     """`xpertctl reshape`: adapted.safetensors."""
     from ..io import check_output
     check_output(out, force, [factors])
     t, meta = load_factors(factors)
     tensors, new_meta = compute(t, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
-                                rescale=rescale)
+                                rescale=rescale, shared=shared)
     rec = provenance.record("adapted", inputs=[provenance.file_fingerprint(factors)],
                             params={"target": str(target), "layer_map": layer_map_how, "combine": combine,
-                                    "width_select": width_select, "rescale": rescale}, **new_meta)
+                                    "width_select": width_select, "rescale": rescale, "shared": shared}, **new_meta)
     path = write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
     unscaled_notice(new_meta)
     return path
@@ -232,5 +320,6 @@ def unscaled_notice(meta: dict) -> None:
     """After a successful write: say which FFNs --rescale routed could not scale (no stats behind them)."""
     if meta.get("unscaled_layers"):
         from ..console import notice
-        notice(f"--rescale routed: no routing weights recorded for source layers {meta['unscaled_layers']} "
-               "(selection made without stats); those FFNs stay at the experts' scale")
+        why = meta.get("routing_note") or "selection made without stats"
+        notice(f"--rescale {meta.get('rescale')}: no routing weights for source layers {meta['unscaled_layers']} "
+               f"({why}); those FFNs stay at the experts' scale")

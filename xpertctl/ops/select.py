@@ -96,9 +96,10 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             "freq": {d: [float(f[k, j]) for j in ids] for k, d in enumerate(stats.domains)},
             "prob": {d: [round(float(prob[k, li, j]), 6) for j in ids] for k, d in enumerate(stats.domains)},
         })
-        if stats.routed is not None:  # mean total top-k routing weight per token: the block's output scale
-            per_domain = stats.routed[:, li, :].sum(-1) / np.maximum(stats.tokens, 1)
-            layers[-1]["routed_mass"] = float(per_domain.mean())
+        if stats.routed is not None and stats.routed[:, li, :].sum() > 0:  # all zeros: a router that gave no weights
+            per_expert = (stats.routed[:, li, :] / np.maximum(stats.tokens, 1)[:, None]).mean(0)
+            layers[-1]["routed_mass"] = float(per_expert.sum())  # mean total top-k weight per token: the block's scale
+            layers[-1]["routed"] = [float(per_expert[j]) for j in ids]  # the share each chosen expert receives
     return layers
 
 
