@@ -340,7 +340,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, weighting, no_tucker, layer_map, combine, rescale, width_select, fit, calibration, calibration_tokens,
-           ridge, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
+           ridge, holdout, ridge_select, fit_steps, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -349,7 +349,8 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
                   align_neurons=align, weighting=weighting, no_tucker=no_tucker, layer_map_how=layer_map,
                   combine=combine, rescale=rescale, fit=fit, calibration=calibration, calibration_tokens=calibration_tokens,
-                  ridge=ridge, seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
+                  ridge=ridge, holdout=holdout, ridge_select=ridge_select, fit_steps=fit_steps, stream_layers=stream_layers,
+                  seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                   ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
 
 
@@ -497,14 +498,25 @@ COMMANDS: tuple[Command, ...] = (
                 RANKS, ALIGN, WEIGHTING,
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
                 LAYER_MAP, COMBINE, RESCALE, WIDTH_SELECT,
-                opt("fit", "none", "Data-aware fit: none, or down (ridge least squares of each down projection to "
-                    "the source MoE block's output on --calibration text).", choices=FITS),
-                opt("calibration", None, "With --fit down: NAME=PATH text to run the source on; repeat.", type=str,
+                opt("fit", "none", "Data-aware fit to the source MoE block's output on --calibration text: none; "
+                    "down (ridge least squares of each down projection, ridge chosen on held-out documents); ffn "
+                    "(gate, up and down optimized from there, stopped at the best held-out error). A layer whose "
+                    "held-out error does not beat the consolidation's keeps it.", choices=FITS),
+                opt("calibration", None, "With --fit: NAME=PATH text to run the source on; repeat.", type=str,
                     multiple=True, path=_after("="), check=_check_domain),
-                opt("calibration_tokens", 65536, "With --fit down: tokens per calibration domain."),
-                opt("ridge", 1e-3, "With --fit down: ridge, relative to the mean activation energy."),
-                opt("seq_len", None, "With --fit down: window length (default: min(1024, max positions)).", type=int),
-                opt("device", "cpu", "With --fit down: torch device for the source model."),
+                opt("calibration_tokens", 65536, "With --fit: tokens fitted per calibration domain."),
+                opt("ridge", None, "With --fit: a fixed ridge (relative to the mean activation energy) instead of "
+                    "the one chosen on held-out documents.", type=float),
+                opt("holdout", 0.1, "With --fit: share of each domain's documents held out (never fitted) to "
+                    "choose the ridge, stop the ffn fit and report held-out fidelity."),
+                opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "
+                    "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
+                    "documents (documents: best on text like it), or their mean (both).", choices=("domains", "documents", "both")),
+                opt("fit_steps", 500, "With --fit ffn: at most this many Adam steps per layer (1024 tokens each)."),
+                flag("stream_layers", "With --fit: run the source one decoder layer at a time (models larger than "
+                     "memory)."),
+                opt("seq_len", None, "With --fit: window length (default: min(1024, max positions)).", type=int),
+                opt("device", "cpu", "With --fit: torch device for the source model."),
                 opt("arch", "llama", "Target class: llama, or qwen3 (per-head QK-norm).", choices=ARCHS),
                 opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
                     check=_check_inherit),
