@@ -2,6 +2,12 @@
 
     python bench/fidelity_variants.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini]
         [--depth 6] [--tokens 4000] [--json out.json]
+    python bench/fidelity_variants.py --per-domain [--split test] [--fit-steps 500]
+
+`--per-domain` (issue 20): stats and calibration on all of the train split, and each student measured
+on each domain's test split on its own (4,096 tokens each): the default, the default without the
+alignment sweeps, the validated `--fit down` (ridge chosen by domains, or by held-out documents) and
+`--fit ffn`; per domain the mean and the worst layer.
 
 Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
 built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
@@ -50,16 +56,78 @@ def student_of(ck, doc, target, kwargs, combine, rescale, label):
         experts={int(k): v for k, v in (meta.get("experts") or {}).items()}, init_std=0.02, source=None)
 
 
+def per_domain(a) -> None:
+    import contextlib
+    from xpertctl.ops import capture
+    ck = open_checkpoint(a.src)
+    corpus = Path(a.corpus)
+    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
+    train = [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names]
+    t0 = time.perf_counter()
+    runner = capture.prepare(ck, train, seq_len=a.seq_len, sample_seed=0)
+    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=a.seq_len,
+                           batch_size=8, max_tokens=None, device="cpu")
+    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
+                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
+    doc = sel.selection_doc(st, sel.choose(st, "min", None, 0), "min", None, 0)
+    doc["source"] = None
+    target = Target(layers=a.depth)
+    adapted, meta, base = student_of(ck, doc, target, DEFAULT, "usage", "routed", "default (no fit)")
+
+    @contextlib.contextmanager
+    def no_sweeps():
+        old, decompose.SWEEP_MAX_EXPERTS = decompose.SWEEP_MAX_EXPERTS, 0
+        try:
+            yield
+        finally:
+            decompose.SWEEP_MAX_EXPERTS = old
+    with no_sweeps():
+        students = [base, student_of(ck, doc, target, DEFAULT, "usage", "routed", "default without the alignment sweeps")[2]]
+    fits = {"--fit down (ridge by domains)": dict(method="down", select="domains"),
+            "--fit down --ridge-select documents": dict(method="down", select="documents"),
+            f"--fit ffn (--fit-steps {a.fit_steps})": dict(method="ffn", select="domains", steps=a.fit_steps)}
+    for label, kw in fits.items():
+        t1 = time.perf_counter()
+        out, _ = fit.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
+                         max_tokens=65536, **kw)
+        print(f"{label}: fitted in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+        students.append(fidelity.Student(label, [tuple(out[f"layers.{k}.{m}"] for m in fidelity.MATS)
+                                                 for k in range(a.depth)], base.layer_map, base.residual_index,
+                                         base.experts, 0.02, None))
+    table: dict[str, dict[str, list[float]]] = {}
+    for n in names:
+        rows, _ = fidelity.measure(ck, students, [f"{n}={corpus / a.split / (n + '.txt')}"], max_tokens=4096,
+                                   seq_len=a.seq_len)
+        for s_, r in zip(students, rows):
+            table.setdefault(s_.label, {})[n] = [x["rel_error"] for x in r]
+        table.setdefault("reference: the selected experts' own routed mixture", {})[n] = [
+            x["references"]["selected_mixture"]["rel_error"] for x in rows[0]]
+    print(f"| variant (mean / worst layer, {a.split} split) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, per in table.items():
+        print(f"| {label} | " + " | ".join(f"{sum(v) / len(v):.3f} / {max(v):.3f}" for v in per.values()) + " |")
+    print(f"\n{a.split} split, 4,096 tokens per domain, depth {a.depth}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=str(ROOT / "fixtures/teacher"))
     ap.add_argument("--corpus", default=str(ROOT / "fixtures/corpus-mini"))
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=4000)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None, help="default 256; 512 with --per-domain (graft's)")
     ap.add_argument("--fit", action="store_true", help="also the data-aware down fit (calibrated on train)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--per-domain", action="store_true", help="per-domain table on --split (see the docstring)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--fit-steps", type=int, default=500)
     a = ap.parse_args()
+    if a.per_domain:
+        a.seq_len = a.seq_len or 512
+        return per_domain(a)
+    a.seq_len = a.seq_len or 256
     ck = open_checkpoint(a.src)
     corpus = Path(a.corpus)
     names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
@@ -81,7 +149,7 @@ def main() -> None:
         students.append(s)
         if a.fit and label.startswith("default ("):
             downs = fit.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
-                                 batch_size=8, max_tokens=a.tokens, device="cpu")
+                                 batch_size=8, max_tokens=a.tokens, device="cpu")  # validated (ridge by domains)
             ffns = [(g, u, downs[k]) for k, (g, u, _) in enumerate(s.ffns)]
             students.append(fidelity.Student("default + fit down (ridge, calibrated on train)", ffns, s.layer_map,
                                              s.residual_index, s.experts, 0.02, None))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, RIDGE_SELECTS, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -511,7 +511,7 @@ COMMANDS: tuple[Command, ...] = (
                     "choose the ridge, stop the ffn fit and report held-out fidelity."),
                 opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "
                     "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
-                    "documents (documents: best on text like it), or their mean (both).", choices=("domains", "documents", "both")),
+                    "documents (documents: best on text like it), or their mean (both).", choices=RIDGE_SELECTS),
                 opt("fit_steps", 500, "With --fit ffn: at most this many Adam steps per layer (1024 tokens each)."),
                 flag("stream_layers", "With --fit: run the source one decoder layer at a time (models larger than "
                      "memory)."),

@@ -15,6 +15,7 @@ COMBINES = ("usage", "uniform", "literal", "first")  # reshape: expert-mode comb
 RESCALES = ("routed", "none")  # reshape: scale the down projection by the layer's routing mass
 WEIGHTINGS = ("joint", "per-matrix")  # decompose: one expert-mode factor per layer, or one per matrix
 FITS = ("none", "down", "ffn")  # graft: data-aware fit of the down projections, or of the whole FFN
+RIDGE_SELECTS = ("domains", "documents", "both")  # graft --fit: what the ridge is chosen on (ops/fit.py)
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
 FFN_INITS = ("xpert", "scratch", "norm-matched")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms

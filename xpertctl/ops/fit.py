@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from ..console import err, notice
 from ..errors import XpertError
 from ..io.checkpoint import Checkpoint
+from ..specs import RIDGE_SELECTS as SELECTS  # what the ridge is chosen on (see scores)
 from . import capture
 
-SELECTS = ("domains", "documents", "both")  # what the ridge is chosen on (see scores)
 RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # relative to trace(A^T A) / f
 HOLDOUT = 0.1
 HELD = "held out"
