@@ -238,3 +238,19 @@ def test_fit_options_refuse_bad_values(moe, tmp_path, cli, args, needle):
     code, _, err = cli("graft", src, "-t", "2L", *args, "-o", out)
     assert_user_error(code, err, needle)
     assert not out.exists()
+
+
+def test_fit_with_the_source_streamed_layer_by_layer_gives_the_same_ffns(moe, tmp_path, cli):
+    src, _, texts = moe
+    cal = [x for n, p in texts.items() for x in ("--calibration", f"{n}={p}")]
+    outs = {}
+    for name, extra in (("mem", []), ("stream", ["--stream-layers"])):
+        outs[name] = tmp_path / name
+        code, _, err = cli("graft", src, "-t", "2L", "--fit", "ffn", "--fit-steps", "30", *cal, "--seq-len", "128",
+                           "--dtype", "float32", *extra, "-o", outs[name])
+        assert code == 0, err
+    a, b = student_ffns(outs["mem"], 2), student_ffns(outs["stream"], 2)
+    for t in range(2):
+        for x, y in zip(a[t], b[t]):
+            assert torch.allclose(x, y, atol=1e-4, rtol=1e-3)
+    assert any(r["kept"] == "ffn" for r in provenance_of(outs["stream"])["params"]["fit"]["layers"])
