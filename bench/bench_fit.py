@@ -6,7 +6,7 @@
   ffn     one-shot graft to 12L with `--fit ffn --stream-layers` on N calibration tokens (two sizes):
           peak RSS and time per 1k calibration tokens.
 
-    python bench/bench_fit.py DATA [sweeps] [ffn] [--tokens 2048,4096] [--fit-steps 100]
+    python bench/bench_fit.py DATA [sweeps] [ffn] [--tokens 2048,4096] [--fit-steps 25]
 
 DATA holds olmoe-shaped/ and olmoe-shaped.stats.safetensors (bench/make_olmoe_shaped.py writes them)."""
 from __future__ import annotations
@@ -76,7 +76,7 @@ if __name__ == "__main__":
     ap.add_argument("data", type=Path)
     ap.add_argument("what", nargs="*", default=["sweeps", "ffn"])
     ap.add_argument("--tokens", default="2048,4096")
-    ap.add_argument("--fit-steps", type=int, default=100)
+    ap.add_argument("--fit-steps", type=int, default=25)
     a = ap.parse_args()
     if "sweeps" in a.what:
         sweeps(a.data)
