@@ -1,8 +1,8 @@
 """OLMoE-1B-7B-shaped figures for issue 20 (under /usr/bin/time -v: wall, peak RSS), each printed with the
 1-minute load average before the run (the 2-core machine is shared):
 
-  sweeps  one-shot `graft --stats ... --target 12L` with the two alignment sweeps and without them
-          (decompose.SWEEP_MAX_EXPERTS = 0, set in-process): what the sweeps cost;
+  sweeps  one-shot `graft --stats ... --target 12L` with the two alignment sweeps (`--align-sweeps 2`,
+          the default before issue 20) and without them (the default now): what the sweeps cost;
   ffn     one-shot graft to 12L with `--fit ffn --stream-layers` on N calibration tokens (two sizes):
           peak RSS and time per 1k calibration tokens.
 
@@ -40,16 +40,15 @@ def timed(cmd: list[str]) -> dict:
             "load_after": load(), "stderr": r.stderr}
 
 
-def graft_cmd(data: Path, out: Path, *extra: str, sweeps: bool = True) -> list[str]:
-    pre = "" if sweeps else "import xpertctl.ops.decompose as d; d.SWEEP_MAX_EXPERTS = 0; "
-    return [PY, "-c", pre + "import sys; from xpertctl.cli import main; sys.argv[0] = 'xpertctl'; main()", "graft", str(data / "olmoe-shaped"), "--stats",
+def graft_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "xpertctl.cli", "graft", str(data / "olmoe-shaped"), "--stats",
             str(data / "olmoe-shaped.stats.safetensors"), "--target", "12L", "-o", str(out), "--force", *extra]
 
 
 def sweeps(data: Path) -> None:
     for on in (True, False):
         out = data / "olmoe-12L-bench"
-        r = timed(graft_cmd(data, out, sweeps=on))
+        r = timed(graft_cmd(data, out, *(["--align-sweeps", "2"] if on else [])))
         shutil.rmtree(out, ignore_errors=True)
         print(f"graft olmoe-shaped -> 12L with stats, alignment sweeps {'on' if on else 'off'}: wall {r['wall_s']:.1f} s, "
               f"CPU {r['cpu_s']:.1f} s, "

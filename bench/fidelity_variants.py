@@ -5,9 +5,10 @@
     python bench/fidelity_variants.py --per-domain [--split test] [--fit-steps 500]
 
 `--per-domain` (issue 20): stats and calibration on all of the train split, and each student measured
-on each domain's test split on its own (4,096 tokens each): the default, the default without the
-alignment sweeps, the validated `--fit down` (ridge chosen by domains, or by held-out documents) and
+on each domain's test split on its own (4,096 tokens each): the default, the validated `--fit down` (ridge chosen by domains, or by held-out documents) and
 `--fit ffn`; per domain the mean and the worst layer.
+`--sweeps`: the default with and without the two alignment sweeps (`--align-sweeps 2`) on 4 and 8
+selected experts per layer (the default selection keeps 2, where sweeps never run), test splits pooled.
 
 Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
 built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
@@ -57,7 +58,6 @@ def student_of(ck, doc, target, kwargs, combine, rescale, label):
 
 
 def per_domain(a) -> None:
-    import contextlib
     from xpertctl.ops import capture
     ck = open_checkpoint(a.src)
     corpus = Path(a.corpus)
@@ -74,15 +74,7 @@ def per_domain(a) -> None:
     target = Target(layers=a.depth)
     adapted, meta, base = student_of(ck, doc, target, DEFAULT, "usage", "routed", "default (no fit)")
 
-    @contextlib.contextmanager
-    def no_sweeps():
-        old, decompose.SWEEP_MAX_EXPERTS = decompose.SWEEP_MAX_EXPERTS, 0
-        try:
-            yield
-        finally:
-            decompose.SWEEP_MAX_EXPERTS = old
-    with no_sweeps():
-        students = [base, student_of(ck, doc, target, DEFAULT, "usage", "routed", "default without the alignment sweeps")[2]]
+    students = [base]
     fits = {"--fit down (ridge by domains)": dict(method="down", select="domains"),
             "--fit down --ridge-select documents": dict(method="down", select="documents"),
             f"--fit ffn (--fit-steps {a.fit_steps})": dict(method="ffn", select="domains", steps=a.fit_steps)}
@@ -111,6 +103,33 @@ def per_domain(a) -> None:
         Path(a.json).write_text(json.dumps(table, indent=1))
 
 
+def sweeps(a) -> None:
+    from xpertctl.ops import capture
+    ck = open_checkpoint(a.src)
+    corpus = Path(a.corpus)
+    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
+    runner = capture.prepare(ck, [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names], seq_len=a.seq_len)
+    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=a.seq_len,
+                           batch_size=8, max_tokens=None, device="cpu")
+    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
+                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
+    students = []
+    for k in (4, 8):
+        doc = sel.selection_doc(st, sel.choose(st, "min", k, 0), "min", k, 0)
+        doc["source"] = None
+        for n in (2, 0):
+            students.append(student_of(ck, doc, Target(layers=a.depth), dict(DEFAULT, sweeps=n), "usage", "routed",
+                                       f"{k} experts per layer, --align-sweeps {n}")[2])
+    rows, tokens = fidelity.measure(ck, students, [f"{n}={corpus / a.split / (n + '.txt')}" for n in names],
+                                    max_tokens=4096, seq_len=a.seq_len)
+    print(f"| variant ({a.split} splits pooled) | mean rel_error | mean cosine | per layer |")
+    print("|---|---|---|---|")
+    for s_, r in zip(students, rows):
+        m = fidelity.summary(r)["student"]
+        print(f"| {s_.label} | {m['rel_error']:.4f} | {m['cosine']:+.4f} | " + " ".join(f"{x['rel_error']:.3f}" for x in r) + " |")
+    print(f"\n{sum(tokens.values())} tokens", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=str(ROOT / "fixtures/teacher"))
@@ -123,7 +142,11 @@ def main() -> None:
     ap.add_argument("--per-domain", action="store_true", help="per-domain table on --split (see the docstring)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--fit-steps", type=int, default=500)
+    ap.add_argument("--sweeps", action="store_true", help="what the alignment sweeps gain (see the docstring)")
     a = ap.parse_args()
+    if a.sweeps:
+        a.seq_len = a.seq_len or 512
+        return sweeps(a)
     if a.per_domain:
         a.seq_len = a.seq_len or 512
         return per_domain(a)

@@ -214,7 +214,7 @@ def _fit_card(rec: dict) -> list[str]:
 def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None,
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
-        align_neurons: bool = True, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
+        align_neurons: bool = True, align_sweeps: int = 0, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
         combine: str = "usage", rescale: str = "routed", fit: str = "none", calibration: list[str] | None = None,
         calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_steps: int = 500,
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
@@ -228,6 +228,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select)
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
+    decompose.check_sweeps(align_sweeps, align_neurons)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
     check_output(out, force, inputs + list(cal_paths.values()))
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
@@ -279,12 +280,12 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          weighting=weighting, only={i for g in lmap for i in g},
-                                         each=per_src.__setitem__,
+                                         each=per_src.__setitem__, sweeps=align_sweeps,
                                          mix=lambda w: reshape.expert_mix(w, torch.eye(w.numel()), combine))
         else:
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
-                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
+                                         sweeps=align_sweeps, each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine)))
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                       width_select=width_select, rescale=rescale)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
@@ -303,7 +304,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."),
-        "ranks": ranks, "align": align_neurons, "no_tucker": no_tucker, "weighting": weighting,
+        "ranks": ranks, "align": align_neurons, "align_sweeps": align_sweeps, "no_tucker": no_tucker, "weighting": weighting,
         "layer_map": layer_map_how, "combine": combine, "rescale": rescale, "fit": fit_rec and fit_rec["params"],
         "width_select": width_select, "criterion": criterion, "per_layer": per_layer},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
