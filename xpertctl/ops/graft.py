@@ -294,7 +294,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if fit != "none":
         adapted, fit_rec = _fit(ck, adapted, meta, fit, calibration, cal_paths, calibration_tokens=calibration_tokens,
                                 ridge=ridge, holdout=holdout, select=ridge_select, steps=fit_steps, stream_layers=stream_layers,
-                                seq_len=seq_len, device=device, seed=seed,
+                                seq_len=seq_len, device=device,
                                 cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
         in_fps += fit_rec["inputs"]
         meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
@@ -354,14 +354,15 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
 
 def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: list[str], cal_paths: dict, *,
          calibration_tokens: int | None, ridge: float | None, holdout: float, select: str, steps: int,
-         stream_layers: bool, seq_len: int | None, device: str, seed: int, cache_dir: Path | None):
-    """Fit each target layer's FFN to the source blocks, validated on held-out documents (ops/fit.py)."""
+         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None):
+    """Fit each target layer's FFN to the source blocks, validated on held-out documents (ops/fit.py).
+    The fitted FFN depends on the calibration text only, not on --seed (which seeds the fresh weights)."""
     from . import capture, fit as fit_op
     runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device, stream_layers=stream_layers,
                              sample_seed=0 if calibration_tokens is not None else None)
     adapted, rows = fit_op.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, method=method,
                                ridge=ridge, holdout=holdout, seq_len=runner.seq_len, max_tokens=calibration_tokens,
-                               device=device, stream_tokens=65536 if stream_layers else None, steps=steps, seed=seed,
+                               device=device, stream_tokens=65536 if stream_layers else None, steps=steps,
                                select=select, cache_dir=cache_dir)
     notes = [f"--fit {method}: target layer {r['target']} keeps the consolidation (held-out rel_error "
              f"{r['held_out']['consolidation']:.3f}; the fit's {r['held_out']['fit']:.3f} does not beat it)"
