@@ -2,6 +2,13 @@
 
     python bench/fidelity_variants.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini]
         [--depth 6] [--tokens 4000] [--json out.json]
+    python bench/fidelity_variants.py --per-domain [--split test] [--fit-steps 500]
+
+`--per-domain` (issue 20): stats and calibration on all of the train split, and each student measured
+on each domain's test split on its own (4,096 tokens each): the default, the validated `--fit down` (ridge chosen by domains, or by held-out documents) and
+`--fit ffn`; per domain the mean and the worst layer.
+`--sweeps`: the default with and without the two alignment sweeps (`--align-sweeps 2`) on 4 and 8
+selected experts per layer (the default selection keeps 2, where sweeps never run), test splits pooled.
 
 Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
 built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
@@ -51,16 +58,100 @@ def student_of(ck, doc, target, kwargs, combine, rescale, label):
         experts={int(k): v for k, v in (meta.get("experts") or {}).items()}, init_std=0.02, source=None)
 
 
+def per_domain(a) -> None:
+    from xpertctl.ops import capture
+    ck = open_checkpoint(a.src)
+    corpus = Path(a.corpus)
+    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
+    train = [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names]
+    t0 = time.perf_counter()
+    runner = capture.prepare(ck, train, seq_len=a.seq_len, sample_seed=0)
+    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=a.seq_len,
+                           batch_size=8, max_tokens=None, device="cpu")
+    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
+                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
+    doc = sel.selection_doc(st, sel.choose(st, "min", None, 0), "min", None, 0)
+    doc["source"] = None
+    target = Target(layers=a.depth)
+    adapted, meta, base = student_of(ck, doc, target, DEFAULT, "usage", "routed", "default (no fit)")
+
+    students = [base]
+    fits = {"--fit down (ridge by domains)": dict(method="down", select="domains"),
+            "--fit down --ridge-select documents": dict(method="down", select="documents"),
+            f"--fit ffn (--fit-steps {a.fit_steps})": dict(method="ffn", select="domains", steps=a.fit_steps)}
+    for label, kw in fits.items():
+        t1 = time.perf_counter()
+        out, _ = fit.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
+                         max_tokens=65536, **kw)
+        print(f"{label}: fitted in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
+        students.append(fidelity.Student(label, [tuple(out[f"layers.{k}.{m}"] for m in fidelity.MATS)
+                                                 for k in range(a.depth)], base.layer_map, base.residual_index,
+                                         base.experts, 0.02, None))
+    table: dict[str, dict[str, list[float]]] = {}
+    for n in names:
+        rows, _ = fidelity.measure(ck, students, [f"{n}={corpus / a.split / (n + '.txt')}"], max_tokens=4096,
+                                   seq_len=a.seq_len)
+        for s_, r in zip(students, rows):
+            table.setdefault(s_.label, {})[n] = [x["rel_error"] for x in r]
+        table.setdefault("reference: the selected experts' own routed mixture", {})[n] = [
+            x["references"]["selected_mixture"]["rel_error"] for x in rows[0]]
+    print(f"| variant (mean / worst layer, {a.split} split) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, per in table.items():
+        print(f"| {label} | " + " | ".join(f"{sum(v) / len(v):.3f} / {max(v):.3f}" for v in per.values()) + " |")
+    print(f"\n{a.split} split, 4,096 tokens per domain, depth {a.depth}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=1))
+
+
+def sweeps(a) -> None:
+    from xpertctl.ops import capture
+    ck = open_checkpoint(a.src)
+    corpus = Path(a.corpus)
+    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
+    runner = capture.prepare(ck, [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names], seq_len=a.seq_len)
+    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=a.seq_len,
+                           batch_size=8, max_tokens=None, device="cpu")
+    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
+                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
+    students = []
+    for k in (4, 8):
+        doc = sel.selection_doc(st, sel.choose(st, "min", k, 0), "min", k, 0)
+        doc["source"] = None
+        for n in (2, 0):
+            students.append(student_of(ck, doc, Target(layers=a.depth), dict(DEFAULT, sweeps=n), "usage", "routed",
+                                       f"{k} experts per layer, --align-sweeps {n}")[2])
+    rows, tokens = fidelity.measure(ck, students, [f"{n}={corpus / a.split / (n + '.txt')}" for n in names],
+                                    max_tokens=4096, seq_len=a.seq_len)
+    print(f"| variant ({a.split} splits pooled) | mean rel_error | mean cosine | per layer |")
+    print("|---|---|---|---|")
+    for s_, r in zip(students, rows):
+        m = fidelity.summary(r)["student"]
+        print(f"| {s_.label} | {m['rel_error']:.4f} | {m['cosine']:+.4f} | " + " ".join(f"{x['rel_error']:.3f}" for x in r) + " |")
+    print(f"\n{sum(tokens.values())} tokens", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=str(ROOT / "fixtures/teacher"))
     ap.add_argument("--corpus", default=str(ROOT / "fixtures/corpus-mini"))
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=4000)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None, help="default 256; 512 with --per-domain (graft's)")
     ap.add_argument("--fit", action="store_true", help="also the data-aware down fit (calibrated on train)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--per-domain", action="store_true", help="per-domain table on --split (see the docstring)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--fit-steps", type=int, default=500)
+    ap.add_argument("--sweeps", action="store_true", help="what the alignment sweeps gain (see the docstring)")
     a = ap.parse_args()
+    if a.sweeps:
+        a.seq_len = a.seq_len or 512
+        return sweeps(a)
+    if a.per_domain:
+        a.seq_len = a.seq_len or 512
+        return per_domain(a)
+    a.seq_len = a.seq_len or 256
     ck = open_checkpoint(a.src)
     corpus = Path(a.corpus)
     names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
@@ -82,7 +173,7 @@ def main() -> None:
         students.append(s)
         if a.fit and label.startswith("default ("):
             downs = fit.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
-                                 batch_size=8, max_tokens=a.tokens, device="cpu")
+                                 batch_size=8, max_tokens=a.tokens, device="cpu")  # validated (ridge by domains)
             ffns = [(g, u, downs[k]) for k, (g, u, _) in enumerate(s.ffns)]
             students.append(fidelity.Student("default + fit down (ridge, calibrated on train)", ffns, s.layer_map,
                                              s.residual_index, s.experts, 0.02, None))

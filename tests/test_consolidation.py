@@ -239,28 +239,6 @@ def test_fidelity_matches_an_independent_computation(moes, tmp_path, cli):
         assert ref["cosine"] == pytest.approx(float((m * y).sum() / (m.norm() * y.norm())), rel=1e-4, abs=1e-6)
 
 
-def test_fit_down_is_the_ridge_least_squares_solution_and_helps(moes, tmp_path, cli):
-    src, model, _ = moes["independent"]
-    sel = _selection(tmp_path / "sel.json", src, [0, 2], [0.4, 0.6])
-    cal = tmp_path / "cal.txt"
-    cal.write_text(TEXT)
-    base, fitted = tmp_path / "base", tmp_path / "fit"
-    common = ["-t", f"{LAYERS}L", "--selection", sel, "--dtype", "float32"]
-    assert cli("graft", src, *common, "-o", base)[0] == 0
-    code, _, err = cli("graft", src, *common, "--fit", "down", "--calibration", f"a={cal}", "--ridge", "0",
-                       "--seq-len", "128", "-o", fitted)
-    assert code == 0, err
-    xs, ys = _own_capture(model.float(), _ids(src, TEXT), range(LAYERS))
-    b, f = student_ffns(base, LAYERS), student_ffns(fitted, LAYERS)
-    for t in range(LAYERS):
-        assert torch.equal(b[t][0], f[t][0]) and torch.equal(b[t][1], f[t][1])  # gate, up kept
-        a = F.silu(xs[t] @ f[t][0].T) * (xs[t] @ f[t][1].T)
-        want = torch.linalg.lstsq(a.double(), ys[t].double()).solution.T.float()
-        assert torch.allclose(f[t][2], want, atol=1e-4, rtol=1e-3)
-        on_cal = lambda w: float((swiglu(xs[t], *w) - ys[t]).norm() / ys[t].norm())  # noqa: E731
-        assert on_cal(f[t]) < on_cal(b[t])
-
-
 def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli):
     """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert. The default
     --rescale selected multiplies each down projection by the mean weight per token the *selected* experts

@@ -131,6 +131,32 @@ def domain_tokens(src, tokenizer, max_tokens: int | None = None) -> torch.Tensor
     return _empty_check(src, token_stream(docs, tokenizer, max_tokens))
 
 
+def domain_documents(src, max_tokens: int | None = None, chars_per_token: int = 16) -> list[str]:
+    """The documents of a domain as a list, for callers that split them (a fit's held-out part): every
+    document without a cap or a seed; with both, the same seeded sample domain_tokens reads (a domain of
+    at most SMALL_DOMAIN bytes in seeded order, else documents after seeded byte offsets, or a bounded
+    reservoir), about `chars_per_token` characters per token of the cap, so memory stays bounded."""
+    if not isinstance(src, DomainText):
+        return list(src)
+    if max_tokens is None or src.seed is None:
+        return read_documents(src.path, src.text_field)
+    from .documents import SEEKABLE, corpus_files, kind_of
+    files, _ = corpus_files(src.path)
+    sizes = [f.stat().st_size for f in files]
+    if sum(sizes) <= SMALL_DOMAIN:
+        return sample_documents(read_documents(src.path, src.text_field), src.seed)
+    budget = chars_per_token * max_tokens
+    if not all(kind_of(f) in SEEKABLE for f in files):
+        return _reservoir_sample(src, budget_chars=budget)
+    docs, size = [], 0
+    for d in _offset_sample(files, sizes, src):
+        docs.append(d)
+        size += len(d)
+        if size >= budget:
+            break
+    return docs
+
+
 def _empty_check(src: DomainText, ids: torch.Tensor) -> torch.Tensor:
     if ids.numel() == 0:
         raise XpertError(f"{src.path}: empty corpus (no text)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -359,6 +359,8 @@ RANKS = opt("ranks", None, "Tucker ranks per mode (rows, cols, experts): 'full' 
             "be an energy fraction such as 0.9. Default full,full,full.", check=_check_ranks)
 ALIGN = opt("align", True, "Permute each expert's neurons to match before combining (--no-align: the literal "
             "paper reading).", "--align/--no-align")
+ALIGN_SWEEPS = opt("align_sweeps", 0, "After matching each expert to the most-used one, this many passes matching "
+                   "each to the weighted sum of the others (opt-in: ~3x the alignment time for ~0.005 rel_error).", range=NONNEG)
 WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
                 "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
 RESCALE = opt("rescale", "selected", "Scale each down projection from the stats: selected (the mean routing weight per "
@@ -440,11 +442,11 @@ def _select(stats_file, out, criterion, per_layer, seed, plot, plot_layers, show
     return path if path is not None else plot
 
 
-def _decompose(src, selection, out, ranks, align, weighting, no_tucker, as_json, force):
+def _decompose(src, selection, out, ranks, align, align_sweeps, weighting, no_tucker, as_json, force):
     from . import summaries
     from .ops import decompose as op
-    path = op.run(src, selection, out, ranks=ranks, align_neurons=align, weighting=weighting, no_tucker=no_tucker,
-                  force=force)
+    path = op.run(src, selection, out, ranks=ranks, align_neurons=align, align_sweeps=align_sweeps, weighting=weighting,
+                  no_tucker=no_tucker, force=force)
     return _summary(summaries.factors(path), as_json)
 
 
@@ -455,17 +457,20 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
-           align, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration, calibration_tokens,
-           ridge, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
+def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
+           align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
+           calibration_tokens, ridge, holdout, ridge_select, fit_steps, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
     heads = target.heads if target is not None else heads  # h of --target, or --heads
     return op.run(src, out, target=target, like=like, tokenizer=tokenizer,
                   stats=stats_file, selection=selection, criterion=criterion, per_layer=per_layer, ranks=ranks,
-                  align_neurons=align, weighting=weighting, no_tucker=no_tucker, layer_map_how=layer_map,
-                  combine=combine, rescale=rescale, shared=shared, fit=fit, calibration=calibration, calibration_tokens=calibration_tokens,
-                  ridge=ridge, seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
+                  align_neurons=align, align_sweeps=align_sweeps, weighting=weighting, no_tucker=no_tucker,
+                  layer_map_how=layer_map, combine=combine, rescale=rescale, shared=shared, fit=fit, calibration=calibration,
+                  calibration_tokens=calibration_tokens, ridge=ridge, holdout=holdout, ridge_select=ridge_select,
+                  fit_steps=fit_steps, stream_layers=stream_layers,
+                  seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                   ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
 
 
@@ -595,7 +600,7 @@ COMMANDS: tuple[Command, ...] = (
                 arg("src", "MoE model directory or .safetensors file."),
                 arg("selection", "selection.json from `xpertctl select`."),
                 out_param("factors.safetensors to write."),
-                RANKS, ALIGN, WEIGHTING,
+                RANKS, ALIGN, ALIGN_SWEEPS, WEIGHTING,
                 flag("no_tucker", "Frequency-weighted mean instead (ablation)."),
                 JSON, FORCE,
             ), _decompose),
@@ -618,17 +623,28 @@ COMMANDS: tuple[Command, ...] = (
                 opt("selection", None, "One-shot: use this selection.json.", type=Path, input=True),
                 opt("criterion", "min", "One-shot with --stats: selection criterion.", choices=CRITERIA),
                 opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int, range=POSITIVE),
-                RANKS, ALIGN, WEIGHTING,
+                RANKS, ALIGN, ALIGN_SWEEPS, WEIGHTING,
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
                 LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT,
-                opt("fit", "none", "Data-aware fit: none, or down (ridge least squares of each down projection to "
-                    "the source MoE block's output on --calibration text).", choices=FITS),
-                opt("calibration", None, "With --fit down: NAME=PATH text to run the source on; repeat.", type=str,
+                opt("fit", "none", "Data-aware fit to the source MoE block's output on --calibration text: none; "
+                    "down (ridge least squares of each down projection, ridge chosen on held-out documents); ffn "
+                    "(gate, up and down optimized from there, stopped at the best held-out error). A layer whose "
+                    "held-out error does not beat the consolidation's keeps it.", choices=FITS),
+                opt("calibration", None, "With --fit: NAME=PATH text to run the source on; repeat.", type=str,
                     multiple=True, path=_after("="), check=_check_domain),
-                opt("calibration_tokens", 65536, "With --fit down: tokens per calibration domain.", range=POSITIVE),
-                opt("ridge", 1e-3, "With --fit down: ridge, relative to the mean activation energy.", range=NONNEG),
-                opt("seq_len", None, "With --fit down: window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
-                opt("device", "cpu", "With --fit down: torch device for the source model."),
+                opt("calibration_tokens", 65536, "With --fit: tokens fitted per calibration domain.", range=POSITIVE),
+                opt("ridge", None, "With --fit: a fixed ridge (relative to the mean activation energy) instead of "
+                    "the one chosen on held-out documents.", type=float, range=NONNEG),
+                opt("holdout", 0.1, "With --fit: share of each domain's documents held out (never fitted) to "
+                    "choose the ridge, stop the ffn fit and report held-out fidelity.", range=Range(0, 1, lo_open=True, hi_open=True)),
+                opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "
+                    "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
+                    "documents (documents: best on text like it), or their mean (both).", choices=RIDGE_SELECTS),
+                opt("fit_steps", 500, "With --fit ffn: at most this many Adam steps per layer (1024 tokens each).", range=POSITIVE),
+                flag("stream_layers", "With --fit: run the source one decoder layer at a time (models larger than "
+                     "memory)."),
+                opt("seq_len", None, "With --fit: window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
+                opt("device", "cpu", "With --fit: torch device for the source model."),
                 opt("arch", "llama", "Target class: llama, or qwen3 (per-head QK-norm).", choices=ARCHS),
                 opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
                     check=_check_inherit),

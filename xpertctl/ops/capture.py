@@ -8,6 +8,7 @@ model computes; nothing here re-implements routing.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,29 +29,75 @@ class BlockIO:
     y: torch.Tensor  # [N, H] float32: the block's output
     index: torch.Tensor | None  # [N, k] the experts each token was routed to
     weight: torch.Tensor | None  # [N, k] float32: their routing weights
+    domain: str = ""  # the domain whose text is running
 
 
 OnBlock = Callable[[BlockIO], None]
 
 
-class BlockTap:
+def find_router(model, ck: Checkpoint, i: int):
+    """(router module, its path) of MoE layer i: the one place both stats and the block capture find it."""
+    for p in arch.router_modules(ck.family, i):
+        try:
+            return model.get_submodule(p), p
+        except AttributeError:
+            continue
+    raise XpertError(f"{ck.path}: cannot find the router module of layer {i} in {type(model).__name__}")
+
+
+class Tap:
+    """What drive() needs from a set of hooks: the padding mask of the running batch and the domain."""
+    mask: torch.Tensor | None = None  # [B*T] bool, set before each forward
+    domain: str = ""
+
+    def start_domain(self, name: str) -> None:
+        self.domain = name
+
+    def end_domain(self, name: str, tokens: int) -> None:
+        pass
+
+
+def drive(model, tokenizer, docs_by_domain: dict[str, list[str]], tap: Tap, *, seq_len: int, batch_size: int,
+          max_tokens: int | None, device: str, stream_tokens: int | None = None, label: str = "capture",
+          rate: bool = False) -> dict[str, int]:
+    """The one forward loop over every domain's token windows (stats and the block capture share it):
+    padding masked through `tap.mask`, no LM head when layer-streamed. Returns tokens per domain."""
+    if stream_tokens:
+        batch_size = max(1, stream_tokens // seq_len)  # each layer read once per chunk, not per batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    fwd = model.base_model if stream_tokens else model
+    tokens: dict[str, int] = {}
+    t0, total = time.perf_counter(), 0
+    with progress() as bar, torch.inference_mode():
+        for name, docs in docs_by_domain.items():
+            stream = data.domain_tokens(docs, tokenizer, max_tokens)
+            if stream.numel() == 0:
+                raise XpertError(f"domain {name!r}: the text tokenizes to no tokens")
+            task = bar.add_task(f"{label} {name}" if label else name, total=int(stream.numel()), info="")
+            tap.start_domain(name)
+            n = 0
+            for b in data.windows(stream, seq_len, batch_size, pad):
+                tap.mask = b.attention_mask.reshape(-1).bool().to(device)
+                fwd(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+                got = int(b.attention_mask.sum())
+                n += got
+                total += got
+                info = f"{total / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s" if rate else ""
+                bar.update(task, advance=got, info=info)
+            tap.end_domain(name, n)
+            tokens[name] = n
+    return tokens
+
+
+class BlockTap(Tap):
     """Forward hooks on each MoE block and its router; calls on_block once per block call."""
 
     def __init__(self, model, ck: Checkpoint, on_block: OnBlock):
         self.on_block, self.E, self.H = on_block, ck.num_experts, ck.hidden
-        self.mask: torch.Tensor | None = None  # [B*T] bool, set before each forward
         self.routing: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.handles = []
         for i in ck.moe_layers:
-            router, path = None, None
-            for p in arch.router_modules(ck.family, i):
-                try:
-                    router, path = model.get_submodule(p), p
-                    break
-                except AttributeError:
-                    continue
-            if router is None:
-                raise XpertError(f"{ck.path}: cannot find the MoE block of layer {i} in {type(model).__name__}")
+            router, path = find_router(model, ck, i)
             block = model.get_submodule(path.rsplit(".", 1)[0])
             self.handles.append(router.register_forward_hook(self._router_hook(i)))
             self.handles.append(block.register_forward_hook(self._block_hook(i)))
@@ -81,7 +128,7 @@ class BlockTap:
                 if idx is not None:
                     idx, w = idx[self.mask], w[self.mask]
             self.on_block(BlockIO(i, x.cpu(), y.cpu(), None if idx is None else idx.cpu(),
-                                  None if w is None else w.cpu()))
+                                  None if w is None else w.cpu(), self.domain))
         return hook
 
     def remove(self) -> None:
@@ -93,30 +140,12 @@ def run(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], 
         seq_len: int, batch_size: int, max_tokens: int | None, device: str, stream_tokens: int | None = None,
         label: str = "capture") -> dict[str, int]:
     """Run the model over every domain's text; on_block sees each block's I/O. Returns tokens per domain."""
-    if stream_tokens:
-        batch_size = max(1, stream_tokens // seq_len)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tap = BlockTap(model, ck, on_block)
-    tokens: dict[str, int] = {}
     try:
-        with progress() as bar, torch.inference_mode():
-            for name, docs in docs_by_domain.items():
-                stream = data.domain_tokens(docs, tokenizer, max_tokens)
-                if stream.numel() == 0:
-                    raise XpertError(f"domain {name!r}: the text tokenizes to no tokens")
-                task = bar.add_task(f"{label} {name}", total=int(stream.numel()), info="")
-                n = 0
-                for b in data.windows(stream, seq_len, batch_size, pad):
-                    tap.mask = b.attention_mask.reshape(-1).bool().to(device)
-                    fwd = model.base_model if stream_tokens else model  # no LM head needed
-                    fwd(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-                    got = int(b.attention_mask.sum())
-                    n += got
-                    bar.update(task, advance=got)
-                tokens[name] = n
+        return drive(model, tokenizer, docs_by_domain, tap, seq_len=seq_len, batch_size=batch_size,
+                     max_tokens=max_tokens, device=device, stream_tokens=stream_tokens, label=label)
     finally:
         tap.remove()
-    return tokens
 
 
 @dataclass

@@ -57,7 +57,7 @@ _LIBC = _libc()
 
 
 def align(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None = None,
-          sweeps: int = 2) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+          sweeps: int = 0) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
     """The experts with their hidden neurons permuted by align_perms, and the permutations."""
     perms = align_perms(experts, weights, sweeps)
     return [permute(e, p) for e, p in zip(experts, perms)], perms
@@ -79,14 +79,17 @@ SWEEP_MAX_EXPERTS = 16
 
 
 def align_perms(experts: list[tuple[torch.Tensor, ...]], weights: torch.Tensor | None = None,
-                sweeps: int = 2) -> list[torch.Tensor]:
+                sweeps: int = 0) -> list[torch.Tensor]:
     """Permutations of each expert's hidden neurons so neuron i means the same thing in every expert.
 
     Two experts' neuron i are unrelated until aligned (any permutation of an expert's neurons computes
     the same function). The reference is the most-used expert (largest weight; the first on ties),
-    which keeps its order; every other expert is matched to it, then up to `sweeps` times to the
-    usage-weighted sum of the others as aligned so far (iterated matching to the running mean, as in
-    MC-SMoE / ZipIt-style merging), so no single pair decides for all. A neuron is its gate row, up
+    which keeps its order; every other expert is matched to it, then (opt-in, `--align-sweeps`) up to
+    `sweeps` times to the usage-weighted sum of the others as aligned so far (iterated matching to the
+    running mean, as in MC-SMoE / ZipIt-style merging), so no single pair decides for all. The sweeps
+    are off by default: two of them tripled the matchings (23 instead of 7 per OLMoE layer of 8
+    experts, 129 vs 57 s CPU for a 12-layer graft) for 0.004-0.006 of held-out rel_error on the
+    teacher (bench/RESULTS.md). A neuron is its gate row, up
     row and down column together: one permutation per expert moves all three. Memory: one running
     sum and one expert's features at a time (64 experts of OLMoE stay well under a GiB); the experts
     themselves are not copied. Time: one assignment per expert and pass (~0.3 s at 1024 neurons), so
@@ -193,7 +196,7 @@ def collapsible(rank_spec: list, no_tucker: bool, combine: str) -> bool:
     return not no_tucker and list(rank_spec) == ["full", "full", "full"] and combine in ("usage", "uniform", "literal")
 
 
-def layer_ffn(ck: Checkpoint, l: dict, align_neurons: bool, mix) -> tuple[tuple[torch.Tensor, ...], dict[str, float]]:
+def layer_ffn(ck: Checkpoint, l: dict, align_neurons: bool, mix, sweeps: int = 0) -> tuple[tuple[torch.Tensor, ...], dict[str, float]]:
     """The combined (gate, up, down) of one layer at full ranks (see collapsible), and its (zero) errors.
 
     No stack, no factors: each matrix is the mix(weights)-weighted sum of the aligned experts, built
@@ -202,14 +205,14 @@ def layer_ffn(ck: Checkpoint, l: dict, align_neurons: bool, mix) -> tuple[tuple[
     i = l["layer"]
     experts = read_layer(ck, l)
     w = layer_weights(l)
-    perms = align_perms(experts, w) if align_neurons else [None] * len(experts)
+    perms = align_perms(experts, w, sweeps) if align_neurons else [None] * len(experts)
     a = [float(v) for v in mix(w)]
     ffn = tuple(mode3_sum((matrix(e, k, p) for e, p in zip(experts, perms)), a) for k in range(3))
     return ffn, {f"layers.{i}.{m}": 0.0 for m in MATRICES}
 
 
 def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, align_neurons: bool,
-                  no_tucker: bool, weighting: str = "joint") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                  no_tucker: bool, weighting: str = "joint", sweeps: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Factors of one selected layer: {'layers.{i}.{m}.core|U1|U2|U3|error'} (or '.mean'), its errors."""
     i, ids = l["layer"], l["experts"]
     experts = read_layer(ck, l)
@@ -217,7 +220,7 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
     errors: dict[str, float] = {}
     w = layer_weights(l)
     if align_neurons:
-        experts, perms = align(experts, w)
+        experts, perms = align(experts, w, sweeps)
         tensors[f"layers.{i}.perm"] = torch.stack(perms)
     tensors[f"layers.{i}.experts"] = torch.tensor(ids, dtype=torch.int64)
     tensors[f"layers.{i}.weights"] = w
@@ -299,7 +302,7 @@ def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | No
 
 def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | None = None, align_neurons: bool = True,
             no_tucker: bool = False, weighting: str = "joint", only: set[int] | None = None,
-            each=None, mix=None) -> tuple[dict[str, torch.Tensor], dict]:
+            each=None, mix=None, sweeps: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """Factors for every selected layer (or those in `only`). With `each`, every layer's factors are
     handed to each(layer, tensors) instead of being kept (the one-shot graft streams them). With `mix`
     too (full ranks only, see collapsible), each layer is collapsed at once to its combined FFN,
@@ -316,9 +319,9 @@ def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | Non
         task = bar.add_task("decompose", total=len(layers), info="")
         for l in layers:
             if mix is not None:
-                t, e = layer_ffn(ck, l, align_neurons, mix)
+                t, e = layer_ffn(ck, l, align_neurons, mix, sweeps)
             else:
-                t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker, weighting)
+                t, e = layer_factors(ck, l, rank_spec, ranks, align_neurons, no_tucker, weighting, sweeps)
             errors.update(e)
             if each is not None:
                 each(l["layer"], t)
@@ -326,6 +329,13 @@ def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | Non
                 tensors.update(t)
             bar.update(task, advance=1, info=f"layer {l['layer']}")
     return tensors, factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, errors, weighting)
+
+
+def check_sweeps(sweeps: int, align_neurons: bool) -> None:
+    if sweeps < 0:
+        raise XpertError(f"--align-sweeps {sweeps}: must be >= 0")
+    if sweeps and not align_neurons:
+        raise XpertError("--align-sweeps refines the neuron alignment; it cannot go with --no-align")
 
 
 def check_weighting(weighting: str) -> str:
@@ -341,17 +351,18 @@ def all_experts_doc(ck: Checkpoint) -> dict:
 
 
 def run(src: Path, selection: Path, out: Path, *, ranks: str | None = None, align_neurons: bool = True,
-        no_tucker: bool = False, weighting: str = "joint", force: bool = False) -> Path:
+        no_tucker: bool = False, weighting: str = "joint", align_sweeps: int = 0, force: bool = False) -> Path:
     """`xpertctl decompose`: factors.safetensors."""
     from ..io import check_output
     ck = open_checkpoint(src).require_moe()
     check_output(out, force, [ck.path, selection])
     parse_ranks(ranks)
     check_weighting(weighting)
+    check_sweeps(align_sweeps, align_neurons)
     doc = sel.load_selection(selection)
     tensors, meta = compute(ck, doc, selection, ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker,
-                            weighting=weighting)
+                            weighting=weighting, sweeps=align_sweeps)
     rec = provenance.record("factors", inputs=[ck.fingerprint, provenance.file_fingerprint(selection)],
                             params={"ranks": ranks, "align": align_neurons, "no_tucker": no_tucker,
-                                    "weighting": weighting}, **meta)
+                                    "weighting": weighting, "align_sweeps": align_sweeps}, **meta)
     return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)

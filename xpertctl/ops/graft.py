@@ -187,6 +187,7 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
+        *_fit_card(rec),
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
@@ -200,12 +201,32 @@ def _shared_summary(rec: dict) -> str:
     return "appended to the FFN (`--shared concat`)" + (f"; the per-token sigmoid gate folded in as {fold}" if fold else "")
 
 
+def _fit_card(rec: dict) -> list[str]:
+    """The data-aware fit's per-layer rel_error on its calibration and held-out documents."""
+    fit = (rec.get("params") or {}).get("fit") or {}
+    if not fit.get("layers"):
+        return []
+    ffn = fit["method"] == "ffn"
+    lines = [f"## Fit (`--fit {fit['method']}`): rel_error of each FFN against its source block(s)", "",
+             "Held out: whole calibration documents never fitted (share " f"{fit['holdout']}).", "",
+             "| target | ridge | kept | calibration: consolidation / fit | held out: consolidation / fit |"
+             + (" held out: ffn |" if ffn else ""),
+             "|---|---|---|---|---|" + ("---|" if ffn else "")]
+    for r in fit["layers"]:
+        lines.append(f"| {r['target']} | {'-' if r['ridge'] is None else r['ridge']} | {r['kept']} | "
+                     f"{r['calibration']['consolidation']:.3f} / {r['calibration']['fit']:.3f} | "
+                     f"{r['held_out']['consolidation']:.3f} / {r['held_out']['fit']:.3f} |"
+                     + (f" {r['ffn']['held_out']:.3f} |" if ffn else ""))
+    return lines + [""]
+
+
 def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None,
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
-        align_neurons: bool = True, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
+        align_neurons: bool = True, align_sweeps: int = 0, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
         combine: str = "usage", rescale: str = "selected", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
-        calibration_tokens: int | None = 65536, ridge: float = 1e-3, seq_len: int | None = None, device: str = "cpu",
+        calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_steps: int = 500,
+        stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
         force: bool = False) -> Path:
@@ -213,9 +234,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     inherit_l = parse_inherit(inherit)
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
-    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens)
+    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select)
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
+    decompose.check_sweeps(align_sweeps, align_neurons)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
     reshape._choice(shared, SHARED, "--shared")
     check_output(out, force, inputs + list(cal_paths.values()), marker="config.json")
@@ -285,12 +307,12 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          weighting=weighting, only={i for g in lmap for i in g},
-                                         each=per_src.__setitem__,
+                                         each=per_src.__setitem__, sweeps=align_sweeps,
                                          mix=lambda w: reshape.expert_mix(w, torch.eye(w.numel()), combine))
         else:
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
-                                         each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
+                                         sweeps=align_sweeps, each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
         shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
                        if shared == "concat" else None)
         adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
@@ -299,17 +321,20 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     fit_rec = None
-    if fit == "down":
-        adapted, fit_rec = _fit_down(ck, adapted, meta, calibration, cal_paths, calibration_tokens=calibration_tokens,
-                                     ridge=ridge, seq_len=seq_len, device=device)
+    if fit != "none":
+        adapted, fit_rec = _fit(ck, adapted, meta, fit, calibration, cal_paths, calibration_tokens=calibration_tokens,
+                                ridge=ridge, holdout=holdout, select=ridge_select, steps=fit_steps, stream_layers=stream_layers,
+                                seq_len=seq_len, device=device,
+                                cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
         in_fps += fit_rec["inputs"]
+        meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
                           ffn_init=ffn_init, seed=seed)
     config.architectures = [TARGET_CLASSES[arch][1]]
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."),
-        **applied, "fit": fit_rec and fit_rec["params"]},
+        **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"]},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
         residual_index=meta.get("residual_index"), experts=meta.get("experts"))
@@ -352,7 +377,8 @@ def _refuse_one_shot_options(src: Path, **given) -> None:
                          "an MoE (run decompose/reshape again to change them)")
 
 
-def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: int | None) -> dict:
+def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tokens: int | None,
+               holdout: float = 0.1, steps: int = 500, select: str = "domains") -> dict:
     """Validate the data-aware fit options up front; the calibration paths."""
     from .. import data
     from ..specs import FITS
@@ -360,33 +386,49 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float, tokens: in
         raise XpertError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
     if fit == "none":
         if calibration:
-            raise XpertError("--calibration is for --fit down; add --fit down or drop --calibration")
+            raise XpertError("--calibration is for --fit down|ffn; add --fit down or drop --calibration")
         return {}
     if not calibration:
-        raise XpertError("--fit down needs calibration text: --calibration NAME=PATH (repeat for several domains)")
-    if ridge < 0:
+        raise XpertError(f"--fit {fit} needs calibration text: --calibration NAME=PATH (repeat for several domains)")
+    if ridge is not None and ridge < 0:
         raise XpertError(f"--ridge {ridge}: must be >= 0")
     if tokens is not None and tokens <= 0:
         raise XpertError(f"--calibration-tokens: must be positive, got {tokens}")
-    return data.parse_domains(calibration)
+    if not 0 < holdout < 1:
+        raise XpertError(f"--holdout {holdout}: must be between 0 and 1 (the share of documents held out)")
+    if steps <= 0:
+        raise XpertError(f"--fit-steps: must be positive, got {steps}")
+    from .fit import SELECTS
+    if select not in SELECTS:
+        raise XpertError(f"--ridge-select {select!r}: choose one of {', '.join(SELECTS)}")
+    paths = data.parse_domains(calibration)
+    from .fit import split_documents
+    split_documents({n: data.domain_documents(data.DomainText(p, 0), tokens) for n, p in paths.items()}, holdout)  # before the long work
+    return paths
 
 
-def _fit_down(ck: Checkpoint, adapted: dict, meta: dict, calibration: list[str], cal_paths: dict, *,
-              calibration_tokens: int | None, ridge: float, seq_len: int | None, device: str):
-    """Replace each target layer's down projection by the ridge fit to the source blocks (ops/fit.py)."""
+def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: list[str], cal_paths: dict, *,
+         calibration_tokens: int | None, ridge: float | None, holdout: float, select: str, steps: int,
+         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None):
+    """Fit each target layer's FFN to the source blocks, validated on held-out documents (ops/fit.py).
+    The fitted FFN depends on the calibration text only, not on --seed (which seeds the fresh weights)."""
     from . import capture, fit as fit_op
-    runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device,
+    runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device, stream_layers=stream_layers,
                              sample_seed=0 if calibration_tokens is not None else None)
-    downs = fit_op.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, ridge=ridge,
-                            seq_len=runner.seq_len, max_tokens=calibration_tokens, device=device)
-    adapted = dict(adapted)
-    for t, d in enumerate(downs):
-        adapted[f"layers.{t}.down_proj"] = d
-    rec = {"inputs": [provenance.fingerprint(p) for p in cal_paths.values()],
-           "params": {"method": "down", "ridge": ridge, "calibration": {n: str(p) for n, p in cal_paths.items()},
-                      "calibration_tokens": calibration_tokens, "seq_len": runner.seq_len}}
+    adapted, rows = fit_op.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, method=method,
+                               ridge=ridge, holdout=holdout, seq_len=runner.seq_len, max_tokens=calibration_tokens,
+                               device=device, stream_tokens=65536 if stream_layers else None, steps=steps,
+                               select=select, cache_dir=cache_dir)
+    notes = [f"--fit {method}: target layer {r['target']} keeps the consolidation (held-out rel_error "
+             f"{r['held_out']['consolidation']:.3f}; the fit's {r['held_out']['fit']:.3f} does not beat it)"
+             for r in rows if r["kept"] == "consolidation"]
+    rec = {"inputs": [provenance.fingerprint(p) for p in cal_paths.values()], "notes": notes,
+           "params": {"method": method, "ridge": ridge if ridge is not None else "chosen on held-out documents",
+                      "ridge_grid": list(fit_op.RIDGES) if ridge is None else None, "holdout": holdout,
+                      "ridge_select": select if ridge is None else None, "steps": steps if method == "ffn" else None,
+                      "calibration": {n: str(p) for n, p in cal_paths.items()},
+                      "calibration_tokens": calibration_tokens, "seq_len": runner.seq_len, "layers": rows}}
     return adapted, rec
-
 
 
 def _selection_summary(criterion, per_layer, path) -> str:

@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 
 from .. import data
-from ..console import progress
 from ..errors import XpertError
-from ..io import arch, open_checkpoint, provenance, write_safetensors
+from ..io import open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
 from ..specs import check_device
+from .capture import Tap, drive, find_router
 
 
-class RouterCounter:
-    """Forward hooks on every MoE router; counts selections of unmasked tokens.
+class RouterCounter(Tap):
+    """Forward hooks on every MoE router; counts selections of unmasked tokens, per domain.
 
     Router outputs differ between families and transformers versions: a tuple (logits, weights,
     indices) in transformers v5, bare logits from an nn.Linear gate before. Both are handled: the
@@ -30,19 +30,16 @@ class RouterCounter:
         self.counts = torch.zeros(L, self.E, dtype=torch.int64)
         self.mass = torch.zeros(L, self.E, dtype=torch.float64)
         self.routed = torch.zeros(L, self.E, dtype=torch.float64)  # routing weight each expert received
-        self.mask: torch.Tensor | None = None  # [B*T] bool, set before each forward
-        self.handles = []
-        for n, i in enumerate(self.layers):
-            mod = None
-            for path in arch.router_modules(ck.family, i):
-                try:
-                    mod = model.get_submodule(path)
-                    break
-                except AttributeError:
-                    continue
-            if mod is None:
-                raise XpertError(f"{ck.path}: cannot find the router module of layer {i} in {type(model).__name__}")
-            self.handles.append(mod.register_forward_hook(self._hook(n)))
+        self.per_domain: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.handles = [find_router(model, ck, i)[0].register_forward_hook(self._hook(n))
+                        for n, i in enumerate(self.layers)]
+
+    def start_domain(self, name: str) -> None:
+        super().start_domain(name)
+        self.counts.zero_(); self.mass.zero_(); self.routed.zero_()
+
+    def end_domain(self, name: str, tokens: int) -> None:
+        self.per_domain.append((self.counts.clone(), self.mass.float().clone(), self.routed.float().clone(), tokens))
 
     def _hook(self, n: int):
         def hook(_mod, _inp, out):
@@ -107,38 +104,16 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
 
     With `stream_tokens` (layer streaming) each forward carries that many tokens' windows, so each
     layer is read from disk once per chunk instead of once per batch."""
-    if stream_tokens:
-        batch_size = max(1, stream_tokens // seq_len)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     counter = RouterCounter(model, ck, top_k)
-    counts, mass, routed, tokens = [], [], [], []
-    t0, total = time.perf_counter(), 0
+    t0 = time.perf_counter()
     try:
-        with progress() as bar, torch.inference_mode():
-            for name, docs in docs_by_domain.items():
-                stream = data.domain_tokens(docs, tokenizer, max_tokens)
-                if stream.numel() == 0:
-                    raise XpertError(f"domain {name!r}: the corpus tokenizes to no tokens")
-                batches = data.windows(stream, seq_len, batch_size, pad)
-                task = bar.add_task(name, total=int(stream.numel()), info="")
-                counter.counts.zero_(); counter.mass.zero_(); counter.routed.zero_()
-                n_tok = 0
-                for b in batches:
-                    counter.mask = b.attention_mask.reshape(-1).bool().to(device)
-                    fwd = model.base_model if stream_tokens else model  # streaming: no LM head needed
-                    fwd(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-                    got = int(b.attention_mask.sum())
-                    n_tok += got
-                    total += got
-                    rate = total / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, advance=got, info=f"{rate:,.0f} tok/s")
-                counts.append(counter.counts.clone())
-                mass.append(counter.mass.float().clone())
-                routed.append(counter.routed.float().clone())
-                tokens.append(n_tok)
+        tokens = drive(model, tokenizer, docs_by_domain, counter, seq_len=seq_len, batch_size=batch_size,
+                       max_tokens=max_tokens, device=device, stream_tokens=stream_tokens, label="", rate=True)
     finally:
         counter.remove()
-    return StatsResult(torch.stack(counts), torch.stack(mass), torch.stack(routed), torch.tensor(tokens, dtype=torch.int64),
+    counts, mass, routed, _ = zip(*counter.per_domain)
+    total = sum(tokens.values())
+    return StatsResult(torch.stack(counts), torch.stack(mass), torch.stack(routed), torch.tensor(list(tokens.values()), dtype=torch.int64),
                        list(ck.moe_layers), list(docs_by_domain), total / max(time.perf_counter() - t0, 1e-9))
 
 
