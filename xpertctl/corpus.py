@@ -225,3 +225,58 @@ def cloze(corpus: Path, out: Path, *, per_domain: int = 50, choices: int = 4, co
     with atomic_path(Path(out), force) as tmp:
         tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
     return Path(out)
+
+
+def _shuffles(words: list[str], n: int, rng, tries: int = 50) -> list[str] | None:
+    """n distinct reorderings of `words`, each different (as text) from the original; None if too few exist."""
+    real, out = " ".join(words), []
+    for _ in range(tries):
+        w = list(words)
+        rng.shuffle(w)
+        s = " ".join(w)
+        if s != real and s not in out:
+            out.append(s)
+            if len(out) == n:
+                return out
+    return None
+
+
+def order(corpus: Path, out: Path, *, per_domain: int = 175, choices: int = 4, context_words: int = 24,
+          continuation_words: int = 8, seed: int = 0, force: bool = False) -> Path:
+    """`xpertctl corpus order`: a word-order multiple-choice task from the held-out *test* split only.
+
+    Each item: `context_words` words of a passage, then its real next `continuation_words` words
+    against `choices - 1` shuffled orders of the same words (so every choice has the same words and
+    length: only the order tells them apart, which a model that learned the domain's syntax can do).
+    Windows do not overlap; they are drawn at random (seeded) from every test document of a domain."""
+    import random
+    from .io.writer import atomic_path, check_output
+    if choices < 2 or context_words < 1 or continuation_words < 2 or per_domain < 1:
+        raise XpertError("corpus order: needs --choices >= 2, --per-domain >= 1, context >= 1 and continuation >= 2 words")
+    files = data.corpus_domains(corpus)
+    check_output(out, force, [Path(corpus)])
+    rng = random.Random(seed)
+    span = context_words + continuation_words
+    items = []
+    for name, parts in files.items():
+        docs = data.read_documents(parts["test"]) if parts["test"].stat().st_size else []
+        windows = [w[s: s + span] for w in (d.split() for d in docs) for s in range(0, len(w) - span + 1, span)]
+        made = 0
+        for i in rng.sample(range(len(windows)), len(windows)):
+            w = windows[i]
+            real = w[context_words:]
+            wrong = _shuffles(real, choices - 1, rng)
+            if wrong is None:
+                continue
+            label = rng.randrange(choices)
+            # choices without a leading space: eval joins them with --target-delimiter " " (the harness's way)
+            items.append({"domain": name, "context": " ".join(w[:context_words]),
+                          "choices": wrong[:label] + [" ".join(real)] + wrong[label:], "label": label})
+            made += 1
+            if made == per_domain:
+                break
+    if not items:
+        raise XpertError(f"{corpus}: the test split has too little text for a word-order task")
+    with atomic_path(Path(out), force) as tmp:
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return Path(out)

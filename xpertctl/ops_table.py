@@ -399,6 +399,12 @@ def _corpus_cloze(corpus, out, per_domain, choices, seed, force):
     return cloze(corpus, out, per_domain=per_domain, choices=choices, seed=seed, force=force)
 
 
+def _corpus_order(corpus, out, per_domain, choices, context_words, continuation_words, seed, force):
+    from .corpus import order
+    return order(corpus, out, per_domain=per_domain, choices=choices, context_words=context_words,
+                 continuation_words=continuation_words, seed=seed, force=force)
+
+
 def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts, top_k, max_positions, seed, force):
     from .ops import init as op
     return op.run(family, out, tokenizer=tokenizer, layers=layers, hidden=hidden, ffn=ffn, heads=heads,
@@ -618,6 +624,18 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the distractor draw."),
                 FORCE,
             ), _corpus_cloze),
+    Command("corpus order", "A word-order multiple-choice task (the real next words vs the same words shuffled) from "
+            "the test split -> JSONL.",
+            "xpertctl corpus order build/corpus -o order.jsonl --per-domain 175", (
+                arg("corpus", "Corpus directory from `corpus build`."),
+                out_param("order.jsonl to write."),
+                opt("per_domain", 175, "Items per domain (fewer when the test split runs out of windows)."),
+                opt("choices", 4, "Choices per item (the real order and choices-1 shuffles)."),
+                opt("context_words", 24, "Words of context before the continuation."),
+                opt("continuation_words", 8, "Words in the continuation (the words every choice shares)."),
+                opt("seed", 0, "Seed of the window draw and the shuffles."),
+                FORCE,
+            ), _corpus_order),
     Command("init", "Write a fresh, seeded model of a family (e.g. a teacher MoE to train).",
             "xpertctl init olmoe --tokenizer build/tokenizer -o teacher-init/ --layers 6 --experts 16", (
                 arg("family", "Family from the architecture table (`xpertctl families`).", type=str,
