@@ -515,7 +515,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
                     check=_check_inherit),
                 opt("ffn_init", "xpert", "xpert; scratch (the same model with fresh FFNs: the baseline); "
-                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control).",
+                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control); learngene (TLEG's "
+                    "linear expansion across depth fitted to every source layer's FFN: the learngene baseline).",
                     choices=FFN_INITS),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights."),
