@@ -147,3 +147,51 @@ def test_graft_learngene_interpolates_the_aligned_layer_ffns(fx, tmp_path, cli):
     card = (tmp_path / "lg" / "README.md").read_text()
     assert "Learngene" in card
 
+
+
+# ---- the SFT set ---------------------------------------------------------------------------------------
+
+def test_sft_records_from_known_text(tmp_path, cli):
+    root = tmp_path / "c"
+    texts = {
+        "lexicon": {"train": 'dog: a domesticated canid; "the dog barked"\nx: y',
+                    "test": 'cat: a small domesticated carnivore; "the cat sat"\nowl: nocturnal bird of prey'},
+        "manuals": {"train": "NAME\n       ls - list directory contents\nSYNOPSIS",
+                    "test": "NAME\n       cp - copy files and directories\nOPTIONS\n-a, --archive\n"
+                            "       same as -dR. Preserves links.\n-x\n       -y"},
+        "scripture": {"train": "In the beginning God created the heaven and the earth and all that is in them.",
+                      "test": "short verse.\nAnd God said, Let there be light: and there was light over all."},
+        "code": {"train": "def f(): pass", "test": "def g(): pass"},
+    }
+    for dom, parts in texts.items():
+        for s in ("train", "val", "test"):
+            (root / s).mkdir(parents=True, exist_ok=True)
+            (root / s / f"{dom}.txt").write_text(parts.get(s, "filler text") + "\n")
+    code, out, err = cli("corpus", "sft", root, "-o", tmp_path / "sft")
+    assert code == 0, err
+    read = lambda n: [json.loads(l) for l in (tmp_path / "sft" / n).read_text().splitlines()]
+    test = read("test.jsonl")
+    assert test == [
+        {"instruction": 'Define the word "cat".', "response": "a small domesticated carnivore", "domain": "lexicon"},
+        {"instruction": 'Define the word "owl".', "response": "nocturnal bird of prey", "domain": "lexicon"},
+        {"instruction": "What does the command `cp` do?", "response": "copy files and directories", "domain": "manuals"},
+        {"instruction": "What does the option `-a, --archive` do?", "response": "same as -dR.", "domain": "manuals"},
+        {"instruction": "Continue this verse from the King James Bible.",
+         "context": "And God said, Let there be", "response": "light: and there was light over all.",
+         "domain": "scripture"}]
+    train = read("train.jsonl")
+    assert [r["response"] for r in train] == ["a domesticated canid", "list directory contents",
+                                              "the earth and all that is in them."]
+    from xpertctl import data
+    for r in test + train:
+        data.prompt_of(r)  # what train --sft and eval gen: read
+
+
+def test_sft_caps_each_domain_and_is_seeded(tmp_path):
+    from xpertctl import corpus
+    a = corpus.sft(MINI, tmp_path / "a", max_train=7, max_test=3, seed=0)
+    b = corpus.sft(MINI, tmp_path / "b", max_train=7, max_test=3, seed=0)
+    assert (a / "test.jsonl").read_text() == (b / "test.jsonl").read_text()
+    recs = [json.loads(l) for l in (a / "train.jsonl").read_text().splitlines()]
+    from collections import Counter
+    assert all(n <= 7 for n in Counter(r["domain"] for r in recs).values()) and len(recs) >= 7

@@ -405,6 +405,11 @@ def _corpus_order(corpus, out, per_domain, choices, context_words, continuation_
                  continuation_words=continuation_words, seed=seed, force=force)
 
 
+def _corpus_sft(corpus, out, max_train, max_test, seed, force):
+    from .corpus import sft
+    return sft(corpus, out, max_train=max_train, max_test=max_test, seed=seed, force=force)
+
+
 def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts, top_k, max_positions, seed, force):
     from .ops import init as op
     return op.run(family, out, tokenizer=tokenizer, layers=layers, hidden=hidden, ffn=ffn, heads=heads,
@@ -637,6 +642,16 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the window draw and the shuffles."),
                 FORCE,
             ), _corpus_order),
+    Command("corpus sft", "An instruction set from the corpus's own text (definitions, command and option descriptions, "
+            "verse continuations) -> DIR/{train,test}.jsonl.",
+            "xpertctl corpus sft build/corpus -o sft/ --max-test 100", (
+                arg("corpus", "Corpus directory from `corpus build`."),
+                out_param("Directory to write (train.jsonl from the train split, test.jsonl from the test split)."),
+                opt("max_train", 3000, "Training records per source domain at most."),
+                opt("max_test", 100, "Test records per source domain at most."),
+                opt("seed", 0, "Seed of the record draw."),
+                FORCE,
+            ), _corpus_sft),
     Command("init", "Write a fresh, seeded model of a family (e.g. a teacher MoE to train).",
             "xpertctl init olmoe --tokenizer build/tokenizer -o teacher-init/ --layers 6 --experts 16", (
                 arg("family", "Family from the architecture table (`xpertctl families`).", type=str,
