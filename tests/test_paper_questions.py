@@ -195,3 +195,107 @@ def test_sft_caps_each_domain_and_is_seeded(tmp_path):
     recs = [json.loads(l) for l in (a / "train.jsonl").read_text().splitlines()]
     from collections import Counter
     assert all(n <= 7 for n in Counter(r["domain"] for r in recs).values()) and len(recs) >= 7
+
+
+# ---- the report's sections on synthetic results -------------------------------------------------------
+
+def _run(root: Path, sub: str, name: str, val: list[tuple[int, float]], nll: dict[str, float],
+         mc: dict[str, tuple[float, int]] | None = None, gen: float | None = None, model: Path | None = None) -> Path:
+    """An eval JSON named `name` under root/sub, its model root/runs/<sub>/<name>/final with metrics.jsonl."""
+    run = root / "runs" / sub / name
+    (run / "final").mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": v, "val_loss": v}) + "\n"
+                                               for s, v in val))
+    tasks = {"ppl:data": {k: {"nll": v} for k, v in nll.items()}}
+    for task, (acc, n) in (mc or {}).items():
+        tasks[f"mc:{root / task}"] = {"acc": acc, "acc_norm": acc, "n": n}
+    if gen is not None:
+        tasks["gen:sft/test.jsonl"] = {"rougeL": gen, "n": 30}
+    out = root / sub / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": {"path": str(model or run / "final")}, "tasks": tasks}))
+    return out
+
+
+def test_report_sections_on_synthetic_results(tmp_path, cli):
+    import numpy as np
+    from scipy import stats
+    root = tmp_path
+    (root / "order.jsonl").write_text(json.dumps({"context": "a", "choices": ["b", "c", "d", "e"], "label": 0}) + "\n")
+    rng = np.random.default_rng(0)
+    accs, finals = {}, {}
+    for seed in range(4):
+        for arm, shift, acc in (("scratch", 0.0, 0.50), ("xpert", -0.2, 0.60), ("single-code", -0.1, 0.55)):
+            a = acc + 0.01 * seed * (arm == "xpert")
+            f = 6.0 + shift + 0.03 * rng.standard_normal()
+            accs[(arm, seed)], finals[(arm, seed)] = a, f
+            val = [(10, 7.0 + shift), (20, 6.5 + shift), (30, f)]
+            _run(root, "eval", f"{arm}-3L-s{seed}", val, {"code": f + 0.1 * (arm == "single-code"), "legal": f},
+                 {"order.jsonl": (a, 600)})
+        for arm in ("scratch", "xpert"):  # the same seeds at 4x the steps: the gap shrinks to 0.05
+            f4 = 5.0 + (-0.05 if arm == "xpert" else 0.0) + 0.001 * seed
+            _run(root, "eval/x4", f"{arm}-3L-s{seed}", [(40, 6.0), (80, 5.5), (120, f4)],
+                 {"code": f4})
+        for arm, base in (("scratch", 10.0), ("xpert", 12.0)):
+            for point, step, bonus in (("base", 0, 0.0), ("step-000040", 40, 5.0), ("final", 80, 8.0)):
+                sft_run = root / "runs" / "sft" / f"{arm}-3L-s{seed}"
+                model = sft_run / ("final" if point == "final" else point)
+                _run(root, "eval/sft", f"{arm}-3L-s{seed}-sft-{point}", [(80, 1.0)], {}, gen=base + bonus + seed,
+                     model=model if point != "base" else None)
+                if point == "final":
+                    sft_run.mkdir(parents=True, exist_ok=True)
+                    (sft_run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
+                                                                   for s in range(80)))
+    teacher = root / "teacher.json"
+    teacher.write_text(json.dumps({"model": {"path": "t"}, "tasks": {f"mc:{root / 'order.jsonl'}": {"acc": 0.9, "n": 600}}}))
+    code, out, err = cli("report", "--results", str(root / "eval" / "*L-s*.json"), "--teacher", teacher,
+                         "--budget", f"1={root / 'eval' / '*-3L-s*.json'}", "--budget", f"4={root / 'eval' / 'x4' / '*.json'}",
+                         "--sft", str(root / "eval" / "sft" / "*.json"), "-o", root / "rep")
+    assert code == 0, err
+    text = (root / "rep" / "REPORT.md").read_text()
+    # downstream: xpert's paired accuracy gain over scratch, against scipy's paired t interval
+    d = [accs[("xpert", s)] - accs[("scratch", s)] for s in range(4)]
+    ci = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert f"| 3 | xpert | 4 | {np.mean([accs[('xpert', s)] for s in range(4)]):.3f}" in text
+    assert f"{np.mean(d):+.3f} ± {(ci.high - ci.low) / 2:.3f}" in text
+    assert "chance 0.250" in text and f"teacher 0.900 ± {1.96 * (0.9 * 0.1 / 600) ** 0.5:.3f}" in text
+    # budget: the 1x and 4x gaps, and scratch's steps to reach xpert's final loss at 1x
+    assert "## Training budget" in text and (root / "rep" / "budget.png").is_file()
+    x1 = np.mean([finals[("xpert", s)] for s in range(4)])
+    assert "| 4× | 120 | 3 | xpert | 4 |" in text and "-0.050 ± 0.000" in text
+    # scratch's frontier: (10, 7.0), (20, 6.5), (30, its 1x mean final), (120, its 4x mean final ~5.0015):
+    # xpert's 1x final (~5.8) lies between 30 and 120 steps, log-linearly interpolated
+    import math
+    s1 = np.mean([finals[("scratch", s)] for s in range(4)])
+    s4 = np.mean([5.0 + 0.001 * s for s in range(4)])
+    x1 = np.mean([finals[("xpert", s)] for s in range(4)])
+    need = math.exp(math.log(30) + (s1 - x1) / (s1 - s4) * (math.log(120) - math.log(30)))
+    line1 = next(l for l in text.splitlines() if l.startswith("| 1× | 30 | 3 | xpert |"))
+    assert f"| {need:.0f} | {need - 30:+.0f} (" in line1
+    line4 = next(l for l in text.splitlines() if l.startswith("| 4× | 120 | 3 | xpert |"))
+    assert "> 120 (beyond every scratch run)" in line4
+    # diversity: per evaluation domain, single − mixed seed by seed (code nll carries a +0.1 penalty)
+    assert "## Domain diversity" in text
+    row = next(l for l in text.splitlines() if l.startswith("| 3 | code |"))
+    for penalty in (0.1, 0.0):
+        d = [finals[("single-code", s)] + penalty - finals[("xpert", s)] for s in range(4)]
+        ci = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+        assert f"{np.mean(d):+.3f} ± {(ci.high - ci.low) / 2:.3f}" in row
+    # sft: base, step 40 and the final step (80, from the SFT run's metrics)
+    assert "| step 0 | step 40 | step 80 |" in text
+    assert "| 3 | xpert | 13.5 ± " in text and "(Δ +2.0 ± 0.0)" in text
+    assert (root / "rep" / "sft_rouge.png").is_file()
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    from xpertctl.report_paper import steps_to_reach
+    import math
+    curve = [(10, 7.0), (40, 6.0), (30, 6.5)]  # unsorted on purpose
+    assert steps_to_reach(curve, 7.5) == 10.0 and math.isclose(steps_to_reach(curve, 6.5), 30.0)
+    assert math.isclose(steps_to_reach(curve, 6.75), math.sqrt(10 * 30))  # halfway in log(steps)
+    assert steps_to_reach(curve, 5.0) is None
+
+
+def test_report_budget_option_is_checked(tmp_path, cli):
+    code, out, err = cli("report", "--results", str(tmp_path / "x-*.json"), "--budget", "four=x", "-o", tmp_path / "r")
+    assert_user_error(code, err)

@@ -416,10 +416,10 @@ def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts,
                   kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force)
 
 
-def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, force):
+def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, budget, sft, force):
     from .report import build
     return build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
-                 fidelity=fidelity, contrasts=contrast, notes=notes, title=title, force=force)
+                 fidelity=fidelity, contrasts=contrast, notes=notes, title=title, budgets=budget, sft=sft, force=force)
 
 
 def _run(recipe, set_, dry_run, only, profile, resolved, jobs):
@@ -685,6 +685,11 @@ COMMANDS: tuple[Command, ...] = (
                     type=str, multiple=True),
                 opt("notes", None, "A paragraph added under the verdict (e.g. the training budget).", type=str),
                 opt("title", "XPERT demo", "Report title."),
+                opt("budget", None, "MULTIPLE=GLOB: eval JSONs of runs at that multiple of the base steps (e.g. "
+                    "1=eval/*.json, 4=eval/x4/*.json); two or more give the training-budget section; repeat.",
+                    type=str, multiple=True),
+                opt("sft", None, "Glob(s) of gen: eval JSONs named ARM-<d>L-s<seed>-sft-<base|step-N|final>.json: "
+                    "the Rouge-L-over-SFT-steps section; repeat.", type=str, multiple=True),
                 FORCE,
             ), _report),
     Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped.",

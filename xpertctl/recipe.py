@@ -189,9 +189,10 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
         grid = _resolve(step.grid or {}, ctx, where)
         keys = list(grid)
         for k, v in grid.items():
-            if not isinstance(v, list) or not v:
-                raise XpertError(f"{where}: grid.{k} must be a non-empty list")
-        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+            if not isinstance(v, list):
+                raise XpertError(f"{where}: grid.{k} must be a list")
+        # an empty list expands the step to none: a profile switches such steps on by filling the list
+        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] if keys else [{}]
         for combo in combos:
             c = {**ctx, "grid": combo}
             sid = _resolve(step.id, c, where)

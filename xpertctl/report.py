@@ -90,11 +90,19 @@ def _reach(val: list[tuple[int, float]], target: float) -> int | None:
 def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: Path | None = None,
           stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo",
           fidelity: list[str] | None = None, notes: str | None = None, contrasts: list[str] | None = None,
-          force: bool = False) -> Path:
+          budgets: list[str] | None = None, sft: list[str] | None = None, force: bool = False) -> Path:
     from .io.writer import atomic_path, check_output
+    from . import report_paper as paper
     files = sorted({Path(p) for pat in results for p in glob.glob(pat)})
     if not files:
         raise XpertError(f"--results {' '.join(results)}: no result files match")
+    budget_files = []
+    for b in budgets or []:
+        mult, pattern = paper.parse_budget(b)
+        found = sorted(Path(p) for p in glob.glob(pattern))
+        if not found:
+            raise XpertError(f"--budget {b}: no result files match")
+        budget_files.append((mult, found))
     check_output(out, force)
     runs = [_load_run(f) for f in files]
     fid = _fidelity(fidelity)
@@ -206,6 +214,13 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
         lines.append("")
     with atomic_path(Path(out), force) as tmp:
         tmp.mkdir()
+        # the paper's own questions (issue 21): sections appear only when their results are there
+        lines += paper.downstream_section(runs, files, teacher, baseline)
+        lines += paper.depth_section(runs, baseline)
+        lines += paper.budget_section([(m, [_load_run(f) for f in fs]) for m, fs in budget_files], baseline,
+                                      tmp / "budget.png")
+        lines += paper.diversity_section(runs)
+        lines += paper.sft_section(paper.load_sft(sft or []), baseline, tmp / "sft_rouge.png")
         _curves(by, depths, arms, baseline, tmp / "loss_curves.png")
         lines += ["## Plots", "", "![validation loss](loss_curves.png)", ""]
         if fid:
