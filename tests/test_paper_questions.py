@@ -245,7 +245,7 @@ def test_report_sections_on_synthetic_results(tmp_path, cli):
                 if point == "final":
                     sft_run.mkdir(parents=True, exist_ok=True)
                     (sft_run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
-                                                                   for s in range(80)))
+                                                                   for s in range(1, 81)))
     teacher = root / "teacher.json"
     teacher.write_text(json.dumps({"model": {"path": "t"}, "tasks": {f"mc:{root / 'order.jsonl'}": {"acc": 0.9, "n": 600}}}))
     code, out, err = cli("report", "--results", str(root / "eval" / "*L-s*.json"), "--teacher", teacher,
@@ -299,3 +299,62 @@ def test_steps_to_reach_interpolates_between_evaluations():
 def test_report_budget_option_is_checked(tmp_path, cli):
     code, out, err = cli("report", "--results", str(tmp_path / "x-*.json"), "--budget", "four=x", "-o", tmp_path / "r")
     assert_user_error(code, err)
+
+
+# ---- the demo's profiles -------------------------------------------------------------------------------
+
+PROFILES = ("budget", "depth", "diversity", "sft", "paper")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_each_profile_expands_and_reuses_the_default_demo(profile, tmp_path, cli, monkeypatch):
+    from xpertctl import recipe as rc
+    from xpertctl.ops_table import BY_NAME
+    path = ROOT / "recipes" / "demo.yaml"
+    demo = rc.expand(rc.load(path), path)
+    plan = rc.expand(rc.load(path, profile=profile), path)
+    for sid, op, args in plan:
+        rc.argv_for(op, args, sid, BY_NAME)  # every op and value checks out
+    same = {sid: (op, a) for sid, op, a in plan}
+    # every step of the default demo (its report aside) is in the profile with the same op and args: skipped
+    assert all(same.get(sid) == (op, a) for sid, op, a in demo if op != "report")
+    extra = [(sid, op, a) for sid, op, a in plan if sid not in {s for s, _, _ in demo}]
+    trains = [a for _, op, a in extra if op == "train"]
+    outs = [a["out"] for _, _, a in plan if "out" in a]
+    assert len(outs) == len(set(outs))  # no two steps write the same place
+    if profile in ("budget", "paper"):
+        steps = sorted({a["steps"] for a in trains if "/runs/x4/" in a["out"] or "/runs/x16/" in a["out"]})
+        assert steps == [480, 1920]
+        assert sum("/runs/x4/" in a["out"] for a in trains) == 4 * 8 and sum("/runs/x16/" in a["out"] for a in trains) == 4 * 4
+        assert all(a["ckpt"] in {x["out"] for _, o, x in demo if o == "graft"} for a in trains if "/runs/x4/" in a["out"] or "/runs/x16/" in a["out"])
+    if profile in ("depth", "paper"):
+        depth_runs = {a["out"].rsplit("/", 1)[1].rsplit("-s", 1)[0] for a in trains if "L-s" in a["out"]}
+        assert {f"{arm}-{d}L" for arm in ("xpert", "fit", "scratch", "kd", "learngene") for d in (4, 6)} <= depth_runs
+        assert not any(r.startswith(("random", "low", "literal", "norm-matched")) for r in depth_runs)
+    if profile in ("diversity", "paper"):
+        assert sum(op == "stats" for _, op, _ in extra) == 6
+        assert sum("/runs/single-" in a["out"] for a in trains) == 6 * 8
+    if profile in ("sft", "paper"):
+        sft = [a for a in trains if a.get("sft")]
+        assert len(sft) == 5 * 8 and all(a["ckpt"].endswith("/final") for a in sft)
+        gens = [a for _, op, a in extra if op == "eval" and any(t.startswith("gen:") for t in a["task"])]
+        assert len(gens) == 5 * 8 * 4  # before SFT and at three SFT checkpoints
+    report = next(a for _, op, a in plan if op == "report")
+    assert report["out"] != next(a for _, op, a in demo if op == "report")["out"]  # its own report
+    # the profile prints its estimate first
+    monkeypatch.chdir(ROOT)
+    code, out, err = cli("run", "recipes/demo.yaml", "--profile", profile, "--resolved")
+    assert code == 0, err
+    est = next(l for l in out.splitlines() if l.startswith("estimate:"))
+    assert "about" in est and "after the default demo" in est
+
+
+def test_default_demo_evaluates_the_order_task_everywhere_and_keeps_its_arms():
+    from xpertctl import recipe as rc
+    path = ROOT / "recipes" / "demo.yaml"
+    demo = rc.expand(rc.load(path), path)
+    evals = [a for _, op, a in demo if op == "eval"]
+    assert evals and all(any(t.endswith("/order.jsonl") and t.startswith("mc:") for t in a["task"]) for a in evals)
+    arms = {a["out"].rsplit("/", 1)[1].rsplit("-3L", 1)[0] for _, op, a in demo if op == "train"}
+    assert arms == {"xpert", "literal", "fit", "random", "low", "norm-matched", "scratch", "kd", "learngene"}
+    assert not any(op == "corpus cloze" for _, op, _ in demo)

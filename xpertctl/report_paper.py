@@ -178,10 +178,15 @@ def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scr
     if len(budgets) < 2:
         return []
     rows, points = [], defaultdict(list)
+    seen = defaultdict(int)  # arms trained at one budget only (e.g. the 1x controls) are left out
+    for _, runs in budgets:
+        for key in {(r["arm"], r["depth"]) for r in runs}:
+            seen[key] += 1
     for mult, runs in sorted(budgets, key=lambda b: b[0]):
         by = defaultdict(list)
         for r in runs:
-            by[(r["arm"], r["depth"])].append(r)
+            if seen[(r["arm"], r["depth"])] > 1:
+                by[(r["arm"], r["depth"])].append(r)
         for (a, d), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0] == baseline, kv[0][0])):
             base = by.get((baseline, d), [])
             total = max((r["val"][-1][0] for r in rs if r["val"]), default=0)
@@ -299,7 +304,7 @@ def load_sft(patterns: list[str]) -> list[dict]:
         else:
             metrics = Path(doc["model"]["path"]).parent / "metrics.jsonl"
             rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.is_file() else []
-            step = max((r["step"] for r in rows if "step" in r), default=-1) + 1
+            step = max((r["step"] for r in rows if "step" in r), default=0)  # metrics count steps from 1
         out.append({"arm": m["arm"], "depth": int(m["depth"]), "seed": int(m["seed"]), "step": step,
                     "rougeL": float(gen["rougeL"]), "n": int(gen.get("n", 0))})
     return out
