@@ -16,8 +16,17 @@ from .errors import XpertError
 
 
 def _pci(x: dict[int, float], y: dict[int, float]) -> tuple[float, float, int]:
-    from .report import paired_ci
-    return paired_ci(x, y)
+    """Mean of the per-seed differences x - y over the seeds both have, its 95% t half-width, n (scipy's
+    one-sample t interval of the differences: the paired t interval)."""
+    seeds = sorted(set(x) & set(y))
+    d = np.array([x[s] - y[s] for s in seeds], dtype=float)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else float("nan")), float("nan"), len(d)
+    if np.ptp(d) == 0:  # identical differences: scipy's interval is undefined, the spread is zero
+        return float(d.mean()), 0.0, len(d)
+    from scipy.stats import ttest_1samp
+    ci = ttest_1samp(d, 0.0).confidence_interval(0.95)
+    return float(d.mean()), float((ci.high - ci.low) / 2), len(d)
 
 
 def _fmt(diff: float, half: float, n: int, digits: int = 3) -> str:
