@@ -358,3 +358,29 @@ def test_default_demo_evaluates_the_order_task_everywhere_and_keeps_its_arms():
     arms = {a["out"].rsplit("/", 1)[1].rsplit("-3L", 1)[0] for _, op, a in demo if op == "train"}
     assert arms == {"xpert", "literal", "fit", "random", "low", "norm-matched", "scratch", "kd", "learngene"}
     assert not any(op == "corpus cloze" for _, op, _ in demo)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--layer-map", "first"], "--layer-map first: --ffn-init learngene places"),
+])
+def test_graft_learngene_bad_options_are_one_line(fx, tmp_path, cli, args, needle):
+    code, _, err = cli("graft", fx / "mixtral", "--target", "2L", "--ffn-init", "learngene", "-o", tmp_path / "g", *args)
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "g").exists()
+
+
+def test_graft_learngene_refuses_an_adapted_file(fx, tmp_path, cli):
+    """An adapted file holds only the mapped layers; the learngene needs every source layer."""
+    from xpertctl.ops import decompose
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(fx / "mixtral")
+    doc = decompose.all_experts_doc(ck)
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps({**doc, "source": ck.fingerprint}))
+    code, _, err = cli("decompose", fx / "mixtral", sel, "-o", tmp_path / "f.safetensors")
+    assert code == 0, err
+    code, _, err = cli("reshape", tmp_path / "f.safetensors", "--target", "2L", "-o", tmp_path / "a.safetensors")
+    assert code == 0, err
+    code, _, err = cli("graft", tmp_path / "a.safetensors", "--ffn-init", "learngene", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--ffn-init learngene fits every layer of an MoE source")
+    assert not (tmp_path / "g").exists()

@@ -211,6 +211,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
+    if ffn_init == "learngene" and layer_map_how != "uniform":
+        raise XpertError(f"--layer-map {layer_map_how}: --ffn-init learngene places the target layers along the "
+                         "source's depth itself (a line through every layer); drop --layer-map")
     check_output(out, force, inputs + list(cal_paths.values()))
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
