@@ -116,7 +116,7 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     lines = [f"# {title}", ""]
     verdicts = []
     table = ["| depth | arm | seeds | FFN fidelity (rel_error before training) | final val loss | paired Δ vs scratch (95% CI) "
-             "| test ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
+             "| test ppl | mc acc | mc acc_norm | steps to scratch's final val |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for d in depths:
         base = by.get((d, baseline), [])
@@ -196,10 +196,11 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     if teacher is not None and Path(teacher).is_file():
         t = json.loads(Path(teacher).read_text())
         ppl = next((v for k, v in t["tasks"].items() if k.startswith("ppl:")), {})
-        mc = next((v for k, v in t["tasks"].items() if k.startswith("mc:")), {})
+        mc_key, mc = next(((k, v) for k, v in t["tasks"].items() if k.startswith("mc:")), ("mc:-", {}))
         doms = [v["nll"] for v in ppl.values() if isinstance(v, dict)]
         lines += ["## Teacher (reference)", "", f"- test ppl {math.exp(np.mean(doms)):.1f}" if doms else "",
-                  f"- cloze acc {mc.get('acc', float('nan')):.3f}, acc_norm {mc.get('acc_norm', float('nan')):.3f}", ""]
+                  f"- multiple choice ({Path(mc_key[3:]).name}) acc {mc.get('acc', float('nan')):.3f}, "
+                  f"acc_norm {mc.get('acc_norm', float('nan')):.3f}", ""]
     # per-domain test perplexity
     doms = sorted({k for r in runs for k in r["test_nll"]})
     if doms:
