@@ -384,3 +384,12 @@ def test_graft_learngene_refuses_an_adapted_file(fx, tmp_path, cli):
     code, _, err = cli("graft", tmp_path / "a.safetensors", "--ffn-init", "learngene", "-o", tmp_path / "g")
     assert_user_error(code, err, "--ffn-init learngene fits every layer of an MoE source")
     assert not (tmp_path / "g").exists()
+
+
+def test_precision_line_names_the_seeds_an_interval_needs():
+    from xpertctl.report import seeds_for
+    from xpertctl.report_paper import precision
+    line = precision([("a", 0.02, 8), ("b", 0.10, 8), ("c", float("nan"), 1)], 0.05, "nats", seeds_for)[0]
+    assert "met for a (±0.020)" in line
+    assert f"b (±0.100 over 8 seeds; about {seeds_for(0.10, 8, 0.05)} seeds at this spread)" in line
+    assert "no interval (one paired seed) for c" in line

@@ -216,12 +216,12 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     with atomic_path(Path(out), force) as tmp:
         tmp.mkdir()
         # the paper's own questions (issue 21): sections appear only when their results are there
-        lines += paper.downstream_section(runs, files, teacher, baseline)
-        lines += paper.depth_section(runs, baseline)
+        lines += paper.downstream_section(runs, files, teacher, baseline, seeds_for=seeds_for)
+        lines += paper.depth_section(runs, baseline, seeds_for=seeds_for)
         lines += paper.budget_section([(m, [_load_run(f) for f in fs]) for m, fs in budget_files], baseline,
-                                      tmp / "budget.png")
-        lines += paper.diversity_section(runs)
-        lines += paper.sft_section(paper.load_sft(sft or []), baseline, tmp / "sft_rouge.png")
+                                      tmp / "budget.png", seeds_for=seeds_for)
+        lines += paper.diversity_section(runs, seeds_for=seeds_for)
+        lines += paper.sft_section(paper.load_sft(sft or []), baseline, tmp / "sft_rouge.png", seeds_for=seeds_for)
         _curves(by, depths, arms, baseline, tmp / "loss_curves.png")
         lines += ["## Plots", "", "![validation loss](loss_curves.png)", ""]
         if fid:

@@ -14,6 +14,8 @@ import numpy as np
 
 from .errors import XpertError
 
+LOSS_GOAL, ACC_GOAL, ROUGE_GOAL = 0.05, 0.03, 1.0  # the issue's precision goals: nats, accuracy, Rouge-L points
+
 
 def _pci(x: dict[int, float], y: dict[int, float]) -> tuple[float, float, int]:
     """Mean of the per-seed differences x - y over the seeds both have, its 95% t half-width, n (scipy's
@@ -46,6 +48,20 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return float(np.mean(xs)), float(student_t.ppf(0.975, len(xs) - 1) * np.std(xs, ddof=1) / math.sqrt(len(xs)))
 
 
+def precision(found: list[tuple[str, float, int]], goal: float, unit: str, seeds_for=None) -> list[str]:
+    """One line: which paired intervals reach ±goal, and for the others the seeds that would take at the
+    observed spread (seeds_for(half, n, goal), report.seeds_for, handed in by the caller)."""
+    if not found:
+        return []
+    met = [f"{k} (±{h:.3f})" for k, h, n in found if not math.isnan(h) and h <= goal]
+    short = [f"{k} (±{h:.3f} over {n} seeds" + (f"; about {seeds_for(h, n, goal) or 'more than 100,000'} seeds at this spread)"
+                                                if seeds_for else ")") for k, h, n in found if not math.isnan(h) and h > goal]
+    alone = [k for k, h, n in found if math.isnan(h)]
+    return [f"**Precision** (goal: paired 95% intervals within ±{goal:g} {unit}): met for {', '.join(met) or 'none'}; "
+            f"not met for {', '.join(short) or 'none'}" + (f"; no interval (one paired seed) for {', '.join(alone)}"
+                                                           if alone else "") + ".", ""]
+
+
 def _reading(diff: float, half: float, lower_better: bool = True) -> str:
     if math.isnan(half):
         return "no interval"
@@ -76,7 +92,8 @@ def _choices(path: str) -> int | None:
         return None
 
 
-def downstream_section(runs: list[dict], files: list[Path], teacher: Path | None, baseline: str = "scratch") -> list[str]:
+def downstream_section(runs: list[dict], files: list[Path], teacher: Path | None, baseline: str = "scratch",
+                       seeds_for=None) -> list[str]:
     """Accuracy per arm on every multiple-choice task, paired with the baseline seed by seed; the teacher
     with its binomial interval over items; chance."""
     scores = {(r["arm"], r["depth"], r["seed"]): mc_scores(f) for r, f in zip(runs, files)}
@@ -95,6 +112,7 @@ def downstream_section(runs: list[dict], files: list[Path], teacher: Path | None
             if task in t_scores else ""), "",
                   f"| depth | arm | seeds | acc (95% CI) | paired Δ vs {baseline} (95% CI) | reading |", "|---|---|---|---|---|---|"]
         keys = sorted({(d, a) for (a, d, _s), s in scores.items() if task in s}, key=lambda k: (k[0], k[1] == baseline, k[1]))
+        found = []
         for d, a in keys:
             mine = {s: v[task]["acc"] for (aa, dd, s), v in scores.items() if aa == a and dd == d and task in v}
             base = {s: v[task]["acc"] for (aa, dd, s), v in scores.items() if aa == baseline and dd == d and task in v}
@@ -105,14 +123,16 @@ def downstream_section(runs: list[dict], files: list[Path], teacher: Path | None
             else:
                 diff, half, n = _pci(mine, base)
                 delta, reading = _fmt(diff, half, n), _reading(diff, half, lower_better=False)
+                found.append((f"{a} at {d}L", half, n))
             lines.append(f"| {d} | {a} | {len(mine)} | {acc} | {delta} | {reading} |")
         lines.append("")
+        lines += precision(found, ACC_GOAL, "accuracy", seeds_for)
     return lines
 
 
 # ---- depth -------------------------------------------------------------------------------------------
 
-def depth_section(runs: list[dict], baseline: str = "scratch") -> list[str]:
+def depth_section(runs: list[dict], baseline: str = "scratch", seeds_for=None) -> list[str]:
     """Δ final validation loss vs the baseline per arm (rows) and student depth (columns); only when the
     results hold more than one depth."""
     depths = sorted({r["depth"] for r in runs})
@@ -122,6 +142,7 @@ def depth_section(runs: list[dict], baseline: str = "scratch") -> list[str]:
     for r in runs:
         by[(r["arm"], r["depth"])][r["seed"]] = r["final_val"]
     arms = sorted({a for a, _ in by if a != baseline})
+    found = []
     lines = ["## Depth", "", f"Paired Δ final validation loss vs {baseline} (95% CI; negative: the arm ends lower) "
              "per student depth (the teacher has 6 layers).", "",
              "| arm | " + " | ".join(f"{d} layers" for d in depths) + " |", "|---|" + "---|" * len(depths)]
@@ -131,10 +152,11 @@ def depth_section(runs: list[dict], baseline: str = "scratch") -> list[str]:
             if (a, d) in by and (baseline, d) in by:
                 diff, half, n = _pci(by[(a, d)], by[(baseline, d)])
                 cells.append(f"{_fmt(diff, half, n)} ({n})")
+                found.append((f"{a} at {d}L", half, n))
             else:
                 cells.append("-")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + precision(found, LOSS_GOAL, "nats", seeds_for)
 
 
 # ---- training budget ----------------------------------------------------------------------------------
@@ -181,12 +203,12 @@ def _frontier(budgets: list[tuple[float, list[dict]]], arm: str, depth: int) -> 
 
 
 def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scratch",
-                   plot: Path | None = None) -> list[str]:
+                   plot: Path | None = None, seeds_for=None) -> list[str]:
     """Per budget (a multiple of the base steps and its runs): each arm's Δ vs the baseline with its
     interval, and the steps the baseline needs to reach the arm's final loss (steps saved)."""
     if len(budgets) < 2:
         return []
-    rows, points = [], defaultdict(list)
+    rows, points, found = [], defaultdict(list), []
     seen = defaultdict(int)  # arms trained at one budget only (e.g. the 1x controls) are left out
     for _, runs in budgets:
         for key in {(r["arm"], r["depth"]) for r in runs}:
@@ -212,6 +234,7 @@ def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scr
                      else f"> {most - total:+d}")
             rows.append(f"| {mult:g}× | {total} | {d} | {a} | {len(rs)} | {m:.3f} | {_fmt(diff, half, n)} | {need_s} | {saved} |")
             points[(a, d)].append((total, diff, half))
+            found.append((f"{a} at {mult:g}×", half, n))
     lines = ["## Training budget", "",
              f"The same arms trained for several multiples of the demo's steps (the learning-rate schedule spans each "
              f"whole run). Δ: final validation loss minus the {baseline} run of the same seed (95% CI). Steps saved: "
@@ -232,7 +255,7 @@ def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scr
     if plot is not None and points:
         _budget_plot(points, baseline, plot)
         lines += [f"![Δ vs {baseline} against training steps]({plot.name})", ""]
-    return lines
+    return lines + precision(found, LOSS_GOAL, "nats", seeds_for)
 
 
 def _budget_plot(points: dict, baseline: str, path: Path) -> None:
@@ -258,13 +281,14 @@ def _budget_plot(points: dict, baseline: str, path: Path) -> None:
 SINGLE = "single-"
 
 
-def diversity_section(runs: list[dict], mixed: str = "xpert") -> list[str]:
+def diversity_section(runs: list[dict], mixed: str = "xpert", seeds_for=None) -> list[str]:
     """Arms `single-<domain>` (experts selected from one domain's stats) against the mixed-domain
     selection, per evaluation domain: paired Δ test NLL (single − mixed; positive: mixed is better)."""
     singles = sorted({r["arm"] for r in runs if r["arm"].startswith(SINGLE)})
     if not singles:
         return []
     doms = sorted({k for r in runs for k in r["test_nll"]})
+    found = []
     lines = ["## Domain diversity", "",
              f"Experts selected from one domain's statistics (`{SINGLE}<domain>`) vs from all domains (`{mixed}`), "
              "grafted and trained alike. Cells: paired Δ test NLL, single − mixed (95% CI); positive means the "
@@ -283,9 +307,11 @@ def diversity_section(runs: list[dict], mixed: str = "xpert") -> list[str]:
                 x = {s: r["test_nll"][k] for s, r in mine.items() if k in r["test_nll"]}
                 y = {s: r["test_nll"][k] for s, r in mix.items() if k in r["test_nll"]}
                 cells.append(_fmt(*_pci(x, y)))
-            cells.append(_fmt(*_pci({s: r["final_val"] for s, r in mine.items()}, {s: r["final_val"] for s, r in mix.items()})))
+            diff, half, n = _pci({s: r["final_val"] for s, r in mine.items()}, {s: r["final_val"] for s, r in mix.items()})
+            cells.append(_fmt(diff, half, n))
+            found.append((f"{a} − {mixed} (final val)", half, n))
             lines.append(f"| {d} | {a[len(SINGLE):]} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + precision(found, LOSS_GOAL, "nats", seeds_for)
 
 
 # ---- SFT ---------------------------------------------------------------------------------------------
@@ -319,7 +345,7 @@ def load_sft(patterns: list[str]) -> list[dict]:
     return out
 
 
-def sft_section(recs: list[dict], baseline: str = "scratch", plot: Path | None = None) -> list[str]:
+def sft_section(recs: list[dict], baseline: str = "scratch", plot: Path | None = None, seeds_for=None) -> list[str]:
     if not recs:
         return []
     by = defaultdict(dict)
@@ -333,7 +359,7 @@ def sft_section(recs: list[dict], baseline: str = "scratch", plot: Path | None =
              f"{n_items} test instructions scored with Rouge-L F (×100); per SFT step: mean over seeds (95% CI) and "
              f"the difference to {baseline} paired by seed.", "",
              "| depth | arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-    curves = {}
+    curves, found = {}, []
     for d in sorted({k[1] for k in by}):
         for a in arms:
             cells, curve = [], []
@@ -348,12 +374,15 @@ def sft_section(recs: list[dict], baseline: str = "scratch", plot: Path | None =
                 if a != baseline and base:
                     diff, half, n = _pci(mine, base)
                     cell += f" (Δ {_fmt(diff, half, n, 1)})"
+                    if s == steps[-1]:
+                        found.append((f"{a} at step {s}", half, n))
                 cells.append(cell)
                 curve.append((s, m, h))
             if curve:
                 curves[(a, d)] = curve
                 lines.append(f"| {d} | {a} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += precision(found, ROUGE_GOAL, "Rouge-L points", seeds_for)
     if plot is not None and curves:
         import matplotlib
         matplotlib.use("Agg")
