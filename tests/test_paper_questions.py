@@ -393,3 +393,19 @@ def test_precision_line_names_the_seeds_an_interval_needs():
     assert "met for a (±0.020)" in line
     assert f"b (±0.100 over 8 seeds; about {seeds_for(0.10, 8, 0.05)} seeds at this spread)" in line
     assert "no interval (one paired seed) for c" in line
+
+
+def test_an_empty_grid_list_expands_a_step_to_none(tmp_path, cli):
+    import yaml
+    from xpertctl import recipe as rc
+    doc = {"name": "t", "vars": {"on": [], "w": str(tmp_path / "w")}, "steps": [
+        {"id": "order-${grid.s}", "op": "corpus order", "grid": {"s": "${vars.on}"},
+         "args": {"corpus": str(MINI), "per_domain": 1, "seed": "${grid.s}", "out": "${vars.w}/o${grid.s}.jsonl"}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    assert rc.expand(rc.load(tmp_path / "r.yaml"), tmp_path / "r.yaml") == []
+    plan = rc.expand(rc.load(tmp_path / "r.yaml", ["vars.on=[1, 2]"]), tmp_path / "r.yaml")
+    assert [sid for sid, _, _ in plan] == ["order-1", "order-2"]
+    doc["vars"]["on"] = "x"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    code, _, err = cli("run", tmp_path / "r.yaml", "--dry-run")
+    assert_user_error(code, err, "grid.s must be a list")
