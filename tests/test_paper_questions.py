@@ -273,7 +273,7 @@ def test_report_sections_on_synthetic_results(tmp_path, cli):
     line1 = next(l for l in text.splitlines() if l.startswith("| 1× | 30 | 3 | xpert |"))
     assert f"| {need:.0f} | {need - 30:+.0f} (" in line1
     line4 = next(l for l in text.splitlines() if l.startswith("| 4× | 120 | 3 | xpert |"))
-    assert "> 120 (beyond every scratch run)" in line4
+    assert "> 120 (beyond every scratch run) | unknown (below scratch's longest run) |" in line4
     # diversity: per evaluation domain, single − mixed seed by seed (code nll carries a +0.1 penalty)
     assert "## Domain diversity" in text
     row = next(l for l in text.splitlines() if l.startswith("| 3 | code |"))

@@ -231,7 +231,7 @@ def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scr
             most = max((s for s, _ in front), default=0)
             need_s = f"{need:.0f}" if need is not None else f"> {most} (beyond every {baseline} run)"
             saved = (f"{need - total:+.0f} ({need / total:.2f}× the steps)" if need is not None
-                     else f"> {most - total:+d}")
+                     else f"more than {most - total}" if most > total else f"unknown (below {baseline}'s longest run)")
             rows.append(f"| {mult:g}× | {total} | {d} | {a} | {len(rs)} | {m:.3f} | {_fmt(diff, half, n)} | {need_s} | {saved} |")
             points[(a, d)].append((total, diff, half))
             found.append((f"{a} at {mult:g}×", half, n))
