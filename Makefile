@@ -4,8 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= full
-# DEMO=power: 40 seeds for the main arms (the recipe's power profile), reusing a full demo's runs
-DEMO_PROFILE := $(if $(filter power,$(DEMO)),--profile power)
+# DEMO=power|budget|depth|diversity|sft|paper: the recipe's profile of that name, reusing a full demo's runs
+# (power: 40 seeds for the main arms; budget: 4x and 16x the steps; depth: 3, 4, 6 layers; diversity:
+# single-domain selections; sft: SFT and Rouge-L; paper: budget, depth, diversity and sft together)
+ifeq ($(filter full quick power budget depth diversity sft paper,$(DEMO)),)
+$(error DEMO=$(DEMO): choose full, quick, power, budget, depth, diversity, sft or paper)
+endif
+DEMO_PROFILE := $(if $(filter power budget depth diversity sft paper,$(DEMO)),--profile $(DEMO))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib
 
 .PHONY: setup test demo corpus teacher bench fixtures clean

@@ -203,6 +203,8 @@ CASES = [
     ("run-missing-step-ref", lambda e: ["run", recipe(e, {"id": "b", "op": "select", "args": {
         "stats_file": "${steps.zzz.out}", "out": str(e.d / "o" / "s.json")}})], ["r.yaml", "step 'b'", "${steps.zzz.out}"]),
     ("corpus-cloze-not-corpus", lambda e: ["corpus", "cloze", e.d, "-o", e.d / "o.jsonl"], ["no train/*.txt"]),
+    ("corpus-order-not-corpus", lambda e: ["corpus", "order", e.d, "-o", e.d / "o.jsonl"], ["no train/*.txt"]),
+    ("corpus-sft-not-corpus", lambda e: ["corpus", "sft", e.d, "-o", e.d / "sft"], ["no train/*.txt"]),
     ("corpus-tokenizer-not-corpus", lambda e: ["corpus", "tokenizer", e.d, "-o", e.d / "tok"], ["no train/*.txt"]),
     ("corpus-build-exists", lambda e: ["corpus", "build", "-o", e.d], ["already exists"]),
     ("init-unknown-family", lambda e: ["init", "bert", "--tokenizer", e.fx / "llama", "-o", e.d / "m"],

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 COMMANDS = ["inspect", "families", "stats", "select", "decompose", "reshape", "graft", "fidelity", "tokenize", "train", "eval",
-            "corpus build", "corpus tokenizer", "corpus cloze", "init", "report", "run"]
+            "corpus build", "corpus tokenizer", "corpus cloze", "corpus order", "corpus sft", "init", "report", "run"]
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])

@@ -99,10 +99,10 @@ def test_shipped_recipes_expand(tmp_path):
         for sid, op, args in plan:
             rc.argv_for(op, args, sid, TABLE)  # every op and argument exists
     demo = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml"), Path("demo.yaml"))
-    assert sum(op == "train" for _, op, _ in demo) == 8 * 1 * 8  # 8 arms (KD included), 1 depth, 8 seeds
+    assert sum(op == "train" for _, op, _ in demo) == 9 * 1 * 8  # 9 arms (KD and learngene included), 1 depth, 8 seeds
     power = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml", profile="power"), Path("demo.yaml"))
     trains = [a["out"] for _, op, a in power if op == "train"]
-    assert len(trains) == 5 * 40 + 3 * 8  # xpert, fit, random, low, scratch x 40 seeds; literal, norm-matched, kd x 8
+    assert len(trains) == 5 * 40 + 4 * 8  # xpert, fit, random, low, scratch x 40 seeds; literal, norm-matched, kd, learngene x 8
     # power only adds seeds: every step of the default demo but its report is in it with the same args (skipped)
     same = {sid: a for sid, _, a in power}
     assert all(same.get(sid) == a for sid, op, a in demo if op != "report")

@@ -225,3 +225,142 @@ def cloze(corpus: Path, out: Path, *, per_domain: int = 50, choices: int = 4, co
     with atomic_path(Path(out), force) as tmp:
         tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
     return Path(out)
+
+
+def _shuffles(words: list[str], n: int, rng, tries: int = 50) -> list[str] | None:
+    """n distinct reorderings of `words`, each different (as text) from the original; None if too few exist."""
+    real, out = " ".join(words), []
+    for _ in range(tries):
+        w = list(words)
+        rng.shuffle(w)
+        s = " ".join(w)
+        if s != real and s not in out:
+            out.append(s)
+            if len(out) == n:
+                return out
+    return None
+
+
+def order(corpus: Path, out: Path, *, per_domain: int = 175, choices: int = 4, context_words: int = 24,
+          continuation_words: int = 8, seed: int = 0, force: bool = False) -> Path:
+    """`xpertctl corpus order`: a word-order multiple-choice task from the held-out *test* split only.
+
+    Each item: `context_words` words of a passage, then its real next `continuation_words` words
+    against `choices - 1` shuffled orders of the same words (so every choice has the same words and
+    length: only the order tells them apart, which a model that learned the domain's syntax can do).
+    Windows do not overlap; they are drawn at random (seeded) from every test document of a domain."""
+    import random
+    from .io.writer import atomic_path, check_output
+    if choices < 2 or context_words < 1 or continuation_words < 2 or per_domain < 1:
+        raise XpertError("corpus order: needs --choices >= 2, --per-domain >= 1, context >= 1 and continuation >= 2 words")
+    files = data.corpus_domains(corpus)
+    check_output(out, force, [Path(corpus)])
+    rng = random.Random(seed)
+    span = context_words + continuation_words
+    items = []
+    for name, parts in files.items():
+        docs = data.read_documents(parts["test"]) if parts["test"].stat().st_size else []
+        windows = [w[s: s + span] for w in (d.split() for d in docs) for s in range(0, len(w) - span + 1, span)]
+        made = 0
+        for i in rng.sample(range(len(windows)), len(windows)):
+            w = windows[i]
+            real = w[context_words:]
+            wrong = _shuffles(real, choices - 1, rng)
+            if wrong is None:
+                continue
+            label = rng.randrange(choices)
+            # choices without a leading space: eval joins them with --target-delimiter " " (the harness's way)
+            items.append({"domain": name, "context": " ".join(w[:context_words]),
+                          "choices": wrong[:label] + [" ".join(real)] + wrong[label:], "label": label})
+            made += 1
+            if made == per_domain:
+                break
+    if not items:
+        raise XpertError(f"{corpus}: the test split has too little text for a word-order task")
+    with atomic_path(Path(out), force) as tmp:
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return Path(out)
+
+
+# ---- an instruction set from the corpus's own text (the demo's stand-in for the paper's Dolly SFT) ----
+
+SFT_SOURCES = ("lexicon", "manuals", "scripture")
+SFT_MAX_WORDS = 30  # responses are cut to this many words: short answers that a tiny model can be scored on
+
+
+def _words(text: str, n: int = SFT_MAX_WORDS) -> str:
+    return " ".join(text.split()[:n])
+
+
+def sft_records(domain: str, doc: str) -> list[dict]:
+    """Instruction records made from one corpus document of `domain` (none for other domains).
+
+    lexicon: "gloss: definition" lines -> define the word; manuals: the NAME line (`cmd - what it does`)
+    and option entries (an option line, then its indented description) -> what the command/option does,
+    answered with the description's first sentence; scripture: a verse of 12+ words -> its second half
+    given the first."""
+    recs = []
+    if domain == "lexicon":
+        for line in doc.splitlines():
+            word, sep, gloss = line.partition(": ")
+            gloss = gloss.split('; "')[0].strip()  # WordNet example sentences follow the definition
+            if sep and word.strip() and len(gloss.split()) >= 2:
+                recs.append({"instruction": f'Define the word "{word.strip()}".', "response": _words(gloss)})
+    elif domain == "manuals":
+        lines = doc.splitlines()
+        for n, line in enumerate(lines):
+            if line.strip() == "NAME" and n + 1 < len(lines):
+                name, sep, what = lines[n + 1].strip().partition(" - ")
+                if sep and name and len(what.split()) >= 2:
+                    recs.append({"instruction": f"What does the command `{name.strip()}` do?",
+                                 "response": _words(what)})
+            elif re.match(r"^-{1,2}[A-Za-z0-9]", line) and n + 1 < len(lines) and lines[n + 1].startswith("       ") \
+                    and not lines[n + 1].strip().startswith("-"):
+                desc = []
+                for nxt in lines[n + 1:]:
+                    if not nxt.startswith("       ") or nxt.strip().startswith("-"):
+                        break
+                    desc.append(nxt.strip())
+                first = re.split(r"(?<=\.)\s", " ".join(desc), maxsplit=1)[0]
+                if len(first.split()) >= 3:
+                    recs.append({"instruction": f"What does the option `{line.strip()}` do?", "response": _words(first)})
+    elif domain == "scripture":
+        for verse in doc.splitlines():
+            w = verse.split()
+            if len(w) >= 12:
+                half = len(w) // 2
+                recs.append({"instruction": "Continue this verse from the King James Bible.",
+                             "context": " ".join(w[:half]), "response": _words(" ".join(w[half:]))})
+    return [{**r, "domain": domain} for r in recs]
+
+
+def sft(corpus: Path, out: Path, *, max_train: int = 3000, max_test: int = 100, seed: int = 0,
+        force: bool = False) -> Path:
+    """`xpertctl corpus sft`: out/train.jsonl and out/test.jsonl of instruction records made from the
+    corpus's train and test documents (so train and test are split by document hash, as the corpus is),
+    at most `max_train` / `max_test` per source domain, drawn at random (seeded) in a fixed order."""
+    import random
+    from .io.writer import atomic_path, check_output
+    if max_train < 1 or max_test < 1:
+        raise XpertError(f"corpus sft: --max-train and --max-test must be >= 1, got {max_train} and {max_test}")
+    files = data.corpus_domains(corpus)
+    check_output(out, force, [Path(corpus)])
+    have = [d for d in SFT_SOURCES if d in files]
+    if not have:
+        raise XpertError(f"{corpus}: none of the domains an instruction set is made from ({', '.join(SFT_SOURCES)})")
+    rng = random.Random(seed)
+    split_recs = {}
+    for split, cap in (("train", max_train), ("test", max_test)):
+        recs = []
+        for d in have:
+            p = files[d][split]
+            mine = [r for doc in (data.read_documents(p) if p.stat().st_size else []) for r in sft_records(d, doc)]
+            recs += [mine[i] for i in sorted(rng.sample(range(len(mine)), min(cap, len(mine))))]
+        if not recs:
+            raise XpertError(f"{corpus}: its {split} split yields no instruction records")
+        split_recs[split] = recs
+    with atomic_path(Path(out), force) as tmp:
+        tmp.mkdir()
+        for split, recs in split_recs.items():
+            (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return Path(out)

@@ -528,16 +528,27 @@ def _corpus_cloze(corpus, out, per_domain, choices, seed, force):
     return cloze(corpus, out, per_domain=per_domain, choices=choices, seed=seed, force=force)
 
 
+def _corpus_order(corpus, out, per_domain, choices, context_words, continuation_words, seed, force):
+    from .corpus import order
+    return order(corpus, out, per_domain=per_domain, choices=choices, context_words=context_words,
+                 continuation_words=continuation_words, seed=seed, force=force)
+
+
+def _corpus_sft(corpus, out, max_train, max_test, seed, force):
+    from .corpus import sft
+    return sft(corpus, out, max_train=max_train, max_test=max_test, seed=seed, force=force)
+
+
 def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts, top_k, max_positions, seed, force):
     from .ops import init as op
     return op.run(family, out, tokenizer=tokenizer, layers=layers, hidden=hidden, ffn=ffn, heads=heads,
                   kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force)
 
 
-def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, force):
+def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, budget, sft, force):
     from .report import build
     return build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
-                 fidelity=fidelity, contrasts=contrast, notes=notes, title=title, force=force)
+                 fidelity=fidelity, contrasts=contrast, notes=notes, title=title, budgets=budget, sft=sft, force=force)
 
 
 def _run(recipe, set_, dry_run, only, profile, resolved, jobs):
@@ -649,7 +660,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
                     check=_check_inherit),
                 opt("ffn_init", "xpert", "xpert; scratch (the same model with fresh FFNs: the baseline); "
-                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control).",
+                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control); learngene (TLEG's "
+                    "linear expansion across depth fitted to every source layer's FFN: the learngene baseline).",
                     choices=FFN_INITS),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
@@ -762,6 +774,28 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the distractor draw.", range=NONNEG),
                 FORCE,
             ), _corpus_cloze),
+    Command("corpus order", "A word-order multiple-choice task (the real next words vs the same words shuffled) from "
+            "the test split -> JSONL.",
+            "xpertctl corpus order build/corpus -o order.jsonl --per-domain 175", (
+                arg("corpus", "Corpus directory from `corpus build`."),
+                out_param("order.jsonl to write."),
+                opt("per_domain", 175, "Items per domain (fewer when the test split runs out of windows)."),
+                opt("choices", 4, "Choices per item (the real order and choices-1 shuffles)."),
+                opt("context_words", 24, "Words of context before the continuation."),
+                opt("continuation_words", 8, "Words in the continuation (the words every choice shares)."),
+                opt("seed", 0, "Seed of the window draw and the shuffles."),
+                FORCE,
+            ), _corpus_order),
+    Command("corpus sft", "An instruction set from the corpus's own text (definitions, command and option descriptions, "
+            "verse continuations) -> DIR/{train,test}.jsonl.",
+            "xpertctl corpus sft build/corpus -o sft/ --max-test 100", (
+                arg("corpus", "Corpus directory from `corpus build`."),
+                out_param("Directory to write (train.jsonl from the train split, test.jsonl from the test split)."),
+                opt("max_train", 3000, "Training records per source domain at most."),
+                opt("max_test", 100, "Test records per source domain at most."),
+                opt("seed", 0, "Seed of the record draw."),
+                FORCE,
+            ), _corpus_sft),
     Command("init", "Write a fresh, seeded model of a family (e.g. a teacher MoE to train).",
             "xpertctl init olmoe --tokenizer build/tokenizer -o teacher-init/ --layers 6 --experts 16", (
                 arg("family", "Family from the architecture table (`xpertctl families`).", type=str,
@@ -795,6 +829,11 @@ COMMANDS: tuple[Command, ...] = (
                     type=str, multiple=True),
                 opt("notes", None, "A paragraph added under the verdict (e.g. the training budget).", type=str),
                 opt("title", "XPERT demo", "Report title."),
+                opt("budget", None, "MULTIPLE=GLOB: eval JSONs of runs at that multiple of the base steps (e.g. "
+                    "1=eval/*.json, 4=eval/x4/*.json); two or more give the training-budget section; repeat.",
+                    type=str, multiple=True),
+                opt("sft", None, "Glob(s) of gen: eval JSONs named ARM-<d>L-s<seed>-sft-<base|step-N|final>.json: "
+                    "the Rouge-L-over-SFT-steps section; repeat.", type=str, multiple=True),
                 FORCE,
             ), _report),
     Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped.",

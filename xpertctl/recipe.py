@@ -197,9 +197,10 @@ def expand(recipe: Recipe, path: Path) -> list[tuple[str, str, dict]]:
         grid = _resolve(step.grid or {}, ctx, where)
         keys = list(grid)
         for k, v in grid.items():
-            if not isinstance(v, list) or not v:
-                raise XpertError(f"{where}: grid.{k} must be a non-empty list")
-        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+            if not isinstance(v, list):
+                raise XpertError(f"{where}: grid.{k} must be a list")
+        # an empty list expands the step to none: a profile switches such steps on by filling the list
+        combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] if keys else [{}]
         for combo in combos:
             c = {**ctx, "grid": combo}
             sid = check_name(_resolve(step.id, c, where), f"{where}: id")  # it names the step's log file

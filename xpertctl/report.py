@@ -136,14 +136,23 @@ def _reach(val: list[tuple[int, float]], target: float) -> int | None:
 def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: Path | None = None,
           stats: Path | None = None, selection: Path | None = None, title: str = "XPERT demo",
           fidelity: list[str] | None = None, notes: str | None = None, contrasts: list[str] | None = None,
-          force: bool = False) -> Path:
+          budgets: list[str] | None = None, sft: list[str] | None = None, force: bool = False) -> Path:
     from .console import notice
     from .io.writer import atomic_path, check_output
+    from . import report_paper as paper
     files = sorted({Path(p) for pat in results for p in glob.glob(pat)})
     if not files:
         raise XpertError(f"--results {' '.join(results)}: no result files match")
     fid_files = [Path(p) for pat in fidelity or [] for p in glob.glob(pat)]
-    check_output(out, force, [*files, *fid_files, teacher, stats, selection], marker="REPORT.md")
+    budget_files = []
+    for b in budgets or []:
+        mult, pattern = paper.parse_budget(b)
+        found = sorted(Path(p) for p in glob.glob(pattern))
+        if not found:
+            raise XpertError(f"--budget {b}: no result files match")
+        budget_files.append((mult, found))
+    check_output(out, force, [*files, *fid_files, *(f for _, fs in budget_files for f in fs), teacher, stats, selection],
+                 marker="REPORT.md")
     ignored: list[str] = []  # every input left out, named in REPORT.md and on stderr
     runs = [r for r in (_load_run(f, ignored) for f in files) if r is not None]
     if not runs:
@@ -174,7 +183,7 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     lines = [f"# {title}", ""]
     verdicts = []
     table = ["| depth | arm | seeds | FFN fidelity (rel_error before training) | final val loss | paired Δ vs scratch (95% CI) "
-             f"| {split} ppl | cloze acc | cloze acc_norm | steps to scratch's final val |",
+             f"| {split} ppl | mc acc | mc acc_norm | steps to scratch's final val |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for d in depths:
         base = by.get((d, baseline), [])
@@ -254,10 +263,11 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     if tdoc is not None:
         t = tdoc
         ppl = next((v for k, v in t["tasks"].items() if k.startswith("ppl:")), {})
-        mc = next((v for k, v in t["tasks"].items() if k.startswith("mc:")), {})
+        mc_key, mc = next(((k, v) for k, v in t["tasks"].items() if k.startswith("mc:")), ("mc:-", {}))
         doms = [v["nll"] for v in ppl.values() if isinstance(v, dict)]
         lines += ["## Teacher (reference)", "", f"- {_split(t)} ppl {math.exp(np.mean(doms)):.1f}" if doms else "",
-                  f"- cloze acc {mc.get('acc', float('nan')):.3f}, acc_norm {mc.get('acc_norm', float('nan')):.3f}", ""]
+                  f"- multiple choice ({Path(mc_key[3:]).name}) acc {mc.get('acc', float('nan')):.3f}, "
+                  f"acc_norm {mc.get('acc_norm', float('nan')):.3f}", ""]
     # per-domain test perplexity
     doms = sorted({k for r in runs for k in r["test_nll"]})
     if doms:
@@ -274,6 +284,14 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
         lines += ["## Inputs ignored", "", *[f"- {line}" for line in ignored], ""]
     with atomic_path(Path(out), force, marker="REPORT.md") as tmp:
         tmp.mkdir()
+        # the paper's own questions (issue 21): sections appear only when their results are there
+        lines += paper.downstream_section(runs, files, teacher, baseline, seeds_for=seeds_for)
+        lines += paper.depth_section(runs, baseline, seeds_for=seeds_for)
+        lines += paper.budget_section([(m, [r for r in (_load_run(f, ignored) for f in fs) if r is not None])
+                                        for m, fs in budget_files], baseline,
+                                      tmp / "budget.png", seeds_for=seeds_for)
+        lines += paper.diversity_section(runs, seeds_for=seeds_for)
+        lines += paper.sft_section(paper.load_sft(sft or []), baseline, tmp / "sft_rouge.png", seeds_for=seeds_for)
         _curves(by, depths, arms, baseline, tmp / "loss_curves.png")
         lines += ["## Plots", "", "![validation loss](loss_curves.png)", ""]
         if fid:

@@ -19,7 +19,7 @@ FITS = ("none", "down", "ffn")  # graft: data-aware fit of the down projections,
 RIDGE_SELECTS = ("domains", "documents", "both")  # graft --fit: what the ridge is chosen on (ops/fit.py)
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
-FFN_INITS = ("xpert", "scratch", "norm-matched")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
+FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
 SPLITS = ("train", "val", "test")  # token data splits
 RESUME = ("no", "auto")  # train
 

@@ -120,12 +120,12 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     state = dict(model.state_dict())
     del model
     ri = adapted["residual_index"]
-    if ffn_init in ("xpert", "norm-matched"):
+    if ffn_init in ("xpert", "norm-matched", "learngene"):
         gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: the rest of the init stays identical
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
                 w = adapted[f"layers.{t}.{m}"]
-                state[f"model.layers.{t}.mlp.{m}.weight"] = w if ffn_init == "xpert" else norm_matched(w, gen)
+                state[f"model.layers.{t}.mlp.{m}.weight"] = norm_matched(w, gen) if ffn_init == "norm-matched" else w
     lmap = meta["layer_map"]
     if "embeddings" in inherit:
         state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
@@ -164,10 +164,13 @@ def _source_dtype(ck: Checkpoint) -> str:
     return d if d in DTYPES else "float32"
 
 
-CARD_TITLES = {"xpert": "XPERT-initialized", "scratch": "Scratch baseline", "norm-matched": "Norm-matched random control"}
+CARD_TITLES = {"xpert": "XPERT-initialized", "scratch": "Scratch baseline", "norm-matched": "Norm-matched random control",
+               "learngene": "Learngene (TLEG-style) baseline"}
 CARD_FFN = {"xpert": "consolidated experts of the source MoE (select -> align -> Tucker decompose -> reshape).",
             "scratch": "fresh random initialization (scratch baseline).",
-            "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control)."}
+            "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control).",
+            "learngene": "a linear expansion across depth (TLEG's theta_A + x theta_B) least-squares fitted to the "
+                         "consolidated FFNs of every source layer (learngene baseline)."}
 
 
 def card(rec: dict, config, ffn_init: str) -> str:
@@ -240,6 +243,11 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     decompose.check_sweeps(align_sweeps, align_neurons)
     reshape.check_choices(layer_map_how, combine, width_select, rescale)
     reshape._choice(shared, SHARED, "--shared")
+    if ffn_init == "learngene" and layer_map_how != "uniform":
+        raise XpertError(f"--layer-map {layer_map_how}: --ffn-init learngene places the target layers along the "
+                         "source's depth itself (a line through every layer); drop --layer-map")
+    if ffn_init == "learngene" and shared != "none":
+        raise XpertError(f"--shared {shared}: --ffn-init learngene fits routed experts only; drop --shared")
     check_output(out, force, inputs + list(cal_paths.values()), marker="config.json")
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
@@ -250,6 +258,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
     if is_adapted:
+        if ffn_init == "learngene":
+            raise XpertError(f"{src}: --ffn-init learngene fits every layer of an MoE source; pass the MoE "
+                             "checkpoint with --target (an adapted file holds only the mapped layers)")
         _refuse_one_shot_options(src, stats=stats, selection=selection, criterion=criterion, per_layer=per_layer,
                                  ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker, weighting=weighting,
                                  layer_map_how=layer_map_how, combine=combine, rescale=rescale,
@@ -302,6 +313,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
         lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared)
+        if ffn_init == "learngene":  # the learngene is fitted to every source layer, not the mapped ones
+            lmap = [fmeta0["layers"]]
         per_src: dict[int, tuple] = {}
         if decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
@@ -315,8 +328,13 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                          sweeps=align_sweeps, each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
         shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
                        if shared == "concat" else None)
-        adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
-                                      width_select=width_select, rescale=rescale, shared=shared, shared_ffns=shared_ffns)
+        if ffn_init == "learngene":
+            from . import learngene
+            adapted, meta = learngene.adapt(per_src, fmeta, target, combine=combine, width_select=width_select,
+                                            rescale=rescale)
+        else:
+            adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
+                                          width_select=width_select, rescale=rescale, shared=shared, shared_ffns=shared_ffns)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
