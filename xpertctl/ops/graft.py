@@ -237,6 +237,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     inherit_l = parse_inherit(inherit)
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
+    if fit != "none" and ffn_init == "scratch":
+        raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
+                         "be computed and thrown away; drop one of them")
     cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select)
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
@@ -254,9 +257,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
     if src.is_file() and provenance.kind_of(src) not in (None, "adapted", "weights"):
         provenance.refuse_other_kind(src, "adapted", " (from `xpertctl reshape`) or an MoE checkpoint")
-    if fit != "none" and ffn_init == "scratch":
-        raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
-                         "be computed and thrown away; drop one of them")
     if is_adapted:
         if ffn_init == "learngene":
             raise XpertError(f"{src}: --ffn-init learngene fits every layer of an MoE source; pass the MoE "
