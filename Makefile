@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= full
-# DEMO=power|budget|depth|diversity|sft|paper: the recipe's profile of that name, reusing a full demo's runs
+# DEMO=power|budget|depth|diversity|sft|ffn|paper: the recipe's profile of that name, reusing a full demo's runs
 # (power: 40 seeds for the main arms; budget: 4x and 16x the steps; depth: 3, 4, 6 layers; diversity:
-# single-domain selections; sft: SFT and Rouge-L; paper: budget, depth, diversity and sft together)
-ifeq ($(filter full quick power budget depth diversity sft paper,$(DEMO)),)
-$(error DEMO=$(DEMO): choose full, quick, power, budget, depth, diversity, sft or paper)
+# single-domain selections; sft: SFT and Rouge-L; ffn: the graft --fit ffn arm;
+# paper: budget, depth, diversity, sft and ffn together)
+ifeq ($(filter full quick power budget depth diversity sft ffn paper,$(DEMO)),)
+$(error DEMO=$(DEMO): choose full, quick, power, budget, depth, diversity, sft, ffn or paper)
 endif
-DEMO_PROFILE := $(if $(filter power budget depth diversity sft paper,$(DEMO)),--profile $(DEMO))
+DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib
 
 .PHONY: setup test demo corpus teacher bench fixtures clean

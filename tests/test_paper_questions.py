@@ -303,7 +303,7 @@ def test_report_budget_option_is_checked(tmp_path, cli):
 
 # ---- the demo's profiles -------------------------------------------------------------------------------
 
-PROFILES = ("budget", "depth", "diversity", "sft", "paper")
+PROFILES = ("budget", "depth", "diversity", "sft", "ffn", "paper")
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -339,6 +339,13 @@ def test_each_profile_expands_and_reuses_the_default_demo(profile, tmp_path, cli
         assert len(sft) == 5 * 8 and all(a["ckpt"].endswith("/final") for a in sft)
         gens = [a for _, op, a in extra if op == "eval" and any(t.startswith("gen:") for t in a["task"])]
         assert len(gens) == 5 * 8 * 4  # before SFT and at three SFT checkpoints
+    if profile in ("ffn", "paper"):  # the whole-FFN fit (issue 20): its own init, fidelity, training and eval per seed
+        ffn = [(op, a) for sid, op, a in extra if "fit-ffn-" in sid]
+        assert sorted({op for op, _ in ffn}) == ["eval", "fidelity", "graft", "train"] and len(ffn) == 4 * 8 * (3 if profile == "paper" else 1)  # paper: 3 depths
+        assert all(a["fit"] == "ffn" and len(a["calibration"]) == 6 for op, a in ffn if op == "graft")
+        assert "fit-ffn:fit" in next(a for _, op, a in plan if op == "report")["contrast"]
+    else:
+        assert not any("fit-ffn" in sid for sid, _, _ in plan)
     report = next(a for _, op, a in plan if op == "report")
     assert report["out"] != next(a for _, op, a in demo if op == "report")["out"]  # its own report
     # the profile prints its estimate first
