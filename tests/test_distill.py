@@ -176,7 +176,9 @@ def test_grad_accum_matches_one_big_batch(fx, kdata, tmp_path, monkeypatch):
     for key in ("loss", "ce", "kl"):  # float32 sums over differently shaped batches: ~1e-5 apart on the small KL
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4), key
     wa, wb = _weights(tmp_path / "accum"), _weights(tmp_path / "big")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # float32 sums of differently shaped batches drift by ~1e-5 over the run (seen to cross 1e-5 once on a
+    # loaded machine); a wrong accumulation (e.g. no 1/grad_accum) moves weights by the update size, ~1e-3
+    assert all(torch.allclose(wa[k], wb[k], atol=5e-5) for k in wa)
 
 
 def _swap_two_tokens(src, dst):
