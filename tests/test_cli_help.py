@@ -54,7 +54,7 @@ def test_every_command_has_an_example_and_described_options(cli, name):
     ("graft", "--criterion", ["min", "mean"]),
     ("reshape", "--layer-map", ["uniform", "first", "merge"]),
     ("graft", "--combine", ["usage", "uniform", "literal", "first"]),
-    ("reshape", "--rescale", ["selected", "routed", "none"]),
+    ("reshape", "--rescale", ["routed", "selected", "none"]),
     ("graft", "--shared", ["none", "concat"]),
     ("decompose", "--weighting", ["joint", "per-matrix"]),
     ("graft", "--fit", ["none", "down", "ffn"]),

@@ -363,9 +363,10 @@ ALIGN_SWEEPS = opt("align_sweeps", 0, "After matching each expert to the most-us
                    "each to the weighted sum of the others (opt-in: ~3x the alignment time for ~0.005 rel_error).", range=NONNEG)
 WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
                 "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
-RESCALE = opt("rescale", "selected", "Scale each down projection from the stats: selected (the mean routing weight per "
-              "token the selected experts receive), routed (the whole block's mean top-k weight per token) or none "
-              "(the experts' own scale).", choices=RESCALES)
+RESCALE = opt("rescale", "routed", "Scale each down projection from the stats: routed (the whole block's mean top-k "
+              "weight per token: the students train best), selected (the mean routing weight per token the selected "
+              "experts receive: never worse than a zero FFN on our held-out text, trains worse) or none (the experts' "
+              "own scale).", choices=RESCALES)
 SHARED_OPT = opt("shared", "none", "Shared experts (Qwen2-MoE, DeepSeek): none (dropped: the FFN stays one expert wide) "
                  "or concat (their neurons appended to the FFN, which widens by their width; Qwen2-MoE's per-token "
                  "sigmoid gate folded in as 0.5).", choices=SHARED)

@@ -227,7 +227,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = True, align_sweeps: int = 0, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
-        combine: str = "usage", rescale: str = "selected", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
+        combine: str = "usage", rescale: str = "routed", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
         calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_steps: int = 500,
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
