@@ -13,7 +13,7 @@ selected experts per layer (the default selection keeps 2, where sweeps never ru
 Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
 built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
 on the val split (rel_error, cosine, least-squares scale). This is the table in the README's method
-section; the default consolidation is the one that wins it.
+section. `--fit` adds the validated down fit from the default (routed) and from `--rescale selected`.
 """
 from __future__ import annotations
 
