@@ -6,14 +6,14 @@
 
 `--per-domain` (issue 20): stats and calibration on all of the train split, and each student measured
 on each domain's test split on its own (4,096 tokens each): the default, the validated `--fit down` (ridge chosen by domains, or by held-out documents) and
-`--fit ffn`; per domain the mean and the worst layer.
+`--fit ffn`; per domain the mean and the worst layer (`--fits down --domains legal`: one cheap re-check).
 `--sweeps`: the default with and without the two alignment sweeps (`--align-sweeps 2`) on 4 and 8
 selected experts per layer (the default selection keeps 2, where sweeps never run), test splits pooled.
 
 Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
 built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
 on the val split (rel_error, cosine, least-squares scale). This is the table in the README's method
-section; the default consolidation is the one that wins it.
+section. `--fit` adds the validated down fit from the default (routed) and from `--rescale selected`.
 """
 from __future__ import annotations
 
@@ -33,17 +33,19 @@ from xpertctl.ops import stats as stats_op  # noqa: E402
 from xpertctl.specs import Target  # noqa: E402
 
 DEFAULT = dict(align_neurons=True, weighting="joint", ranks=None)
-VARIANTS = {  # name: (selection, decompose kwargs, combine, rescale)
-    "default (aligned, joint, full ranks, usage, selected-mass scale)": ("min", DEFAULT, "usage", "selected"),
-    "default with the whole block's routed mass (`--rescale routed`)": ("min", DEFAULT, "usage", "routed"),
+VARIANTS = {  # name: (selection, decompose kwargs, combine, rescale); each row changes one thing from the default
+    "default (aligned, joint, full ranks, usage, routed-mass scale)": ("min", DEFAULT, "usage", "routed"),
+    "default with the selected experts' share of the routing mass (`--rescale selected`)": ("min", DEFAULT, "usage", "selected"),
     "default without a scale (`--rescale none`)": ("min", DEFAULT, "usage", "none"),
     "literal paper (unaligned, per-matrix rank 1)": ("min", dict(align_neurons=False, weighting="per-matrix", ranks="full,full,1"), "literal", "none"),
     "unaligned mean (no Tucker)": ("min", dict(align_neurons=False, no_tucker=True), "usage", "none"),
-    "unaligned, joint, full ranks, selected scale": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "selected"),
-    "aligned, joint rank 1, selected scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "selected"),
-    "aligned, joint energy 0.9, selected scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "selected"),
-    "default, random selection": ("random", DEFAULT, "usage", "selected"),
-    "default, low selection": ("low", DEFAULT, "usage", "selected"),
+    "unaligned, joint, full ranks, routed scale": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "routed"),
+    "aligned, joint rank 1, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "routed"),
+    "aligned, joint energy 0.9, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "routed"),
+    "default, random selection": ("random", DEFAULT, "usage", "routed"),
+    "default, low selection": ("low", DEFAULT, "usage", "routed"),
+    "random selection, `--rescale selected`": ("random", DEFAULT, "usage", "selected"),
+    "low selection, `--rescale selected`": ("low", DEFAULT, "usage", "selected"),
 }
 
 
@@ -79,6 +81,8 @@ def per_domain(a) -> None:
     fits = {"--fit down (ridge by domains)": dict(method="down", select="domains"),
             "--fit down --ridge-select documents": dict(method="down", select="documents"),
             f"--fit ffn (--fit-steps {a.fit_steps})": dict(method="ffn", select="domains", steps=a.fit_steps)}
+    keep = dict(zip(("down", "documents", "ffn"), fits))  # --fits picks some (cheap re-checks)
+    fits = {keep[k]: fits[keep[k]] for k in (a.fits.split(",") if a.fits else keep) if k in keep}  # none: no fit
     for label, kw in fits.items():
         t1 = time.perf_counter()
         out, _ = fit.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
@@ -88,15 +92,16 @@ def per_domain(a) -> None:
                                                  for k in range(a.depth)], base.layer_map, base.residual_index,
                                          base.experts, 0.02, None))
     table: dict[str, dict[str, list[float]]] = {}
-    for n in names:
+    measured = a.domains.split(",") if a.domains else names  # calibration always uses every domain
+    for n in measured:
         rows, _ = fidelity.measure(ck, students, [f"{n}={corpus / a.split / (n + '.txt')}"], max_tokens=4096,
                                    seq_len=a.seq_len)
         for s_, r in zip(students, rows):
             table.setdefault(s_.label, {})[n] = [x["rel_error"] for x in r]
         table.setdefault("reference: the selected experts' own routed mixture", {})[n] = [
             x["references"]["selected_mixture"]["rel_error"] for x in rows[0]]
-    print(f"| variant (mean / worst layer, {a.split} split) | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
+    print(f"| variant (mean / worst layer, {a.split} split) | " + " | ".join(measured) + " |")
+    print("|---|" + "---|" * len(measured))
     for label, per in table.items():
         print(f"| {label} | " + " | ".join(f"{sum(v) / len(v):.3f} / {max(v):.3f}" for v in per.values()) + " |")
     print(f"\n{a.split} split, 4,096 tokens per domain, depth {a.depth}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -143,6 +148,8 @@ def main() -> None:
     ap.add_argument("--per-domain", action="store_true", help="per-domain table on --split (see the docstring)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--fit-steps", type=int, default=500)
+    ap.add_argument("--fits", default=None, help="--per-domain: some of down,documents,ffn, or none (default all)")
+    ap.add_argument("--domains", default=None, help="--per-domain: measure only these (comma-separated)")
     ap.add_argument("--sweeps", action="store_true", help="what the alignment sweeps gain (see the docstring)")
     a = ap.parse_args()
     if a.sweeps:
@@ -171,11 +178,12 @@ def main() -> None:
     for label, (crit, kw, comb, resc) in VARIANTS.items():
         adapted, meta, s = student_of(ck, docs[crit], target, kw, comb, resc, label)
         students.append(s)
-        if a.fit and label.startswith("default ("):
+        if a.fit and crit == "min" and kw is DEFAULT and resc in ("routed", "selected"):  # the fit from either scale
             downs = fit.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
                                  batch_size=8, max_tokens=a.tokens, device="cpu")  # validated (ridge by domains)
             ffns = [(g, u, downs[k]) for k, (g, u, _) in enumerate(s.ffns)]
-            students.append(fidelity.Student("default + fit down (ridge, calibrated on train)", ffns, s.layer_map,
+            name = "default" if resc == "routed" else "`--rescale selected`"
+            students.append(fidelity.Student(f"{name} + fit down (ridge, calibrated on train)", ffns, s.layer_map,
                                              s.residual_index, s.experts, 0.02, None))
     rows, tokens = fidelity.measure(ck, students, val, max_tokens=a.tokens, seq_len=a.seq_len)
     out = {"src": a.src, "depth": a.depth, "tokens": tokens, "variants": {}}

@@ -62,7 +62,7 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target, *, c
     lmap = reshape.layer_map(sorted(per_src), target.layers, "uniform")
     new.update(layer_map=lmap, layer_map_method="learngene", rescale=rescale, notes=[],
                routing_scale={str(i): v for i, v in scales.items()} or None,
-               unscaled_layers=sorted(i for i in per_src if i not in scales) if rescale == "routed" else [],
+               unscaled_layers=sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
                experts={str(i): meta["experts"][str(i)] for g in lmap for i in g
                         if str(i) in (meta.get("experts") or {})} or None,
                learngene={"method": "TLEG linear expansion, least-squares fit", "source_layers": sorted(per_src),

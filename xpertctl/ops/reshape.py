@@ -317,7 +317,7 @@ def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "unifo
 
 
 def unscaled_notice(meta: dict) -> None:
-    """After a successful write: say which FFNs --rescale routed could not scale (no stats behind them)."""
+    """After a successful write: say which FFNs --rescale routed/selected could not scale (no weights behind them)."""
     if meta.get("unscaled_layers"):
         from ..console import notice
         why = meta.get("routing_note") or "selection made without stats"
