@@ -435,3 +435,16 @@ def test_provenance_says_how_each_domain_was_sampled(fx, tmp_path, cli, monkeypa
     check(json.loads((tmp_path / "f.json").read_text())["xpertctl"]["params"]["sample"]["how"])
     code, _, err = cli("stats", fx / "olmoe", *doms, "-o", tmp_path / "all.st")  # no cap: nothing sampled
     assert code == 0 and provenance.read(tmp_path / "all.st")["params"]["sample"] is None
+
+
+@pytest.mark.parametrize("name", ["c.jsonl.zst", "c.parquet", "c.arrow"])
+def test_a_wrong_text_field_is_refused_before_the_model_loads(fx, tmp_path, cli, monkeypatch, name):
+    from xpertctl.ops import hf_model
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the text field was checked")
+    monkeypatch.setattr(hf_model, "load_model", never)
+    f = _write_formats(tmp_path / "f", _docs(20, seed=41)) / name
+    code, so, err = cli("stats", fx / "olmoe", "-d", f"a={f}", "--text-field", "body", "-o", tmp_path / "s.st")
+    assert_user_error(code, err, str(f), "'body'", "--text-field")
+    assert not (tmp_path / "s.st").exists()

@@ -99,9 +99,9 @@ class DomainText:
     seed: int | None = None
     text_field: str = "text"
 
-    def __post_init__(self):  # unknown file types and empty directories are refused before any model runs
-        from .documents import corpus_files
-        corpus_files(self.path)
+    def __post_init__(self):  # unknown file types, empty directories and a wrong text field are refused
+        from .documents import check_text_field, corpus_files  # before any model runs
+        check_text_field(corpus_files(self.path)[0], self.text_field)
 
 
 # How a capped, seeded sample reads a domain (recorded in provenance as it is said here).
