@@ -59,6 +59,11 @@ def check_ppl_path(arg: str) -> Path:
     return p
 
 
+def _is_text(p: Path) -> bool:
+    """ppl:PATH is text read by documents (not token data, not a `corpus build` dir)."""
+    return not (p / data.MANIFEST).is_file() and not (p.is_dir() and all((p / s).is_dir() for s in data.SPLITS))
+
+
 def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str | None = None,
                max_tokens: int | None = None, ckpt: Path | None = None, text_field: str = "text") -> dict:
     """ppl:PATH — a token DATA dir (every domain, one --split), a corpus dir from `corpus build`
@@ -332,9 +337,10 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
     check_device(device)
     if out is not None:
         check_output(out, force, [Path(ckpt)])
-    for kind, arg in parsed:  # before the model loads
-        if kind == "ppl":
-            check_ppl_path(arg)
+    ppl = [check_ppl_path(arg) for kind, arg in parsed if kind == "ppl"]  # before the model loads
+    if text_field != "text" and not any(_is_text(p) for p in ppl):
+        raise XpertError(f"--text-field {text_field}: names the field of ppl:PATH text (.jsonl, .parquet, .arrow); "
+                         "no --task reads such text (token data and `corpus build` dirs have none)")
     if any(k == "lmeval" for k, _ in parsed):
         from . import lmeval
         lmeval.require()  # before loading anything: the extra may be missing
