@@ -754,7 +754,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("device", "cpu", "torch device."),
                 opt("seed", 0, "Seed (generation is greedy; kept for the record).", range=NONNEG),
                 opt("target_delimiter", " ", "mc: text between context and choice (lm-evaluation-harness's)."),
-                replace(TEXT_FIELD, help=f"ppl: of a text PATH: {TEXT_FIELD.help[0].lower()}{TEXT_FIELD.help[1:]}"),
+                replace(TEXT_FIELD, help=f"ppl (text PATH): {TEXT_FIELD.help[0].lower()}{TEXT_FIELD.help[1:]}"),
                 FORCE,
             ), _eval),
     Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",
