@@ -302,6 +302,12 @@ def corpus_text(e):
     return e.text("c.txt", "the law shall apply to every holder of the licence")
 
 
+def jsonl_text(e):
+    """Records whose text is under "text" (a wrong --text-field names a field they do not have)."""
+    return e.text("c.jsonl", "".join(json.dumps({"text": f"the law shall apply to holder {n}", "id": n}) + "\n"
+                                     for n in range(30)))
+
+
 def stats_run(e, *opts):
     return ["stats", e.fx / "olmoe", "-d", f"a={corpus_text(e)}", "-o", e.d / "o.safetensors", *opts]
 
@@ -340,6 +346,11 @@ CASES += [
     ("stats-stream-tokens-zero", lambda e: stats_run(e, "--stream-layers", "--stream-tokens", "0"),
      ["--stream-tokens 0: must be > 0"]),
     ("stats-seed-negative", lambda e: stats_run(e, "--max-tokens", "5", "--seed", "-1"), ["--seed -1: must be >= 0"]),
+    ("stats-text-field-wrong", lambda e: ["stats", e.fx / "olmoe", "-d", f"a={jsonl_text(e)}", "--text-field", "body",
+                                          "-o", e.d / "o.st"], ["c.jsonl:1: field 'body' missing", "--text-field"]),
+    ("stats-text-field-wrong-sampled", lambda e: ["stats", e.fx / "olmoe", "-d", f"a={jsonl_text(e)}", "--text-field",
+                                                  "body", "--max-tokens", "20", "-o", e.d / "o.st"],
+     ["c.jsonl:1: field 'body' missing", "--text-field"]),
     ("stats-factors-as-model", lambda e: ["stats", factors(e), "-d", f"a={corpus_text(e)}", "-o", e.d / "o.st"],
      ["f.safetensors: is a factors file, expected a model checkpoint"]),
     # select
@@ -392,10 +403,17 @@ CASES += [
     ("graft-calibration-tokens-zero", lambda e: graft_run(e, "--fit", "down", "--calibration", f"a={corpus_text(e)}",
                                                           "--calibration-tokens", "0"),
      ["--calibration-tokens 0: must be > 0"]),
+    ("graft-text-field-wrong", lambda e: graft_run(e, "--fit", "down", "--calibration", f"a={jsonl_text(e)}",
+                                                   "--text-field", "body"), ["c.jsonl:1: field 'body' missing"]),
+    ("graft-text-field-without-fit", lambda e: graft_run(e, "--text-field", "body"),
+     ["--text-field body", "--calibration text of --fit"]),
     ("graft-seed-negative", lambda e: graft_run(e, "--seed", "-1"), ["--seed -1: must be >= 0"]),
     # fidelity
     ("fidelity-batch-size-zero", lambda e: fidelity_run(e, "--batch-size", "0"), ["--batch-size 0: must be > 0"]),
     ("fidelity-max-tokens-negative", lambda e: fidelity_run(e, "--max-tokens", "-5"), ["--max-tokens -5: must be > 0"]),
+    ("fidelity-text-field-wrong", lambda e: ["fidelity", e.fx / "olmoe", adapted(e), "-d", f"a={jsonl_text(e)}",
+                                             "--text-field", "body", "-o", e.d / "f.json"],
+     ["c.jsonl:1: field 'body' missing"]),
     ("fidelity-stats-as-model", lambda e: ["fidelity", e.stats(), adapted(e), "-d", f"a={corpus_text(e)}",
                                            "-o", e.d / "f.json"], ["s.safetensors: is a stats file, expected a model"]),
     # tokenize
@@ -429,6 +447,14 @@ CASES += [
     # eval
     ("eval-mc-directory", lambda e: ["eval", e.fx / "llama", "--task", f"mc:{corpus_text(e).parent}", "-o", e.d / "o.json"],
      ["is a directory, expected a .jsonl file"]),
+    ("eval-text-field-wrong", lambda e: ["eval", e.fx / "llama", "--task", f"ppl:{jsonl_text(e)}", "--text-field",
+                                         "body", "-o", e.d / "o.json"], ["c.jsonl:1: field 'body' missing"]),
+    ("eval-text-field-without-text", lambda e: ["eval", e.fx / "llama", "--task", f"ppl:{tokdata(e)}", "--text-field",
+                                                "body", "-o", e.d / "o.json"],
+     ["--text-field body", "no --task reads such text"]),
+    ("eval-ppl-manifest-file", lambda e: ["eval", e.fx / "llama", "--task", f"ppl:{tokdata(e) / 'manifest.json'}",
+                                          "-o", e.d / "o.json"],
+     ["manifest.json: is the manifest of token data", "pass its directory: ppl:", "/in/data"]),
     ("eval-max-tokens-zero", lambda e: eval_run(e, "--max-tokens", "0"), ["--max-tokens 0: must be > 0"]),
     ("eval-seq-len-negative", lambda e: eval_run(e, "--seq-len", "-8"), ["--seq-len -8: must be > 0"]),
     ("eval-max-new-tokens-zero", lambda e: eval_run(e, "--max-new-tokens", "0"), ["--max-new-tokens 0: must be > 0"]),

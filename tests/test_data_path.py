@@ -308,3 +308,143 @@ def test_large_domain_sample_reads_documents_across_it(fx, tmp_path, monkeypatch
     real = {tuple(tok(d, add_special_tokens=False)["input_ids"]) for d in docs}
     assert len(pieces) > 5 and all(p in real for p in pieces)  # each a real document
     assert len(set(pieces)) == len(pieces)  # none twice
+
+
+# ---- --text-field on every command that reads documents ---------------------------------------------
+
+def _same_docs_two_fields(tmp_path, docs: dict[str, list[str]]):
+    """{domain: (file with the text under "text", file with the same text under "body")}; the two
+    files of a domain have the same name and byte layout, in two directories."""
+    out = {}
+    for field in ("text", "body"):
+        (tmp_path / field).mkdir(exist_ok=True)
+        for name, ds in docs.items():
+            (tmp_path / field / f"{name}.jsonl").write_text(_jsonl(ds, field))
+    for name in docs:
+        out[name] = (tmp_path / "text" / f"{name}.jsonl", tmp_path / "body" / f"{name}.jsonl")
+    return out
+
+
+def _stats_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("cap", [None, "large"], ids=["whole", "sampled-large"])
+def test_stats_text_field_counts_equal_the_same_documents_under_text(fx, tmp_path, cli, monkeypatch, cap):
+    """The same documents under "body" (--text-field body) give the counts they give under "text", whole
+    or sampled from a domain over the small-domain threshold; a recipe step passes text_field too."""
+    import yaml
+    from xpertctl import recipe as rc
+    from xpertctl.ops_table import BY_NAME
+    files = _same_docs_two_fields(tmp_path, {"a": _docs(40, seed=11), "b": [" ".join(reversed(d.split()))
+                                                                           for d in _docs(40, seed=12)]})
+    opts = []
+    if cap:
+        monkeypatch.setattr(data, "SMALL_DOMAIN", 1000)  # both domains are "large": offsets are sampled
+        opts = ["--max-tokens", "120", "--seed", "4"]
+    code, _, err = cli("stats", fx / "olmoe", *[x for n, (t, _) in files.items() for x in ("-d", f"{n}={t}")],
+                       "-o", tmp_path / "text.st", *opts)
+    assert code == 0, err
+    code, _, err = cli("stats", fx / "olmoe", *[x for n, (_, b) in files.items() for x in ("-d", f"{n}={b}")],
+                       "--text-field", "body", "-o", tmp_path / "body.st", *opts)
+    assert code == 0, err
+    r = tmp_path / "r.yaml"
+    args = {"src": str(fx / "olmoe"), "domain": [f"{n}={b}" for n, (_, b) in files.items()], "text_field": "body",
+            "out": str(tmp_path / "recipe.st")}
+    if cap:
+        args |= {"max_tokens": 120, "seed": 4}
+    r.write_text(yaml.safe_dump({"name": "t", "steps": [{"id": "s", "op": "stats", "args": args}]}))
+    rc.run(r, table=BY_NAME)
+    want = _stats_tensors(tmp_path / "text.st")
+    assert not (want["counts"][0] == want["counts"][1]).all()  # distinct domains route differently
+    if cap:
+        assert want["tokens"].tolist() == [120, 120]
+    for other in ("body.st", "recipe.st"):
+        got = _stats_tensors(tmp_path / other)
+        assert set(got) == set(want)
+        for k in want:
+            assert (got[k] == want[k]).all(), (other, k)
+
+
+def test_fidelity_graft_fit_and_eval_ppl_read_the_text_field(fx, tmp_path, cli):
+    from safetensors.torch import load_file
+    files = _same_docs_two_fields(tmp_path, {"a": _docs(40, seed=21), "b": _docs(40, seed=22)})
+    sel = tmp_path / "sel.json"
+    from xpertctl.io import open_checkpoint
+    ck = open_checkpoint(fx / "olmoe")
+    sel.write_text(json.dumps({"criterion": "x", "source": ck.fingerprint, "num_experts": ck.num_experts,
+                               "layers": [{"layer": i, "experts": [0, 1]} for i in ck.moe_layers]}))
+    outs = {}
+    for k, field in enumerate(("text", "body")):
+        extra = ["--text-field", "body"] if field == "body" else []
+        cal = [x for n, f in files.items() for x in ("--calibration", f"{n}={f[k]}")]
+        code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--selection", sel, "--fit", "down", *cal,
+                           "--seq-len", "32", "--calibration-tokens", "600", *extra, "-o", tmp_path / f"g-{field}")
+        assert code == 0, err
+        code, _, err = cli("fidelity", fx / "olmoe", tmp_path / f"g-{field}",
+                           *[x for n, f in files.items() for x in ("-d", f"{n}={f[k]}")], "--seq-len", "32",
+                           *extra, "-o", tmp_path / f"f-{field}.json")
+        assert code == 0, err
+        code, so, err = cli("eval", fx / "llama", "--task", f"ppl:{files['a'][k]}", "--seq-len", "32", *extra)
+        assert code == 0, err
+        outs[field] = (load_file(str(tmp_path / f"g-{field}" / "model.safetensors")),
+                       json.loads((tmp_path / f"f-{field}.json").read_text()),
+                       json.loads(so)[f"ppl:{files['a'][k]}"])
+    (gt, ft, pt), (gb, fb, pb) = outs["text"], outs["body"]
+    downs = [k for k in gt if k.endswith("mlp.down_proj.weight")]
+    assert downs and all((gt[k] == gb[k]).all() for k in gt)
+    assert ft["layers"] == fb["layers"] and ft["tokens"] == fb["tokens"] and fb["xpertctl"]["params"]["text_field"] == "body"
+    assert pt["a"] == pb["a"] and pt["a"]["words"] > 0
+
+
+def test_provenance_says_how_each_domain_was_sampled(fx, tmp_path, cli, monkeypatch):
+    """Over the small-domain threshold, the record says what was read: documents after byte offsets
+    (plain text), a reservoir (compressed), the seeded order of every document (a small domain)."""
+    from safetensors import safe_open
+    from xpertctl.io import open_checkpoint, provenance
+    (tmp_path / "small.txt").write_text("\n\n".join(_docs(4, seed=31)))
+    (tmp_path / "plain.txt").write_text("\n\n".join(_docs(80, seed=32)))
+    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress(_jsonl(_docs(200, seed=33)).encode()))
+    sizes = {p.stem.split(".")[0]: p.stat().st_size for p in tmp_path.iterdir()}
+    monkeypatch.setattr(data, "SMALL_DOMAIN", 1000)
+    assert sizes["small"] <= 1000 < min(sizes["plain"], sizes["packed"])
+    doms = [x for n in ("small", "plain", "packed") for x in ("-d", f"{n}={next(tmp_path.glob(n + '.*'))}")]
+    code, _, err = cli("stats", fx / "olmoe", *doms, "--max-tokens", "60", "-o", tmp_path / "s.st")
+    assert code == 0, err
+
+    def check(how):
+        assert set(how) == {"small", "plain", "packed"}
+        assert "seeded random order" in how["small"] and "read whole" in how["small"]
+        assert "byte offsets" in how["plain"] and "order" not in how["plain"]
+        assert "reservoir" in how["packed"] and "order" not in how["packed"]
+    check(provenance.read(tmp_path / "s.st")["params"]["sample"]["how"])
+    ck = open_checkpoint(fx / "olmoe")
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps({"criterion": "x", "source": ck.fingerprint, "num_experts": ck.num_experts,
+                               "layers": [{"layer": i, "experts": [0, 1]} for i in ck.moe_layers]}))
+    cal = [x.replace("-d", "--calibration") for x in doms]
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--selection", sel, "--fit", "down", *cal, "--seq-len", "32",
+                       "--calibration-tokens", "300", "-o", tmp_path / "g")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "g" / "model.safetensors"), "pt") as f:
+        check(json.loads(f.metadata()["xpertctl"])["params"]["fit"]["sample"]["how"])
+    code, _, err = cli("fidelity", fx / "olmoe", tmp_path / "g", *doms, "--max-tokens", "60", "--seq-len", "32",
+                       "-o", tmp_path / "f.json")
+    assert code == 0, err
+    check(json.loads((tmp_path / "f.json").read_text())["xpertctl"]["params"]["sample"]["how"])
+    code, _, err = cli("stats", fx / "olmoe", *doms, "-o", tmp_path / "all.st")  # no cap: nothing sampled
+    assert code == 0 and provenance.read(tmp_path / "all.st")["params"]["sample"] is None
+
+
+@pytest.mark.parametrize("name", ["c.jsonl.zst", "c.parquet", "c.arrow"])
+def test_a_wrong_text_field_is_refused_before_the_model_loads(fx, tmp_path, cli, monkeypatch, name):
+    from xpertctl.ops import hf_model
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the text field was checked")
+    monkeypatch.setattr(hf_model, "load_model", never)
+    f = _write_formats(tmp_path / "f", _docs(20, seed=41)) / name
+    code, so, err = cli("stats", fx / "olmoe", "-d", f"a={f}", "--text-field", "body", "-o", tmp_path / "s.st")
+    assert_user_error(code, err, str(f), "'body'", "--text-field")
+    assert not (tmp_path / "s.st").exists()

@@ -194,3 +194,44 @@ def test_ctrl_c_after_the_path_is_printed_is_not_a_silent_exit(tmp_path):
     assert r.returncode == 130
     assert "no partial output" not in r.stderr and "complete" in r.stderr and str(out) in r.stderr
     assert json.loads(out.read_text())["layers"]
+
+
+# tokenize with each batch's write followed by a pause: the test stops it with its output half written
+SLOW_TOKENIZE = """
+import sys, time
+import xpertctl.tokenizing as t
+real = t.SplitWriter.write
+def slow(self, res):
+    real(self, res)
+    time.sleep(60)
+t.SplitWriter.write = slow
+from xpertctl.cli import main
+sys.argv = ["xpertctl"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_tokenize_cleans_up_like_ctrl_c(fx, tmp_path, workers):
+    """SIGTERM (a scheduler's or `kill`'s stop) removes the hidden temp output as Ctrl-C does: one line,
+    exit 143, no `.OUT.tmp-PID` left, no output; the worker processes stop without a traceback."""
+    (tmp_path / "a.txt").write_text("\n\n".join(f"the law shall apply to every holder {n}" for n in range(400)))
+    out = tmp_path / "td"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_TOKENIZE, "tokenize", "--tokenizer", str(fx / "llama"),
+                          "-d", f"a={tmp_path / 'a.txt'}", "--workers", str(workers), "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not any(f.stat().st_size for t in tmp_path.glob(".td.tmp-*") for f in t.glob("*.bin")):
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail(f"tokenize ended or stalled before writing: {p.communicate()[1]}")
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    so, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "terminated" in lines[0] and "no partial output" in lines[0]
+    assert so == "" and not out.exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.txt"]

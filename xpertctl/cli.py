@@ -47,14 +47,37 @@ def _emit(result) -> None:
 
 
 def _finished() -> None:
-    """The command's work is done: a Ctrl-C from here on (printing, interpreter shutdown) stops nothing,
-    so it ends with a line saying the output is complete instead of a silent exit 130."""
+    """The command's work is done: a Ctrl-C (or SIGTERM) from here on (printing, interpreter shutdown) stops
+    nothing, so it ends with a line saying the output is complete instead of a silent exit 130 (143)."""
     def late(signum, frame):
         done = ", ".join(map(str, written())) or "its output"
-        os.write(2, f"xpertctl: interrupted after the command finished; {done} is complete and kept\n".encode())
-        os._exit(130)
+        what = "terminated" if signum == signal.SIGTERM else "interrupted"
+        os.write(2, f"xpertctl: {what} after the command finished; {done} is complete and kept\n".encode())
+        os._exit(143 if signum == signal.SIGTERM else 130)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, late)
+        if signal.getsignal(signal.SIGTERM) is _terminate:
+            signal.signal(signal.SIGTERM, late)
+
+
+_terminated = False  # SIGTERM arrived: said as "terminated", exit 143
+
+
+def _terminate(signum, frame):
+    """SIGTERM (kill, a scheduler, a container stop) stops a command as Ctrl-C does: the KeyboardInterrupt
+    unwinds through the atomic writes, which remove their temp output."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _stopped(e: BaseException) -> int:
+    """Say what a Ctrl-C or SIGTERM left (one line); the exit code."""
+    msg = interrupted_message(e)
+    if _terminated:
+        msg = "terminated" + msg.removeprefix("interrupted")
+    print(f"xpertctl: {msg}", file=sys.stderr)
+    return 143 if _terminated else 130
 
 
 def _callback(cmd: Command):
@@ -62,8 +85,7 @@ def _callback(cmd: Command):
         try:
             result = cmd.invoke(values)
         except KeyboardInterrupt as e:  # said here: typer turns it into a bare exit code 130
-            print(f"xpertctl: {interrupted_message(e)}", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(_stopped(e))
         _finished()
         _emit(result)
     params = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(p),
@@ -123,6 +145,19 @@ def main() -> None:
     mro = {c.__name__: c for c in typer.BadParameter.__mro__}
     usage_error, click_exception = mro["UsageError"], mro["ClickException"]
     forget_written()  # a new command in this process (tests)
+    global _terminated
+    _terminated = False
+    on_term = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        on_term = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main(usage_error, click_exception)
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+def _main(usage_error, click_exception) -> None:
     try:
         rv = click_command(app).main(prog_name="xpertctl", standalone_mode=False)
     except XpertError as e:
@@ -138,10 +173,9 @@ def main() -> None:
         print(f"xpertctl: error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt) as e:
-        print(f"xpertctl: {interrupted_message(e)}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(_stopped(e))
     if rv == 130:  # Ctrl-C inside a command (typer reports it as this exit code)
-        print(f"xpertctl: {interrupted_message(KeyboardInterrupt())}", file=sys.stderr)
+        sys.exit(_stopped(KeyboardInterrupt()))
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

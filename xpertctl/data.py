@@ -99,57 +99,80 @@ class DomainText:
     seed: int | None = None
     text_field: str = "text"
 
-    def __post_init__(self):  # unknown file types and empty directories are refused before any model runs
-        from .documents import corpus_files
-        corpus_files(self.path)
+    def __post_init__(self):  # unknown file types, empty directories and a wrong text field are refused
+        from .documents import check_text_field, corpus_files  # before any model runs
+        check_text_field(corpus_files(self.path)[0], self.text_field)
+
+
+# How a capped, seeded sample reads a domain (recorded in provenance as it is said here).
+SAMPLING = {
+    "all": "every document, in order",
+    "head": "the first documents, in order, up to the cap",
+    "order": "documents in seeded random order (a domain of at most {small} is read whole)",
+    "offsets": "documents after seeded random byte offsets (plain .txt/.jsonl over {small}; only those documents "
+               "are read)",
+    "reservoir": "a seeded one-pass reservoir: the documents with the smallest seeded random keys, about 16 "
+                 "characters per requested token (compressed or columnar files over {small})",
+}
+
+
+def sampling_method(src, max_tokens: int | None) -> str:
+    """Which of SAMPLING domain_tokens / domain_documents use for `src` (a DomainText) and this cap."""
+    if max_tokens is None:
+        return "all"
+    if not isinstance(src, DomainText) or src.seed is None:
+        return "head"
+    from .documents import SEEKABLE, corpus_files, kind_of
+    files, _ = corpus_files(src.path)
+    if sum(f.stat().st_size for f in files) <= SMALL_DOMAIN:
+        return "order"
+    return "offsets" if all(kind_of(f) in SEEKABLE for f in files) else "reservoir"
+
+
+def sampling(srcs: dict, max_tokens: int | None) -> dict[str, str]:
+    """{domain: what was read}, for provenance."""
+    small = f"{SMALL_DOMAIN >> 20} MiB" if SMALL_DOMAIN % (1 << 20) == 0 else f"{SMALL_DOMAIN} bytes"
+    return {n: SAMPLING[sampling_method(s, max_tokens)].format(small=small) for n, s in srcs.items()}
 
 
 def domain_tokens(src, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """The token stream (documents EOS-joined) of a domain: `src` a DomainText or a list of documents.
 
     With a token cap and a seed, documents are sampled across the whole domain, reading only what is
-    used: a domain of at most SMALL_DOMAIN bytes is read whole and its documents taken in a seeded
-    random order; in a larger one the documents after seeded random byte offsets are read (plain .txt
-    and .jsonl files; a document is picked with probability proportional to the bytes before it back to
-    the previous document), or, for compressed / columnar files that cannot be entered at an offset,
-    one pass keeps a bounded seeded reservoir."""
+    used (SAMPLING): a domain of at most SMALL_DOMAIN bytes is read whole and its documents taken in a
+    seeded random order; in a larger one the documents after seeded random byte offsets are read (plain
+    .txt and .jsonl files; a document is picked with probability proportional to the bytes before it
+    back to the previous document), or, for compressed / columnar files that cannot be entered at an
+    offset, one pass keeps a bounded seeded reservoir."""
     if not isinstance(src, DomainText):
         return token_stream(src, tokenizer, max_tokens)
-    if max_tokens is None or src.seed is None:
+    how = sampling_method(src, max_tokens)
+    if how in ("all", "head"):
         from .documents import iter_documents
         docs = iter_documents(src.path, src.text_field)
         return _empty_check(src, token_stream(docs, tokenizer, max_tokens))
-    from .documents import SEEKABLE, corpus_files, kind_of
-    files, _ = corpus_files(src.path)
-    sizes = [f.stat().st_size for f in files]
-    if sum(sizes) <= SMALL_DOMAIN:
+    if how == "order":
         return token_stream(sample_documents(read_documents(src.path, src.text_field), src.seed), tokenizer, max_tokens)
-    if all(kind_of(f) in SEEKABLE for f in files):
-        docs = _offset_sample(files, sizes, src)
-    else:
-        docs = _reservoir_sample(src, budget_chars=16 * max_tokens)
+    docs = _offset_sample(src) if how == "offsets" else _reservoir_sample(src, budget_chars=16 * max_tokens)
     return _empty_check(src, token_stream(docs, tokenizer, max_tokens))
 
 
 def domain_documents(src, max_tokens: int | None = None, chars_per_token: int = 16) -> list[str]:
     """The documents of a domain as a list, for callers that split them (a fit's held-out part): every
-    document without a cap or a seed; with both, the same seeded sample domain_tokens reads (a domain of
-    at most SMALL_DOMAIN bytes in seeded order, else documents after seeded byte offsets, or a bounded
-    reservoir), about `chars_per_token` characters per token of the cap, so memory stays bounded."""
+    document without a cap or a seed; with both, the same seeded sample domain_tokens reads (SAMPLING),
+    about `chars_per_token` characters per token of the cap, so memory stays bounded."""
     if not isinstance(src, DomainText):
         return list(src)
-    if max_tokens is None or src.seed is None:
+    how = sampling_method(src, max_tokens)
+    if how in ("all", "head"):
         return read_documents(src.path, src.text_field)
-    from .documents import SEEKABLE, corpus_files, kind_of
-    files, _ = corpus_files(src.path)
-    sizes = [f.stat().st_size for f in files]
-    if sum(sizes) <= SMALL_DOMAIN:
+    if how == "order":
         return sample_documents(read_documents(src.path, src.text_field), src.seed)
     budget = chars_per_token * max_tokens
-    if not all(kind_of(f) in SEEKABLE for f in files):
+    if how == "reservoir":
         return _reservoir_sample(src, budget_chars=budget)
     docs, size = [], 0
-    for d in _offset_sample(files, sizes, src):
+    for d in _offset_sample(src):
         docs.append(d)
         size += len(d)
         if size >= budget:
@@ -163,10 +186,12 @@ def _empty_check(src: DomainText, ids: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _offset_sample(files: list[Path], sizes: list[int], src: DomainText, max_misses: int = 1000):
+def _offset_sample(src: DomainText, max_misses: int = 1000):
     """Documents after seeded random byte offsets of the domain (files laid end to end), each once."""
     import numpy as np
-    from .documents import document_after
+    from .documents import corpus_files, document_after
+    files, _ = corpus_files(src.path)
+    sizes = [f.stat().st_size for f in files]
     rng = np.random.default_rng(src.seed)
     ends = np.cumsum(sizes)
     seen, misses = set(), 0

@@ -53,6 +53,19 @@ def check_skipped(path: Path, skipped: list[Path]) -> None:
         notice(f"{path}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} of other types: {names}")
 
 
+def check_text_field(files: list[Path], text_field: str) -> None:
+    """Each record file has `text_field`, read from its first record (.jsonl*) or its schema (.parquet,
+    .arrow) only: a wrong --text-field is refused before a model is loaded, not hours into a pass."""
+    for f in files:
+        kind = kind_of(f)
+        if kind in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
+            next(_jsonl(f, kind, text_field), None)
+        elif kind == ".parquet":
+            next(_parquet(f, text_field, schema_only=True), None)
+        elif kind == ".arrow":
+            next(_arrow(f, text_field, schema_only=True), None)
+
+
 def iter_documents(path: Path, text_field: str = "text", *, quiet: bool = False) -> Iterator[str]:
     """Every document of a corpus file or directory, in order."""
     path = Path(path)
@@ -171,7 +184,7 @@ def _column_texts(f: Path, table, text_field: str, where: str) -> Iterator[str]:
             yield v.strip()
 
 
-def _parquet(f: Path, text_field: str) -> Iterator[str]:
+def _parquet(f: Path, text_field: str, schema_only: bool = False) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
@@ -181,6 +194,8 @@ def _parquet(f: Path, text_field: str) -> Iterator[str]:
     if text_field not in pf.schema_arrow.names:
         raise XpertError(f"{f}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names[:8])}); "
                          "pass --text-field")
+    if schema_only:
+        return
     for g in range(pf.num_row_groups):
         try:
             table = pf.read_row_group(g, columns=[text_field])
@@ -189,7 +204,7 @@ def _parquet(f: Path, text_field: str) -> Iterator[str]:
         yield from _column_texts(f, table, text_field, f"row group {g}")
 
 
-def _arrow(f: Path, text_field: str) -> Iterator[str]:
+def _arrow(f: Path, text_field: str, schema_only: bool = False) -> Iterator[str]:
     """An Arrow IPC stream file (datasets' save_to_disk format), memory-mapped, batch by batch."""
     import pyarrow as pa
     try:
@@ -199,6 +214,9 @@ def _arrow(f: Path, text_field: str) -> Iterator[str]:
             reader = pa.ipc.open_file(pa.memory_map(str(f)))
         except (pa.ArrowException, OSError) as e:
             raise XpertError(f"{f}: not an Arrow IPC file ({str(e).splitlines()[0][:80]})") from None
+    if schema_only:
+        yield from _column_texts(f, reader.schema.empty_table(), text_field, "schema")
+        return
     batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if hasattr(reader, "num_record_batches") \
         else reader
     try:

@@ -49,19 +49,33 @@ def nll_windows(model, ids, seq_len: int, batch_size: int = 8, device: str = "cp
     return total, count
 
 
+def check_ppl_path(arg: str) -> Path:
+    """ppl:PATH exists and is not the manifest of token data (whose directory is what to pass)."""
+    p = Path(arg)
+    if not p.exists():
+        raise XpertError(f"--task ppl:{arg}: no such file or directory")
+    if p.is_file() and p.name == data.MANIFEST:
+        raise XpertError(f"--task ppl:{arg}: is the manifest of token data; pass its directory: ppl:{p.parent}")
+    return p
+
+
+def _is_text(p: Path) -> bool:
+    """ppl:PATH is text read by documents (not token data, not a `corpus build` dir)."""
+    return not (p / data.MANIFEST).is_file() and not (p.is_dir() and all((p / s).is_dir() for s in data.SPLITS))
+
+
 def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str | None = None,
-               max_tokens: int | None = None, ckpt: Path | None = None) -> dict:
+               max_tokens: int | None = None, ckpt: Path | None = None, text_field: str = "text") -> dict:
     """ppl:PATH — a token DATA dir (every domain, one --split), a corpus dir from `corpus build`
-    (train/val/test: every domain file of one --split), or a text file / directory (one domain, all of it).
+    (train/val/test: every domain file of one --split), or a text file / directory (one domain, all of it;
+    `text_field`: the field / column of its .jsonl, .parquet and .arrow records).
 
     `ppl`/`nll` are token-level: the EOS-joined stream cut into non-overlapping `seq_len` windows, no
     context carried between windows (the first token of each window is not predicted). The
     tokenizer-independent figures of the harness (`word_perplexity`, `bits_per_byte`) score the same
     text per document with rolling windows, so students with different tokenizers can be compared.
     Token data is read in place, a batch of windows / a document at a time."""
-    p = Path(arg)
-    if not p.exists():
-        raise XpertError(f"--task ppl:{arg}: no such file or directory")
+    p = check_ppl_path(arg)
     if split is not None and split not in data.SPLITS:
         raise XpertError(f"--split {split!r}: choose one of {', '.join(data.SPLITS)}")
     if (p / data.MANIFEST).is_file():
@@ -86,7 +100,7 @@ def perplexity(model, tok, arg: str, seq_len: int, device: str, split: str | Non
         if split is not None:
             raise XpertError(f"--split {split}: ppl:{arg} is plain text without splits (scored whole); --split is for "
                              "a token DATA dir or a corpus dir with train/val/test")
-        docs = data.read_documents(p)
+        docs = data.read_documents(p, text_field)
         ids = data.token_stream(docs, tok)
         sources = {p.stem: (ids, _documents_within(ids, tok, docs, max_tokens))}
     out = {}
@@ -311,7 +325,8 @@ def generation(model, tok, path: str, device: str, max_new_tokens: int) -> dict:
 
 def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None = None, device: str = "cpu",
         max_new_tokens: int = 64, seed: int = 0, split: str | None = None, max_tokens: int | None = None,
-        target_delimiter: str = " ", batch_size: int = 8, force: bool = False) -> tuple[dict, Path | None]:
+        target_delimiter: str = " ", batch_size: int = 8, text_field: str = "text",
+        force: bool = False) -> tuple[dict, Path | None]:
     """`xpertctl eval`: results JSON (model and task fingerprints, seed)."""
     from .io.writer import atomic_path, check_output
     from .specs import check_device
@@ -322,6 +337,10 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
     check_device(device)
     if out is not None:
         check_output(out, force, [Path(ckpt)])
+    ppl = [check_ppl_path(arg) for kind, arg in parsed if kind == "ppl"]  # before the model loads
+    if text_field != "text" and not any(_is_text(p) for p in ppl):
+        raise XpertError(f"--text-field {text_field}: names the field of ppl:PATH text (.jsonl, .parquet, .arrow); "
+                         "no --task reads such text (token data and `corpus build` dirs have none)")
     if any(k == "lmeval" for k, _ in parsed):
         from . import lmeval
         lmeval.require()  # before loading anything: the extra may be missing
@@ -340,7 +359,8 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
         for kind, arg in parsed:
             bar.update(job, info=f"{kind}:{Path(arg).name}")
             if kind == "ppl":
-                res = perplexity(model, tok, arg, seq_len, device, split, max_tokens, ckpt=Path(ckpt))
+                res = perplexity(model, tok, arg, seq_len, device, split, max_tokens, ckpt=Path(ckpt),
+                                 text_field=text_field)
             elif kind == "mc":
                 res = multiple_choice(model, tok, arg, device, target_delimiter, max_pos)
             elif kind == "lmeval":
@@ -355,7 +375,8 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
     doc = {"model": {"path": str(Path(ckpt).resolve()), "sha256": _model_fp(Path(ckpt))}, "seed": seed,
            "seq_len": seq_len, "tasks": results,
            "xpertctl": provenance.record("eval", inputs=[], params={"tasks": tasks, "seq_len": seq_len, "split": split, "max_tokens": max_tokens,
-                                            "target_delimiter": target_delimiter}, seed=seed)}
+                                            "target_delimiter": target_delimiter, "text_field": text_field},
+                                            seed=seed)}
     if out is None:
         return doc, None
     with atomic_path(Path(out), force) as tmp:

@@ -246,6 +246,8 @@ def out_param(help: str = "Output path.", required: bool = True) -> Param:
 
 
 FORCE = flag("force", "Replace an existing output.")
+TEXT_FIELD = opt("text_field", "text", "Text field of .jsonl[.gz|.zst] records / column of .parquet and .arrow "
+                 "(.txt has none).")
 JSON = flag("as_json", "Print the summary as JSON on stdout instead of the path (its \"path\" is the output).",
             "--json")
 
@@ -419,12 +421,12 @@ def _families(as_json):
 
 
 def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, stream_layers,
-           stream_tokens, seed, as_json, force):
+           stream_tokens, seed, text_field, as_json, force):
     from . import summaries
     from .ops import stats as op
     path = op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                   batch_size=batch_size, device=device, dtype=dtype, top_k=top_k, stream_layers=stream_layers,
-                  stream_tokens=stream_tokens, seed=seed, force=force)
+                  stream_tokens=stream_tokens, seed=seed, text_field=text_field, force=force)
     return _summary(summaries.stats(path), as_json)
 
 
@@ -459,7 +461,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_steps, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -469,17 +471,17 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   align_neurons=align, align_sweeps=align_sweeps, weighting=weighting, no_tucker=no_tucker,
                   layer_map_how=layer_map, combine=combine, rescale=rescale, shared=shared, fit=fit, calibration=calibration,
                   calibration_tokens=calibration_tokens, ridge=ridge, holdout=holdout, ridge_select=ridge_select,
-                  fit_steps=fit_steps, stream_layers=stream_layers,
+                  fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                   ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
 
 
 def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, stream_layers,
-              stream_tokens, seed, force):
+              stream_tokens, seed, text_field, force):
     from .ops import fidelity as op
     return op.run(src, student, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                   batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
-                  stream_tokens=stream_tokens, seed=seed, force=force)
+                  stream_tokens=stream_tokens, seed=seed, text_field=text_field, force=force)
 
 
 def _tokenize(tokenizer, domain, corpus, out, val_pct, test_pct, workers, text_field, force):
@@ -503,12 +505,13 @@ def _train(ckpt, out, data_dir, sft, resume, force, threads, compile, **cfg):  #
         raise Interrupted(interrupted_note(out)) from None
 
 
-def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, target_delimiter, force):
+def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, target_delimiter, text_field, force):
     import json
     from .console import err, results_table
     from .eval import run as op
     doc, path = op(ckpt, task, out, seq_len=seq_len, device=device, max_new_tokens=max_new_tokens, seed=seed,
-                   split=split, max_tokens=max_tokens, target_delimiter=target_delimiter, force=force)
+                   split=split, max_tokens=max_tokens, target_delimiter=target_delimiter, text_field=text_field,
+                   force=force)
     err.print(results_table(doc))
     return path if path is not None else json.dumps(doc["tasks"], indent=2)
 
@@ -574,7 +577,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("stats", "Count top-k router selections per (domain, layer, expert) -> stats.safetensors.",
             "xpertctl stats olmoe/ -d wiki=wiki.txt -d code=code/ -o stats.safetensors", (
                 arg("src", "MoE model directory or .safetensors file."),
-                opt("domain", REQUIRED, "NAME=PATH (.txt, .jsonl or a directory); repeat.", "--domain", "-d",
+                opt("domain", REQUIRED, "NAME=PATH (.txt, .jsonl[.gz|.zst], .parquet, .arrow or a directory); repeat.", "--domain", "-d",
                     type=str, multiple=True, path=_after("="), check=_check_domain),
                 out_param("stats.safetensors to write."),
                 opt("tokenizer", None, "Tokenizer directory (default: the checkpoint's).", type=Path, input=True),
@@ -588,7 +591,7 @@ COMMANDS: tuple[Command, ...] = (
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
                 opt("seed", 0, "With --max-tokens: seed of the document sample.", range=NONNEG),
-                JSON, FORCE,
+                TEXT_FIELD, JSON, FORCE,
             ), _stats),
     Command("select", "Choose the experts used across all domains -> selection.json.",
             "xpertctl select stats.safetensors -o selection.json --plot freq.png --show", (
@@ -652,6 +655,7 @@ COMMANDS: tuple[Command, ...] = (
                     "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
                     "documents (documents: best on text like it), or their mean (both).", choices=RIDGE_SELECTS),
                 opt("fit_steps", 500, "With --fit ffn: at most this many Adam steps per layer (1024 tokens each).", range=POSITIVE),
+                replace(TEXT_FIELD, help=f"With --fit: {TEXT_FIELD.help[0].lower()}{TEXT_FIELD.help[1:]}"),
                 flag("stream_layers", "With --fit: run the source one decoder layer at a time (models larger than "
                      "memory)."),
                 opt("seq_len", None, "With --fit: window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
@@ -685,7 +689,7 @@ COMMANDS: tuple[Command, ...] = (
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
                 opt("seed", 0, "Seed of the scratch reference FFN and, with --max-tokens, of the document sample.", range=NONNEG),
-                FORCE,
+                TEXT_FIELD, FORCE,
             ), _fidelity),
     Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
             "xpertctl tokenize --tokenizer student/ -d wiki=wiki.txt -d code=code/ -o data/", (
@@ -697,7 +701,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("val_pct", 5, "Percent of documents (by hash) for validation.", range=Range(0, 100, hi_open=True)),
                 opt("test_pct", 5, "Percent of documents (by hash) for test.", range=Range(0, 100, hi_open=True)),
                 opt("workers", 0, "Tokenizer processes (0: every core). The output does not depend on it.", range=NONNEG),
-                opt("text_field", "text", "Text field of .jsonl[.gz|.zst] records / column of .parquet and .arrow."),
+                TEXT_FIELD,
                 FORCE,
             ), _tokenize, rules=(_split_pcts,)),
     Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
@@ -750,6 +754,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("device", "cpu", "torch device."),
                 opt("seed", 0, "Seed (generation is greedy; kept for the record).", range=NONNEG),
                 opt("target_delimiter", " ", "mc: text between context and choice (lm-evaluation-harness's)."),
+                replace(TEXT_FIELD, help=f"ppl (text PATH): {TEXT_FIELD.help[0].lower()}{TEXT_FIELD.help[1:]}"),
                 FORCE,
             ), _eval),
     Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",

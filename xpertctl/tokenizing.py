@@ -102,7 +102,7 @@ class Encoder:
             old = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             try:
-                self.pool = mp.get_context("fork").Pool(workers, initializer=_ignore_sigint)
+                self.pool = mp.get_context("fork").Pool(workers, initializer=_worker_signals)
             finally:
                 os.environ.pop("TOKENIZERS_PARALLELISM") if old is None else os.environ.update(TOKENIZERS_PARALLELISM=old)
         self.depth = 2 * workers
@@ -126,10 +126,12 @@ class Encoder:
             self.pool.join()
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C is the parent's to handle (it stops the pool and removes the partial output)."""
+def _worker_signals() -> None:
+    """Ctrl-C is the parent's to handle (it stops the pool and removes the partial output); SIGTERM, which
+    the pool's terminate() sends, ends a worker quietly (not through the parent's handler it inherited)."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def default_workers() -> int:

@@ -158,9 +158,10 @@ class Runner:
 
 def prepare(ck: Checkpoint, domains: list[str], *, tokenizer: Path | None = None, seq_len: int | None = None,
             device: str = "cpu", dtype: str = "float32", stream_layers: bool = False, top_k: int | None = None,
-            sample_seed: int | None = None) -> Runner:
+            sample_seed: int | None = None, text_field: str = "text") -> Runner:
     """The source model (transformers' class, or layer-streamed), its tokenizer and the text to run
-    (with `sample_seed`, each domain's documents in that seeded order, so a token cap samples the domain)."""
+    (with `sample_seed`, each domain's documents in that seeded order, so a token cap samples the domain;
+    `text_field`: the field / column of .jsonl, .parquet and .arrow records)."""
     from ..specs import check_device, parse_dtype
     from .hf_model import load_model
     check_device(device)
@@ -173,7 +174,7 @@ def prepare(ck: Checkpoint, domains: list[str], *, tokenizer: Path | None = None
         raise XpertError(f"{ck.path}: running the model needs its config.json next to the file")
     tok_dir = Path(tokenizer) if tokenizer else (ck.path if ck.path.is_dir() else ck.path.parent)
     tok = data.load_tokenizer(tok_dir)
-    docs = {name: data.DomainText(p, sample_seed) for name, p in paths.items()}  # read when run (data.domain_tokens)
+    docs = {name: data.DomainText(p, sample_seed, text_field) for name, p in paths.items()}  # read when run (data.domain_tokens)
     if stream_layers:
         if device != "cpu":
             raise XpertError("--stream-layers runs on the CPU (it exists for models larger than memory)")

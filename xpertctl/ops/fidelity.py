@@ -266,7 +266,7 @@ def summary(rows: list[dict]) -> dict:
 def measure(ck: Checkpoint, students: list[Student], domains: list[str], *, tokenizer: Path | None = None,
             max_tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8, device: str = "cpu",
             dtype: str = "float32", stream_layers: bool = False, stream_tokens: int = 65536,
-            seed: int = 0) -> tuple[list[list[dict]], dict[str, int]]:
+            seed: int = 0, text_field: str = "text") -> tuple[list[list[dict]], dict[str, int]]:
     """Run the source once over the text and measure every student; (rows per student, tokens per domain)."""
     for s in students:
         bad = sorted({i for g in s.layer_map for i in g} - set(ck.moe_layers))
@@ -275,7 +275,8 @@ def measure(ck: Checkpoint, students: list[Student], domains: list[str], *, toke
         if int(s.residual_index.max()) >= ck.hidden:
             raise XpertError(f"{s.label}: residual indices beyond the source's hidden size {ck.hidden}")
     runner = capture.prepare(ck, domains, tokenizer=tokenizer, seq_len=seq_len, device=device, dtype=dtype,
-                             stream_layers=stream_layers, sample_seed=seed if max_tokens is not None else None)
+                             stream_layers=stream_layers, sample_seed=seed if max_tokens is not None else None,
+                             text_field=text_field)
     meter = Meter(ck, students, seed)
     tokens = capture.run(ck, runner.model, runner.tokenizer, runner.docs, meter, seq_len=runner.seq_len,
                          batch_size=batch_size, max_tokens=max_tokens, device=device,
@@ -299,7 +300,7 @@ def table(rows: list[dict], title: str):
 def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None,
         max_tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8, device: str = "cpu",
         dtype: str = "float32", stream_layers: bool = False, stream_tokens: int = 65536, seed: int = 0,
-        force: bool = False) -> Path:
+        text_field: str = "text", force: bool = False) -> Path:
     """`xpertctl fidelity`: fidelity.json (per target layer: rel_error, cosine, scale; references)."""
     from .. import data
     from ..io.writer import atomic_path, check_output
@@ -309,13 +310,15 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
     st = load_student(student, ck.hidden, ck)
     rows_per, tokens = measure(ck, [st], domains, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                                batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,
-                               stream_tokens=stream_tokens, seed=seed)
+                               stream_tokens=stream_tokens, seed=seed, text_field=text_field)
+    how = data.sampling({n: data.DomainText(p, seed, text_field) for n, p in paths.items()}, max_tokens)
     rows = rows_per[0]
     rec = provenance.record("fidelity", inputs=[ck.fingerprint, _fingerprint(Path(student))]
                             + [provenance.fingerprint(p) for p in paths.values()],
                             params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens,
                                     "seq_len": seq_len, "batch_size": batch_size, "dtype": dtype,
-                                    "stream_layers": stream_layers}, seed=seed)
+                                    "stream_layers": stream_layers, "text_field": text_field,
+                                    "sample": {"seed": seed, "how": how} if max_tokens else None}, seed=seed)
     notes = layer_notes(rows)
     doc = {"kind": "fidelity", "source": str(Path(src).resolve()), "student": str(Path(student).resolve()),
            "tokens": tokens, "layers": rows, "summary": summary(rows), "notes": notes,

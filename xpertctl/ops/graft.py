@@ -229,6 +229,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         align_neurons: bool = True, align_sweeps: int = 0, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
         combine: str = "usage", rescale: str = "routed", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
         calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_steps: int = 500,
+        text_field: str = "text",
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -240,7 +241,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if fit != "none" and ffn_init == "scratch":
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
-    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select)
+    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select, text_field)
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     decompose.check_sweeps(align_sweeps, align_neurons)
@@ -342,7 +343,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if fit != "none":
         adapted, fit_rec = _fit(ck, adapted, meta, fit, calibration, cal_paths, calibration_tokens=calibration_tokens,
                                 ridge=ridge, holdout=holdout, select=ridge_select, steps=fit_steps, stream_layers=stream_layers,
-                                seq_len=seq_len, device=device,
+                                seq_len=seq_len, device=device, text_field=text_field,
                                 cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
         in_fps += fit_rec["inputs"]
         meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
@@ -396,7 +397,7 @@ def _refuse_one_shot_options(src: Path, **given) -> None:
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tokens: int | None,
-               holdout: float = 0.1, steps: int = 500, select: str = "domains") -> dict:
+               holdout: float = 0.1, steps: int = 500, select: str = "domains", text_field: str = "text") -> dict:
     """Validate the data-aware fit options up front; the calibration paths."""
     from .. import data
     from ..specs import FITS
@@ -405,6 +406,9 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
     if fit == "none":
         if calibration:
             raise XpertError("--calibration is for --fit down|ffn; add --fit down or drop --calibration")
+        if text_field != "text":
+            raise XpertError(f"--text-field {text_field}: names the field of the --calibration text of --fit down|ffn; "
+                             "add --fit and --calibration or drop --text-field")
         return {}
     if not calibration:
         raise XpertError(f"--fit {fit} needs calibration text: --calibration NAME=PATH (repeat for several domains)")
@@ -421,18 +425,20 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
         raise XpertError(f"--ridge-select {select!r}: choose one of {', '.join(SELECTS)}")
     paths = data.parse_domains(calibration)
     from .fit import split_documents
-    split_documents({n: data.domain_documents(data.DomainText(p, 0), tokens) for n, p in paths.items()}, holdout)  # before the long work
+    split_documents({n: data.domain_documents(data.DomainText(p, 0, text_field), tokens) for n, p in paths.items()},
+                    holdout)  # before the long work
     return paths
 
 
 def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: list[str], cal_paths: dict, *,
          calibration_tokens: int | None, ridge: float | None, holdout: float, select: str, steps: int,
-         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None):
+         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None, text_field: str = "text"):
     """Fit each target layer's FFN to the source blocks, validated on held-out documents (ops/fit.py).
     The fitted FFN depends on the calibration text only, not on --seed (which seeds the fresh weights)."""
+    from .. import data
     from . import capture, fit as fit_op
     runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device, stream_layers=stream_layers,
-                             sample_seed=0 if calibration_tokens is not None else None)
+                             sample_seed=0 if calibration_tokens is not None else None, text_field=text_field)
     adapted, rows = fit_op.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, method=method,
                                ridge=ridge, holdout=holdout, seq_len=runner.seq_len, max_tokens=calibration_tokens,
                                device=device, stream_tokens=65536 if stream_layers else None, steps=steps,
@@ -445,7 +451,10 @@ def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: li
                       "ridge_grid": list(fit_op.RIDGES) if ridge is None else None, "holdout": holdout,
                       "ridge_select": select if ridge is None else None, "steps": steps if method == "ffn" else None,
                       "calibration": {n: str(p) for n, p in cal_paths.items()},
-                      "calibration_tokens": calibration_tokens, "seq_len": runner.seq_len, "layers": rows}}
+                      "calibration_tokens": calibration_tokens, "text_field": text_field,
+                      "sample": {"seed": 0, "how": data.sampling(runner.docs, calibration_tokens)}
+                      if calibration_tokens is not None else None,
+                      "seq_len": runner.seq_len, "layers": rows}}
     return adapted, rec
 
 

@@ -120,7 +120,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
 def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
         seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
         stream_layers: bool = False, stream_tokens: int = 65536, top_k: int | None = None, seed: int = 0,
-        force: bool = False) -> Path:
+        text_field: str = "text", force: bool = False) -> Path:
     """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
     from ..io import check_output
     check_device(device)
@@ -138,7 +138,8 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
         raise XpertError(f"{ck.path}: top-k unknown (its config.json has no num_experts_per_tok); pass --top-k")
     from .capture import prepare
     runner = prepare(ck, domains, tokenizer=tokenizer, seq_len=seq_len, device=device, dtype=dtype,
-                     stream_layers=stream_layers, top_k=k_override, sample_seed=seed if max_tokens is not None else None)
+                     stream_layers=stream_layers, top_k=k_override, sample_seed=seed if max_tokens is not None else None,
+                     text_field=text_field)
     model, tok, docs, seq_len = runner.model, runner.tokenizer, runner.docs, runner.seq_len
     res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
                   max_tokens=max_tokens, device=device, stream_tokens=stream_tokens if stream_layers else None)
@@ -146,7 +147,8 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
         "stats", inputs=[ck.fingerprint] + [provenance.fingerprint(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
                 "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers, "top_k": k_override,
-                "sample": {"seed": seed, "how": "documents in seeded random order"} if max_tokens else None},
+                "text_field": text_field,
+                "sample": {"seed": seed, "how": data.sampling(docs, max_tokens)} if max_tokens else None},
         seed=seed if max_tokens else None,
         source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
         layers=res.layers, domains=res.domains)
