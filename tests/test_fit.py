@@ -289,6 +289,14 @@ def test_fit_weighting_domains_gives_each_domain_equal_weight_in_the_ridge_solut
         downs, rows = fit.solve_down(lm, d0, r, "documents", weighting=how)
         assert rows[0].kept == "fit" and rows[0].score["weighting"] == how
         assert np.allclose(downs[0].double().T.numpy(), expect, atol=1e-4, rtol=1e-4)
+        # what decided "fit" over the consolidation: the held-out error weighted the same way
+        rels = [np.linalg.norm(ah @ expect - yh) / np.linalg.norm(yh) for ah, yh in held.values()]
+        if how == "domains":
+            assert rows[0].score["held_out"]["fit"] == pytest.approx(math.sqrt(np.mean(np.square(rels))), rel=1e-4)
+        else:
+            e = sum(np.linalg.norm(ah @ expect - yh) ** 2 for ah, yh in held.values())
+            assert rows[0].score["held_out"]["fit"] == pytest.approx(
+                math.sqrt(e / sum(np.linalg.norm(yh) ** 2 for _, yh in held.values())), rel=1e-4)
 
 
 def test_graft_fit_weighting_domains_solves_the_domain_weighted_ridge_and_records_it(moe, tmp_path, cli):

@@ -14,7 +14,8 @@ barely excites keep the consolidation's weights instead of being extrapolated (t
 that was worse than a zero FFN on unseen text; see README). lam = r * trace(A^T A) / f for r on a
 grid, chosen per layer on the held-out documents; one eigendecomposition per layer serves the grid,
 and held-out errors come exactly from held-out moments, so no token is kept in memory. A layer whose
-held-out error does not beat the consolidation's keeps the consolidation.
+held-out error does not beat the consolidation's keeps the consolidation. The calibration domains
+are pooled as captured, or (`weighting="domains"`) each scaled to unit ||Y||^2 (see weighted).
 
 `ffn`: gate, up and down of each target layer, from the validated down fit, optimized with Adam on
 the captured (x, y) pairs (cached on disk, read in minibatches), stopped at the best held-out error.
@@ -215,7 +216,8 @@ def solve_down(lm: LayerMoments, downs0: list[torch.Tensor], ridge: float | None
                        {"consolidation": hm.rel_error(b0), "fit": hm.rel_error(cands[k])},
                        {n: {"consolidation": m.rel_error(b0), "fit": m.rel_error(cands[k])} for n, m in lm.held[t].items()},
                        {"fit": fm.tokens, "held_out": hm.tokens})
-        row.score = {"how": select, "weighting": weighting, "consolidation": base_score, "fit": score[k]}
+        row.score = {"how": select, "weighting": weighting, "consolidation": base_score, "fit": score[k],
+                     "held_out": {"consolidation": base_held, "fit": held[k]}}  # as weighted: what decided
         if not better:
             notice(f"--fit: target layer {t}: the fit's held-out error {held[k]:.3f} (score {score[k]:.3f}) does not "
                    f"beat the consolidation's {base_held:.3f} ({base_score:.3f}); the layer keeps the consolidation")

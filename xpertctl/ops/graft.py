@@ -441,7 +441,8 @@ def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: li
                                device=device, stream_tokens=65536 if stream_layers else None, steps=steps,
                                select=select, weighting=weighting, cache_dir=cache_dir)
     notes = [f"--fit {method}: target layer {r['target']} keeps the consolidation (held-out rel_error "
-             f"{r['held_out']['consolidation']:.3f}; the fit's {r['held_out']['fit']:.3f} does not beat it)"
+             f"{r['score']['held_out']['consolidation']:.3f}; the fit's {r['score']['held_out']['fit']:.3f} does not beat it"
+             f"{', domains weighted equally' if r['score']['weighting'] == 'domains' else ''})"
              for r in rows if r["kept"] == "consolidation"]
     rec = {"inputs": [provenance.fingerprint(p) for p in cal_paths.values()], "notes": notes,
            "params": {"method": method, "ridge": ridge if ridge is not None else "chosen on held-out documents",
