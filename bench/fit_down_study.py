@@ -9,7 +9,9 @@ A down projection's rel_error on a part is exact from its moments (fit.Moments.r
 candidate costs one eigendecomposition per layer, no forward pass.
 
     python bench/fit_down_study.py capture moments.pt   # ~1 forward pass over train, val and test
-    python bench/fit_down_study.py report moments.pt    # the tables (seconds)
+    python bench/fit_down_study.py report moments.pt    # data size, ridge rules, penalties, test-split bounds
+    python bench/fit_down_study.py report2 moments.pt   # each domain's own best ridge (bounds), more documents
+    python bench/fit_down_study.py val moments.pt       # the candidates on the val split (where choices are made)
 """
 from __future__ import annotations
 
