@@ -80,8 +80,9 @@ def per_domain(a) -> None:
     students = [base]
     fits = {"--fit down (ridge by domains)": dict(method="down", select="domains"),
             "--fit down --ridge-select documents": dict(method="down", select="documents"),
+            "--fit down --fit-weighting domains": dict(method="down", select="domains", weighting="domains"),
             f"--fit ffn (--fit-steps {a.fit_steps})": dict(method="ffn", select="domains", steps=a.fit_steps)}
-    keep = dict(zip(("down", "documents", "ffn"), fits))  # --fits picks some (cheap re-checks)
+    keep = dict(zip(("down", "documents", "weighted", "ffn"), fits))  # --fits picks some (cheap re-checks)
     fits = {keep[k]: fits[keep[k]] for k in (a.fits.split(",") if a.fits else keep) if k in keep}  # none: no fit
     for label, kw in fits.items():
         t1 = time.perf_counter()
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--per-domain", action="store_true", help="per-domain table on --split (see the docstring)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--fit-steps", type=int, default=500)
-    ap.add_argument("--fits", default=None, help="--per-domain: some of down,documents,ffn, or none (default all)")
+    ap.add_argument("--fits", default=None, help="--per-domain: some of down,documents,weighted,ffn, or none (default all)")
     ap.add_argument("--domains", default=None, help="--per-domain: measure only these (comma-separated)")
     ap.add_argument("--sweeps", action="store_true", help="what the alignment sweeps gain (see the docstring)")
     a = ap.parse_args()

@@ -59,6 +59,7 @@ def test_every_command_has_an_example_and_described_options(cli, name):
     ("decompose", "--weighting", ["joint", "per-matrix"]),
     ("graft", "--fit", ["none", "down", "ffn"]),
     ("graft", "--ridge-select", ["domains", "documents", "both"]),
+    ("graft", "--fit-weighting", ["tokens", "domains"]),
     ("reshape", "--width-select", ["norm", "first"]),
     ("graft", "--ffn-init", ["xpert", "scratch", "norm-matched"]),
     ("stats", "--dtype", ["float32", "bfloat16", "float16"]),

@@ -227,6 +227,7 @@ def test_fit_ffn_on_the_teacher_beats_the_down_fit_on_held_out_documents(tmp_pat
     (["--fit", "down", "--holdout", "1.5", "--calibration", "a=A"], "--holdout"),
     (["--fit", "ffn", "--fit-steps", "0", "--calibration", "a=A"], "--fit-steps"),
     (["--fit", "down", "--ridge-select", "all", "--calibration", "a=A"], "--ridge-select"),
+    (["--fit", "down", "--fit-weighting", "equal", "--calibration", "a=A"], "--fit-weighting"),
     (["--fit", "down", "--calibration", "a=ONE"], "single document"),
 ])
 def test_fit_options_refuse_bad_values(moe, tmp_path, cli, args, needle):
@@ -254,3 +255,81 @@ def test_fit_with_the_source_streamed_layer_by_layer_gives_the_same_ffns(moe, tm
         for x, y in zip(a[t], b[t]):
             assert torch.allclose(x, y, atol=1e-4, rtol=1e-3)
     assert any(r["kept"] == "ffn" for r in provenance_of(outs["stream"])["params"]["fit"]["layers"])
+
+
+def test_fit_weighting_domains_gives_each_domain_equal_weight_in_the_ridge_solution():
+    """`--fit-weighting domains`: the ridge solution of sum_n ||A_n B - Y_n||^2 / ||Y_n||^2 (each domain's
+    relative error, as fidelity reports it), written out here in numpy; `tokens` pools the tokens."""
+    from xpertctl.ops import fit
+    g = np.random.default_rng(7)
+    f, d, r = 6, 5, 1e-2
+    b0 = g.standard_normal((f, d))
+    parts, held = {}, {}
+    for n, scale in (("quiet", 1.0), ("loud", 20.0)):  # distinct maps, outputs 20x apart in scale
+        b = g.standard_normal((f, d)) * scale
+        a, ah = g.standard_normal((150, f)), g.standard_normal((40, f))
+        parts[n], held[n] = (a, a @ b), (ah, ah @ b)
+
+    def closed_form(weights):
+        ata = sum(w * a.T @ a for (a, _), w in zip(parts.values(), weights))
+        aty = sum(w * a.T @ y for (a, y), w in zip(parts.values(), weights))
+        lam = r * np.trace(ata) / f
+        return b0 + np.linalg.solve(ata + lam * np.eye(f), aty - ata @ b0)
+
+    mom = lambda a, y: fit.Moments(torch.tensor(a.T @ a), torch.tensor(a.T @ y), float((y * y).sum()), len(a))  # noqa: E731
+    lm = fit.LayerMoments.__new__(fit.LayerMoments)
+    lm.layer_map = [[0]]
+    lm.fit = [{n: mom(*p) for n, p in parts.items()}]
+    lm.held = [{n: mom(*p) for n, p in held.items()}]
+    d0 = [torch.tensor(b0.T, dtype=torch.float32)]
+    want = {"domains": closed_form([1 / float((y * y).sum()) for _, y in parts.values()]),
+            "tokens": closed_form([1.0, 1.0])}
+    assert np.abs(want["domains"] - want["tokens"]).max() > 0.1  # the weighting changes the solution
+    for how, expect in want.items():
+        downs, rows = fit.solve_down(lm, d0, r, "documents", weighting=how)
+        assert rows[0].kept == "fit" and rows[0].score["weighting"] == how
+        assert np.allclose(downs[0].double().T.numpy(), expect, atol=1e-4, rtol=1e-4)
+        # what decided "fit" over the consolidation: the held-out error weighted the same way
+        rels = [np.linalg.norm(ah @ expect - yh) / np.linalg.norm(yh) for ah, yh in held.values()]
+        if how == "domains":
+            assert rows[0].score["held_out"]["fit"] == pytest.approx(math.sqrt(np.mean(np.square(rels))), rel=1e-4)
+        else:
+            e = sum(np.linalg.norm(ah @ expect - yh) ** 2 for ah, yh in held.values())
+            assert rows[0].score["held_out"]["fit"] == pytest.approx(
+                math.sqrt(e / sum(np.linalg.norm(yh) ** 2 for _, yh in held.values())), rel=1e-4)
+
+
+def test_graft_fit_weighting_domains_solves_the_domain_weighted_ridge_and_records_it(moe, tmp_path, cli):
+    """Through the CLI (narrower target, `merge` map, fixed ridge): each fitted down projection is the ridge
+    solution on this file's own captures with each domain's rows scaled by 1 / ||Y_domain||."""
+    src, model, texts = moe
+    tok = tf.AutoTokenizer.from_pretrained(str(src))
+    sel = _selection(tmp_path / "sel.json", src, [0, 2, 4], [0.5, 0.3, 0.2])
+    common = ["-t", "2L,d24,f12", "--selection", sel, "--layer-map", "merge", "--dtype", "float32"]
+    base, fitted = tmp_path / "base", tmp_path / "fit"
+    assert cli("graft", src, *common, "-o", base)[0] == 0
+    code, _, err = cli("graft", src, *common, "--fit", "down", "--seq-len", "128", "--ridge", "0.05",
+                       "--fit-weighting", "domains",
+                       *[x for n, p in texts.items() for x in ("--calibration", f"{n}={p}")], "-o", fitted)
+    assert code == 0, err
+    rec = provenance_of(fitted)
+    assert rec["params"]["fit"]["fit_weighting"] == "domains"
+    ri = torch.tensor(rec["residual_index"])
+    b, f = student_ffns(base, 2), student_ffns(fitted, 2)
+    rows = rec["params"]["fit"]["layers"]
+    for t, group in enumerate(rec["layer_map"]):
+        g, u, d0 = (m.double() for m in b[t])
+        aw, yw, pooled_a, pooled_y = [], [], [], []
+        for n in texts:
+            x, y = pairs(model, tok, {n: texts[n]}, "fit", group, ri)
+            a = act(x, g, u)
+            aw.append(a / y.norm())
+            yw.append(y / y.norm())
+            pooled_a.append(a)
+            pooled_y.append(y)
+        want = ridge_toward(torch.cat(aw), torch.cat(yw), d0.T, 0.05)
+        unweighted = ridge_toward(torch.cat(pooled_a), torch.cat(pooled_y), d0.T, 0.05)
+        assert (want - unweighted).abs().max() > 1e-3  # the weighting matters on these domains
+        if rows[t]["kept"] == "fit":
+            assert torch.allclose(f[t][2].double(), want.T, atol=1e-4, rtol=1e-3)
+    assert any(r["kept"] == "fit" for r in rows)

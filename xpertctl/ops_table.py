@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FITS, LAYER_MAPS, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -461,7 +461,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -471,6 +471,7 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   align_neurons=align, align_sweeps=align_sweeps, weighting=weighting, no_tucker=no_tucker,
                   layer_map_how=layer_map, combine=combine, rescale=rescale, shared=shared, fit=fit, calibration=calibration,
                   calibration_tokens=calibration_tokens, ridge=ridge, holdout=holdout, ridge_select=ridge_select,
+                  fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                   ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
@@ -654,6 +655,9 @@ COMMANDS: tuple[Command, ...] = (
                 opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "
                     "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
                     "documents (documents: best on text like it), or their mean (both).", choices=RIDGE_SELECTS),
+                opt("fit_weighting", "tokens", "With --fit: how calibration domains weigh in the down fit: tokens "
+                    "(pooled, a domain with larger block outputs weighs more) or domains (each domain's relative "
+                    "error counts equally).", choices=FIT_WEIGHTINGS),
                 opt("fit_steps", 500, "With --fit ffn: at most this many Adam steps per layer (1024 tokens each).", range=POSITIVE),
                 replace(TEXT_FIELD, help=f"With --fit: {TEXT_FIELD.help[0].lower()}{TEXT_FIELD.help[1:]}"),
                 flag("stream_layers", "With --fit: run the source one decoder layer at a time (models larger than "

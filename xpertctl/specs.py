@@ -17,6 +17,7 @@ SHARED = ("none", "concat")  # reshape/graft: drop the shared experts, or append
 WEIGHTINGS = ("joint", "per-matrix")  # decompose: one expert-mode factor per layer, or one per matrix
 FITS = ("none", "down", "ffn")  # graft: data-aware fit of the down projections, or of the whole FFN
 RIDGE_SELECTS = ("domains", "documents", "both")  # graft --fit: what the ridge is chosen on (ops/fit.py)
+FIT_WEIGHTINGS = ("tokens", "domains")  # graft --fit: how calibration domains weigh in the down fit (ops/fit.py)
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
 FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms

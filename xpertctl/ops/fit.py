@@ -14,7 +14,8 @@ barely excites keep the consolidation's weights instead of being extrapolated (t
 that was worse than a zero FFN on unseen text; see README). lam = r * trace(A^T A) / f for r on a
 grid, chosen per layer on the held-out documents; one eigendecomposition per layer serves the grid,
 and held-out errors come exactly from held-out moments, so no token is kept in memory. A layer whose
-held-out error does not beat the consolidation's keeps the consolidation.
+held-out error does not beat the consolidation's keeps the consolidation. The calibration domains
+are pooled as captured, or (`weighting="domains"`) each scaled to unit ||Y||^2 (see weighted).
 
 `ffn`: gate, up and down of each target layer, from the validated down fit, optimized with Adam on
 the captured (x, y) pairs (cached on disk, read in minibatches), stopped at the best held-out error.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from ..console import err, notice
 from ..errors import XpertError
 from ..io.checkpoint import Checkpoint
+from ..specs import FIT_WEIGHTINGS as WEIGHTINGS  # how calibration domains weigh in the down fit (see weighted)
 from ..specs import RIDGE_SELECTS as SELECTS  # what the ridge is chosen on (see scores)
 from . import capture
 
@@ -81,6 +83,9 @@ class Moments:
         self.yty += float((y * y).sum())
         self.tokens += a.shape[0]
 
+    def scaled(self, c: float) -> "Moments":
+        return Moments(self.ata * c, self.aty * c, self.yty * c, self.tokens)
+
     def rel_error(self, b: torch.Tensor) -> float:
         """||A B - Y|| / ||Y|| from the moments alone (b = D^T [f, d])."""
         if self.yty <= 0:
@@ -118,6 +123,16 @@ class LayerMoments:
 def pooled(parts: list[Moments]) -> Moments:
     return Moments(sum(m.ata for m in parts), sum(m.aty for m in parts), sum(m.yty for m in parts),
                    sum(m.tokens for m in parts))
+
+
+def weighted(parts: dict[str, Moments], how: str) -> dict[str, Moments]:
+    """`tokens`: as captured (a domain weighs by its tokens and its output energy). `domains`: each domain
+    scaled to unit ||Y||^2, so the fit minimizes the sum of the domains' squared relative errors, the
+    measure fidelity reports per domain (pooled, domains whose block outputs are larger dominated: 5x
+    apart per token in one layer of the committed teacher; bench/RESULTS.md)."""
+    if how == "tokens":
+        return parts
+    return {n: m.scaled(1.0 / m.yty) if m.yty > 0 else m for n, m in parts.items()}
 
 
 def ridge_path(m: Moments, b0: torch.Tensor, ridges) -> list[torch.Tensor]:
@@ -179,8 +194,9 @@ def scores(fit: dict[str, Moments], held: dict[str, Moments], b0: torch.Tensor, 
 
 
 def solve_down(lm: LayerMoments, downs0: list[torch.Tensor], ridge: float | None,
-               select: str = "domains") -> tuple[list[torch.Tensor], list[LayerFit]]:
-    """Per target layer: the down projection [d, f] (fitted, or the consolidation) and what was measured."""
+               select: str = "domains", weighting: str = "tokens") -> tuple[list[torch.Tensor], list[LayerFit]]:
+    """Per target layer: the down projection [d, f] (fitted, or the consolidation) and what was measured
+    (the reported errors are pooled over tokens whatever the weighting; the decisions use the weighting)."""
     downs, report = [], []
     for t, d0 in enumerate(downs0):
         fm, hm = pooled(list(lm.fit[t].values())), pooled(list(lm.held[t].values()))
@@ -188,18 +204,20 @@ def solve_down(lm: LayerMoments, downs0: list[torch.Tensor], ridge: float | None
             raise XpertError(f"--fit: target layer {t} saw no calibration tokens")
         b0 = d0.T.double()
         grid = RIDGES if ridge is None else (ridge,)
-        cands, score, held = scores(lm.fit[t], lm.held[t], b0, grid, select)
+        fw, hw = weighted(lm.fit[t], weighting), weighted(lm.held[t], weighting)
+        cands, score, held = scores(fw, hw, b0, grid, select)
         k = int(np.nanargmin(score))
-        base_score = scores(lm.fit[t], lm.held[t], b0, (float("inf"),), select)[1][0]
-        base_held = hm.rel_error(b0)
+        base_score = scores(fw, hw, b0, (float("inf"),), select)[1][0]
+        base_held = pooled(list(hw.values())).rel_error(b0)
         better = score[k] < base_score and held[k] < base_held
         b = cands[k] if better else b0
         row = LayerFit(t, list(lm.layer_map[t]), grid[k] if better else None, "fit" if better else "consolidation",
                        {"consolidation": fm.rel_error(b0), "fit": fm.rel_error(cands[k])},
-                       {"consolidation": base_held, "fit": held[k]},
+                       {"consolidation": hm.rel_error(b0), "fit": hm.rel_error(cands[k])},
                        {n: {"consolidation": m.rel_error(b0), "fit": m.rel_error(cands[k])} for n, m in lm.held[t].items()},
                        {"fit": fm.tokens, "held_out": hm.tokens})
-        row.score = {"how": select, "consolidation": base_score, "fit": score[k]}
+        row.score = {"how": select, "weighting": weighting, "consolidation": base_score, "fit": score[k],
+                     "held_out": {"consolidation": base_held, "fit": held[k]}}  # as weighted: what decided
         if not better:
             notice(f"--fit: target layer {t}: the fit's held-out error {held[k]:.3f} (score {score[k]:.3f}) does not "
                    f"beat the consolidation's {base_held:.3f} ({base_score:.3f}); the layer keeps the consolidation")
@@ -307,7 +325,7 @@ def fit(ck: Checkpoint, model, tokenizer, docs: dict[str, list[str]], adapted: d
         meta: dict, *, method: str = "down", ridge: float | None = None, holdout: float = HOLDOUT,
         seq_len: int, batch_size: int = 8, max_tokens: int | None = None, device: str = "cpu",
         stream_tokens: int | None = None, steps: int = 500, lr: float = 1e-3, seed: int = 0,
-        select: str = "domains", cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        select: str = "domains", weighting: str = "tokens", cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The adapted FFNs with fitted layers, and per target layer what was chosen and measured."""
     if ridge is not None and ridge < 0:
         raise XpertError(f"--ridge {ridge}: must be >= 0")
@@ -332,7 +350,8 @@ def fit(ck: Checkpoint, model, tokenizer, docs: dict[str, list[str]], adapted: d
         finally:
             if cache is not None:
                 cache.close()
-        downs, report = solve_down(lm, [adapted[f"layers.{t}.down_proj"].float() for t in range(n)], ridge, select)
+        downs, report = solve_down(lm, [adapted[f"layers.{t}.down_proj"].float() for t in range(n)], ridge, select,
+                                   weighting)
         out = dict(adapted)
         for t, d in enumerate(downs):
             out[f"layers.{t}.down_proj"] = d

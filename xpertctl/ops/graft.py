@@ -228,7 +228,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = True, align_sweeps: int = 0, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
         combine: str = "usage", rescale: str = "routed", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
-        calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_steps: int = 500,
+        calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_weighting: str = "tokens", fit_steps: int = 500,
         text_field: str = "text",
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
@@ -241,7 +241,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if fit != "none" and ffn_init == "scratch":
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
-    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select, text_field)
+    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select, fit_weighting,
+                           text_field)
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     decompose.check_sweeps(align_sweeps, align_neurons)
@@ -342,7 +343,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     fit_rec = None
     if fit != "none":
         adapted, fit_rec = _fit(ck, adapted, meta, fit, calibration, cal_paths, calibration_tokens=calibration_tokens,
-                                ridge=ridge, holdout=holdout, select=ridge_select, steps=fit_steps, stream_layers=stream_layers,
+                                ridge=ridge, holdout=holdout, select=ridge_select, weighting=fit_weighting, steps=fit_steps, stream_layers=stream_layers,
                                 seq_len=seq_len, device=device, text_field=text_field,
                                 cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
         in_fps += fit_rec["inputs"]
@@ -397,7 +398,8 @@ def _refuse_one_shot_options(src: Path, **given) -> None:
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tokens: int | None,
-               holdout: float = 0.1, steps: int = 500, select: str = "domains", text_field: str = "text") -> dict:
+               holdout: float = 0.1, steps: int = 500, select: str = "domains", weighting: str = "tokens",
+               text_field: str = "text") -> dict:
     """Validate the data-aware fit options up front; the calibration paths."""
     from .. import data
     from ..specs import FITS
@@ -423,6 +425,9 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
     from .fit import SELECTS
     if select not in SELECTS:
         raise XpertError(f"--ridge-select {select!r}: choose one of {', '.join(SELECTS)}")
+    from .fit import WEIGHTINGS
+    if weighting not in WEIGHTINGS:
+        raise XpertError(f"--fit-weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     paths = data.parse_domains(calibration)
     from .fit import split_documents
     split_documents({n: data.domain_documents(data.DomainText(p, 0, text_field), tokens) for n, p in paths.items()},
@@ -431,8 +436,9 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
 
 
 def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: list[str], cal_paths: dict, *,
-         calibration_tokens: int | None, ridge: float | None, holdout: float, select: str, steps: int,
-         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None, text_field: str = "text"):
+         calibration_tokens: int | None, ridge: float | None, holdout: float, select: str, weighting: str, steps: int,
+         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None,
+         text_field: str = "text"):
     """Fit each target layer's FFN to the source blocks, validated on held-out documents (ops/fit.py).
     The fitted FFN depends on the calibration text only, not on --seed (which seeds the fresh weights)."""
     from .. import data
@@ -442,14 +448,15 @@ def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: li
     adapted, rows = fit_op.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, method=method,
                                ridge=ridge, holdout=holdout, seq_len=runner.seq_len, max_tokens=calibration_tokens,
                                device=device, stream_tokens=65536 if stream_layers else None, steps=steps,
-                               select=select, cache_dir=cache_dir)
+                               select=select, weighting=weighting, cache_dir=cache_dir)
     notes = [f"--fit {method}: target layer {r['target']} keeps the consolidation (held-out rel_error "
-             f"{r['held_out']['consolidation']:.3f}; the fit's {r['held_out']['fit']:.3f} does not beat it)"
+             f"{r['score']['held_out']['consolidation']:.3f}; the fit's {r['score']['held_out']['fit']:.3f} does not beat it"
+             f"{', domains weighted equally' if r['score']['weighting'] == 'domains' else ''})"
              for r in rows if r["kept"] == "consolidation"]
     rec = {"inputs": [provenance.fingerprint(p) for p in cal_paths.values()], "notes": notes,
            "params": {"method": method, "ridge": ridge if ridge is not None else "chosen on held-out documents",
                       "ridge_grid": list(fit_op.RIDGES) if ridge is None else None, "holdout": holdout,
-                      "ridge_select": select if ridge is None else None, "steps": steps if method == "ffn" else None,
+                      "ridge_select": select if ridge is None else None, "fit_weighting": weighting, "steps": steps if method == "ffn" else None,
                       "calibration": {n: str(p) for n, p in cal_paths.items()},
                       "calibration_tokens": calibration_tokens, "text_field": text_field,
                       "sample": {"seed": 0, "how": data.sampling(runner.docs, calibration_tokens)}
