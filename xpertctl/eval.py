@@ -335,8 +335,8 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
     if not parsed:
         raise XpertError("give at least one --task")
     check_device(device)
-    if out is not None:
-        check_output(out, force, [Path(ckpt)])
+    if out is not None:  # the task files are inputs too: never written onto or into
+        check_output(out, force, [Path(ckpt), *(Path(a) for k, a in parsed if k != "lmeval")])
     ppl = [check_ppl_path(arg) for kind, arg in parsed if kind == "ppl"]  # before the model loads
     if text_field != "text" and not any(_is_text(p) for p in ppl):
         raise XpertError(f"--text-field {text_field}: names the field of ppl:PATH text (.jsonl, .parquet, .arrow); "
