@@ -36,6 +36,13 @@ def corpus_files(path: Path) -> tuple[list[Path], list[Path]]:
         if kind_of(path) is None:
             raise XpertError(f"{path}: unknown corpus file type {path.suffix or '(none)'!r} (use {', '.join(KINDS)})")
         return [path], []
+    if (path / "dataset_dict.json").is_file():  # one directory per split: never merge them silently
+        try:
+            splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+        except (ValueError, KeyError, TypeError):
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise XpertError(f"{path}: a datasets DatasetDict (splits: {', '.join(sorted(splits)) or 'none'}); pass one "
+                         f"split's directory, e.g. {path / (splits[0] if splits else 'train')}")
     found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     files = [p for p in found if kind_of(p) is not None]
