@@ -82,6 +82,16 @@ def test_directory_names_the_files_it_skips(tmp_path, capsys):
     assert "skipped 1 file" in err and "notes.md" in err
 
 
+
+def test_a_directory_without_corpus_files_names_what_it_holds(tmp_path):
+    """The error lists the files it found (it listed only the accepted types), so a .csv is seen as the cause."""
+    (tmp_path / "a.csv").write_text("text\none\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("# two")
+    with pytest.raises(XpertError, match=r"no corpus files in the directory.*\.txt.*it holds: a\.csv, sub/b\.md$"):
+        list(documents.iter_documents(tmp_path))
+
+
 # ---- tokenize --------------------------------------------------------------------------------------
 
 def _reference_bins(tok, docs, val_pct, test_pct):

@@ -48,7 +48,9 @@ def corpus_files(path: Path) -> tuple[list[Path], list[Path]]:
     files = [p for p in found if kind_of(p) is not None]
     skipped = [p for p in found if kind_of(p) is None and p.name not in DATASETS_META]
     if not files:
-        raise XpertError(f"{path}: no corpus files in the directory ({', '.join(KINDS)})")
+        held = ", ".join(str(p.relative_to(path)) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        raise XpertError(f"{path}: no corpus files in the directory ({', '.join(KINDS)})"
+                         + (f"; it holds: {held}" if held else ""))
     return files, skipped
 
 
