@@ -372,6 +372,30 @@ def _stats_tensors(path):
     return load_file(str(path))
 
 
+
+@pytest.mark.parametrize("cmd", ["tokenize", "stats", "fidelity", "graft"])
+def test_text_field_on_plain_text_only_is_refused_not_ignored(fx, tmp_path, cli, cmd):
+    """--text-field names a field of .jsonl/.parquet/.arrow records; given with .txt domains only it did
+    nothing, silently (eval ppl: already refused it). One line, before any model runs, nothing written."""
+    t = tmp_path / "in"
+    t.mkdir()
+    (t / "a.txt").write_text("\n\n".join(_docs(30, seed=21)))
+    (t / "d").mkdir()
+    (t / "d" / "b.txt").write_text("\n\n".join(_docs(30, seed=22)))
+    dom = ["-d", f"a={t / 'a.txt'}", "-d", f"b={t / 'd'}"]
+    out = tmp_path / "out"
+    if cmd == "fidelity":
+        assert cli("graft", fx / "olmoe", "-t", "2L", "-o", tmp_path / "student")[0] == 0
+    argv = {"tokenize": ["tokenize", "--tokenizer", fx / "llama", *dom, "-o", out],
+            "stats": ["stats", fx / "olmoe", *dom, "-o", out],
+            "fidelity": ["fidelity", fx / "olmoe", tmp_path / "student", *dom, "-o", out],
+            "graft": ["graft", fx / "olmoe", "-t", "2L", "--fit", "down", "--calibration", f"a={t / 'a.txt'}",
+                      "--calibration", f"b={t / 'd'}", "-o", out]}[cmd]
+    code, so, err = cli(*argv, "--text-field", "body")
+    assert_user_error(code, err, "--text-field body", ".txt")
+    assert so == "" and not out.exists()
+
+
 @pytest.mark.parametrize("cap", [None, "large"], ids=["whole", "sampled-large"])
 def test_stats_text_field_counts_equal_the_same_documents_under_text(fx, tmp_path, cli, monkeypatch, cap):
     """The same documents under "body" (--text-field body) give the counts they give under "text", whole

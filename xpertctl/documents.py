@@ -75,6 +75,17 @@ def check_text_field(files: list[Path], text_field: str) -> None:
             next(_arrow(f, text_field, schema_only=True), None)
 
 
+def check_field_applies(paths, text_field: str) -> None:
+    """A --text-field other than the default must name a field some input has: with plain text only (.txt
+    has no fields) it would change nothing, silently. Paths that do not exist yet are left to their own check."""
+    if text_field == "text":
+        return
+    paths = [Path(p) for p in paths if Path(p).exists()]
+    if paths and not any(kind_of(f) != ".txt" for p in paths for f in corpus_files(p)[0]):
+        raise XpertError(f"--text-field {text_field}: names the field of .jsonl/.parquet/.arrow records; "
+                         f"{', '.join(map(str, paths))}: plain .txt only (no fields): drop --text-field")
+
+
 def iter_documents(path: Path, text_field: str = "text", *, quiet: bool = False) -> Iterator[str]:
     """Every document of a corpus file or directory, in order."""
     path = Path(path)
