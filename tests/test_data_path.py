@@ -12,6 +12,7 @@ from conftest import assert_user_error
 from xpertctl import data, documents
 from xpertctl import eval as ev
 from xpertctl import train as tr
+from xpertctl.errors import XpertError
 
 SUBJECTS = ["the law shall apply to every licence holder", "in the beginning god created the heaven",
             "def main ( ) : return 0", "a noun is a word that names a thing", "the man page lists options",
@@ -79,6 +80,16 @@ def test_directory_names_the_files_it_skips(tmp_path, capsys):
     assert list(documents.iter_documents(tmp_path)) == ["one", "two"]
     err = capsys.readouterr().err
     assert "skipped 1 file" in err and "notes.md" in err
+
+
+
+def test_a_directory_without_corpus_files_names_what_it_holds(tmp_path):
+    """The error lists the files it found (it listed only the accepted types), so a .csv is seen as the cause."""
+    (tmp_path / "a.csv").write_text("text\none\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("# two")
+    with pytest.raises(XpertError, match=r"no corpus files in the directory.*\.txt.*it holds: a\.csv, sub/b\.md$"):
+        list(documents.iter_documents(tmp_path))
 
 
 # ---- tokenize --------------------------------------------------------------------------------------
@@ -165,6 +176,37 @@ def test_tokenize_file_of_a_split_corpus_points_to_corpus(fx, tmp_path, cli):
     code, so, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"legal={f}", "-o", tmp_path / "td0",
                         "--val-pct", "0", "--test-pct", "0")
     assert code == 0 and "note" not in err, err
+
+
+
+def test_tokenize_val_file_of_a_split_corpus_points_to_corpus(fx, tmp_path, cli):
+    """A val (or test) file of an already split corpus has no training documents by hash: the error says why
+    and what to pass, as the train file's notice does (it said only 'no training tokens after the split')."""
+    from conftest import ROOT
+    f = ROOT / "fixtures" / "corpus-mini" / "val" / "legal.txt"
+    code, so, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"legal={f}", "-o", tmp_path / "td")
+    assert_user_error(code, err, str(f), "'val' part", "--corpus", "--val-pct 0 --test-pct 0")
+    assert not (tmp_path / "td").exists()
+
+
+def test_a_datasets_dict_dir_is_refused_not_its_splits_merged(fx, tmp_path, cli):
+    """save_to_disk of a DatasetDict holds one directory per split: read as one corpus, eval ppl: scored train
+    and test together and tokenize hash-split them again. It is refused, naming the splits; a split's
+    directory reads as before."""
+    import datasets
+    datasets.disable_progress_bars()  # its bars go to stderr, which the contract reads
+    tr_docs, te_docs = _docs(30, seed=7), _docs(10, seed=8)
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": tr_docs}),
+                          "test": datasets.Dataset.from_dict({"text": te_docs})}).save_to_disk(str(dd))
+    with pytest.raises(XpertError, match="DatasetDict"):
+        list(documents.iter_documents(dd))
+    assert list(documents.iter_documents(dd / "test")) == te_docs
+    for args in (["tokenize", "--tokenizer", fx / "llama", "-d", f"a={dd}", "-o", tmp_path / "td"],
+                 ["eval", fx / "llama", "--task", f"ppl:{dd}", "-o", tmp_path / "r.json"]):
+        code, so, err = cli(*args)
+        assert_user_error(code, err, str(dd), "test, train", str(dd / "train"))
+        assert not (tmp_path / "td").exists() and not (tmp_path / "r.json").exists()
 
 
 # ---- training windows ------------------------------------------------------------------------------
@@ -328,6 +370,30 @@ def _same_docs_two_fields(tmp_path, docs: dict[str, list[str]]):
 def _stats_tensors(path):
     from safetensors.torch import load_file
     return load_file(str(path))
+
+
+
+@pytest.mark.parametrize("cmd", ["tokenize", "stats", "fidelity", "graft"])
+def test_text_field_on_plain_text_only_is_refused_not_ignored(fx, tmp_path, cli, cmd):
+    """--text-field names a field of .jsonl/.parquet/.arrow records; given with .txt domains only it did
+    nothing, silently (eval ppl: already refused it). One line, before any model runs, nothing written."""
+    t = tmp_path / "in"
+    t.mkdir()
+    (t / "a.txt").write_text("\n\n".join(_docs(30, seed=21)))
+    (t / "d").mkdir()
+    (t / "d" / "b.txt").write_text("\n\n".join(_docs(30, seed=22)))
+    dom = ["-d", f"a={t / 'a.txt'}", "-d", f"b={t / 'd'}"]
+    out = tmp_path / "out"
+    if cmd == "fidelity":
+        assert cli("graft", fx / "olmoe", "-t", "2L", "-o", tmp_path / "student")[0] == 0
+    argv = {"tokenize": ["tokenize", "--tokenizer", fx / "llama", *dom, "-o", out],
+            "stats": ["stats", fx / "olmoe", *dom, "-o", out],
+            "fidelity": ["fidelity", fx / "olmoe", tmp_path / "student", *dom, "-o", out],
+            "graft": ["graft", fx / "olmoe", "-t", "2L", "--fit", "down", "--calibration", f"a={t / 'a.txt'}",
+                      "--calibration", f"b={t / 'd'}", "-o", out]}[cmd]
+    code, so, err = cli(*argv, "--text-field", "body")
+    assert_user_error(code, err, "--text-field body", ".txt")
+    assert so == "" and not out.exists()
 
 
 @pytest.mark.parametrize("cap", [None, "large"], ids=["whole", "sampled-large"])

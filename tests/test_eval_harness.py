@@ -188,6 +188,15 @@ def test_lmeval_errors_are_one_line(fx, tmp_path, cli, monkeypatch):
     assert not (tmp_path / "r.json").exists()
 
 
+
+def test_lmeval_task_file_the_harness_cannot_build_is_one_line(fx, tmp_path, cli):
+    """A task YAML without dataset_path made the harness raise a TypeError: a traceback (now one line)."""
+    bad = tmp_path / "xp_bad.yaml"
+    bad.write_text("task: xp_bad\n")
+    code, out, err = cli("eval", fx / "llama", "--task", f"lmeval:{bad}", "-o", tmp_path / "r.json")
+    assert_user_error(code, err, f"lmeval:{bad}", "could not build")
+    assert not (tmp_path / "r.json").exists()
+
 def test_lmeval_without_the_extra_is_one_line(fx, tmp_path, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed
     code, out, err = cli("eval", fx / "llama", "--task", "lmeval:boolq", "-o", tmp_path / "r.json")

@@ -197,3 +197,23 @@ def test_unknown_key_names_message_is_grammatical(tmp_path, cli):
     save_file({"model.layers.0.foo.weight": torch.zeros(2)}, str(p))
     code, out, err = cli("inspect", p)
     assert_user_error(code, err, "w.safetensors", "key names match no supported family")
+
+
+@pytest.mark.parametrize("task,where", [("ppl", "file"), ("ppl", "inside"), ("mc", "file"), ("gen", "file"),
+                                        ("lmeval", "file")])
+def test_eval_never_writes_onto_or_into_its_task_files(fx, cli, tmp_path, task, where):
+    """eval's task paths are inputs like its checkpoint: -o onto a ppl:/mc:/gen: file (even with --force) or
+    inside a ppl: directory is refused, and the task files keep their bytes (eval overwrote them)."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    files = {"ppl": d / "a.txt", "mc": d / "mc.jsonl", "gen": d / "gen.jsonl", "lmeval": d / "task.yaml"}
+    files["lmeval"].write_text("task: mine\n")
+    files["ppl"].write_text("the cat sat on the mat.\n\nthe dog lay on the rug.\n")
+    files["mc"].write_text('{"context": "the cat sat on the", "choices": ["mat", "sky"], "label": 0}\n')
+    files["gen"].write_text('{"instruction": "say mat", "response": "mat"}\n')
+    spec = f"ppl:{d}" if where == "inside" else f"{task}:{files[task]}" + (",boolq" if task == "lmeval" else "")
+    out = d / "r.json" if where == "inside" else files[task]
+    before = _tree(d)
+    code, so, err = cli("eval", fx / "llama", "--task", spec, "--max-new-tokens", "2", "-o", out, "--force")
+    assert_user_error(code, err, str(out), "input")
+    assert so == "" and _tree(d) == before

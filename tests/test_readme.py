@@ -31,3 +31,13 @@ def test_every_option_the_reference_names_exists():
         own = {x for c in cmds for p in c.params for f in p.flags for x in (f, *f.split("/"))}
         for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*|-[a-zA-Z])\b", row):
             assert flag in own or flag in all_flags, f"{name}: README names {flag}, which does not exist"
+
+
+def test_the_bad_input_count_is_the_matrix_size():
+    """'The bad-input matrix (tests/test_bad_inputs.py) holds N such cases': N is its length."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bad_inputs", ROOT / "tests" / "test_bad_inputs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stated = re.search(r"bad-input matrix\s+\(`tests/test_bad_inputs.py`\)\s+holds\s+(\d+)\s+such cases", README)
+    assert stated and int(stated.group(1)) == len(mod.CASES), (stated and stated.group(1), len(mod.CASES))

@@ -298,6 +298,8 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
         raise XpertError("give --corpus or --domain, not both")
     paths = {d: Path(corpus) for d in presplit} if presplit is not None else parse_domains(domains)
     check_output(out, force, list(paths.values()) + [Path(tokenizer_dir)], marker="manifest.json")
+    from .documents import check_field_applies
+    check_field_applies(paths.values(), text_field)
     if not (0 <= val_pct and 0 <= test_pct and val_pct + test_pct < 100):
         raise XpertError(f"--val-pct/--test-pct: {val_pct}+{test_pct} must leave documents for training")
     if workers < 0:

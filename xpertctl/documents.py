@@ -36,12 +36,21 @@ def corpus_files(path: Path) -> tuple[list[Path], list[Path]]:
         if kind_of(path) is None:
             raise XpertError(f"{path}: unknown corpus file type {path.suffix or '(none)'!r} (use {', '.join(KINDS)})")
         return [path], []
+    if (path / "dataset_dict.json").is_file():  # one directory per split: never merge them silently
+        try:
+            splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+        except (ValueError, KeyError, TypeError):
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise XpertError(f"{path}: a datasets DatasetDict (splits: {', '.join(sorted(splits)) or 'none'}); pass one "
+                         f"split's directory, e.g. {path / (splits[0] if splits else 'train')}")
     found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     files = [p for p in found if kind_of(p) is not None]
     skipped = [p for p in found if kind_of(p) is None and p.name not in DATASETS_META]
     if not files:
-        raise XpertError(f"{path}: no corpus files in the directory ({', '.join(KINDS)})")
+        held = ", ".join(str(p.relative_to(path)) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        raise XpertError(f"{path}: no corpus files in the directory ({', '.join(KINDS)})"
+                         + (f"; it holds: {held}" if held else ""))
     return files, skipped
 
 
@@ -64,6 +73,17 @@ def check_text_field(files: list[Path], text_field: str) -> None:
             next(_parquet(f, text_field, schema_only=True), None)
         elif kind == ".arrow":
             next(_arrow(f, text_field, schema_only=True), None)
+
+
+def check_field_applies(paths, text_field: str) -> None:
+    """A --text-field other than the default must name a field some input has: with plain text only (.txt
+    has no fields) it would change nothing, silently. Paths that do not exist yet are left to their own check."""
+    if text_field == "text":
+        return
+    paths = [Path(p) for p in paths if Path(p).exists()]
+    if paths and not any(kind_of(f) != ".txt" for p in paths for f in corpus_files(p)[0]):
+        raise XpertError(f"--text-field {text_field}: names the field of .jsonl/.parquet/.arrow records; "
+                         f"{', '.join(map(str, paths))}: plain .txt only (no fields): drop --text-field")
 
 
 def iter_documents(path: Path, text_field: str = "text", *, quiet: bool = False) -> Iterator[str]:

@@ -335,8 +335,12 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
     if not parsed:
         raise XpertError("give at least one --task")
     check_device(device)
-    if out is not None:
-        check_output(out, force, [Path(ckpt)])
+    for kind, arg in parsed:  # mc:/gen: files checked before the output rule and before the model loads
+        if kind in ("mc", "gen") and not Path(arg).is_file():
+            raise XpertError(f"{arg}: {'is a directory, expected a .jsonl file' if Path(arg).is_dir() else 'no such file'}")
+    if out is not None:  # the task files are inputs too: never written onto or into
+        check_output(out, force, [Path(ckpt), *(Path(a) for k, a in parsed if k != "lmeval"),
+                                  *(Path(t) for k, a in parsed if k == "lmeval" for t in a.split(",") if Path(t).exists())])
     ppl = [check_ppl_path(arg) for kind, arg in parsed if kind == "ppl"]  # before the model loads
     if text_field != "text" and not any(_is_text(p) for p in ppl):
         raise XpertError(f"--text-field {text_field}: names the field of ppl:PATH text (.jsonl, .parquet, .arrow); "

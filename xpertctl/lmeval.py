@@ -92,6 +92,12 @@ def evaluate(model, tok, arg: str, *, device: str = "cpu", batch_size: int = 8, 
     except (OSError, ValueError) as e:  # datasets: ConnectionError / FileNotFoundError / DatasetNotFoundError
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise XpertError(f"--task lmeval:{arg}: dataset not available ({e.__class__.__name__}: {first})") from None
+    except (TypeError, KeyError, AttributeError) as e:
+        if not includes:  # the harness's own tasks: a bug, not the user's input
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # a task file missing a field (e.g. dataset_path)
+        raise XpertError(f"--task lmeval:{arg}: the harness could not build a task from the given file(s) "
+                         f"({e.__class__.__name__}: {first}); check its fields (dataset_path, ...)") from None
     out: dict = {}
     for task, metrics in res["results"].items():
         row = {}

@@ -642,14 +642,14 @@ COMMANDS: tuple[Command, ...] = (
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
                 LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT,
                 opt("fit", "none", "Data-aware fit to the source MoE block's output on --calibration text: none; "
-                    "down (ridge least squares of each down projection, ridge chosen on held-out documents); ffn "
+                    "down (ridge least squares of each down projection, ridge chosen on text not fitted: --ridge-select); ffn "
                     "(gate, up and down optimized from there, stopped at the best held-out error). A layer whose "
                     "held-out error does not beat the consolidation's keeps it.", choices=FITS),
                 opt("calibration", None, "With --fit: NAME=PATH text to run the source on; repeat.", type=str,
                     multiple=True, path=_after("="), check=_check_domain),
                 opt("calibration_tokens", 65536, "With --fit: tokens fitted per calibration domain.", range=POSITIVE),
                 opt("ridge", None, "With --fit: a fixed ridge (relative to the mean activation energy) instead of "
-                    "the one chosen on held-out documents.", type=float, range=NONNEG),
+                    "the one --ridge-select chooses.", type=float, range=NONNEG),
                 opt("holdout", 0.1, "With --fit: share of each domain's documents held out (never fitted) to "
                     "choose the ridge, stop the ffn fit and report held-out fidelity.", range=Range(0, 1, lo_open=True, hi_open=True)),
                 opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "

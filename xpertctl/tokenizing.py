@@ -170,6 +170,12 @@ def tokenize_domain(tmp: Path, name: str, p: Path, parts: dict, enc: Encoder, me
 
 def check_splits(name: str, p: Path, entry: dict, presplit: bool, val_pct: int, test_pct: int) -> None:
     if entry["train"]["tokens"] == 0:
+        root = p.parent.parent
+        if not presplit and p.parent.name in ("val", "test") and all((root / s).is_dir() for s in SPLITS):
+            raise XpertError(f"{p}: no training tokens after the split (domain {name!r}): this file is the "
+                             f"{p.parent.name!r} part of an already split corpus ({root}), whose documents all hash "
+                             f"there; tokenize that corpus with --corpus {root}, or pass --val-pct 0 --test-pct 0 "
+                             "to train on this file")
         raise XpertError(f"{p}: no training tokens after the split (domain {name!r})")
     wanted = {"val": presplit or val_pct > 0, "test": presplit or test_pct > 0}
     empty = [s for s in ("val", "test") if wanted[s] and entry[s]["tokens"] == 0]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..console import err, notice
+from ..documents import check_field_applies
 from ..errors import XpertError
 from ..io import open_checkpoint, provenance
 from ..io.checkpoint import Checkpoint
@@ -307,6 +308,7 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
     ck = open_checkpoint(src).require_moe()
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, Path(student), *paths.values()])
+    check_field_applies(paths.values(), text_field)
     st = load_student(student, ck.hidden, ck)
     rows_per, tokens = measure(ck, [st], domains, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                                batch_size=batch_size, device=device, dtype=dtype, stream_layers=stream_layers,

@@ -429,6 +429,8 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
     if weighting not in WEIGHTINGS:
         raise XpertError(f"--fit-weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     paths = data.parse_domains(calibration)
+    from ..documents import check_field_applies
+    check_field_applies(paths.values(), text_field)
     from .fit import split_documents
     split_documents({n: data.domain_documents(data.DomainText(p, 0, text_field), tokens) for n, p in paths.items()},
                     holdout)  # before the long work

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import data
+from ..documents import check_field_applies
 from ..errors import XpertError
 from ..io import open_checkpoint, provenance, write_safetensors
 from ..io.checkpoint import Checkpoint
@@ -127,6 +128,7 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
     ck = open_checkpoint(src).require_moe()
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, *paths.values()])
+    check_field_applies(paths.values(), text_field)
     if max_tokens is not None and max_tokens <= 0:
         raise XpertError(f"--max-tokens: must be positive, got {max_tokens}")
     if batch_size <= 0:
