@@ -2,7 +2,8 @@
 
 The calibration documents of each domain are split by document: most are fitted, `holdout` of them
 (at least one per domain that has two) are only scored. Every number that decides anything (the
-ridge, whether a fitted layer is kept, when the FFN optimization stops) comes from the held-out part.
+ridge, whether a fitted layer is kept, when the FFN optimization stops) comes from text the fit it
+judges did not see: the held-out documents, or (leave one domain out) a domain left out of the fit.
 
 `down`: gate and up stay as consolidated (they decide which neurons fire); the down projection is
 solved by ridge least squares so that down(act(x)) reproduces the block's output y:
@@ -13,10 +14,10 @@ The ridge pulls toward the consolidation D0, not toward zero: directions of A th
 barely excites keep the consolidation's weights instead of being extrapolated (the cause of the fit
 that was worse than a zero FFN on unseen text; see README). lam = r * trace(A^T A) / f for r on a
 grid, chosen per layer as `select` says (see scores): `domains` (default) leaves each calibration
-domain out in turn and scores it by the fit to the others' fit and held-out documents, `documents`
-scores the pooled held-out documents, `both` the mean of the two; one calibration domain can only
-use `documents` (select_for says so). One eigendecomposition per layer serves the grid, and errors
-come exactly from moments, so no token is kept in memory. A layer whose
+domain out in turn and scores all its documents by the fit to the other domains, `documents` scores
+the pooled held-out documents, `both` the mean of the two; one calibration domain can only use
+`documents` (select_for says so). One eigendecomposition per layer serves the grid, and errors come
+exactly from moments, so no token is kept in memory. A layer whose
 held-out error does not beat the consolidation's keeps the consolidation. The calibration domains
 are pooled as captured, or (`weighting="domains"`) each scaled to unit ||Y||^2 (see weighted).
 
