@@ -333,3 +333,29 @@ def test_graft_fit_weighting_domains_solves_the_domain_weighted_ridge_and_record
         if rows[t]["kept"] == "fit":
             assert torch.allclose(f[t][2].double(), want.T, atol=1e-4, rtol=1e-3)
     assert any(r["kept"] == "fit" for r in rows)
+
+
+@pytest.mark.parametrize("select", ["domains", "both"])
+@pytest.mark.parametrize("domains", [("a",), ("a", "b")])
+def test_ridge_select_records_what_chose_the_ridge_and_says_so_with_one_domain(moe, tmp_path, cli, select, domains):
+    """Leaving a domain out needs two domains: with one, the ridge is chosen on held-out documents, a notice
+    says so, and the provenance records `documents`; with two, what was asked is what is recorded."""
+    src, _, texts = moe
+    sel = _selection(tmp_path / "sel.json", src, [0, 2, 4], [0.5, 0.3, 0.2])
+    code, _, err = cli("graft", src, "-t", "2L,d24,f12", "--selection", sel, "--dtype", "float32", "--fit", "down",
+                       "--seq-len", "128", "--ridge-select", select,
+                       *[x for n in domains for x in ("--calibration", f"{n}={texts[n]}")], "-o", tmp_path / "fit")
+    assert code == 0, err
+    fit = provenance_of(tmp_path / "fit")["params"]["fit"]
+    used = "documents" if len(domains) == 1 else select
+    assert fit["ridge_select"] == used
+    assert all(r["score"]["how"] == used for r in fit["layers"])
+    said = " ".join(err.split())
+    assert ("two or more --calibration domains" in said) == (len(domains) == 1), err
+    assert ("choosing the ridge on held-out documents" in said) == (len(domains) == 1), err
+    how = fit["ridge"]
+    if used == "documents":
+        assert "held-out documents" in how and "domain" not in how, how
+    else:
+        assert "leaving each calibration domain out" in how, how
+        assert ("held-out documents" in how) == (select == "both"), how

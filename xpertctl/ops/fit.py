@@ -2,7 +2,8 @@
 
 The calibration documents of each domain are split by document: most are fitted, `holdout` of them
 (at least one per domain that has two) are only scored. Every number that decides anything (the
-ridge, whether a fitted layer is kept, when the FFN optimization stops) comes from the held-out part.
+ridge, whether a fitted layer is kept, when the FFN optimization stops) comes from text the fit it
+judges did not see: the held-out documents, or (leave one domain out) a domain left out of the fit.
 
 `down`: gate and up stay as consolidated (they decide which neurons fire); the down projection is
 solved by ridge least squares so that down(act(x)) reproduces the block's output y:
@@ -12,8 +13,11 @@ solved by ridge least squares so that down(act(x)) reproduces the block's output
 The ridge pulls toward the consolidation D0, not toward zero: directions of A the calibration text
 barely excites keep the consolidation's weights instead of being extrapolated (the cause of the fit
 that was worse than a zero FFN on unseen text; see README). lam = r * trace(A^T A) / f for r on a
-grid, chosen per layer on the held-out documents; one eigendecomposition per layer serves the grid,
-and held-out errors come exactly from held-out moments, so no token is kept in memory. A layer whose
+grid, chosen per layer as `select` says (see scores): `domains` (default) leaves each calibration
+domain out in turn and scores all its documents by the fit to the other domains, `documents` scores
+the pooled held-out documents, `both` the mean of the two; one calibration domain can only use
+`documents` (select_for says so). One eigendecomposition per layer serves the grid, and errors come
+exactly from moments, so no token is kept in memory. A layer whose
 held-out error does not beat the consolidation's keeps the consolidation. The calibration domains
 are pooled as captured, or (`weighting="domains"`) each scaled to unit ||Y||^2 (see weighted).
 
@@ -41,6 +45,11 @@ from . import capture
 RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # relative to trace(A^T A) / f
 HOLDOUT = 0.1
 HELD = "held out"
+RIDGE_CHOICE = {  # what each `select` chooses the ridge on, as the provenance records it
+    "domains": "chosen per layer by leaving each calibration domain out (scored by the fit to the other domains)",
+    "documents": "chosen per layer on held-out documents of the calibration text",
+    "both": "chosen per layer on the mean of leaving each calibration domain out and held-out documents",
+}
 
 
 def act(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -177,7 +186,7 @@ def scores(fit: dict[str, Moments], held: dict[str, Moments], b0: torch.Tensor, 
     each domain scored by the fit to the other domains (leave one domain out), averaged: text of a kind
     no calibration document is, which is what a student trained on other text meets (a fit chosen on
     held-out documents alone was worse than a zero FFN on such text). `both`: the mean of the two.
-    One calibration domain: `documents`."""
+    One calibration domain: `documents` (select_for says so before the long work)."""
     allm, hm = pooled(list(fit.values())), pooled(list(held.values()))
     cands = ridge_path(allm, b0, grid)
     held_err = [hm.rel_error(b) for b in cands]
@@ -191,6 +200,17 @@ def scores(fit: dict[str, Moments], held: dict[str, Moments], b0: torch.Tensor, 
     lodo_mean = [float(np.mean(c)) for c in zip(*lodo)]
     score = lodo_mean if select == "domains" else [(h + l) / 2 for h, l in zip(held_err, lodo_mean)]
     return cands, score, held_err
+
+
+def select_for(select: str, domains: int, ridge: float | None) -> str:
+    """The `select` that can be used: leaving a domain out needs two or more domains; with one, the
+    held-out documents choose (said on stderr when a ridge is to be chosen, recorded either way)."""
+    if select == "documents" or domains >= 2:
+        return select
+    if ridge is None:
+        notice(f"--ridge-select {select} needs two or more --calibration domains; choosing the ridge on "
+               "held-out documents")
+    return "documents"
 
 
 def solve_down(lm: LayerMoments, downs0: list[torch.Tensor], ridge: float | None,

@@ -445,6 +445,7 @@ def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: li
     The fitted FFN depends on the calibration text only, not on --seed (which seeds the fresh weights)."""
     from .. import data
     from . import capture, fit as fit_op
+    select = fit_op.select_for(select, len(cal_paths), ridge)  # before the long work
     runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device, stream_layers=stream_layers,
                              sample_seed=0 if calibration_tokens is not None else None, text_field=text_field)
     adapted, rows = fit_op.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, method=method,
@@ -456,7 +457,7 @@ def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: li
              f"{', domains weighted equally' if r['score']['weighting'] == 'domains' else ''})"
              for r in rows if r["kept"] == "consolidation"]
     rec = {"inputs": [provenance.fingerprint(p) for p in cal_paths.values()], "notes": notes,
-           "params": {"method": method, "ridge": ridge if ridge is not None else "chosen on held-out documents",
+           "params": {"method": method, "ridge": ridge if ridge is not None else fit_op.RIDGE_CHOICE[select],
                       "ridge_grid": list(fit_op.RIDGES) if ridge is None else None, "holdout": holdout,
                       "ridge_select": select if ridge is None else None, "fit_weighting": weighting, "steps": steps if method == "ffn" else None,
                       "calibration": {n: str(p) for n, p in cal_paths.items()},
