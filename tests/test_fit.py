@@ -99,17 +99,24 @@ def rel(a, b, y):
     return float((a @ b - y).norm() / y.norm())
 
 
-@pytest.mark.parametrize("ridge", ["0.05", None])
-def test_fit_down_is_the_ridge_solution_on_fit_documents_chosen_on_held_out(moe, tmp_path, cli, ridge):
-    """Narrower target (residual index), `merge` map (pooled source layers), ridge > 0 fixed or chosen on
-    held-out documents: each down projection equals the closed form computed here from this file's own
-    captures, and the recorded held-out errors are the ones computed here."""
+def _merged_narrow_graft(moe, tmp_path, cli):
+    """The consolidation both CLI fit tests start from: a narrower 2-layer target (residual index) with the
+    `merge` map (pooled source layers); returns what they need to write the fit's closed form themselves."""
     src, model, texts = moe
     tok = tf.AutoTokenizer.from_pretrained(str(src))
     sel = _selection(tmp_path / "sel.json", src, [0, 2, 4], [0.5, 0.3, 0.2])
     common = ["-t", "2L,d24,f12", "--selection", sel, "--layer-map", "merge", "--dtype", "float32"]
     base, fitted = tmp_path / "base", tmp_path / "fit"
     assert cli("graft", src, *common, "-o", base)[0] == 0
+    return src, model, texts, tok, common, base, fitted
+
+
+@pytest.mark.parametrize("ridge", ["0.05", None])
+def test_fit_down_is_the_ridge_solution_on_fit_documents_chosen_on_held_out(moe, tmp_path, cli, ridge):
+    """Narrower target (residual index), `merge` map (pooled source layers), ridge > 0 fixed or chosen on
+    held-out documents: each down projection equals the closed form computed here from this file's own
+    captures, and the recorded held-out errors are the ones computed here."""
+    src, model, texts, tok, common, base, fitted = _merged_narrow_graft(moe, tmp_path, cli)
     args = ["--fit", "down", "--seq-len", "128", "--ridge-select", "documents",
             *[x for n, p in texts.items() for x in ("--calibration", f"{n}={p}")]]
     if ridge is not None:
@@ -302,12 +309,7 @@ def test_fit_weighting_domains_gives_each_domain_equal_weight_in_the_ridge_solut
 def test_graft_fit_weighting_domains_solves_the_domain_weighted_ridge_and_records_it(moe, tmp_path, cli):
     """Through the CLI (narrower target, `merge` map, fixed ridge): each fitted down projection is the ridge
     solution on this file's own captures with each domain's rows scaled by 1 / ||Y_domain||."""
-    src, model, texts = moe
-    tok = tf.AutoTokenizer.from_pretrained(str(src))
-    sel = _selection(tmp_path / "sel.json", src, [0, 2, 4], [0.5, 0.3, 0.2])
-    common = ["-t", "2L,d24,f12", "--selection", sel, "--layer-map", "merge", "--dtype", "float32"]
-    base, fitted = tmp_path / "base", tmp_path / "fit"
-    assert cli("graft", src, *common, "-o", base)[0] == 0
+    src, model, texts, tok, common, base, fitted = _merged_narrow_graft(moe, tmp_path, cli)
     code, _, err = cli("graft", src, *common, "--fit", "down", "--seq-len", "128", "--ridge", "0.05",
                        "--fit-weighting", "domains",
                        *[x for n, p in texts.items() for x in ("--calibration", f"{n}={p}")], "-o", fitted)
