@@ -247,3 +247,28 @@ def test_a_step_records_its_own_command(recipe, tmp_path):
     assert sys.argv == before
     rec = json.loads((tmp_path / "w" / "sel-low.json").read_text())["xpertctl"]
     assert rec["command"].startswith("xpertctl select ") and "--criterion low" in rec["command"]
+
+
+def test_a_changed_default_reruns_the_steps_that_use_it(tmp_path, capsys):
+    """A step that leaves an option at its default depends on that default: when a new release changes
+    it (as --rescale's did), the finished step is not current any more and runs again; a step that
+    gives the option itself stays done."""
+    from dataclasses import replace
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+    r = _write(tmp_path, {"name": "t", "steps": [
+        {"id": "by-default", "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "d.json")}},
+        {"id": "given", "op": "select", "args": {"stats_file": str(stats), "criterion": "min",
+                                                  "out": str(tmp_path / "g.json")}}]})
+    _run(r)
+    first = json.loads((tmp_path / "d.json").read_text())
+    capsys.readouterr()
+    sel = TABLE["select"]
+    assert sel.param("criterion").default == "min"
+    changed = dict(TABLE, select=replace(sel, params=tuple(
+        replace(p, default="low") if p.name == "criterion" else p for p in sel.params)))
+    rc.run(r, table=changed)
+    err = capsys.readouterr().err
+    assert "by-default: run" in err and "given: skip" in err, err
+    assert json.loads((tmp_path / "d.json").read_text())["layers"] != first["layers"]
+    rc.run(r, table=changed)
+    assert "by-default: skip" in capsys.readouterr().err

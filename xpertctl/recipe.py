@@ -256,7 +256,7 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
     """What makes a finished step current: its op, command line and the fingerprint of every input the
     table declares, whatever the path looks like (`data`, `a=corpus/x.txt`, `ppl:data`; keyed by the
     argument as written, as records always were), and of every file an input glob (report's --results)
-    matches now."""
+    matches now; and the value of every option it leaves at its default."""
     inputs = {}
     for key, v in args.items():
         p = cmd.param(key)
@@ -272,7 +272,10 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
                 fp = fingerprint(path)
                 if fp:
                     inputs[name] = fp
-    return {"op": cmd.name, "argv": argv, "inputs": inputs}
+    # the defaults the step relies on: a release that changes one (as --rescale's did) makes the step stale
+    defaults = {p.name: p.default if isinstance(p.default, (type(None), bool, int, float, str)) else str(p.default)
+                for p in cmd.params if p.name not in args and not p.required}
+    return {"op": cmd.name, "argv": argv, "inputs": inputs, "defaults": defaults}
 
 
 def _started(out: str, rec: dict) -> bool:
