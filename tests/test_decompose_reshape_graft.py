@@ -541,3 +541,26 @@ def test_shared_concat_step_by_step_equals_one_shot(fx, tmp_path, cli):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "-o", tmp_path / "g3")  # --shared none says so
     assert code == 0 and "shared experts" in err and "--shared concat" in err
+
+
+def test_scratch_graft_card_records_no_consolidation_options(fx, tmp_path, cli):
+    """A scratch baseline's FFNs are fresh: the selection, ranks, combine and rescale were never applied, and
+    its card must not say they were (it recorded graft's defaults: criterion, rescale 'routed', ...)."""
+    src = fx / "olmoe"
+    ck = open_checkpoint(src)
+    sel = _selection(tmp_path, ck, [6, 1])
+    code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "--ffn-init", "scratch", "--combine", "uniform",
+                       "--rescale", "selected", "-o", tmp_path / "s")
+    assert code == 0, err
+    p = _card_params(tmp_path / "s")
+    assert p["ffn_init"] == "scratch"
+    for k in ("criterion", "per_layer", "ranks", "align", "weighting", "combine", "rescale", "width_select", "shared",
+              "align_sweeps"):
+        assert p[k] is None, (k, p[k])
+    assert p["layer_map"] == "uniform"  # still decides which source layer an --inherit'ed weight comes from
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert "| selection | not used" in card
+    # the xpert graft of the same command records them as applied
+    code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "--combine", "uniform", "-o", tmp_path / "x")
+    assert code == 0, err
+    assert (_card_params(tmp_path / "x")["combine"], _card_params(tmp_path / "x")["criterion"]) == ("uniform", "test")

@@ -340,6 +340,11 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
+    if ffn_init == "scratch":  # fresh FFNs: no selection, consolidation or rescale was applied (layer_map still
+        # decides where an --inherit'ed weight comes from)
+        applied = {k: (v if k == "layer_map" else None) for k, v in applied.items()}
+        sel_summary, align_sweeps = "not used (fresh FFNs)", None
+        meta = dict(meta, notes=[])
     fit_rec = None
     if fit != "none":
         adapted, fit_rec = _fit(ck, adapted, meta, fit, calibration, cal_paths, calibration_tokens=calibration_tokens,
@@ -365,7 +370,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not has_tokenizer(files):
         notice(f"{out} gets no tokenizer (none beside {ck.path}); pass --tokenizer DIR to include one")
     path = write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
-    if not is_adapted:
+    if not is_adapted and ffn_init != "scratch":
         reshape.unscaled_notice(meta)
     return path
 
