@@ -416,3 +416,26 @@ def test_an_empty_grid_list_expands_a_step_to_none(tmp_path, cli):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
     code, _, err = cli("run", tmp_path / "r.yaml", "--dry-run")
     assert_user_error(code, err, "grid.s must be a list")
+
+
+def test_budget_reading_names_the_sign_at_the_largest_budget():
+    """An arm that beats scratch at 1x and ends worse at 16x (interval excluding zero) is said to end worse,
+    not that 'the gap shrinks' and 'its interval still excludes zero' (what the report said of the demo)."""
+    from xpertctl.report_paper import budget_section
+
+    def runs(mult, gaps):
+        out = []
+        for seed in range(4):
+            for arm, gap in (("scratch", 0.0), *gaps.items()):
+                f = 6.0 / mult + gap + 0.01 * seed + (0.002 * seed if arm != "scratch" else 0.0)
+                out.append({"arm": arm, "depth": 3, "seed": seed, "final_val": f, "val": [(120 * mult, f)]})
+        return out
+    text = "\n".join(budget_section([(1, runs(1, {"xpert": -0.3, "kd": -0.1, "fit": -0.2})),
+                                     (16, runs(16, {"xpert": +0.05, "kd": -0.2, "fit": 0.0}))]))
+    xpert = next(l for l in text.splitlines() if l.startswith("- xpert"))
+    assert "better than scratch at 120 steps" in xpert and "worse than scratch at 1920 steps" in xpert
+    assert "reverses" in xpert and "still excludes zero" not in xpert
+    kd = next(l for l in text.splitlines() if l.startswith("- kd"))
+    assert "better than scratch at 1920 steps" in kd and "grows" in kd
+    fit = next(l for l in text.splitlines() if l.startswith("- fit"))
+    assert "indistinguishable from scratch at 1920 steps" in fit and "is gone" in fit

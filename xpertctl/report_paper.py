@@ -62,6 +62,13 @@ def precision(found: list[tuple[str, float, int]], goal: float, unit: str, seeds
                                                            if alone else "") + ".", ""]
 
 
+def _versus(diff: float, half: float, baseline: str) -> str:
+    """A loss difference against the baseline in words, by its paired interval."""
+    r = _reading(diff, half)
+    return {"lower": f"better than {baseline}", "higher": f"worse than {baseline}",
+            "indistinguishable": f"indistinguishable from {baseline}"}.get(r, f"{r} against {baseline}")
+
+
 def _reading(diff: float, half: float, lower_better: bool = True) -> str:
     if math.isnan(half):
         return "no interval"
@@ -245,12 +252,20 @@ def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scr
              "|---|---|---|---|---|---|---|---|---|", *rows, ""]
     for (a, d), pts in sorted(points.items()):
         if len(pts) >= 2:
-            first, last = pts[0], pts[-1]
-            trend = ("shrinks" if abs(last[1]) < abs(first[1]) else "grows")
-            lasts = ("still excludes zero" if not math.isnan(last[2]) and abs(last[1]) > last[2]
-                     else "no longer excludes zero" if not math.isnan(last[2]) else "has no interval")
-            lines.append(f"- {a} ({d}L): Δ {first[1]:+.3f} at {first[0]} steps → {last[1]:+.3f} at {last[0]} steps "
-                         f"(the gap {trend}; at the largest budget its interval {lasts}).")
+            (s0, d0, h0), (s1, d1, h1) = pts[0], pts[-1]
+            v0, v1 = _versus(d0, h0, baseline), _versus(d1, h1, baseline)
+            if v0 == v1 == f"better than {baseline}" or v0 == v1 == f"worse than {baseline}":
+                trend = "the gap grows" if abs(d1) > abs(d0) else "the gap shrinks"
+            elif v0 == f"better than {baseline}":
+                trend = "the advantage reverses" if v1.startswith("worse") else "the advantage is gone"
+            elif v1.startswith("better"):
+                trend = "an advantage appears"
+            elif v1.startswith("worse"):
+                trend = "a disadvantage appears"
+            else:
+                trend = "the disadvantage is gone" if v0.startswith("worse") else "no difference at either budget"
+            lines.append(f"- {a} ({d}L): {v0} at {s0} steps (Δ {d0:+.3f} ± {h0:.3f}), {v1} at {s1} steps "
+                         f"(Δ {d1:+.3f} ± {h1:.3f}): {trend}.")
     lines.append("")
     if plot is not None and points:
         _budget_plot(points, baseline, plot)
