@@ -1,6 +1,6 @@
 """One-shot `xpertctl graft <OLMoE-shaped> --target 12L` under /usr/bin/time -v (wall, peak RSS): with
 stats for the per-expert and the fused layout, and without stats (every one of the 64 experts per
-layer, the design card's first command); then where the time goes in the default pipeline (same
+layer, the design card's first command); the scratch baseline (`--ffn-init scratch`) with stats; then where the time goes in the default pipeline (same
 steps, timed in-process) and what neuron alignment costs for 8 and for 64 experts.
 
     python bench/bench_graft.py [bench/data] [--skip-fused] [--skip-all]
@@ -36,17 +36,20 @@ def timed(cmd: list[str]) -> dict:
     return {"wall_s": h * 3600 + m * 60 + s, "peak_rss_gib": rss / 2**20, "load_before": ld, "load_after": load()}
 
 
-def graft_run(data: Path, name: str, stats: bool) -> dict:
+def graft_run(data: Path, name: str, stats: bool, scratch: bool = False) -> dict:
     src = data / name
     out = data / f"{name}-12L"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [XPERTCTL, "graft", str(src), "--target", "12L", "-o", str(out)]
     if stats:
         cmd[5:5] = ["--stats", str(data / f"{name}.stats.safetensors")]
+    if scratch:
+        cmd += ["--ffn-init", "scratch"]
     r = timed(cmd)
     r["out_gib"] = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**30
     shutil.rmtree(out, ignore_errors=True)
     what = "with stats (8 experts/layer)" if stats else "no stats (all 64 experts/layer)"
+    what += ", --ffn-init scratch (the baseline)" if scratch else ""
     print(f"graft {name} -> 12L, {what}: wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB, "
           f"output {r['out_gib']:.2f} GiB (load {r['load_before']:.1f} -> {r['load_after']:.1f})", flush=True)
     return r
@@ -144,6 +147,7 @@ def main(data: Path, fused: bool = True, all_experts: bool = True) -> dict:
         res[f"{name} stats"] = graft_run(data, name, stats=True)
     if all_experts:
         res["olmoe-shaped all-64"] = graft_run(data, "olmoe-shaped", stats=False)
+    res["olmoe-shaped scratch"] = graft_run(data, "olmoe-shaped", stats=True, scratch=True)
     bd = breakdown(data / "olmoe-shaped", data / "olmoe-shaped.stats.safetensors")
     res["breakdown"] = bd
     print(f"breakdown (per-expert layout, {bd['layers']} mapped layers, load {bd['load']:.1f}):")

@@ -564,3 +564,55 @@ def test_scratch_graft_card_records_no_consolidation_options(fx, tmp_path, cli):
     code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "--combine", "uniform", "-o", tmp_path / "x")
     assert code == 0, err
     assert (_card_params(tmp_path / "x")["combine"], _card_params(tmp_path / "x")["criterion"]) == ("uniform", "test")
+
+
+def test_full_width_scratch_graft_does_not_consolidate(fx, tmp_path, cli, monkeypatch):
+    """At the source's width a scratch baseline's FFNs are fresh and its residual dims are all of them, so the
+    consolidation (~37 s on an OLMoE-1B-7B-shaped source) was computed and thrown away. The model must be the
+    same fresh transformers model, seeded, with the attention inherited unchanged; a selection from another
+    model is still refused."""
+    src = fx / "mixtral"
+    ck = open_checkpoint(src)
+    sel = _selection(tmp_path, ck, [1, 0])
+
+    def no_consolidation(*a, **k):
+        raise AssertionError("the scratch graft consolidated the experts")
+    monkeypatch.setattr(decompose, "compute", no_consolidation)
+    code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "--ffn-init", "scratch", "--inherit", "attention",
+                       "--seed", "3", "-o", tmp_path / "s")
+    assert code == 0, err
+    got = load_file(str(tmp_path / "s" / "model.safetensors"))
+    cfg = tf.AutoConfig.from_pretrained(tmp_path / "s")
+    torch.manual_seed(3)  # graft's fresh init: the seeded transformers model in the output dtype
+    fresh = tf.LlamaForCausalLM._from_config(cfg, dtype=cfg.dtype).state_dict()
+    lmap = _card_params(tmp_path / "s")  # layer map recorded; the attention comes from its first source layer
+    layers = provenance.read(tmp_path / "s" / "model.safetensors", "grafted")["layer_map"]
+    assert lmap["ffn_init"] == "scratch" and len(layers) == 2
+    for k, v in got.items():
+        if ".self_attn." in k:
+            t = int(k.split(".")[2])
+            want = ck.tensor(k.replace(f"layers.{t}.", f"layers.{layers[t][0]}.")).to(v.dtype)
+        else:
+            want = fresh[k].to(v.dtype)
+        assert torch.equal(v, want), k
+    other = fx / "olmoe"
+    code, _, err = cli("graft", other, "-t", "2L", "--selection", sel, "--ffn-init", "scratch", "-o", tmp_path / "o")
+    assert code == 2 and not (tmp_path / "o").exists(), err
+
+
+def test_narrow_scratch_graft_inherits_the_xpert_arms_residual_dims(fx, tmp_path, cli):
+    """Narrower than the source, the inherited weights are sliced to the residual dims the consolidated FFNs
+    chose: the scratch baseline must slice the same ones as the XPERT graft it is compared with."""
+    src = fx / "olmoe"
+    ck = open_checkpoint(src)
+    sel = _selection(tmp_path, ck, [6, 1])
+    outs = {}
+    for init in ("xpert", "scratch"):
+        outs[init] = tmp_path / init
+        code, _, err = cli("graft", src, "-t", "2L,d24", "--selection", sel, "--ffn-init", init, "--inherit",
+                           "embeddings", "-o", outs[init])
+        assert code == 0, err
+    a, b = (load_file(str(outs[i] / "model.safetensors")) for i in ("xpert", "scratch"))
+    full = ck.tensor("model.embed_tokens.weight")
+    assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert not torch.equal(b["model.embed_tokens.weight"], full[:, :24].to(b["model.embed_tokens.weight"].dtype))

@@ -318,7 +318,11 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         if ffn_init == "learngene":  # the learngene is fitted to every source layer, not the mapped ones
             lmap = [fmeta0["layers"]]
         per_src: dict[int, tuple] = {}
-        if decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
+        fresh = ffn_init == "scratch" and (target.hidden or ck.hidden) == ck.hidden
+        if fresh:  # fresh FFNs over every residual dim: nothing of a consolidation would reach the model
+            sel.check_source(doc, Path(sel_path), ck)
+            adapted, meta = _fresh_layout(fmeta0, target, lmap, layer_map_how, shared)
+        elif decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          weighting=weighting, only={i for g in lmap for i in g},
@@ -328,15 +332,17 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
                                          sweeps=align_sweeps, each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
-        shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
-                       if shared == "concat" else None)
-        if ffn_init == "learngene":
-            from . import learngene
-            adapted, meta = learngene.adapt(per_src, fmeta, target, combine=combine, width_select=width_select,
-                                            rescale=rescale)
-        else:
-            adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
-                                          width_select=width_select, rescale=rescale, shared=shared, shared_ffns=shared_ffns)
+        if not fresh:
+            shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
+                           if shared == "concat" else None)
+            if ffn_init == "learngene":
+                from . import learngene
+                adapted, meta = learngene.adapt(per_src, fmeta, target, combine=combine, width_select=width_select,
+                                                rescale=rescale)
+            else:
+                adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
+                                              width_select=width_select, rescale=rescale, shared=shared,
+                                              shared_ffns=shared_ffns)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
@@ -373,6 +379,17 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not is_adapted and ffn_init != "scratch":
         reshape.unscaled_notice(meta)
     return path
+
+
+def _fresh_layout(fmeta: dict, target: Target, lmap: list[list[int]], layer_map_how: str,
+                  shared: str) -> tuple[dict, dict]:
+    """What build() and the record need of reshape.adapt for fresh FFNs at the source's width: the depth map
+    and the sizes (every residual dim kept), without computing a single FFN."""
+    H = int(fmeta["hidden"])
+    meta = {"target": {"layers": target.layers, "hidden": H, "ffn": target.ffn or reshape.ffn_width(fmeta, shared)},
+            "layer_map": lmap, "layer_map_method": layer_map_how, "notes": [], "residual_index": None,
+            "experts": {str(i): fmeta["experts"][str(i)] for g in lmap for i in g if str(i) in fmeta["experts"]} or None}
+    return {"residual_index": torch.arange(H)}, meta
 
 
 def applied_options(adapted_meta: dict, selection: dict) -> dict:
