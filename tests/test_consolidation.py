@@ -306,6 +306,8 @@ def test_zero_routed_mass_leaves_the_ffns_unscaled_and_says_so(moes, tmp_path, c
         assert code == 0, err
         if r != "none":
             assert "no routing weights" in err and "experts' scale" in err
+            # the stats were given: the reason is their zero routing weight, not a selection without stats
+            assert "without stats" not in err and "routing weight of 0" in err, err
     ffns = {r: student_ffns(o, LAYERS) for r, o in outs.items()}
     for t in range(LAYERS):
         assert float(ffns["selected"][t][2].norm()) > 0

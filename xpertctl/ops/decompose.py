@@ -272,6 +272,8 @@ def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None,
            if str(l["layer"]) in total and l.get("routed") and sum(l["routed"]) > 0}
     why = None if sel or not total else "the selection records no per-expert routing weights (made by an older " \
         "xpertctl: run select again; --rescale routed uses the whole block's)"
+    if why is None and any(l.get("routed_mass") == 0 for l in doc["layers"]):
+        why = "their stats record a routing weight of 0: the router returned no weights"
     return total or None, sel or None, why
 
 

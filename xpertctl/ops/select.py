@@ -100,6 +100,8 @@ def choose(stats: Stats, criterion: str = "min", per_layer: int | None = None, s
             per_expert = (stats.routed[:, li, :] / np.maximum(stats.tokens, 1)[:, None]).mean(0)
             layers[-1]["routed_mass"] = float(per_expert.sum())  # mean total top-k weight per token: the block's scale
             layers[-1]["routed"] = [float(per_expert[j]) for j in ids]  # the share each chosen expert receives
+        elif stats.routed is not None:
+            layers[-1]["routed_mass"] = 0.0  # stats with no weight: the rescale must say why, not 'no stats'
     return layers
 
 
