@@ -162,3 +162,13 @@ def test_stats_max_tokens_samples_documents_across_the_domain(fx, tmp_path, cli,
     assert all(torch.equal(a[k], b[k]) for k in a)
     rec = provenance.read(outs["c"], "stats")
     assert rec["seed"] == 1 and rec["params"]["sample"]["seed"] == 1 and rec["params"]["max_tokens"] == 120
+
+
+@pytest.mark.parametrize("bad", [["-t", "4L", "--layer-map", "merge"], ["-t", "2L", "--ranks", "full,full,9"],
+                                 ["-t", "2L", "--no-tucker", "--combine", "first"]])
+def test_graft_without_stats_fails_in_one_line(fx, tmp_path, cli, bad):
+    """Without --stats the graft says it will use every expert; a bad option must still fail in one line
+    (the notice came first, then the error: two lines)."""
+    code, _, err = cli("graft", fx / "olmoe", *bad, "-o", tmp_path / "g")
+    assert_user_error(code, err, bad[2])
+    assert not (tmp_path / "g").exists()

@@ -310,7 +310,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             doc = sel.selection_doc(st, sel.choose(st, criterion, per_layer, seed), criterion, per_layer, seed)
             sel_path = stats
         else:
-            notice("no --stats or --selection: using every expert of each layer (recorded in the model card)")
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
         # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
@@ -376,7 +375,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not has_tokenizer(files):
         notice(f"{out} gets no tokenizer (none beside {ck.path}); pass --tokenizer DIR to include one")
     path = write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
-    if not is_adapted and ffn_init != "scratch":
+    if not is_adapted and ffn_init != "scratch":  # after the write, so that an error stays the only line
+        if stats is None and selection is None:
+            notice("no --stats or --selection: every expert of each layer was used (recorded in the model card)")
         reshape.unscaled_notice(meta)
     return path
 
