@@ -43,3 +43,25 @@ def test_align_sweeps_is_opt_in_recorded_and_checked(tmp_path, cli):
         code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, *args, "-o", out)
         assert_user_error(code, err, needle)
         assert not out.exists()
+
+
+def test_graft_of_an_adapted_file_records_the_factors_sweeps_and_refuses_its_own(tmp_path, cli):
+    """An adapted file's alignment was done at decompose: the graft records the sweeps decompose ran (it
+    recorded graft's default 0) and refuses --align-sweeps (it recorded a number that was never applied)."""
+    src = tmp_path / "m"
+    build_moe(src, kind="shuffled", seed=3)
+    sel = _selection(tmp_path / "sel.json", src, [0, 1, 2, 3], [0.4, 0.3, 0.2, 0.1])
+
+    def params(out):
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["xpertctl"])["params"]
+    for n in (2, 0):
+        f, a, g = tmp_path / f"f{n}.safetensors", tmp_path / f"a{n}.safetensors", tmp_path / f"g{n}"
+        assert cli("decompose", src, sel, "--align-sweeps", n, "-o", f)[0] == 0
+        assert cli("reshape", f, "-t", f"{LAYERS}L", "-o", a)[0] == 0
+        code, _, err = cli("graft", a, "-o", g)
+        assert code == 0, err
+        assert params(g)["align_sweeps"] == n
+    code, _, err = cli("graft", tmp_path / "a0.safetensors", "--align-sweeps", "3", "-o", tmp_path / "bad")
+    assert_user_error(code, err, "--align-sweeps")
+    assert not (tmp_path / "bad").exists()

@@ -266,7 +266,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         _refuse_one_shot_options(src, stats=stats, selection=selection, criterion=criterion, per_layer=per_layer,
                                  ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker, weighting=weighting,
                                  layer_map_how=layer_map_how, combine=combine, rescale=rescale,
-                                 width_select=width_select, shared=shared)
+                                 width_select=width_select, shared=shared, align_sweeps=align_sweeps)
         rec_in = provenance.read(src, "adapted")
         like = Path(like) if like else Path(rec_in["source"]["path"])
         if not like.exists():
@@ -289,6 +289,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         sel_summary = _selection_summary(s.get("criterion"), s.get("per_layer"), s.get("path"))
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
         applied = applied_options(rec_in, s)
+        align_sweeps = applied.pop("align_sweeps")
     else:
         if like is not None:
             raise XpertError("--like is for an adapted.safetensors source; an MoE source is its own reference")
@@ -344,6 +345,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                               shared_ffns=shared_ffns)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
+        applied.pop("align_sweeps")  # the one-shot graft aligns itself: graft's own option (below)
         in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     if ffn_init == "scratch":  # fresh FFNs: no selection, consolidation or rescale was applied (layer_map still
         # decides where an --inherit'ed weight comes from)
@@ -405,7 +407,8 @@ def applied_options(adapted_meta: dict, selection: dict) -> dict:
             "rescale": adapted_meta.get("rescale") if adapted_meta.get("routing_scale") else "none",
             "width_select": adapted_meta.get("width_select"), "shared": adapted_meta.get("shared") or "none",
             "shared_gate_fold": adapted_meta.get("shared_gate_fold"),
-            "criterion": selection.get("criterion"), "per_layer": selection.get("per_layer")}
+            "criterion": selection.get("criterion"), "per_layer": selection.get("per_layer"),
+            "align_sweeps": f.get("align_sweeps")}
 
 
 def _refuse_one_shot_options(src: Path, **given) -> None:

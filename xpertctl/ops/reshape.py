@@ -262,7 +262,8 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
                 "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
                 "routing_note": meta.get("routing_note"),
                 "source": meta["source"], "family": meta["family"], "hidden_source": H, "expert_ffn": I,
-                "factors": {k: meta.get(k) for k in ("method", "ranks", "align", "weighting", "selection")},
+                "factors": {**{k: meta.get(k) for k in ("method", "ranks", "align", "weighting", "selection")},
+                            "align_sweeps": (meta.get("params") or {}).get("align_sweeps")},  # decompose's record
                 # what `fidelity` needs to compare against the source: kept residual dims, selected experts
                 "residual_index": ri.tolist() if d < H else None,
                 "experts": {str(i): meta["experts"][str(i)] for g in lmap for i in g
