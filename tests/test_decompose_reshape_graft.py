@@ -616,3 +616,22 @@ def test_narrow_scratch_graft_inherits_the_xpert_arms_residual_dims(fx, tmp_path
     full = ck.tensor("model.embed_tokens.weight")
     assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
     assert not torch.equal(b["model.embed_tokens.weight"], full[:, :24].to(b["model.embed_tokens.weight"].dtype))
+
+
+def test_energy_fraction_that_keeps_one_expert_component_says_usage_equals_uniform(fx, tmp_path, cli):
+    """`--ranks full,full,0.2` keeps one expert-mode component (the first alone carries >= 1/3 of the energy of
+    three experts): as at rank 1, usage and uniform give the same FFN, and the note must say so there too."""
+    ck, doc = _doc(fx, tmp_path, [0, 3, 5], [0.7, 0.2, 0.1])
+    t, meta = decompose.compute(ck, doc, "x", ranks="full,full,0.2")
+    assert all(t[f"layers.{i}.{m}.U3"].shape[1] == 1 for i in ck.moe_layers for m in decompose.MATRICES)
+    outs = {how: reshape.compute(t, meta, Target(2), combine=how) for how in ("usage", "uniform")}
+    for k in outs["usage"][0]:
+        assert torch.allclose(outs["usage"][0][k].float(), outs["uniform"][0][k].float(), rtol=1e-5, atol=1e-7)
+    assert all(any("usage and uniform give the same FFN" in n for n in o[1]["notes"]) for o in outs.values())
+    t, meta = decompose.compute(ck, doc, "x", ranks="full,full,0.999")  # several components: c matters, no note
+    assert not any("same FFN" in n for n in reshape.compute(t, meta, Target(2))[1]["notes"])
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps(doc))
+    code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--selection", sel, "--ranks", "full,full,0.2",
+                       "-o", tmp_path / "g")
+    assert code == 0 and "usage and uniform give the same FFN" in err, err

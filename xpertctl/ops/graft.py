@@ -318,6 +318,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         if ffn_init == "learngene":  # the learngene is fitted to every source layer, not the mapped ones
             lmap = [fmeta0["layers"]]
         per_src: dict[int, tuple] = {}
+        single: set[int] = set()  # source layers whose factors keep one expert component (c drops out)
         fresh = ffn_init == "scratch" and (target.hidden or ck.hidden) == ck.hidden
         if fresh:  # fresh FFNs over every residual dim: nothing of a consolidation would reach the model
             sel.check_source(doc, Path(sel_path), ck)
@@ -329,9 +330,13 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                          each=per_src.__setitem__, sweeps=align_sweeps,
                                          mix=lambda w: reshape.expert_mix(w, torch.eye(w.numel()), combine))
         else:
+            def each(i, t):  # one layer's factors at a time, combined at once
+                per_src[i] = reshape.combine_layer(t, i, combine, weighting)
+                if reshape.one_component(t, i):
+                    single.add(i)
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
                                          no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
-                                         sweeps=align_sweeps, each=lambda i, t: per_src.__setitem__(i, reshape.combine_layer(t, i, combine, weighting)))
+                                         sweeps=align_sweeps, each=each)
         if not fresh:
             shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
                            if shared == "concat" else None)
@@ -342,7 +347,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             else:
                 adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                               width_select=width_select, rescale=rescale, shared=shared,
-                                              shared_ffns=shared_ffns)
+                                              shared_ffns=shared_ffns, single=single)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         applied.pop("align_sweeps")  # the one-shot graft aligns itself: graft's own option (below)

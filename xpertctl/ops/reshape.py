@@ -198,7 +198,8 @@ def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map
     used = sorted({i for g in lmap for i in g})
     per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in used}
     return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
-                 rescale=rescale, shared=shared, shared_ffns=shared_of(t, used) if shared == "concat" else None)
+                 rescale=rescale, shared=shared, shared_ffns=shared_of(t, used) if shared == "concat" else None,
+                 single={i for i in used if one_component(t, i)})
 
 
 def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
@@ -219,7 +220,8 @@ def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, resc
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
           combine: str = "usage", width_select: str = "norm", rescale: str = "routed", shared: str = "none",
-          shared_ffns: dict[int, tuple[torch.Tensor, ...]] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+          shared_ffns: dict[int, tuple[torch.Tensor, ...]] | None = None,
+          single: set[int] = frozenset()) -> tuple[dict[str, torch.Tensor], dict]:
     """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width); with
     --shared concat each source layer's shared experts (shared_ffns) are appended after the rescale."""
     lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
@@ -246,7 +248,7 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.up_proj"] = u[ni].contiguous()
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
-    notes = depth_notes(lmap, len(meta["layers"])) + combine_notes(meta, combine)
+    notes = depth_notes(lmap, len(meta["layers"])) + combine_notes(meta, combine, single, set(per_src))
     if shared == "none" and meta.get("shared_ffn"):
         notes.append(f"the source's shared experts (FFN width {meta['shared_ffn']}), which every token uses, are not "
                      "carried (--shared none keeps the FFN one routed expert wide); --shared concat appends them")
@@ -271,14 +273,26 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
     return out, new_meta
 
 
-def combine_notes(meta: dict, combine: str) -> list[str]:
-    """Say when the chosen combination cannot matter (combine_layer: at expert rank 1, c drops out)."""
+def one_component(t: dict[str, torch.Tensor], i: int) -> bool:
+    """Whether layer i's factors keep a single expert-mode component (rank 1, or an energy fraction met by one)."""
+    keys = [f"layers.{i}.{m}.U3" for m in MATRICES]
+    return all(k in t and t[k].shape[1] == 1 for k in keys)
+
+
+def combine_notes(meta: dict, combine: str, single: set[int] = frozenset(), used: set[int] = frozenset()) -> list[str]:
+    """Say when the chosen combination cannot matter (combine_layer: with one expert-mode component, c drops
+    out): at `--ranks ...,1`, or in the `used` source layers whose energy fraction kept one (`single`)."""
     from .tucker import parse_ranks
     if meta.get("method") == "mean" or combine not in ("usage", "uniform"):
         return []
+    what = "--combine {} {}: the FFN is U3's single component (the combination only fixes its sign), so usage and " \
+           "uniform give the same FFN"
     if parse_ranks(meta.get("ranks"))[2] == 1:
-        return [f"--combine {combine} at expert rank 1: the FFN is U3's single component (the combination only "
-                "fixes its sign), so usage and uniform give the same FFN"]
+        return [what.format(combine, "at expert rank 1")]
+    hit = sorted(set(single) & set(used))
+    if hit:
+        where = "" if hit == sorted(used) else f" in source layers {hit}"
+        return [what.format(combine, f"with --ranks {meta.get('ranks')}, which keeps one expert component{where}")]
     return []
 
 
