@@ -60,22 +60,29 @@ def student_of(ck, doc, target, kwargs, combine, rescale, label):
         experts={int(k): v for k, v in (meta.get("experts") or {}).items()}, init_std=0.02, source=None)
 
 
-def per_domain(a) -> None:
+def train_split_student(ck, corpus: Path, seq_len: int, depth: int, label: str = "default (no fit)"):
+    """The studies' common start: the source run over all of the corpus's train split (kept as the runner's
+    documents, the calibration text), stats on it, the min selection and the default student at `depth`.
+    Returns (runner, domain names, adapted, meta, student)."""
     from xpertctl.ops import capture
-    ck = open_checkpoint(a.src)
-    corpus = Path(a.corpus)
     names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
-    train = [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names]
-    t0 = time.perf_counter()
-    runner = capture.prepare(ck, train, seq_len=a.seq_len, sample_seed=0)
-    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=a.seq_len,
+    runner = capture.prepare(ck, [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names], seq_len=seq_len,
+                             sample_seed=0)
+    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=seq_len,
                            batch_size=8, max_tokens=None, device="cpu")
     st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
                    ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
     doc = sel.selection_doc(st, sel.choose(st, "min", None, 0), "min", None, 0)
     doc["source"] = None
-    target = Target(layers=a.depth)
-    adapted, meta, base = student_of(ck, doc, target, DEFAULT, "usage", "routed", "default (no fit)")
+    adapted, meta, base = student_of(ck, doc, Target(layers=depth), DEFAULT, "usage", "routed", label)
+    return runner, names, adapted, meta, base
+
+
+def per_domain(a) -> None:
+    ck = open_checkpoint(a.src)
+    corpus = Path(a.corpus)
+    t0 = time.perf_counter()
+    runner, names, adapted, meta, base = train_split_student(ck, corpus, a.seq_len, a.depth)
 
     students = [base]
     fits = {"--fit down (ridge by domains)": dict(method="down", select="domains"),

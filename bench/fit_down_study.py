@@ -28,12 +28,9 @@ sys.path.insert(0, str(ROOT))
 from xpertctl import data  # noqa: E402
 from xpertctl.io import open_checkpoint  # noqa: E402
 from xpertctl.ops import capture, fit  # noqa: E402
-from xpertctl.ops import select as sel  # noqa: E402
-from xpertctl.ops import stats as stats_op  # noqa: E402
-from xpertctl.specs import Target  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from fidelity_variants import DEFAULT, student_of  # noqa: E402
+from fidelity_variants import train_split_student  # noqa: E402
 
 SEQ = 512
 QUARTERS = 4
@@ -47,16 +44,8 @@ def moments_of(lm: fit.LayerMoments, part: str) -> list[dict]:
 def capture_all(out: Path) -> None:
     ck = open_checkpoint(ROOT / "fixtures/teacher")
     corpus = ROOT / "fixtures/corpus-mini"
-    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
     t0 = time.perf_counter()
-    runner = capture.prepare(ck, [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names], seq_len=SEQ, sample_seed=0)
-    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=SEQ,
-                           batch_size=8, max_tokens=None, device="cpu")
-    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
-                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
-    doc = sel.selection_doc(st, sel.choose(st, "min", None, 0), "min", None, 0)
-    doc["source"] = None
-    adapted, meta, _ = student_of(ck, doc, Target(layers=6), DEFAULT, "usage", "routed", "default")
+    runner, names, adapted, meta, _ = train_split_student(ck, corpus, SEQ, 6, "default")
     lmap = [list(g) for g in meta["layer_map"]]
     # the fit's own document split (fit.fit with max_tokens=65536, holdout 0.1)
     cap = round(65536 / (1 - fit.HOLDOUT))

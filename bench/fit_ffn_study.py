@@ -32,28 +32,16 @@ sys.path.insert(0, str(ROOT))
 
 from xpertctl.io import open_checkpoint  # noqa: E402
 from xpertctl.ops import capture, fit  # noqa: E402
-from xpertctl.ops import select as sel  # noqa: E402
-from xpertctl.ops import stats as stats_op  # noqa: E402
-from xpertctl.specs import Target  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from fidelity_variants import DEFAULT, student_of  # noqa: E402
+from fidelity_variants import train_split_student  # noqa: E402
 
 SEQ = 512
 
 
 def setup(src: Path, corpus: Path):
     ck = open_checkpoint(src)
-    names = sorted(p.stem for p in (corpus / "train").glob("*.txt"))
-    runner = capture.prepare(ck, [f"{n}={corpus / 'train' / (n + '.txt')}" for n in names], seq_len=SEQ,
-                             sample_seed=0)
-    res = stats_op.collect(ck, runner.model, runner.tokenizer, runner.docs, top_k=ck.top_k, seq_len=SEQ,
-                           batch_size=8, max_tokens=None, device="cpu")
-    st = sel.Stats(res.counts.numpy(), res.mass.numpy(), res.tokens.numpy(), res.layers, res.domains, ck.top_k,
-                   ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
-    doc = sel.selection_doc(st, sel.choose(st, "min", None, 0), "min", None, 0)
-    doc["source"] = None
-    adapted, meta, _ = student_of(ck, doc, Target(layers=6), DEFAULT, "usage", "routed", "default")
+    runner, names, adapted, meta, _ = train_split_student(ck, corpus, SEQ, 6, "default")
     test = fit.DiskCache(Path(tempfile.mkdtemp(prefix="fit-ffn-study-")), set(range(ck.num_layers)), ck.hidden, names)
     for n in names:  # the 4,096 tokens `fidelity --max-tokens 4096` measures, domain by domain
         r = capture.prepare(ck, [f"{n}={corpus / 'test' / (n + '.txt')}"], seq_len=SEQ, sample_seed=0)

@@ -1,0 +1,145 @@
+"""Issue 20: is the `routed` default's training gain the FFN's output scale, or where its weights carry it?
+(study, not a user tool; needs the demo's build: `make demo`)
+
+A SwiGLU FFN computes the same function when its up rows are multiplied by k and its down columns divided
+by k (silu(g x) * (k u x) / k). Each arm below is made from the demo's grafts by such exact rescalings, or is a
+norm-matched random control of one, and is trained as the demo trains (3 layers, 120 steps, the same seeds
+and data), paired with the demo's scratch runs seed by seed:
+
+  selected      `graft --rescale selected` (its down projections are r = selected/routed mass times routed's)
+  hybrid        routed's down projections, selected's function (up rows times r)
+  hybrid2       selected's down projections, routed's function (up rows times 1/r)
+  k2, k4        routed's function, up rows times k, down columns divided by k
+  nm-hybrid2, nm-k4   random FFNs with those arms' row norms (as `graft --ffn-init norm-matched` makes them)
+
+    python bench/rescale_split.py [--build build/demo] [--out build/rescale-split]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from xpertctl.ops.graft import norm_matched  # noqa: E402
+
+XPERTCTL = [sys.executable, "-m", "xpertctl"]
+TRAIN = ["--steps", "120", "--batch-size", "8", "--seq-len", "256", "--lr", "0.002", "--warmup", "10",
+         "--eval-every", "15", "--eval-batches", "4", "--threads", "1"]  # recipes/demo.yaml's train step
+LAYERS = 3
+FFN = [f"model.layers.{t}.mlp.{m}_proj.weight" for t in range(LAYERS) for m in ("gate", "up", "down")]
+
+
+def run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}\n{r.stderr[-2000:]}")
+
+
+def derive(base: Path, out: Path, change) -> None:
+    """A copy of the model directory `base` whose weights change(w) rewrites in place."""
+    if out.exists():
+        return
+    shutil.copytree(base, out)
+    w = load_file(str(base / "model.safetensors"))
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    change(w)
+    save_file(w, str(out / "model.safetensors"), metadata=meta)
+
+
+def up_times(k: list[float]):
+    """Up rows times k[t], down columns divided by k[t]: the same function."""
+    def change(w):
+        for t in range(LAYERS):
+            w[f"model.layers.{t}.mlp.up_proj.weight"] *= k[t]
+            w[f"model.layers.{t}.mlp.down_proj.weight"] /= k[t]
+    return change
+
+
+def norm_matched_of(seed: int):
+    def change(w):  # the generator graft's build uses for --ffn-init norm-matched, in its order
+        gen = torch.Generator().manual_seed(seed + 7919)
+        for k in FFN:
+            w[k] = norm_matched(w[k], gen)
+    return change
+
+
+def down_ratio(a: Path, b: Path) -> list[float]:
+    """||b's down|| / ||a's down|| per layer (the two grafts differ only by that factor there)."""
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in x if ".mlp." not in k), "the two grafts differ outside the FFNs"
+    return [float(y[f"model.layers.{t}.mlp.down_proj.weight"].norm() / x[f"model.layers.{t}.mlp.down_proj.weight"].norm())
+            for t in range(LAYERS)]
+
+
+def final_val(run_dir: Path) -> float:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val_loss" in r][-1]["val_loss"]
+
+
+def interval(d: np.ndarray) -> str:
+    return f"{d.mean():+.3f} ± {stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default=str(ROOT / "build" / "demo"))
+    ap.add_argument("--out", default=str(ROOT / "build" / "rescale-split"))
+    ap.add_argument("--seeds", type=int, default=8)
+    a = ap.parse_args()
+    b, out = Path(a.build), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = range(a.seeds)
+    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4")
+    for s in seeds:
+        routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
+        if not sel.exists():
+            run([*XPERTCTL, "graft", str(ROOT / "fixtures" / "teacher"), "-t", f"{LAYERS}L", "--selection",
+                 str(b / "selection-min.json"), "--rescale", "selected", "--seed", str(s), "--dtype", "float32",
+                 "-o", str(sel)])
+        r = down_ratio(routed, sel)
+        if s == 0:
+            print("selected/routed mass per layer:", " ".join(f"{x:.3f}" for x in r))
+        derive(sel, out / f"hybrid-{s}", up_times(r))  # selected's function, routed's down projections
+        derive(routed, out / f"hybrid2-{s}", up_times([1 / x for x in r]))  # routed's function, selected's downs
+        derive(routed, out / f"k2-{s}", up_times([2.0] * LAYERS))
+        derive(routed, out / f"k4-{s}", up_times([4.0] * LAYERS))
+        derive(out / f"hybrid2-{s}", out / f"nmh2-{s}", norm_matched_of(s))
+        derive(out / f"k4-{s}", out / f"nmk4-{s}", norm_matched_of(s))
+
+    def train(job):
+        arm, s = job
+        dst = out / "runs" / f"{arm}-{s}"
+        if not (dst / "metrics.jsonl").exists():
+            run([*XPERTCTL, "train", str(out / f"{arm}-{s}"), "--data", str(b / "data"), *TRAIN, "--seed", str(s),
+                 "-o", str(dst), "--force"])
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(train, [(arm, s) for s in seeds for arm in made]))
+    scratch = np.array([final_val(b / "runs" / f"scratch-3L-s{s}") for s in seeds])
+    arms = {"routed (the demo's xpert)": [b / "runs" / f"xpert-3L-s{s}" for s in seeds],
+            "norm-matched of routed (the demo's)": [b / "runs" / f"norm-matched-3L-s{s}" for s in seeds],
+            **{m: [out / "runs" / f"{m}-{s}" for s in seeds] for m in made}}
+    v = {k: np.array([final_val(p) for p in ps]) for k, ps in arms.items()}
+    routed = v["routed (the demo's xpert)"]
+    print(f"| init | final val loss | Δ vs scratch ({len(scratch)} seeds) | Δ vs routed |\n|---|---|---|---|")
+    for k, x in v.items():
+        print(f"| {k} | {x.mean():.3f} | {interval(x - scratch)} | {interval(x - routed)} |")
+    for arm, ctl in (("routed (the demo's xpert)", "norm-matched of routed (the demo's)"), ("hybrid2", "nmh2"),
+                     ("k4", "nmk4")):
+        print(f"{arm} − its norm-matched control: {interval(v[arm] - v[ctl])}")
+
+
+if __name__ == "__main__":
+    main()
