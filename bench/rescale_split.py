@@ -11,6 +11,8 @@ and data), paired with the demo's scratch runs seed by seed:
   hybrid2       selected's down projections, routed's function (up rows times 1/r)
   k2, k4        routed's function, up rows times k, down columns divided by k
   nm-hybrid2, nm-k4   random FFNs with those arms' row norms (as `graft --ffn-init norm-matched` makes them)
+  scratch-k4    the scratch baseline's fresh FFNs, up rows times 4, down columns divided by 4 (its function)
+  scratch-gpt2  the scratch baseline with GPT-2's residual-projection init: down_proj and o_proj / sqrt(2 L)
 
     python bench/rescale_split.py [--build build/demo] [--out build/rescale-split]
 """
@@ -76,6 +78,13 @@ def norm_matched_of(seed: int):
     return change
 
 
+def residual_scaled(w) -> None:
+    """GPT-2's init of the projections into the residual stream: std / sqrt(2 * layers)."""
+    for t in range(LAYERS):
+        for m in ("mlp.down_proj", "self_attn.o_proj"):
+            w[f"model.layers.{t}.{m}.weight"] /= (2 * LAYERS) ** 0.5
+
+
 def down_ratio(a: Path, b: Path) -> list[float]:
     """||b's down|| / ||a's down|| per layer (the two grafts differ only by that factor there)."""
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
@@ -102,7 +111,7 @@ def main() -> None:
     b, out = Path(a.build), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = range(a.seeds)
-    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4")
+    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2")
     for s in seeds:
         routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
         if not sel.exists():
@@ -118,6 +127,9 @@ def main() -> None:
         derive(routed, out / f"k4-{s}", up_times([4.0] * LAYERS))
         derive(out / f"hybrid2-{s}", out / f"nmh2-{s}", norm_matched_of(s))
         derive(out / f"k4-{s}", out / f"nmk4-{s}", norm_matched_of(s))
+        scratch = b / "init" / f"scratch-3L-s{s}"
+        derive(scratch, out / f"scratch-k4-{s}", up_times([4.0] * LAYERS))
+        derive(scratch, out / f"scratch-gpt2-{s}", residual_scaled)
 
     def train(job):
         arm, s = job
@@ -137,8 +149,8 @@ def main() -> None:
     for k, x in v.items():
         print(f"| {k} | {x.mean():.3f} | {interval(x - scratch)} | {interval(x - routed)} |")
     for arm, ctl in (("routed (the demo's xpert)", "norm-matched of routed (the demo's)"), ("hybrid2", "nmh2"),
-                     ("k4", "nmk4")):
-        print(f"{arm} − its norm-matched control: {interval(v[arm] - v[ctl])}")
+                     ("k4", "nmk4"), ("k4", "scratch-k4")):
+        print(f"{arm} − {ctl}: {interval(v[arm] - v[ctl])}")
 
 
 if __name__ == "__main__":

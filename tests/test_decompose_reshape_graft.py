@@ -635,3 +635,46 @@ def test_energy_fraction_that_keeps_one_expert_component_says_usage_equals_unifo
     code, _, err = cli("graft", fx / "olmoe", "-t", "2L", "--selection", sel, "--ranks", "full,full,0.2",
                        "-o", tmp_path / "g")
     assert code == 0 and "usage and uniform give the same FFN" in err, err
+
+
+def _swiglu(w, t, x):
+    g, u, d = (w[f"model.layers.{t}.mlp.{m}_proj.weight"].double() for m in ("gate", "up", "down"))
+    return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+
+
+@pytest.mark.parametrize("init", ["xpert", "scratch", "norm-matched"])
+def test_up_gain_moves_the_scale_from_down_to_up_and_keeps_the_function(fx, tmp_path, cli, init):
+    """`--up-gain K`: up rows times K, down columns divided by K (silu(g x) * (K u x) / K: the same function,
+    computed here directly), for every FFN init; norm-matched takes the gained rows' norms; recorded."""
+    src = fx / "mixtral"
+    ck = open_checkpoint(src)
+    sel = _selection(tmp_path, ck, [1, 0])
+    outs = {}
+    for k in ("1", "4"):
+        outs[k] = tmp_path / k
+        code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "--ffn-init", init, "--up-gain", k,
+                           "--dtype", "float32", "--seed", "5", "-o", outs[k])
+        assert code == 0, err
+    a, b = (load_file(str(outs[k] / "model.safetensors")) for k in ("1", "4"))
+    x = torch.randn(64, ck.hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for key in a:
+        if ".mlp." not in key:
+            assert torch.equal(a[key], b[key]), key
+    for t in range(2):
+        if init == "norm-matched":  # fresh rows: the norms follow the gain, not the weights
+            for m, f in (("up", 4.0), ("down", 0.25), ("gate", 1.0)):
+                ka = f"model.layers.{t}.mlp.{m}_proj.weight"
+                ra, rb = a[ka].norm(dim=1), b[ka].norm(dim=1)
+                assert torch.allclose(rb, f * ra, rtol=1e-4), (t, m)
+            continue
+        assert torch.allclose(b[f"model.layers.{t}.mlp.up_proj.weight"], 4 * a[f"model.layers.{t}.mlp.up_proj.weight"])
+        assert torch.allclose(b[f"model.layers.{t}.mlp.down_proj.weight"], a[f"model.layers.{t}.mlp.down_proj.weight"] / 4)
+        assert torch.allclose(_swiglu(a, t, x), _swiglu(b, t, x), rtol=1e-5, atol=1e-9)
+    assert _card_params(outs["4"])["up_gain"] == 4.0 and _card_params(outs["1"])["up_gain"] == 1.0
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "nan"])
+def test_up_gain_must_be_positive(fx, tmp_path, cli, bad):
+    code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "--up-gain", bad, "-o", tmp_path / "g")
+    assert_user_error(code, err, "--up-gain")
+    assert not (tmp_path / "g").exists()

@@ -272,3 +272,21 @@ def test_a_changed_default_reruns_the_steps_that_use_it(tmp_path, capsys):
     assert json.loads((tmp_path / "d.json").read_text())["layers"] != first["layers"]
     rc.run(r, table=changed)
     assert "by-default: skip" in capsys.readouterr().err
+
+
+def test_a_new_neutral_option_keeps_finished_steps_current(tmp_path, capsys):
+    """An option added with a default that does what the command did before (graft's --up-gain 1) must not
+    make every finished step stale: the record leaves it out. Any other new option's default does."""
+    from dataclasses import replace
+    from xpertctl.ops_table import opt
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+    r = _write(tmp_path, {"name": "t", "steps": [
+        {"id": "s", "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "d.json")}}]})
+    sel = TABLE["select"]
+    rc.run(r, table=TABLE)
+    capsys.readouterr()
+    for neutral, state in ((True, "s: skip"), (False, "s: run")):
+        added = dict(TABLE, select=replace(sel, params=sel.params + (opt("gain", 1.0, "new.", neutral=neutral),)))
+        rc.run(r, table=added, dry_run=True)
+        assert state in capsys.readouterr().err
+    assert TABLE["graft"].param("up_gain").neutral and TABLE["graft"].param("up_gain").default == 1.0

@@ -79,6 +79,9 @@ class Param:
     check: Callable[[Any], Any] | None = None  # validates a value before anything runs (CLI and recipes)
     glob: bool = False  # a glob of input files: a recipe step's record fingerprints what it matches
     range: Range | None = None  # a numeric option's accepted values (checked like `check`)
+    # the default does what the command did before the option existed: a recipe step's record leaves it out, so
+    # steps finished before it stay current (drop the mark if the default ever changes what the command does)
+    neutral: bool = False
 
     @property
     def required(self) -> bool:
@@ -461,7 +464,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -474,7 +477,7 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
-                  ffn_init=ffn_init, seed=seed, shard_size=parse_size(shard_size), force=force)
+                  ffn_init=ffn_init, up_gain=up_gain, seed=seed, shard_size=parse_size(shard_size), force=force)
 
 
 def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, stream_layers,
@@ -671,6 +674,10 @@ COMMANDS: tuple[Command, ...] = (
                     "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control); learngene (TLEG's "
                     "linear expansion across depth fitted to every source layer's FFN: the learngene baseline).",
                     choices=FFN_INITS),
+                opt("up_gain", 1.0, "Multiply each FFN's up rows by this and divide its down columns by it: the same "
+                    "function (SwiGLU is linear in up), with down projections that many times smaller; applies to every "
+                    "--ffn-init (norm-matched takes the gained norms). Students train differently from it (README).",
+                    type=float, range=POSITIVE, neutral=True),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),

@@ -274,7 +274,7 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
                     inputs[name] = fp
     # the defaults the step relies on: a release that changes one (as --rescale's did) makes the step stale
     defaults = {p.name: p.default if isinstance(p.default, (type(None), bool, int, float, str)) else str(p.default)
-                for p in cmd.params if p.name not in args and not p.required}
+                for p in cmd.params if p.name not in args and not p.required and not p.neutral}
     return {"op": cmd.name, "argv": argv, "inputs": inputs, "defaults": defaults}
 
 

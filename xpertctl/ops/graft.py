@@ -105,8 +105,9 @@ def _check_inherit(ck: Checkpoint, inherit: list[str], arch: str, config, src_he
 
 def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads: int | None = None,
           arch: str = "llama", dtype: str | None = None, inherit: list[str] = (), ffn_init: str = "xpert",
-          seed: int = 0):
-    """(state dict, config) of the grafted dense model."""
+          seed: int = 0, up_gain: float = 1.0):
+    """(state dict, config) of the grafted dense model. up_gain: every FFN's up rows times it and down columns
+    divided by it, the same function (silu(g x) * (k u x) / k) with the scale moved from down to up."""
     import transformers
     dtype = dtype or _source_dtype(ck)
     _check_options(dtype, ffn_init)
@@ -120,12 +121,18 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     state = dict(model.state_dict())
     del model
     ri = adapted["residual_index"]
+    gain = {"up_proj": up_gain, "down_proj": 1 / up_gain}
     if ffn_init in ("xpert", "norm-matched", "learngene"):
         gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: the rest of the init stays identical
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
                 w = adapted[f"layers.{t}.{m}"]
+                w = w * gain[m] if m in gain and up_gain != 1 else w
                 state[f"model.layers.{t}.mlp.{m}.weight"] = norm_matched(w, gen) if ffn_init == "norm-matched" else w
+    elif up_gain != 1:  # scratch: the fresh FFNs, same function
+        for t in range(tgt["layers"]):
+            for m, f in gain.items():
+                state[f"model.layers.{t}.mlp.{m}.weight"] = state[f"model.layers.{t}.mlp.{m}.weight"] * f
     lmap = meta["layer_map"]
     if "embeddings" in inherit:
         state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
@@ -232,10 +239,12 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         text_field: str = "text",
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
-        inherit: str | None = None, ffn_init: str = "xpert", seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
-        force: bool = False) -> Path:
+        inherit: str | None = None, ffn_init: str = "xpert", up_gain: float = 1.0, seed: int = 0,
+        shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     inherit_l = parse_inherit(inherit)
+    if not up_gain > 0 or up_gain == float("inf"):
+        raise XpertError(f"--up-gain {up_gain}: must be a positive number")
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
     if fit != "none" and ffn_init == "scratch":
@@ -366,11 +375,11 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         in_fps += fit_rec["inputs"]
         meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
-                          ffn_init=ffn_init, seed=seed)
+                          ffn_init=ffn_init, seed=seed, up_gain=up_gain)
     config.architectures = [TARGET_CLASSES[arch][1]]
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
-        "dtype": str(config.dtype).removeprefix("torch."),
+        "dtype": str(config.dtype).removeprefix("torch."), "up_gain": up_gain,
         **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"]},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
