@@ -16,6 +16,7 @@ and data), paired with the demo's scratch runs seed by seed:
   scratch-gpt2  the scratch baseline with GPT-2's residual-projection init: down_proj and o_proj / sqrt(2 L)
 
     python bench/rescale_split.py [--build build/demo] [--out build/rescale-split]
+    python bench/rescale_split.py --beyond     # selk4 at 6 layers and at 4x the steps (after DEMO=depth, budget)
 """
 from __future__ import annotations
 
@@ -103,15 +104,49 @@ def interval(d: np.ndarray) -> str:
     return f"{d.mean():+.3f} ± {stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)):.3f}"
 
 
+def beyond(b: Path, out: Path, seeds) -> None:
+    """`--rescale selected --up-gain 4` where the demo's profiles measured the default: 6 layers (the depth
+    profile's runs) and 4x the steps (the budget profile's), paired with their scratch and xpert runs."""
+    x4 = ["--steps", "480", "--batch-size", "8", "--seq-len", "256", "--lr", "0.002", "--warmup", "40",
+          "--eval-every", "60", "--eval-batches", "4", "--threads", "1"]  # recipes/demo.yaml's train-x4 step
+    for s in seeds:
+        g = out / f"selk4-6L-{s}"
+        if not g.exists():
+            run([*XPERTCTL, "graft", str(ROOT / "fixtures" / "teacher"), "-t", "6L", "--selection",
+                 str(b / "selection-min.json"), "--rescale", "selected", "--up-gain", "4", "--seed", str(s),
+                 "--dtype", "float32", "-o", str(g)])
+    jobs = [(out / f"selk4-6L-{s}", out / "runs" / f"selk4-6L-{s}", TRAIN, s) for s in seeds]
+    jobs += [(out / f"selk4-{s}", out / "runs" / "x4" / f"selk4-{s}", x4, s) for s in seeds]
+
+    def train(job):
+        src, dst, args, s = job
+        if not (dst / "metrics.jsonl").exists():
+            run([*XPERTCTL, "train", str(src), "--data", str(b / "data"), *args, "--seed", str(s), "-o", str(dst),
+                 "--force"])
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(train, jobs))
+    for label, mine, theirs in (("6 layers, 120 steps", lambda s: out / "runs" / f"selk4-6L-{s}",
+                                 lambda arm, s: b / "runs" / f"{arm}-6L-s{s}"),
+                                ("3 layers, 480 steps", lambda s: out / "runs" / "x4" / f"selk4-{s}",
+                                 lambda arm, s: b / "runs" / "x4" / f"{arm}-3L-s{s}")):
+        v = np.array([final_val(mine(s)) for s in seeds])
+        sc, xp = (np.array([final_val(theirs(arm, s)) for s in seeds]) for arm in ("scratch", "xpert"))
+        print(f"{label}: selected --up-gain 4 vs scratch {interval(v - sc)}, xpert (default) vs scratch "
+              f"{interval(xp - sc)}, selected --up-gain 4 − xpert {interval(v - xp)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=str(ROOT / "build" / "demo"))
     ap.add_argument("--out", default=str(ROOT / "build" / "rescale-split"))
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--beyond", action="store_true", help="selk4 at 6 layers and at 4x the steps")
     a = ap.parse_args()
     b, out = Path(a.build), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = range(a.seeds)
+    if a.beyond:
+        return beyond(b, out, seeds)
     made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4")
     for s in seeds:
         routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
