@@ -678,3 +678,21 @@ def test_up_gain_must_be_positive(fx, tmp_path, cli, bad):
     code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "--up-gain", bad, "-o", tmp_path / "g")
     assert_user_error(code, err, "--up-gain")
     assert not (tmp_path / "g").exists()
+
+
+def test_full_width_scratch_graft_still_checks_the_ranks(fx, tmp_path, cli):
+    """The scratch arm skips the consolidation, not the checks: --ranks that the XPERT arm beside it refuses
+    are refused here too (a recipe grid must not finish one arm and fail the other on the same options)."""
+    for init in ("xpert", "scratch"):
+        code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "--ranks", "full,full,99", "--ffn-init", init,
+                           "-o", tmp_path / init)
+        assert_user_error(code, err, "--ranks")
+        assert not (tmp_path / init).exists()
+
+
+def test_up_gain_that_overflows_the_output_dtype_is_refused(fx, tmp_path, cli):
+    """float16 holds neither 0.02 * 1e-7 nor 0.02 / 1e-7: the 'same function' would be zeros and infinities."""
+    code, _, err = cli("graft", fx / "mixtral", "-t", "2L", "--ffn-init", "scratch", "--up-gain", "1e-7",
+                       "--dtype", "float16", "-o", tmp_path / "g")
+    assert_user_error(code, err, "--up-gain", "float16")
+    assert not (tmp_path / "g").exists()

@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, FFN_INITS, SHARED, Target, parse_dtype
 from . import decompose, reshape
-from .tucker import parse_ranks
+from .tucker import parse_ranks, resolve
 from . import select as sel
 
 TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
@@ -156,7 +156,13 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
                     state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight").float()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
-    return {k: v.to(cast) for k, v in state.items()}, config
+    state = {k: v.to(cast) for k, v in state.items()}
+    if up_gain != 1:
+        for k in (f"model.layers.{t}.mlp.{m}.weight" for t in range(tgt["layers"]) for m in gain):
+            if not torch.isfinite(state[k]).all() or not state[k].any():
+                raise XpertError(f"--up-gain {up_gain:g}: {k} overflows or vanishes in {dtype}; use a gain nearer 1 "
+                                 "or a wider --dtype")
+    return state, config
 
 
 def norm_matched(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -331,6 +337,12 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         fresh = ffn_init == "scratch" and (target.hidden or ck.hidden) == ck.hidden
         if fresh:  # fresh FFNs over every residual dim: nothing of a consolidation would reach the model
             sel.check_source(doc, Path(sel_path), ck)
+            if not no_tucker:  # the options must still hold for the selection, as for the XPERT arm beside it
+                used = {i for g in lmap for i in g}
+                for l in (l for l in doc["layers"] if l["layer"] in used):
+                    n = len(l["experts"])
+                    for shape in ((ck.expert_ffn, ck.hidden, n), (ck.hidden, ck.expert_ffn, n)):
+                        resolve(parse_ranks(ranks), shape, ranks)
             adapted, meta = _fresh_layout(fmeta0, target, lmap, layer_map_how, shared)
         elif decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
