@@ -11,6 +11,7 @@ and data), paired with the demo's scratch runs seed by seed:
   hybrid2       selected's down projections, routed's function (up rows times 1/r)
   k2, k4        routed's function, up rows times k, down columns divided by k
   selk4         selected's function, up rows times 4, down columns divided by 4 (`--rescale selected --up-gain 4`)
+  fitk4         the demo's validated down fit, up rows times 4, down columns divided by 4 (`--fit down --up-gain 4`)
   nm-hybrid2, nm-k4   random FFNs with those arms' row norms (as `graft --ffn-init norm-matched` makes them)
   scratch-k4    the scratch baseline's fresh FFNs, up rows times 4, down columns divided by 4 (its function)
   scratch-gpt2  the scratch baseline with GPT-2's residual-projection init: down_proj and o_proj / sqrt(2 L)
@@ -147,7 +148,7 @@ def main() -> None:
     seeds = range(a.seeds)
     if a.beyond:
         return beyond(b, out, seeds)
-    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4")
+    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4", "fitk4")
     for s in seeds:
         routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
         if not sel.exists():
@@ -162,6 +163,7 @@ def main() -> None:
         derive(routed, out / f"k2-{s}", up_times([2.0] * LAYERS))
         derive(routed, out / f"k4-{s}", up_times([4.0] * LAYERS))
         derive(sel, out / f"selk4-{s}", up_times([4.0] * LAYERS))
+        derive(b / "init" / f"fit-3L-s{s}", out / f"fitk4-{s}", up_times([4.0] * LAYERS))
         derive(out / f"hybrid2-{s}", out / f"nmh2-{s}", norm_matched_of(s))
         derive(out / f"k4-{s}", out / f"nmk4-{s}", norm_matched_of(s))
         scratch = b / "init" / f"scratch-3L-s{s}"
@@ -178,6 +180,7 @@ def main() -> None:
         list(ex.map(train, [(arm, s) for s in seeds for arm in made]))
     scratch = np.array([final_val(b / "runs" / f"scratch-3L-s{s}") for s in seeds])
     arms = {"routed (the demo's xpert)": [b / "runs" / f"xpert-3L-s{s}" for s in seeds],
+            "fit (the demo's)": [b / "runs" / f"fit-3L-s{s}" for s in seeds],
             "norm-matched of routed (the demo's)": [b / "runs" / f"norm-matched-3L-s{s}" for s in seeds],
             **{m: [out / "runs" / f"{m}-{s}" for s in seeds] for m in made}}
     v = {k: np.array([final_val(p) for p in ps]) for k, ps in arms.items()}
@@ -186,7 +189,8 @@ def main() -> None:
     for k, x in v.items():
         print(f"| {k} | {x.mean():.3f} | {interval(x - scratch)} | {interval(x - routed)} |")
     for arm, ctl in (("routed (the demo's xpert)", "norm-matched of routed (the demo's)"), ("hybrid2", "nmh2"),
-                     ("k4", "nmk4"), ("k4", "scratch-k4"), ("selk4", "k4")):
+                     ("k4", "nmk4"), ("k4", "scratch-k4"), ("selk4", "k4"), ("fitk4", "fit (the demo's)"),
+                     ("fitk4", "selk4")):
         print(f"{arm} − {ctl}: {interval(v[arm] - v[ctl])}")
 
 
