@@ -566,6 +566,16 @@ def test_scratch_graft_card_records_no_consolidation_options(fx, tmp_path, cli):
     assert (_card_params(tmp_path / "x")["combine"], _card_params(tmp_path / "x")["criterion"]) == ("uniform", "test")
 
 
+def _graft_variants(cli, tmp_path, variants: dict) -> dict:
+    """{name: graft arguments} -> {name: output directory}, each graft asserted to succeed."""
+    outs = {}
+    for name, args in variants.items():
+        outs[name] = tmp_path / name
+        code, _, err = cli("graft", *args, "-o", outs[name])
+        assert code == 0, err
+    return outs
+
+
 def test_full_width_scratch_graft_does_not_consolidate(fx, tmp_path, cli, monkeypatch):
     """At the source's width a scratch baseline's FFNs are fresh and its residual dims are all of them, so the
     consolidation (~37 s on an OLMoE-1B-7B-shaped source) was computed and thrown away. The model must be the
@@ -606,12 +616,8 @@ def test_narrow_scratch_graft_inherits_the_xpert_arms_residual_dims(fx, tmp_path
     src = fx / "olmoe"
     ck = open_checkpoint(src)
     sel = _selection(tmp_path, ck, [6, 1])
-    outs = {}
-    for init in ("xpert", "scratch"):
-        outs[init] = tmp_path / init
-        code, _, err = cli("graft", src, "-t", "2L,d24", "--selection", sel, "--ffn-init", init, "--inherit",
-                           "embeddings", "-o", outs[init])
-        assert code == 0, err
+    outs = _graft_variants(cli, tmp_path, {init: [src, "-t", "2L,d24", "--selection", sel, "--ffn-init", init,
+                                                  "--inherit", "embeddings"] for init in ("xpert", "scratch")})
     a, b = (load_file(str(outs[i] / "model.safetensors")) for i in ("xpert", "scratch"))
     full = ck.tensor("model.embed_tokens.weight")
     assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
@@ -649,12 +655,8 @@ def test_up_gain_moves_the_scale_from_down_to_up_and_keeps_the_function(fx, tmp_
     src = fx / "mixtral"
     ck = open_checkpoint(src)
     sel = _selection(tmp_path, ck, [1, 0])
-    outs = {}
-    for k in ("1", "4"):
-        outs[k] = tmp_path / k
-        code, _, err = cli("graft", src, "-t", "2L", "--selection", sel, "--ffn-init", init, "--up-gain", k,
-                           "--dtype", "float32", "--seed", "5", "-o", outs[k])
-        assert code == 0, err
+    outs = _graft_variants(cli, tmp_path, {k: [src, "-t", "2L", "--selection", sel, "--ffn-init", init, "--up-gain", k,
+                                               "--dtype", "float32", "--seed", "5"] for k in ("1", "4")})
     a, b = (load_file(str(outs[k] / "model.safetensors")) for k in ("1", "4"))
     x = torch.randn(64, ck.hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for key in a:
