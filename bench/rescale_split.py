@@ -11,6 +11,7 @@ and data), paired with the demo's scratch runs seed by seed:
   hybrid2       selected's down projections, routed's function (up rows times 1/r)
   k2, k4        routed's function, up rows times k, down columns divided by k
   selk4         selected's function, up rows times 4, down columns divided by 4 (`--rescale selected --up-gain 4`)
+  selk8, selk16 the same with a gain of 8 and 16
   fitk4         the demo's validated down fit, up rows times 4, down columns divided by 4 (`--fit down --up-gain 4`)
   nm-hybrid2, nm-k4   random FFNs with those arms' row norms (as `graft --ffn-init norm-matched` makes them)
   scratch-k4    the scratch baseline's fresh FFNs, up rows times 4, down columns divided by 4 (its function)
@@ -148,7 +149,8 @@ def main() -> None:
     seeds = range(a.seeds)
     if a.beyond:
         return beyond(b, out, seeds)
-    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4", "fitk4")
+    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4", "fitk4",
+            "selk8", "selk16")
     for s in seeds:
         routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
         if not sel.exists():
@@ -162,7 +164,8 @@ def main() -> None:
         derive(routed, out / f"hybrid2-{s}", up_times([1 / x for x in r]))  # routed's function, selected's downs
         derive(routed, out / f"k2-{s}", up_times([2.0] * LAYERS))
         derive(routed, out / f"k4-{s}", up_times([4.0] * LAYERS))
-        derive(sel, out / f"selk4-{s}", up_times([4.0] * LAYERS))
+        for k in (4, 8, 16):
+            derive(sel, out / f"selk{k}-{s}", up_times([float(k)] * LAYERS))
         derive(b / "init" / f"fit-3L-s{s}", out / f"fitk4-{s}", up_times([4.0] * LAYERS))
         derive(out / f"hybrid2-{s}", out / f"nmh2-{s}", norm_matched_of(s))
         derive(out / f"k4-{s}", out / f"nmk4-{s}", norm_matched_of(s))
@@ -190,7 +193,7 @@ def main() -> None:
         print(f"| {k} | {x.mean():.3f} | {interval(x - scratch)} | {interval(x - routed)} |")
     for arm, ctl in (("routed (the demo's xpert)", "norm-matched of routed (the demo's)"), ("hybrid2", "nmh2"),
                      ("k4", "nmk4"), ("k4", "scratch-k4"), ("selk4", "k4"), ("fitk4", "fit (the demo's)"),
-                     ("fitk4", "selk4")):
+                     ("fitk4", "selk4"), ("selk8", "selk4"), ("selk16", "selk4")):
         print(f"{arm} − {ctl}: {interval(v[arm] - v[ctl])}")
 
 
