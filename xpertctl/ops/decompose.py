@@ -333,6 +333,15 @@ def compute(ck: Checkpoint, doc: dict, sel_path: Path | str, *, ranks: str | Non
     return tensors, factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, errors, weighting)
 
 
+def check_ranks(ck: Checkpoint, doc: dict, ranks: str | None, only: set[int]) -> None:
+    """--ranks against the stacks the selected layers in `only` would make, without reading a weight."""
+    spec = parse_ranks(ranks)
+    for l in (l for l in doc["layers"] if l["layer"] in only):
+        n = len(l["experts"])
+        for shape in ((ck.expert_ffn, ck.hidden, n), (ck.hidden, ck.expert_ffn, n)):
+            resolve(spec, shape, ranks)
+
+
 def check_sweeps(sweeps: int, align_neurons: bool) -> None:
     if sweeps < 0:
         raise XpertError(f"--align-sweeps {sweeps}: must be >= 0")

@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, FFN_INITS, SHARED, Target, parse_dtype
 from . import decompose, reshape
-from .tucker import parse_ranks, resolve
+from .tucker import parse_ranks
 from . import select as sel
 
 TARGET_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
@@ -249,8 +249,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     inherit_l = parse_inherit(inherit)
-    if not up_gain > 0 or up_gain == float("inf"):
-        raise XpertError(f"--up-gain {up_gain}: must be a positive number")
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
     if fit != "none" and ffn_init == "scratch":
@@ -338,11 +336,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         if fresh:  # fresh FFNs over every residual dim: nothing of a consolidation would reach the model
             sel.check_source(doc, Path(sel_path), ck)
             if not no_tucker:  # the options must still hold for the selection, as for the XPERT arm beside it
-                used = {i for g in lmap for i in g}
-                for l in (l for l in doc["layers"] if l["layer"] in used):
-                    n = len(l["experts"])
-                    for shape in ((ck.expert_ffn, ck.hidden, n), (ck.hidden, ck.expert_ffn, n)):
-                        resolve(parse_ranks(ranks), shape, ranks)
+                decompose.check_ranks(ck, doc, ranks, {i for g in lmap for i in g})
             adapted, meta = _fresh_layout(fmeta0, target, lmap, layer_map_how, shared)
         elif decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
