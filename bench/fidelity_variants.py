@@ -13,7 +13,7 @@ selected experts per layer (the default selection keeps 2, where sweeps never ru
 Stats on the corpus's train split pick the experts (min / random / low); each variant's dense FFNs are
 built in memory exactly as `graft` builds them, and all are measured against the source's MoE blocks
 on the val split (rel_error, cosine, least-squares scale). This is the table in the README's method
-section. `--fit` adds the validated down fit from the default (routed) and from `--rescale selected`.
+section. `--fit` adds the validated down fit from the default (selected) and from `--rescale routed`.
 """
 from __future__ import annotations
 
@@ -30,22 +30,22 @@ from xpertctl.io import open_checkpoint  # noqa: E402
 from xpertctl.ops import decompose, fidelity, fit, reshape  # noqa: E402
 from xpertctl.ops import select as sel  # noqa: E402
 from xpertctl.ops import stats as stats_op  # noqa: E402
-from xpertctl.specs import Target  # noqa: E402
+from xpertctl.specs import RESCALE_DEFAULT, Target  # noqa: E402
 
 DEFAULT = dict(align_neurons=True, weighting="joint", ranks=None)
 VARIANTS = {  # name: (selection, decompose kwargs, combine, rescale); each row changes one thing from the default
-    "default (aligned, joint, full ranks, usage, routed-mass scale)": ("min", DEFAULT, "usage", "routed"),
-    "default with the selected experts' share of the routing mass (`--rescale selected`)": ("min", DEFAULT, "usage", "selected"),
+    "default (aligned, joint, full ranks, usage, selected-mass scale)": ("min", DEFAULT, "usage", "selected"),
+    "default with the whole block's routing mass (`--rescale routed`)": ("min", DEFAULT, "usage", "routed"),
     "default without a scale (`--rescale none`)": ("min", DEFAULT, "usage", "none"),
     "literal paper (unaligned, per-matrix rank 1)": ("min", dict(align_neurons=False, weighting="per-matrix", ranks="full,full,1"), "literal", "none"),
     "unaligned mean (no Tucker)": ("min", dict(align_neurons=False, no_tucker=True), "usage", "none"),
-    "unaligned, joint, full ranks, routed scale": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "routed"),
-    "aligned, joint rank 1, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "routed"),
-    "aligned, joint energy 0.9, routed scale": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "routed"),
-    "default, random selection": ("random", DEFAULT, "usage", "routed"),
-    "default, low selection": ("low", DEFAULT, "usage", "routed"),
-    "random selection, `--rescale selected`": ("random", DEFAULT, "usage", "selected"),
-    "low selection, `--rescale selected`": ("low", DEFAULT, "usage", "selected"),
+    "unaligned, joint, full ranks": ("min", dict(align_neurons=False, weighting="joint", ranks=None), "usage", "selected"),
+    "aligned, joint rank 1": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,1"), "usage", "selected"),
+    "aligned, joint energy 0.9": ("min", dict(align_neurons=True, weighting="joint", ranks="full,full,0.9"), "usage", "selected"),
+    "default, random selection": ("random", DEFAULT, "usage", "selected"),
+    "default, low selection": ("low", DEFAULT, "usage", "selected"),
+    "random selection, `--rescale routed`": ("random", DEFAULT, "usage", "routed"),
+    "low selection, `--rescale routed`": ("low", DEFAULT, "usage", "routed"),
 }
 
 
@@ -74,7 +74,7 @@ def train_split_student(ck, corpus: Path, seq_len: int, depth: int, label: str =
                    ck.num_experts, ck.fingerprint, {}, res.routed.numpy())
     doc = sel.selection_doc(st, sel.choose(st, "min", None, 0), "min", None, 0)
     doc["source"] = None
-    adapted, meta, base = student_of(ck, doc, Target(layers=depth), DEFAULT, "usage", "routed", label)
+    adapted, meta, base = student_of(ck, doc, Target(layers=depth), DEFAULT, "usage", RESCALE_DEFAULT, label)
     return runner, names, adapted, meta, base
 
 
@@ -132,7 +132,7 @@ def sweeps(a) -> None:
         doc = sel.selection_doc(st, sel.choose(st, "min", k, 0), "min", k, 0)
         doc["source"] = None
         for n in (2, 0):
-            students.append(student_of(ck, doc, Target(layers=a.depth), dict(DEFAULT, sweeps=n), "usage", "routed",
+            students.append(student_of(ck, doc, Target(layers=a.depth), dict(DEFAULT, sweeps=n), "usage", RESCALE_DEFAULT,
                                        f"{k} experts per layer, --align-sweeps {n}")[2])
     rows, tokens = fidelity.measure(ck, students, [f"{n}={corpus / a.split / (n + '.txt')}" for n in names],
                                     max_tokens=4096, seq_len=a.seq_len)
@@ -190,7 +190,7 @@ def main() -> None:
             downs = fit.fit_down(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, seq_len=a.seq_len,
                                  batch_size=8, max_tokens=a.tokens, device="cpu")  # validated (ridge by domains)
             ffns = [(g, u, downs[k]) for k, (g, u, _) in enumerate(s.ffns)]
-            name = "default" if resc == "routed" else "`--rescale selected`"
+            name = "default" if resc == RESCALE_DEFAULT else f"`--rescale {resc}`"
             students.append(fidelity.Student(f"{name} + fit down (ridge, calibrated on train)", ffns, s.layer_map,
                                              s.residual_index, s.experts, 0.02, None))
     rows, tokens = fidelity.measure(ck, students, val, max_tokens=a.tokens, seq_len=a.seq_len)

@@ -11,10 +11,11 @@ and data), paired with the demo's scratch runs seed by seed:
   hybrid2       selected's down projections, routed's function (up rows times 1/r)
   k2, k4        routed's function, up rows times k, down columns divided by k
   selk4         selected's function, up rows times 4, down columns divided by 4 (`--rescale selected --up-gain 4`)
-  selk8, selk16 the same with a gain of 8 and 16
+  selk8 … selk64 the same with a gain of 8, 16, 32 and 64
   fitk4         the demo's validated down fit, up rows times 4, down columns divided by 4 (`--fit down --up-gain 4`)
-  nm-hybrid2, nm-k4   random FFNs with those arms' row norms (as `graft --ffn-init norm-matched` makes them)
-  scratch-k4    the scratch baseline's fresh FFNs, up rows times 4, down columns divided by 4 (its function)
+  nm-hybrid2, nm-k4, nmsel1 … nmsel64   random FFNs with those arms' row norms (as `graft --ffn-init
+                norm-matched` makes them; nmselK: of `--rescale selected --up-gain K`)
+  scratch-k4 … scratch-k64   the scratch baseline's fresh FFNs, up rows times K, down columns divided by K
   scratch-gpt2  the scratch baseline with GPT-2's residual-projection init: down_proj and o_proj / sqrt(2 L)
 
     python bench/rescale_split.py [--build build/demo] [--out build/rescale-split]
@@ -150,7 +151,8 @@ def main() -> None:
     if a.beyond:
         return beyond(b, out, seeds)
     made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4", "fitk4",
-            "selk8", "selk16")
+            "selk8", "selk16", "selk32", "selk64", "nmsel16", "nmsel1", "nmsel4", "scratch-k16",
+            "scratch-k8", "scratch-k32", "scratch-k64", "nmsel8", "nmsel64")
     for s in seeds:
         routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
         if not sel.exists():
@@ -164,13 +166,17 @@ def main() -> None:
         derive(routed, out / f"hybrid2-{s}", up_times([1 / x for x in r]))  # routed's function, selected's downs
         derive(routed, out / f"k2-{s}", up_times([2.0] * LAYERS))
         derive(routed, out / f"k4-{s}", up_times([4.0] * LAYERS))
-        for k in (4, 8, 16):
+        for k in (4, 8, 16, 32, 64):
             derive(sel, out / f"selk{k}-{s}", up_times([float(k)] * LAYERS))
         derive(b / "init" / f"fit-3L-s{s}", out / f"fitk4-{s}", up_times([4.0] * LAYERS))
         derive(out / f"hybrid2-{s}", out / f"nmh2-{s}", norm_matched_of(s))
         derive(out / f"k4-{s}", out / f"nmk4-{s}", norm_matched_of(s))
+        for k in (4, 8, 16, 64):
+            derive(out / f"selk{k}-{s}", out / f"nmsel{k}-{s}", norm_matched_of(s))
+        derive(sel, out / f"nmsel1-{s}", norm_matched_of(s))
         scratch = b / "init" / f"scratch-3L-s{s}"
-        derive(scratch, out / f"scratch-k4-{s}", up_times([4.0] * LAYERS))
+        for k in (4, 8, 16, 32, 64):
+            derive(scratch, out / f"scratch-k{k}-{s}", up_times([float(k)] * LAYERS))
         derive(scratch, out / f"scratch-gpt2-{s}", residual_scaled)
 
     def train(job):
@@ -193,7 +199,11 @@ def main() -> None:
         print(f"| {k} | {x.mean():.3f} | {interval(x - scratch)} | {interval(x - routed)} |")
     for arm, ctl in (("routed (the demo's xpert)", "norm-matched of routed (the demo's)"), ("hybrid2", "nmh2"),
                      ("k4", "nmk4"), ("k4", "scratch-k4"), ("selk4", "k4"), ("fitk4", "fit (the demo's)"),
-                     ("fitk4", "selk4"), ("selk8", "selk4"), ("selk16", "selk4")):
+                     ("fitk4", "selk4"), ("selk8", "selk4"), ("selk16", "selk4"),
+                     ("selk32", "selk16"), ("selk64", "selk16"), ("selk16", "nmsel16"),
+                     ("selected", "nmsel1"), ("selk4", "nmsel4"), ("selk8", "nmsel8"), ("selk64", "nmsel64"),
+                     ("nmsel16", "scratch-k16"), ("selk4", "scratch-k4"), ("selk8", "scratch-k8"),
+                     ("selk16", "scratch-k16"), ("selk32", "scratch-k32"), ("selk64", "scratch-k64")):
         print(f"{arm} − {ctl}: {interval(v[arm] - v[ctl])}")
 
 

@@ -240,9 +240,9 @@ def test_fidelity_matches_an_independent_computation(moes, tmp_path, cli):
 
 
 def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli):
-    """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert. The default
-    --rescale routed multiplies each down projection by the block's whole top-k weight per token;
-    --rescale selected by the mean weight per token the *selected* experts receive (both from the router's own logits here)."""
+    """routed = the top-k softmax weights the router gave (OLMoE: not renormalized), per expert. --rescale routed
+    multiplies each down projection by the block's whole top-k weight per token; --rescale selected (the default)
+    by the mean weight per token the *selected* experts receive (both from the router's own logits here)."""
     src, model, _ = moes["independent"]
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
@@ -274,7 +274,7 @@ def test_stats_record_routing_weights_and_rescale_uses_them(moes, tmp_path, cli)
         none = got["none"][t]
         assert torch.allclose(got["routed"][t][2], none[2] * mass, atol=1e-6, rtol=1e-4)
         assert torch.allclose(got["selected"][t][2], none[2] * share, atol=1e-6, rtol=1e-4)
-        assert torch.equal(got["default"][t][2], got["routed"][t][2])
+        assert torch.equal(got["default"][t][2], got["selected"][t][2])
         assert all(torch.equal(got[r][t][k], none[k]) for r in got for k in (0, 1))  # gate, up untouched
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -368,9 +368,10 @@ ALIGN_SWEEPS = opt("align_sweeps", 0, "After matching each expert to the most-us
                    "each to the weighted sum of the others (opt-in: ~3x the alignment time for ~0.005 rel_error).", range=NONNEG)
 WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
                 "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
-RESCALE = opt("rescale", "routed", "Scale each down projection from the stats: routed (the whole block's mean top-k "
-              "weight per token: the students train best), selected (the mean routing weight per token the selected "
-              "experts receive: never worse than a zero FFN on our held-out text, trains worse) or none (the experts' "
+RESCALE = opt("rescale", RESCALE_DEFAULT, "Scale each down projection from the stats: selected (the mean routing "
+              "weight per token the selected experts receive: no layer worse than a zero FFN on our held-out text), "
+              "routed (the whole block's mean top-k weight per token, as if the FFN stood for every expert: worse "
+              "than a zero FFN in some layers, students train better from it at --up-gain 1) or none (the experts' "
               "own scale).", choices=RESCALES)
 SHARED_OPT = opt("shared", "none", "Shared experts (Qwen2-MoE, DeepSeek): none (dropped: the FFN stays one expert wide) "
                  "or concat (their neurons appended to the FFN, which widens by their width; Qwen2-MoE's per-token "

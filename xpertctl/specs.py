@@ -13,6 +13,7 @@ CRITERIA = ("min", "mean", "vote", "random", "low", "all")  # select; the last t
 LAYER_MAPS = ("uniform", "first", "merge")  # reshape: depth map
 COMBINES = ("usage", "uniform", "literal", "first")  # reshape: expert-mode combination
 RESCALES = ("routed", "selected", "none")  # reshape: scale the down projection by the whole block's or the selected experts' routing mass
+RESCALE_DEFAULT = "selected"  # no layer worse than a zero FFN on the demo's held-out text (README: the method)
 SHARED = ("none", "concat")  # reshape/graft: drop the shared experts, or append their neurons to the FFN
 WEIGHTINGS = ("joint", "per-matrix")  # decompose: one expert-mode factor per layer, or one per matrix
 FITS = ("none", "down", "ffn")  # graft: data-aware fit of the down projections, or of the whole FFN

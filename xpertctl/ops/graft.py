@@ -18,7 +18,7 @@ from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
 from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
-from ..specs import DTYPES, FFN_INITS, SHARED, Target, parse_dtype
+from ..specs import DTYPES, FFN_INITS, RESCALE_DEFAULT, SHARED, Target, parse_dtype
 from . import decompose, reshape
 from .tucker import parse_ranks
 from . import select as sel
@@ -240,7 +240,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
         align_neurons: bool = True, align_sweeps: int = 0, no_tucker: bool = False, weighting: str = "joint", layer_map_how: str = "uniform",
-        combine: str = "usage", rescale: str = "routed", shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
+        combine: str = "usage", rescale: str = RESCALE_DEFAULT, shared: str = "none", fit: str = "none", calibration: list[str] | None = None,
         calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_weighting: str = "tokens", fit_steps: int = 500,
         text_field: str = "text",
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..specs import RESCALE_DEFAULT
 from .decompose import align_perms, permute
 
 
@@ -48,8 +49,8 @@ def expand(per_src: dict[int, tuple[torch.Tensor, ...]], n_target: int,
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target, *, combine: str = "usage",
-          width_select: str = "norm", rescale: str = "routed") -> tuple[dict[str, torch.Tensor], dict]:
-    """reshape.adapt for the learngene: every source layer's FFN (at its routed scale) -> the expansion's
+          width_select: str = "norm", rescale: str = RESCALE_DEFAULT) -> tuple[dict[str, torch.Tensor], dict]:
+    """reshape.adapt for the learngene: every source layer's FFN (at its --rescale scale) -> the expansion's
     n target FFNs -> the target width. The recorded layer map is the nearest source layer by depth (the
     block `fidelity` compares each target layer with); the FFN itself comes from all of them."""
     from . import reshape

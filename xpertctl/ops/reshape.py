@@ -26,7 +26,7 @@ from .decompose import MATRICES, mode3_sum
 from .ranking import top_indices
 from .tucker import _is_identity, reconstruct
 
-from ..specs import COMBINES, LAYER_MAPS, RESCALES, SHARED, WIDTH_SELECTS
+from ..specs import COMBINES, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, SHARED, WIDTH_SELECTS
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
@@ -156,7 +156,7 @@ def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: 
 
 
 def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
-          rescale: str = "routed", shared: str = "none") -> list[list[int]]:
+          rescale: str = RESCALE_DEFAULT, shared: str = "none") -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
     check_choices(layer_map_how, combine, width_select, rescale)
     _choice(shared, SHARED, "--shared")
@@ -192,7 +192,7 @@ def shared_of(t: dict[str, torch.Tensor], layers) -> dict[int, tuple[torch.Tenso
 
 
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-            combine: str = "usage", width_select: str = "norm", rescale: str = "routed",
+            combine: str = "usage", width_select: str = "norm", rescale: str = RESCALE_DEFAULT,
             shared: str = "none") -> tuple[dict[str, torch.Tensor], dict]:
     lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
     used = sorted({i for g in lmap for i in g})
@@ -219,7 +219,7 @@ def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, resc
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
-          combine: str = "usage", width_select: str = "norm", rescale: str = "routed", shared: str = "none",
+          combine: str = "usage", width_select: str = "norm", rescale: str = RESCALE_DEFAULT, shared: str = "none",
           shared_ffns: dict[int, tuple[torch.Tensor, ...]] | None = None,
           single: set[int] = frozenset()) -> tuple[dict[str, torch.Tensor], dict]:
     """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width); with
@@ -316,7 +316,7 @@ def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "usage",
-        width_select: str = "norm", rescale: str = "routed", shared: str = "none", force: bool = False) -> Path:
+        width_select: str = "norm", rescale: str = RESCALE_DEFAULT, shared: str = "none", force: bool = False) -> Path:
     """`xpertctl reshape`: adapted.safetensors."""
     from ..io import check_output
     check_output(out, force, [factors])
