@@ -58,7 +58,7 @@ def graft_run(data: Path, name: str, stats: bool, scratch: bool = False) -> dict
 def breakdown(src: Path, stats: Path) -> dict:
     """The one-shot graft's default pipeline, stage by stage: read the selected experts, align their
     neurons, combine (full ranks: the usage-weighted sum of the aligned experts, one matrix at a time),
-    adapt (depth map, routed-mass rescale, width), build the fresh model, write it. For reference, what
+    adapt (depth map, --rescale, width), build the fresh model, write it. For reference, what
     the factor path (`decompose` at the same defaults) adds for the same layers: the joint Gram and the
     per-matrix stack + Tucker, which the one-shot path no longer forms."""
     import torch

@@ -54,7 +54,7 @@ def main() -> None:
         "shapes, bf16, 5 GB shards, seeded random weights; + fused layout; + synthetic stats).", "",
         "### Bounded memory: one-shot graft of OLMoE-1B-7B (13.8 GB) to 12 layers", "",
         "`xpertctl graft bench/data/olmoe-shaped --target 12L --stats bench/data/olmoe-shaped.stats.safetensors -o OUT`",
-        "(default consolidation: aligned neurons, full ranks, usage weights, routed-mass rescale; goal: peak RSS "
+        "(default consolidation: aligned neurons, full ranks, usage weights, selected-mass rescale; goal: peak RSS "
         "<= 4 GiB, wall <= 5 min), and without `--stats` (all 64 experts per layer; goal: peak RSS <= 4 GiB)", "",
         "| run | wall | peak RSS | output | load (1 min) |", "|---|---|---|---|---|",
         *[f"| {k} | {v['wall_s']:.1f} s | {v['peak_rss_gib']:.2f} GiB | {v['out_gib']:.2f} GiB | "

@@ -108,6 +108,36 @@ def test_shipped_recipes_expand(tmp_path):
     assert all(same.get(sid) == a for sid, op, a in demo if op != "report")
 
 
+def test_each_profiles_report_reads_what_that_profile_evaluated(tmp_path):
+    """The report's results and fidelity are the outs of this profile's own eval and fidelity steps: a glob
+    over the shared eval/ directory also took other profiles' runs (the default report showed the depth
+    profile's 4- and 6-layer students, the ffn and diversity arms, made with an older release's defaults)."""
+    path = ROOT / "recipes" / "demo.yaml"
+    for profile, arms, depths in ((None, 9, [3]), ("depth", 9 + 5 * 2, [3, 4, 6]), ("ffn", 10, [3]),
+                                  ("diversity", 15, [3])):
+        plan = rc.expand(rc.load(path, profile=profile), path)
+        report = next(a for sid, op, a in plan if op == "report")
+        evals = [a["out"] for sid, op, a in plan if op == "eval" and sid.startswith("eval-") and sid != "eval-teacher"]
+        assert report["results"] == evals and len(evals) == arms * 8, profile
+        assert sorted({int(Path(o).name.split("L-s")[0].rsplit("-", 1)[1]) for o in evals}) == depths
+        fids = [a["out"] for sid, op, a in plan if op == "fidelity"]
+        assert report["fidelity"] == fids, profile
+        for o in evals:  # nothing from the budget's or SFT's own directories
+            assert Path(o).parent == Path(plan[0][2]["out"]).parent / "eval", o
+    (tmp_path / "e").mkdir()
+    doc = {"name": "t", "steps": [
+        *[{"id": f"a-{i}", "op": "corpus order", "args": {"corpus": str(tmp_path / "e"), "out": str(tmp_path / f"{i}.jsonl")}}
+          for i in (1, 2)],
+        {"id": "b-1", "op": "corpus order", "args": {"corpus": str(tmp_path / "e"), "out": str(tmp_path / "b.jsonl")}},
+        {"id": "r", "op": "report", "args": {"results": "${steps.a-*.out}", "out": str(tmp_path / "rep")}}]}
+    plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+    assert plan[-1][2]["results"] == [str(tmp_path / "1.jsonl"), str(tmp_path / "2.jsonl")]
+    for bad, needle in (("${steps.z-*.out}", "matches no earlier step"), ("x ${steps.a-*.out}", "a list of outs")):
+        doc["steps"][-1]["args"]["results"] = bad
+        with pytest.raises(XpertError, match=needle):
+            rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+
+
 @pytest.mark.parametrize("mutate,needle", [
     (lambda d: d["steps"][0].update(op="frobnicate"), "unknown op 'frobnicate'"),
     (lambda d: d["steps"][1]["args"].update(colour="red"), "step 'cloze': corpus cloze has no argument 'colour'"),

@@ -14,8 +14,10 @@
         grid: {seed: "${vars.seeds}"}
         args: {ckpt: "${steps.graft.out}", seed: "${grid.seed}", out: "${vars.work}/run-${grid.seed}"}
 
-References: ${vars.NAME}, ${steps.ID.out} (an earlier step's `out`), ${grid.KEY}. A value that is a
-single reference keeps its type (a list stays a list). A grid expands a step into one per combination.
+References: ${vars.NAME}, ${steps.ID.out} (an earlier step's `out`), ${steps.PATTERN.out} (the outs of
+every earlier step whose id matches the glob PATTERN, as a list: what this run of the recipe made, not
+whatever an older run left on disk), ${grid.KEY}. A value that is a single reference keeps its type (a
+list stays a list). A grid expands a step into one per combination.
 Each step is bound to its command in the table of operations (ops_table, handed in by the caller),
 so its values are checked exactly as the command line's options are, and every input must exist or
 be written by an earlier step, all before the first step runs. A step whose `out` exists and whose
@@ -155,12 +157,18 @@ def _resolve(value: Any, ctx: dict, where: str) -> Any:
         m = _REF.fullmatch(value)
         if m:
             return _lookup(m.group(1), m.group(2), ctx, where)
-        return _REF.sub(lambda mm: str(_lookup(mm.group(1), mm.group(2), ctx, where)), value)
+        return _REF.sub(lambda mm: _inline(_lookup(mm.group(1), mm.group(2), ctx, where), mm.group(0), where), value)
     if isinstance(value, list):
         return [_resolve(v, ctx, where) for v in value]
     if isinstance(value, dict):
         return {k: _resolve(v, ctx, where) for k, v in value.items()}
     return value
+
+
+def _inline(value: Any, ref: str, where: str) -> str:
+    if isinstance(value, list) and ref.startswith("${steps."):  # a pattern's list has no place inside a string
+        raise XpertError(f"{where}: {ref} is a list of outs; give it as the whole value")
+    return str(value)
 
 
 def _lookup(kind: str, key: str, ctx: dict, where: str) -> Any:
@@ -174,6 +182,11 @@ def _lookup(kind: str, key: str, ctx: dict, where: str) -> Any:
         return ctx["grid"][key]
     if kind == "steps":
         sid, _, field = key.rpartition(".")
+        if field == "out" and any(c in sid for c in "*?["):  # a pattern: every earlier step's out it matches
+            outs = [o for s, o in ctx["steps"].items() if fnmatch.fnmatchcase(s, sid)]
+            if not outs:
+                raise XpertError(f"{where}: ${{steps.{key}}} matches no earlier step's id")
+            return outs
         if field != "out" or sid not in ctx["steps"]:
             raise XpertError(f"{where}: ${{steps.{key}}} names no earlier step's out")
         return ctx["steps"][sid]
