@@ -677,7 +677,8 @@ COMMANDS: tuple[Command, ...] = (
                     choices=FFN_INITS),
                 opt("up_gain", 1.0, "Multiply each FFN's up rows by this and divide its down columns by it: the same "
                     "function (SwiGLU is linear in up), with down projections that many times smaller; applies to every "
-                    "--ffn-init (norm-matched takes the gained norms). Students train differently from it (README).",
+                    "--ffn-init (norm-matched takes the gained norms). Under AdamW it acts as a down/up learning-rate ratio: "
+                    "it changes training for every init, scratch included, so compare arms at matched or tuned gains (README).",
                     type=float, range=POSITIVE, neutral=True),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
