@@ -1,4 +1,4 @@
-"""Issue 20: is the `routed` default's training gain the FFN's output scale, or where its weights carry it?
+"""Issue 20: is `--rescale routed`'s training gain the FFN's output scale, or where its weights carry it?
 (study, not a user tool; needs the demo's build: `make demo`)
 
 A SwiGLU FFN computes the same function when its up rows are multiplied by k and its down columns divided
@@ -6,6 +6,7 @@ by k (silu(g x) * (k u x) / k). Each arm below is made from the demo's grafts by
 norm-matched random control of one, and is trained as the demo trains (3 layers, 120 steps, the same seeds
 and data), paired with the demo's scratch runs seed by seed:
 
+  routed, nmrouted   `graft --rescale routed` (grafted here, whatever the demo's default) and its norm-matched control
   selected      `graft --rescale selected` (its down projections are r = selected/routed mass times routed's)
   hybrid        routed's down projections, selected's function (up rows times r)
   hybrid2       selected's down projections, routed's function (up rows times 1/r)
@@ -20,6 +21,9 @@ and data), paired with the demo's scratch runs seed by seed:
 
     python bench/rescale_split.py [--build build/demo] [--out build/rescale-split]
     python bench/rescale_split.py --beyond     # selk4 at 6 layers and at 4x the steps (after DEMO=depth, budget)
+
+The --beyond comparison labels the profiles' `xpert` runs "default": that is `routed` for builds made before the
+default became `selected` (2026-11-26), and selk4's own ungained init after.
 """
 from __future__ import annotations
 
@@ -150,15 +154,16 @@ def main() -> None:
     seeds = range(a.seeds)
     if a.beyond:
         return beyond(b, out, seeds)
-    made = ("selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4", "fitk4",
+    made = ("routed", "nmrouted", "selected", "hybrid", "hybrid2", "k2", "k4", "nmh2", "nmk4", "scratch-k4", "scratch-gpt2", "selk4", "fitk4",
             "selk8", "selk16", "selk32", "selk64", "nmsel16", "nmsel1", "nmsel4", "scratch-k16",
             "scratch-k8", "scratch-k32", "scratch-k64", "nmsel8", "nmsel64")
     for s in seeds:
-        routed, sel = b / "init" / f"xpert-3L-s{s}", out / f"selected-{s}"
-        if not sel.exists():
-            run([*XPERTCTL, "graft", str(ROOT / "fixtures" / "teacher"), "-t", f"{LAYERS}L", "--selection",
-                 str(b / "selection-min.json"), "--rescale", "selected", "--seed", str(s), "--dtype", "float32",
-                 "-o", str(sel)])
+        routed, sel = out / f"routed-{s}", out / f"selected-{s}"
+        for how, g in (("routed", routed), ("selected", sel)):  # both made here: the demo's default may be either
+            if not g.exists():
+                run([*XPERTCTL, "graft", str(ROOT / "fixtures" / "teacher"), "-t", f"{LAYERS}L", "--selection",
+                     str(b / "selection-min.json"), "--rescale", how, "--seed", str(s), "--dtype", "float32",
+                     "-o", str(g)])
         r = down_ratio(routed, sel)
         if s == 0:
             print("selected/routed mass per layer:", " ".join(f"{x:.3f}" for x in r))
@@ -171,6 +176,7 @@ def main() -> None:
         derive(b / "init" / f"fit-3L-s{s}", out / f"fitk4-{s}", up_times([4.0] * LAYERS))
         derive(out / f"hybrid2-{s}", out / f"nmh2-{s}", norm_matched_of(s))
         derive(out / f"k4-{s}", out / f"nmk4-{s}", norm_matched_of(s))
+        derive(routed, out / f"nmrouted-{s}", norm_matched_of(s))
         for k in (4, 8, 16, 64):
             derive(out / f"selk{k}-{s}", out / f"nmsel{k}-{s}", norm_matched_of(s))
         derive(sel, out / f"nmsel1-{s}", norm_matched_of(s))
@@ -188,16 +194,14 @@ def main() -> None:
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(train, [(arm, s) for s in seeds for arm in made]))
     scratch = np.array([final_val(b / "runs" / f"scratch-3L-s{s}") for s in seeds])
-    arms = {"routed (the demo's xpert)": [b / "runs" / f"xpert-3L-s{s}" for s in seeds],
-            "fit (the demo's)": [b / "runs" / f"fit-3L-s{s}" for s in seeds],
-            "norm-matched of routed (the demo's)": [b / "runs" / f"norm-matched-3L-s{s}" for s in seeds],
+    arms = {"fit (the demo's)": [b / "runs" / f"fit-3L-s{s}" for s in seeds],
             **{m: [out / "runs" / f"{m}-{s}" for s in seeds] for m in made}}
     v = {k: np.array([final_val(p) for p in ps]) for k, ps in arms.items()}
-    routed = v["routed (the demo's xpert)"]
+    routed = v["routed"]
     print(f"| init | final val loss | Δ vs scratch ({len(scratch)} seeds) | Δ vs routed |\n|---|---|---|---|")
     for k, x in v.items():
         print(f"| {k} | {x.mean():.3f} | {interval(x - scratch)} | {interval(x - routed)} |")
-    for arm, ctl in (("routed (the demo's xpert)", "norm-matched of routed (the demo's)"), ("hybrid2", "nmh2"),
+    for arm, ctl in (("routed", "nmrouted"), ("hybrid2", "nmh2"),
                      ("k4", "nmk4"), ("k4", "scratch-k4"), ("selk4", "k4"), ("fitk4", "fit (the demo's)"),
                      ("fitk4", "selk4"), ("selk8", "selk4"), ("selk16", "selk4"),
                      ("selk32", "selk16"), ("selk64", "selk16"), ("selk16", "nmsel16"),

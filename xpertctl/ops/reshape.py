@@ -205,13 +205,13 @@ def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map
 def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
     """Each source layer's down-projection factor, from the stats behind the selection.
 
-    The MoE block outputs sum_k w_k E_k(x). `routed` (default): the block's whole mean top-k weight per
-    token (OLMoE's top-k softmax weights sum to less than one), as if the FFN stood for every expert. It
-    overshoots where the consolidated FFN agrees poorly with the block (four layer-domain pairs of the
-    committed teacher worse than the zero FFN), yet students start from it train best (README, demo).
-    `selected`: the mean routing weight per token the selected experts receive (0 on tokens routed
-    elsewhere), the share of the block they make: every layer below the zero FFN's error on our held-out
-    text, 0.09 nats worse after training. Without stats the FFNs stay at the experts' scale."""
+    The MoE block outputs sum_k w_k E_k(x). `selected` (default): the mean routing weight per token the
+    selected experts receive (0 on tokens routed elsewhere), the share of the block they make: every layer
+    of the committed teacher below the zero FFN's error on our held-out text. `routed`: the block's whole
+    mean top-k weight per token (OLMoE's top-k softmax weights sum to less than one), as if the FFN stood
+    for every expert; it overshoots where the consolidated FFN agrees poorly with the block (four
+    layer-domain pairs worse than the zero FFN). Students train better from `routed` at --up-gain 1 only
+    (README, "Where the scale sits"). Without stats the FFNs stay at the experts' scale."""
     if rescale == "none":
         return {}
     masses = meta.get("selected_mass" if rescale == "selected" else "routed_mass") or {}
