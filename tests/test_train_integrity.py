@@ -150,3 +150,30 @@ def test_resume_refuses_a_checkpoint_whose_weights_do_not_fit(fx, tdata, tmp_pat
     save_file(sd, str(f), metadata={"format": "pt"})
     code, out, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
     assert_user_error(code, err, "step-000004", "model.norm.weight")
+
+
+def test_a_retrained_checkpoint_is_evaluated_again(fx, tdata, tmp_path, capsys):
+    """A recipe's eval of a training run's checkpoint must re-run when the training did (transformers'
+    save_pretrained dropped the provenance train gave it, so every checkpoint of one architecture had the same
+    header, the same fingerprint, and its eval was skipped as done: the demo's re-trained arms kept their old
+    test perplexities). The record is now in the checkpoint, and transformers still loads it."""
+    main, _ = tdata
+    r = _recipe(tmp_path, fx, main, 3e-3)
+    doc = yaml.safe_load(r.read_text())
+    doc["steps"].append({"id": "ev", "op": "eval", "args": {"ckpt": str(tmp_path / "run" / "final"),
+                         "task": [f"ppl:{main}"], "split": "test", "seq_len": 16, "out": str(tmp_path / "ev.json")}})
+    r.write_text(yaml.safe_dump(doc))
+    rc.run(r, table=TABLE)
+    first = json.loads((tmp_path / "ev.json").read_text())
+    capsys.readouterr()
+    rc.run(r, ["vars.lr=1e-3"], table=TABLE)
+    err = capsys.readouterr().err
+    assert "ev: run" in err, err
+    assert json.loads((tmp_path / "ev.json").read_text()) != first
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "run" / "final" / "model.safetensors"), "pt") as f:
+        rec = json.loads(f.metadata()["xpertctl"])
+    assert rec["kind"] == "train" and rec["params"]["lr"] == pytest.approx(1e-3)
+    assert rec["inputs"][0]["sha256"] and rec["inputs"][0]["path"] == str((fx / "llama").resolve())
+    import transformers
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")

@@ -106,7 +106,10 @@ def save_checkpoint(model, tokenizer_dir: Path | None, run: Path, name: str, sta
     final = run / name
     tmp = run / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, metadata={"format": "pt", **provenance.as_metadata(rec)})
+    model.save_pretrained(tmp)
+    from .io.writer import add_metadata
+    for f in tmp.glob("*.safetensors"):  # save_pretrained drops a metadata argument: the record goes in after
+        add_metadata(f, provenance.as_metadata(rec))
     if tokenizer_dir is not None:
         from .io.checkpoint import tokenizer_files
         for f, src in tokenizer_files(tokenizer_dir).items():
@@ -193,7 +196,10 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     identity = run_identity(cfg, ckpt, data_dir, sft)
     start = start_or_resume(out, model, opt, sched, identity, resume, force, rk)
     step_fn = Stepper(model, teacher, cfg, device, rk, compile)
-    rec = provenance.record("train", inputs=[{"path": str(Path(p).resolve())} for p in (ckpt, cfg.teacher) if p],
+    # the init's and the teacher's fingerprints: a checkpoint trained from another init has another header,
+    # so a recipe's eval of it is not skipped as done (fingerprints of safetensors read the header only)
+    rec = provenance.record("train", inputs=[provenance.fingerprint(Path(p), sorted(Path(p).glob("*.safetensors")))
+                                             for p in (ckpt, cfg.teacher) if p],
                             params=asdict(cfg) | {"data": str(data_dir) if data_dir else None,
                                                   "sft": str(sft) if sft else None}, seed=cfg.seed)
     if rk.rank == 0:

@@ -201,6 +201,29 @@ def _sort_metadata(path: Path) -> None:
         f.write(new)
 
 
+def add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Merge `metadata` into a safetensors file's __metadata__ (a file another library wrote: transformers'
+    save_pretrained drops the metadata it is given). The tensor bytes are streamed into a sibling temp that
+    replaces the file, so memory does not grow with the model."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = {**header.get("__metadata__", {}), **metadata}
+        header["__metadata__"] = dict(sorted(meta.items()))
+        raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as g:
+                g.write(struct.pack("<Q", len(raw)) + raw)
+                shutil.copyfileobj(f, g, 1 << 22)
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                       force: bool = False) -> Path:
     """One safetensors file, written atomically."""
