@@ -393,4 +393,4 @@ def _task_fp(path: str) -> str | None:
 
 
 def _model_fp(ckpt: Path) -> str:
-    return provenance.fingerprint(Path(ckpt), sorted(Path(ckpt).glob("*.safetensors")))["sha256"]
+    return provenance.weights_fingerprint(ckpt)["sha256"]

@@ -198,8 +198,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     step_fn = Stepper(model, teacher, cfg, device, rk, compile)
     # the init's and the teacher's fingerprints: a checkpoint trained from another init has another header,
     # so a recipe's eval of it is not skipped as done (fingerprints of safetensors read the header only)
-    rec = provenance.record("train", inputs=[provenance.fingerprint(Path(p), sorted(Path(p).glob("*.safetensors")))
-                                             for p in (ckpt, cfg.teacher) if p],
+    rec = provenance.record("train", inputs=[provenance.weights_fingerprint(p) for p in (ckpt, cfg.teacher) if p],
                             params=asdict(cfg) | {"data": str(data_dir) if data_dir else None,
                                                   "sft": str(sft) if sft else None}, seed=cfg.seed)
     if rk.rank == 0:

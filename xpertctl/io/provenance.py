@@ -75,6 +75,11 @@ def fingerprint(path: Path, files: list[Path] | None = None) -> dict:
 file_fingerprint = fingerprint  # the name the ops use for their single-file inputs
 
 
+def weights_fingerprint(model_dir: Path) -> dict:
+    """A model directory's fingerprint from its safetensors files alone (what train and eval record)."""
+    return fingerprint(Path(model_dir), sorted(Path(model_dir).glob("*.safetensors")))
+
+
 def record(kind: str, inputs: list[dict], params: dict, seed: int | None = None, **extra) -> dict:
     """The provenance dict of one artifact (stored as JSON under the "xpertctl" metadata key)."""
     rec = {"version": __version__, "kind": kind, "command": command_line(), "inputs": inputs,
