@@ -12,7 +12,7 @@ ifeq ($(filter full quick power budget depth diversity sft ffn paper,$(DEMO)),)
 $(error DEMO=$(DEMO): choose full, quick, power, budget, depth, diversity, sft, ffn or paper)
 endif
 DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
-CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib
+CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib dict-gcide dict-devil python3.11-doc linux-doc-6.1
 
 .PHONY: setup test demo corpus teacher bench fixtures clean
 
@@ -51,7 +51,7 @@ endif
 
 # Retrain the committed teacher (fixtures/teacher) from scratch with its own recipe.
 teacher: corpus
-	$(BIN)/xpertctl run recipes/teacher-tiny.yaml
+	$(BIN)/xpertctl run recipes/teacher.yaml
 	rm -rf fixtures/teacher && cp -r build/teacher/run/final fixtures/teacher
 	cp build/teacher/run/metrics.jsonl build/teacher/frequency.png fixtures/teacher/
 

@@ -1,14 +1,19 @@
 """A multi-domain corpus from text that Debian packages ship, and a BPE tokenizer trained on it.
 
-Domains (package -> what is read):
+Domains (package -> what is read, in this order until the domain's byte cap):
   legal      base system      /usr/share/common-licenses/* and /usr/share/doc/*/copyright
   scripture  bible-kjv        the `bible` program's output (the text is stored compressed)
-  lexicon    wordnet-base     glosses of /usr/share/wordnet/data.{noun,verb,adj,adv} (after "| ")
-  code       libpython3.11-stdlib  /usr/lib/python3.11/**/*.py (tests excluded)
-  manuals    man-db           section 1 and 8 man pages rendered with `man -l FILE | col -b`
+  lexicon    wordnet-base     glosses of /usr/share/wordnet/data.{noun,verb,adj,adv} (after "| "),
+             dict-gcide, dict-devil   then the entries of the dictd dictionaries (Webster's 1913, ...)
+  code       libpython3.11-stdlib  /usr/lib/python3.11/**/*.py (tests excluded), then the Python
+                              sources of Debian's python3-* packages (/usr/lib/python3/dist-packages)
+  manuals    man-db, python3.11-doc, linux-doc-6.1   man pages of sections 1, 5, 7, 8 rendered with
+                              `man -l FILE | col -b` (up to a third of the cap), then the Python
+                              documentation (HTML, tags stripped), then the Linux kernel's Documentation
   quotes     fortunes         /usr/share/games/fortunes/* (%-separated)
 Documents are cleaned, deduplicated, cut to about `DOC_CHARS`, kept in a deterministic order and
-assigned to train/val/test by a hash of their text (data.split_of).
+assigned to train/val/test by a hash of their text (data.split_of). A missing package only shrinks its
+domain (a notice names what was found).
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from . import data
 from .console import notice, progress
 from .errors import XpertError
 
-PACKAGES = ("wordnet-base", "fortunes", "bible-kjv", "man-db", "groff-base", "libpython3.11-stdlib")
+PACKAGES = ("wordnet-base", "fortunes", "bible-kjv", "man-db", "groff-base", "libpython3.11-stdlib",
+            "dict-gcide", "dict-devil", "python3.11-doc", "linux-doc-6.1")
+MAX_BYTES = 28_000_000  # per domain: ~100 MB in all, >= 30M tokens of the demo's 2,048-token BPE
 DOC_CHARS = 1200
 DOMAINS = ("legal", "scripture", "lexicon", "code", "manuals", "quotes")
 
@@ -75,7 +82,7 @@ def scripture() -> list[str]:
     return [c for verses in chapters.values() for c in _chunks("\n\n".join(verses))]
 
 
-def lexicon() -> list[str]:
+def lexicon():
     glosses = []
     for pos in ("noun", "verb", "adj", "adv"):
         for line in _read(Path(f"/usr/share/wordnet/data.{pos}")).splitlines():
@@ -83,31 +90,109 @@ def lexicon() -> list[str]:
                 continue  # licence header lines start with two spaces
             words = line.split(" ")[4:5]
             glosses.append(f"{words[0].replace('_', ' ') if words else ''}: {line.split('| ', 1)[1].strip()}")
-    return _chunks("\n\n".join(glosses))
+    yield from _chunks("\n\n".join(glosses))
+    for name in ("gcide", "devil"):
+        yield from _chunks("\n\n".join(_dictd_entries(Path(f"/usr/share/dictd/{name}.dict.dz"))))
 
 
-def code() -> list[str]:
-    root = Path("/usr/lib/python3.11")
-    files = sorted(p for p in root.rglob("*.py") if not ({"test", "tests", "idle_test", "site-packages",
-                                                            "dist-packages"} & set(p.relative_to(root).parts)))
-    return [c for f in files for c in _chunks(_read(f))]
+def _dictd_entries(path: Path) -> list[str]:
+    """The entries of a dictd dictionary (dictzip is gzip): blank-line separated, without the
+    database's own 00-database-* records and the per-entry source tags ("[1913 Webster]")."""
+    import gzip
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8", "replace")
+    except (OSError, EOFError):
+        return []
+    out = []
+    for entry in re.split(r"\n\s*\n", text):
+        entry = re.sub(r"^\s*\[[^\]]*(Webster|PJC|Century)[^\]]*\]\s*$", "", entry, flags=re.M).strip()
+        if entry and "00-database" not in entry[:40] and "00database" not in entry[:40]:
+            out.append(entry)
+    return out
 
 
-def manuals(limit_bytes: int) -> list[str]:
-    pages = sorted(Path("/usr/share/man/man1").glob("*.1*")) + sorted(Path("/usr/share/man/man8").glob("*.8*"))
-    docs, size = [], 0
-    for p in pages:
-        try:
-            r = subprocess.run(f"man -l {_q(p)} 2>/dev/null | col -b", shell=True, capture_output=True, text=True,
-                               timeout=20, env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        for c in _chunks(r.stdout):
-            docs.append(c)
-            size += len(c)
-        if size >= limit_bytes:
-            break
-    return docs
+def code():
+    for root, skip in ((Path("/usr/lib/python3.11"), {"site-packages", "dist-packages"}),
+                       (Path("/usr/lib/python3/dist-packages"), set())):
+        files = sorted(p for p in root.rglob("*.py") if not ({"test", "tests", "idle_test"} | skip)
+                       & set(p.relative_to(root).parts))
+        for f in files:
+            yield from _chunks(_read(f))
+
+
+def manuals(limit_bytes: int):
+    """Man pages up to a third of the cap (rendering is the slow part: 4 at a time), then the Python
+    documentation, then the Linux kernel's."""
+    from concurrent.futures import ThreadPoolExecutor
+    pages = [p for sec in ("1", "5", "7", "8") for p in sorted(Path(f"/usr/share/man/man{sec}").glob(f"*.{sec}*"))]
+    size = 0
+    with ThreadPoolExecutor(4) as pool:
+        for text in pool.map(_man, pages[: 4000]):
+            for c in _chunks(text):
+                size += len(c)
+                yield c
+            if size >= limit_bytes // 3:
+                break
+    for f in sorted(Path("/usr/share/doc/python3.11/html").rglob("*.html")):
+        if "_static" not in f.parts and "genindex" not in f.name:
+            yield from _chunks(_html_text(_read(f)))
+    for f in sorted(Path("/usr/share/doc/linux-doc-6.1/Documentation").rglob("*.rst.gz")):
+        yield from _chunks(_read_gz(f))
+
+
+def _man(p: Path) -> str:
+    try:
+        return subprocess.run(f"man -l {_q(p)} 2>/dev/null | col -b", shell=True, capture_output=True, text=True,
+                              timeout=20, env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _read_gz(p: Path) -> str:
+    import gzip
+    try:
+        return gzip.decompress(p.read_bytes()).decode("utf-8", "replace")
+    except (OSError, EOFError):
+        return ""
+
+
+def _html_text(html: str) -> str:
+    """The text of a Sphinx page's `div.body` (navigation, scripts and styles dropped), a paragraph per block."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        BLOCK = {"p", "div", "section", "pre", "li", "dt", "dd", "h1", "h2", "h3", "h4", "tr", "table", "br"}
+
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts, self.divs, self.body_at, self.in_script = [], 0, None, False
+
+        def handle_starttag(self, tag, attrs):
+            cls = (dict(attrs).get("class") or "").split()
+            if tag in ("script", "style"):
+                self.in_script = True
+            if tag == "div":
+                self.divs += 1
+                if self.body_at is None and "body" in cls:
+                    self.body_at = self.divs  # the page's text: read up to its own closing tag
+            if tag in self.BLOCK:
+                self.parts.append("\n\n" if tag in ("p", "pre", "section", "h1", "h2", "h3", "h4") else "\n")
+
+        def handle_endtag(self, tag):
+            if tag in ("script", "style"):
+                self.in_script = False
+            if tag == "div":
+                if self.body_at == self.divs:
+                    self.body_at = None
+                self.divs -= 1
+
+        def handle_data(self, d):
+            if self.body_at is not None and not self.in_script:
+                self.parts.append(d)
+
+    t = Text()
+    t.feed(html)
+    return "".join(t.parts)
 
 
 def _q(p: Path) -> str:
@@ -119,12 +204,12 @@ def quotes() -> list[str]:
     return [q.strip() for f in files for q in _read(f).split("\n%\n") if len(q.strip()) > 20]
 
 
-def build(out: Path, *, max_bytes: int = 2_000_000, force: bool = False) -> Path:
+def build(out: Path, *, max_bytes: int = MAX_BYTES, force: bool = False) -> Path:
     """`xpertctl corpus build`: out/{train,val,test}/{domain}.txt + manifest.json."""
     from .io.writer import atomic_path, check_output
     check_output(out, force, marker="manifest.json")
     sources = {"legal": legal, "scripture": scripture, "lexicon": lexicon, "code": code,
-               "manuals": lambda: manuals(int(max_bytes * 1.3)), "quotes": quotes}
+               "manuals": lambda: manuals(max_bytes), "quotes": quotes}
     manifest = {"domains": {}, "doc_chars": DOC_CHARS, "max_bytes": max_bytes}
     with atomic_path(Path(out), force, marker="manifest.json") as tmp, progress() as bar:
         task = bar.add_task("corpus", total=len(sources), info="")

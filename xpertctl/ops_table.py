@@ -773,7 +773,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",
             "xpertctl corpus build -o build/corpus", (
                 out_param("Corpus directory to write."),
-                opt("max_bytes", 2_000_000, "Bytes of text per domain at most.", range=POSITIVE),
+                opt("max_bytes", 28_000_000, "Bytes of text per domain at most.", range=POSITIVE),
                 FORCE,
             ), _corpus_build),
     Command("corpus tokenizer", "Train a byte-level BPE tokenizer on the corpus train split -> HF tokenizer directory.",
