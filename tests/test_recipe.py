@@ -93,7 +93,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(recipe, tmp_path, cli):
 
 
 def test_shipped_recipes_expand(tmp_path):
-    for name in ("demo.yaml", "teacher-tiny.yaml", "olmoe-1b-7b-to-12L.yaml"):
+    for name in ("demo.yaml", "teacher.yaml", "olmoe-1b-7b-to-12L.yaml"):
         r = rc.load(ROOT / "recipes" / name)
         plan = rc.expand(r, ROOT / "recipes" / name)
         for sid, op, args in plan:
