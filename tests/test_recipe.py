@@ -320,3 +320,28 @@ def test_a_new_neutral_option_keeps_finished_steps_current(tmp_path, capsys):
         rc.run(r, table=added, dry_run=True)
         assert state in capsys.readouterr().err
     assert TABLE["graft"].param("up_gain").neutral and TABLE["graft"].param("up_gain").default == 1.0
+
+
+def test_a_grid_of_mappings_gives_each_step_its_own_fields(tmp_path):
+    """Per-arm settings (the demo's tuned picks): a grid value may be a mapping, read with ${grid.KEY.FIELD};
+    a var mapping likewise with ${vars.NAME.FIELD} (and list items by index)."""
+    doc = {"name": "t", "vars": {"w": str(tmp_path / "w"), "arms": [{"name": "a", "n": 2}, {"name": "b", "n": 3}],
+                                 "pick": {"crit": "mean", "seeds": [4, 5]}},
+           "steps": [{"id": "sel-${grid.arm.name}-${vars.pick.seeds.1}", "op": "select", "grid": {"arm": "${vars.arms}"},
+                      "args": {"stats_file": "s.safetensors", "criterion": "${vars.pick.crit}", "per_layer": "${grid.arm.n}",
+                               "out": "${vars.w}/${grid.arm.name}.json"}}]}
+    plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+    assert [(sid, a["per_layer"], a["criterion"], Path(a["out"]).name) for sid, _, a in plan] == [
+        ("sel-a-5", 2, "mean", "a.json"), ("sel-b-5", 3, "mean", "b.json")]
+
+
+@pytest.mark.parametrize("ref,needle", [("${grid.arm.colour}", "${grid.arm.colour}: arm has no field 'colour'"),
+                                        ("${vars.pick.seeds.7}", "${vars.pick.seeds.7}: seeds has no item 7"),
+                                        ("${vars.pick.crit.x}", "${vars.pick.crit.x}: crit is not a mapping")])
+def test_a_bad_field_reference_is_one_line_error(tmp_path, ref, needle):
+    doc = {"name": "t", "vars": {"arms": [{"name": "a"}], "pick": {"crit": "mean", "seeds": [4]}},
+           "steps": [{"id": "s-${grid.arm.name}", "op": "select", "grid": {"arm": "${vars.arms}"},
+                      "args": {"stats_file": "s.safetensors", "criterion": ref, "out": "o.json"}}]}
+    with pytest.raises(XpertError) as e:
+        rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+    assert needle in str(e.value), str(e.value)

@@ -171,15 +171,31 @@ def _inline(value: Any, ref: str, where: str) -> str:
     return str(value)
 
 
+def _field(value: Any, name: str, fields: list[str], ref: str, where: str) -> Any:
+    """${vars.NAME.FIELD...} / ${grid.KEY.FIELD...}: a mapping's field or a list's item (per-arm settings)."""
+    for f in fields:
+        if isinstance(value, dict):
+            if f not in value:
+                raise XpertError(f"{where}: {ref}: {name} has no field {f!r}")
+            value = value[f]
+        elif isinstance(value, list):
+            if not (f.isdigit() and int(f) < len(value)):
+                raise XpertError(f"{where}: {ref}: {name} has no item {f}")
+            value = value[int(f)]
+        else:
+            raise XpertError(f"{where}: {ref}: {name} is not a mapping")
+        name = f
+    return value
+
+
 def _lookup(kind: str, key: str, ctx: dict, where: str) -> Any:
-    if kind == "vars":
-        if key not in ctx["vars"]:
-            raise XpertError(f"{where}: ${{vars.{key}}} is not defined in vars")
-        return ctx["vars"][key]
-    if kind == "grid":
-        if key not in ctx.get("grid", {}):
-            raise XpertError(f"{where}: ${{grid.{key}}} is not a grid key of this step")
-        return ctx["grid"][key]
+    if kind in ("vars", "grid"):
+        name, *fields = key.split(".")
+        scope = ctx["vars"] if kind == "vars" else ctx.get("grid", {})
+        if name not in scope:
+            raise XpertError(f"{where}: ${{{kind}.{key}}} " + ("is not defined in vars" if kind == "vars"
+                                                               else "is not a grid key of this step"))
+        return _field(scope[name], name, fields, f"${{{kind}.{key}}}", where)
     if kind == "steps":
         sid, _, field = key.rpartition(".")
         if field == "out" and any(c in sid for c in "*?["):  # a pattern: every earlier step's out it matches
