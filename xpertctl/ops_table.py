@@ -77,7 +77,8 @@ class Param:
     metavar: str | None = None
     path: Callable[[Any], str | None] | None = None  # an input: the path inside a value (--dry-run checks it)
     check: Callable[[Any], Any] | None = None  # validates a value before anything runs (CLI and recipes)
-    glob: bool = False  # a glob of input files: a recipe step's record fingerprints what it matches
+    glob: bool | Callable[[Any], str] = False  # a glob of inputs (or value -> its glob): a recipe step's record
+    # fingerprints what it matches
     range: Range | None = None  # a numeric option's accepted values (checked like `check`)
     # the default does what the command did before the option existed: a recipe step's record leaves it out, so
     # steps finished before it stay current (drop the mark if the default ever changes what the command does)
@@ -553,6 +554,11 @@ def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts,
                   kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force)
 
 
+def _tune(arm, out, title, force):
+    from .tune import build
+    return build(arm, out, title=title, force=force)
+
+
 def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, budget, sft, force):
     from .report import build
     return build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
@@ -854,6 +860,16 @@ COMMANDS: tuple[Command, ...] = (
                     "the Rouge-L-over-SFT-steps section; repeat.", type=str, multiple=True),
                 FORCE,
             ), _report),
+    Command("tune", "Pick each arm's learning rate, warmup and FFN up-gain on the validation split -> TUNE.md + "
+            "picks.json.",
+            "xpertctl tune --arm xpert='runs/tune/xpert-*' --arm scratch='runs/tune/scratch-*' -o tune/", (
+                opt("arm", REQUIRED, "NAME=GLOB: the train run directories of one arm (a grid over --lr, --warmup "
+                    "and the init's --up-gain, the same seeds in every cell); repeat.", type=str, multiple=True,
+                    glob=lambda v: str(v).partition("=")[2]),
+                out_param("Directory to write TUNE.md and picks.json."),
+                opt("title", "Tuning", "Title of TUNE.md."),
+                FORCE,
+            ), _tune),
     Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped.",
             "xpertctl run recipes/demo.yaml --profile quick --set vars.steps=20 --only 'train-*'", (
                 arg("recipe", "Recipe YAML."),

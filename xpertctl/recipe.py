@@ -296,7 +296,8 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
                 path = p.path(x)
                 found = [(str(x), path)] if path else []
             else:
-                found = [(m, m) for m in sorted(glob.glob(str(x)))]
+                pattern = p.glob(x) if callable(p.glob) else x  # NAME=GLOB values name their glob
+                found = [(m, m) for m in sorted(glob.glob(str(pattern)))]
             for name, path in found:
                 fp = fingerprint(path)
                 if fp:
