@@ -345,3 +345,32 @@ def test_a_bad_field_reference_is_one_line_error(tmp_path, ref, needle):
     with pytest.raises(XpertError) as e:
         rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
     assert needle in str(e.value), str(e.value)
+
+
+def test_nested_references_and_null_arguments(tmp_path):
+    """${vars.arms.${grid.arm}.crit}: the inner reference is resolved first (a per-arm spec keyed by the grid's
+    arm name); an argument given as null is left out of the command line, as if not given."""
+    doc = {"name": "t", "vars": {"arms": {"a": {"crit": "mean", "plot": None}, "b": {"crit": "min", "plot": "p.png"}},
+                                 "names": ["a", "b"]},
+           "steps": [{"id": "sel-${grid.arm}", "op": "select", "grid": {"arm": "${vars.names}"},
+                      "args": {"stats_file": "s.safetensors", "criterion": "${vars.arms.${grid.arm}.crit}",
+                               "plot": "${vars.arms.${grid.arm}.plot}", "out": "${grid.arm}.json"}}]}
+    plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+    assert [(a["criterion"], a["plot"]) for _, _, a in plan] == [("mean", None), ("min", "p.png")]
+    argv = [rc.argv_for(op, a, "w", TABLE) for _, op, a in plan]
+    assert "--plot" not in argv[0] and argv[1][argv[1].index("--plot") + 1] == "p.png"
+
+
+def test_a_var_may_hold_a_template_for_the_steps_that_use_it(tmp_path):
+    """A per-arm spec whose path depends on the step's grid (the scale-matched controls' reference init):
+    grid references in vars are resolved where the var is used."""
+    doc = {"name": "t", "vars": {"w": "out", "arms": {"a": {"plot": "${vars.w}/ref-${grid.seed}.png"}},
+                                 "seeds": [1, 2]},
+           "steps": [{"id": "sel-${grid.seed}", "op": "select", "grid": {"seed": "${vars.seeds}"},
+                      "args": {"stats_file": "s.safetensors", "plot": "${vars.arms.a.plot}", "out": "${grid.seed}.json"}}]}
+    plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+    assert [a["plot"] for _, _, a in plan] == ["out/ref-1.png", "out/ref-2.png"]
+    doc["vars"]["loop"] = "${vars.loop}"
+    doc["steps"][0]["args"]["plot"] = "${vars.loop}"
+    with pytest.raises(XpertError):
+        rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")

@@ -177,6 +177,8 @@ class Command:
         pos, opts = [], []
         for key, val in args.items():
             p = self.param(key)
+            if val is None and not p.required:  # null in a recipe: as if not given
+                continue
             vals = val if isinstance(val, list) and p.multiple else [val]
             if not p.flags:
                 pos += [str(v) for v in vals]
@@ -559,10 +561,12 @@ def _tune(arm, out, title, force):
     return build(arm, out, title=title, force=force)
 
 
-def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, budget, sft, force):
+def _report(results, out, baseline, teacher, stats_file, selection, fidelity, primary, contrast, notes, title, budget,
+            tuning, sft, force):
     from .report import build
     return build(results, out, baseline=baseline, teacher=teacher, stats=stats_file, selection=selection,
-                 fidelity=fidelity, contrasts=contrast, notes=notes, title=title, budgets=budget, sft=sft, force=force)
+                 fidelity=fidelity, primary=primary, contrasts=contrast, notes=notes, title=title, budgets=budget,
+                 tuning=tuning, sft=sft, force=force)
 
 
 def _run(recipe, set_, dry_run, only, profile, resolved, jobs):
@@ -849,13 +853,17 @@ COMMANDS: tuple[Command, ...] = (
                 opt("selection", None, "Selection to mark on the heatmap.", type=Path, input=True),
                 opt("fidelity", None, "Glob(s) of `xpertctl fidelity` JSONs named like the results; repeat.",
                     type=str, multiple=True, glob=True),
-                opt("contrast", None, "FIRST:SECOND arms to compare seed by seed (e.g. xpert:norm-matched); repeat.",
+                opt("primary", None, "FIRST:SECOND: a declared primary contrast (e.g. xpert:scratch), tested at "
+                    "every budget and depth with Holm's correction over all of them; repeat.", type=str, multiple=True),
+                opt("contrast", None, "FIRST:SECOND: an exploratory contrast (uncorrected, labelled so); repeat.",
                     type=str, multiple=True),
                 opt("notes", None, "A paragraph added under the verdict (e.g. the training budget).", type=str),
                 opt("title", "XPERT demo", "Report title."),
                 opt("budget", None, "MULTIPLE=GLOB: eval JSONs of runs at that multiple of the base steps (e.g. "
-                    "1=eval/*.json, 4=eval/x4/*.json); two or more give the training-budget section; repeat.",
-                    type=str, multiple=True),
+                    "4=eval/x4/*.json; --results is 1x); the primary contrasts are tested at each, and the "
+                    "training-budget section reads them; repeat.", type=str, multiple=True),
+                opt("tuning", None, "MULTIPLE=DIR: the `xpertctl tune` output (picks.json) of that budget, shown "
+                    "in the tuning section; repeat.", type=str, multiple=True),
                 opt("sft", None, "Glob(s) of gen: eval JSONs named ARM-<d>L-s<seed>-sft-<base|step-N|final>.json: "
                     "the Rouge-L-over-SFT-steps section; repeat.", type=str, multiple=True),
                 FORCE,

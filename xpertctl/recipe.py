@@ -41,7 +41,7 @@ from .console import err
 from .errors import XpertError, forget_written, interrupted_message
 from .io.names import check_name
 
-_REF = re.compile(r"\$\{([a-z]+)\.([^}]+)\}")
+_REF = re.compile(r"\$\{([a-z]+)\.([^${}]+)\}")  # an innermost reference: nested ones resolve inside out
 
 
 class Step(BaseModel):
@@ -152,17 +152,45 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
     return recipe
 
 
-def _resolve(value: Any, ctx: dict, where: str) -> Any:
+def _resolve(value: Any, ctx: dict, where: str, depth: int = 0) -> Any:
+    """Every reference in `value` resolved, innermost first. A var may hold a template for the steps that use
+    it (`${grid.seed}` in a var): outside a step (ctx without "grid") grid references are kept as text, and
+    whatever a reference brings in is resolved in turn, in the step that uses it."""
+    if depth > 20:
+        raise XpertError(f"{where}: references nest more than 20 deep (a var that refers to itself?)")
     if isinstance(value, str):
-        m = _REF.fullmatch(value)
-        if m:
-            return _lookup(m.group(1), m.group(2), ctx, where)
-        return _REF.sub(lambda mm: _inline(_lookup(mm.group(1), mm.group(2), ctx, where), mm.group(0), where), value)
+        while True:  # ${vars.arms.${grid.arm}.x}: the inner reference first, then the one it completes
+            m = _REF.fullmatch(value)
+            if m:
+                if _kept(m, ctx):
+                    return value
+                got = _lookup(m.group(1), m.group(2), ctx, where)
+                return _resolve(got, ctx, where, depth + 1) if _has_ref(got) else got
+            new = _REF.sub(lambda mm: mm.group(0) if _kept(mm, ctx) else
+                           _inline(_lookup(mm.group(1), mm.group(2), ctx, where), mm.group(0), where), value)
+            if new == value:
+                return value
+            value = new
     if isinstance(value, list):
-        return [_resolve(v, ctx, where) for v in value]
+        return [_resolve(v, ctx, where, depth) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve(v, ctx, where) for k, v in value.items()}
+        return {k: _resolve(v, ctx, where, depth) for k, v in value.items()}
     return value
+
+
+def _kept(m, ctx: dict) -> bool:
+    """A grid reference read while resolving vars: left for the step that uses the var."""
+    return m.group(1) == "grid" and "grid" not in ctx
+
+
+def _has_ref(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(_REF.search(value))
+    if isinstance(value, list):
+        return any(_has_ref(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_ref(v) for v in value.values())
+    return False
 
 
 def _inline(value: Any, ref: str, where: str) -> str:

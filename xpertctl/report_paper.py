@@ -1,5 +1,5 @@
-"""The report's sections on the paper's own questions (issue 21): downstream accuracy, depth, training
-budget, domain diversity and SFT Rouge-L. Each takes loaded runs (report._load_run's dicts) or result
+"""The report's sections on the paper's other questions (exploratory): downstream accuracy, domain
+diversity and SFT Rouge-L (report.py has the primary contrasts, budget and depth). Each takes loaded runs (report._load_run's dicts) or result
 globs and returns Markdown lines; every difference is paired seed by seed with a 95% t-interval."""
 from __future__ import annotations
 
@@ -60,13 +60,6 @@ def precision(found: list[tuple[str, float, int]], goal: float, unit: str, seeds
     return [f"**Precision** (goal: paired 95% intervals within ±{goal:g} {unit}): met for {', '.join(met) or 'none'}; "
             f"not met for {', '.join(short) or 'none'}" + (f"; no interval (one paired seed) for {', '.join(alone)}"
                                                            if alone else "") + ".", ""]
-
-
-def _versus(diff: float, half: float, baseline: str) -> str:
-    """A loss difference against the baseline in words, by its paired interval."""
-    r = _reading(diff, half)
-    return {"lower": f"better than {baseline}", "higher": f"worse than {baseline}",
-            "indistinguishable": f"indistinguishable from {baseline}"}.get(r, f"{r} against {baseline}")
 
 
 def _reading(diff: float, half: float, lower_better: bool = True) -> str:
@@ -137,35 +130,6 @@ def downstream_section(runs: list[dict], files: list[Path], teacher: Path | None
     return lines
 
 
-# ---- depth -------------------------------------------------------------------------------------------
-
-def depth_section(runs: list[dict], baseline: str = "scratch", seeds_for=None) -> list[str]:
-    """Δ final validation loss vs the baseline per arm (rows) and student depth (columns); only when the
-    results hold more than one depth."""
-    depths = sorted({r["depth"] for r in runs})
-    if len(depths) < 2:
-        return []
-    by = defaultdict(dict)
-    for r in runs:
-        by[(r["arm"], r["depth"])][r["seed"]] = r["final_val"]
-    arms = sorted({a for a, _ in by if a != baseline})
-    found = []
-    lines = ["## Depth", "", f"Paired Δ final validation loss vs {baseline} (95% CI; negative: the arm ends lower) "
-             "per student depth (the teacher has 6 layers).", "",
-             "| arm | " + " | ".join(f"{d} layers" for d in depths) + " |", "|---|" + "---|" * len(depths)]
-    for a in arms:
-        cells = []
-        for d in depths:
-            if (a, d) in by and (baseline, d) in by:
-                diff, half, n = _pci(by[(a, d)], by[(baseline, d)])
-                cells.append(f"{_fmt(diff, half, n)} ({n})")
-                found.append((f"{a} at {d}L", half, n))
-            else:
-                cells.append("-")
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    return lines + [""] + precision(found, LOSS_GOAL, "nats", seeds_for)
-
-
 # ---- training budget ----------------------------------------------------------------------------------
 
 def parse_budget(text: str) -> tuple[float, str]:
@@ -179,100 +143,6 @@ def parse_budget(text: str) -> tuple[float, str]:
     return m, pattern
 
 
-def steps_to_reach(frontier: list[tuple[int, float]], target: float) -> float | None:
-    """The steps at which a loss-vs-steps frontier reaches `target`, interpolated linearly in log(steps)
-    between its points (sorted by steps); None when it never gets that low."""
-    prev = None
-    for s, v in sorted(frontier):
-        if v <= target:
-            if prev is None or prev[1] == v:
-                return float(s)
-            (s0, v0) = prev
-            frac = (v0 - target) / (v0 - v)
-            return float(math.exp(math.log(s0) + frac * (math.log(s) - math.log(s0))))
-        prev = (s, v)
-    return None
-
-
-def _frontier(budgets: list[tuple[float, list[dict]]], arm: str, depth: int) -> list[tuple[int, float]]:
-    """What `arm` reaches with a given number of steps: its mean final loss at each budget (each run with
-    its whole schedule), and below the smallest budget its mean validation curve at that budget."""
-    pts = {}
-    for n, (_, runs) in enumerate(sorted(budgets, key=lambda b: b[0])):
-        rs = [r for r in runs if r["arm"] == arm and r["depth"] == depth and r["val"]]
-        if not rs:
-            continue
-        if n == 0:
-            steps = sorted(set.intersection(*[{s for s, _ in r["val"]} for r in rs]))
-            pts.update({s: float(np.mean([dict(r["val"])[s] for r in rs])) for s in steps if s > 0})
-        pts[max(r["val"][-1][0] for r in rs)] = float(np.mean([r["final_val"] for r in rs]))
-    return sorted(pts.items())
-
-
-def budget_section(budgets: list[tuple[float, list[dict]]], baseline: str = "scratch",
-                   plot: Path | None = None, seeds_for=None) -> list[str]:
-    """Per budget (a multiple of the base steps and its runs): each arm's Δ vs the baseline with its
-    interval, and the steps the baseline needs to reach the arm's final loss (steps saved)."""
-    if len(budgets) < 2:
-        return []
-    rows, points, found = [], defaultdict(list), []
-    seen = defaultdict(int)  # arms trained at one budget only (e.g. the 1x controls) are left out
-    for _, runs in budgets:
-        for key in {(r["arm"], r["depth"]) for r in runs}:
-            seen[key] += 1
-    for mult, runs in sorted(budgets, key=lambda b: b[0]):
-        by = defaultdict(list)
-        for r in runs:
-            if seen[(r["arm"], r["depth"])] > 1:
-                by[(r["arm"], r["depth"])].append(r)
-        for (a, d), rs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0] == baseline, kv[0][0])):
-            base = by.get((baseline, d), [])
-            total = max((r["val"][-1][0] for r in rs if r["val"]), default=0)
-            m, h = mean_ci([r["final_val"] for r in rs])
-            if a == baseline or not base:
-                rows.append(f"| {mult:g}× | {total} | {d} | {a} | {len(rs)} | {m:.3f} | - | - | - |")
-                continue
-            diff, half, n = _pci({r["seed"]: r["final_val"] for r in rs}, {r["seed"]: r["final_val"] for r in base})
-            front = _frontier(budgets, baseline, d)
-            need = steps_to_reach(front, m)
-            most = max((s for s, _ in front), default=0)
-            need_s = f"{need:.0f}" if need is not None else f"> {most} (beyond every {baseline} run)"
-            saved = (f"{need - total:+.0f} ({need / total:.2f}× the steps)" if need is not None
-                     else f"more than {most - total}" if most > total else f"unknown (below {baseline}'s longest run)")
-            rows.append(f"| {mult:g}× | {total} | {d} | {a} | {len(rs)} | {m:.3f} | {_fmt(diff, half, n)} | {need_s} | {saved} |")
-            points[(a, d)].append((total, diff, half))
-            found.append((f"{a} at {mult:g}×", half, n))
-    lines = ["## Training budget", "",
-             f"The same arms trained for several multiples of the demo's steps (the learning-rate schedule spans each "
-             f"whole run). Δ: final validation loss minus the {baseline} run of the same seed (95% CI). Steps saved: "
-             f"how many steps {baseline} needs to reach the arm's mean final loss — read off {baseline}'s mean final "
-             f"loss at every budget (log-linear between budgets; below the smallest, its validation curve) — minus "
-             "the arm's own steps.", "",
-             f"| budget | steps | depth | arm | seeds | final val | Δ vs {baseline} | {baseline} steps to reach it | steps saved |",
-             "|---|---|---|---|---|---|---|---|---|", *rows, ""]
-    for (a, d), pts in sorted(points.items()):
-        if len(pts) >= 2:
-            (s0, d0, h0), (s1, d1, h1) = pts[0], pts[-1]
-            v0, v1 = _versus(d0, h0, baseline), _versus(d1, h1, baseline)
-            if v0 == v1 == f"better than {baseline}" or v0 == v1 == f"worse than {baseline}":
-                trend = "the gap grows" if abs(d1) > abs(d0) else "the gap shrinks"
-            elif v0 == f"better than {baseline}":
-                trend = "the advantage reverses" if v1.startswith("worse") else "the advantage is gone"
-            elif v1.startswith("better"):
-                trend = "an advantage appears"
-            elif v1.startswith("worse"):
-                trend = "a disadvantage appears"
-            else:
-                trend = "the disadvantage is gone" if v0.startswith("worse") else "no difference at either budget"
-            lines.append(f"- {a} ({d}L): {v0} at {s0} steps (Δ {d0:+.3f} ± {h0:.3f}), {v1} at {s1} steps "
-                         f"(Δ {d1:+.3f} ± {h1:.3f}): {trend}.")
-    lines.append("")
-    if plot is not None and points:
-        _budget_plot(points, baseline, plot)
-        lines += [f"![Δ vs {baseline} against training steps]({plot.name})", ""]
-    return lines + precision(found, LOSS_GOAL, "nats", seeds_for)
-
-
 def _budget_plot(points: dict, baseline: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -283,8 +153,8 @@ def _budget_plot(points: dict, baseline: str, path: Path) -> None:
         ax.errorbar(xs, ys, yerr=[0 if math.isnan(h) else h for h in hs], marker="o", capsize=3, label=f"{a} {d}L")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("training steps")
-    ax.set_ylabel(f"Δ final val loss vs {baseline} (95% CI)")
+    ax.set_xlabel("training budget (multiple of 1x)")
+    ax.set_ylabel(f"Δ test NLL vs {baseline} (95% CI)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -308,7 +178,7 @@ def diversity_section(runs: list[dict], mixed: str = "xpert", seeds_for=None) ->
              f"Experts selected from one domain's statistics (`{SINGLE}<domain>`) vs from all domains (`{mixed}`), "
              "grafted and trained alike. Cells: paired Δ test NLL, single − mixed (95% CI); positive means the "
              "mixed-domain selection ends better on that evaluation domain.", "",
-             "| depth | selection from | " + " | ".join(doms) + " | final val |", "|---|---|" + "---|" * (len(doms) + 1)]
+             "| depth | selection from | " + " | ".join(doms) + " | mean over domains |", "|---|---|" + "---|" * (len(doms) + 1)]
     for d in sorted({r["depth"] for r in runs}):
         mix = {r["seed"]: r for r in runs if r["arm"] == mixed and r["depth"] == d}
         if not mix:
@@ -322,9 +192,9 @@ def diversity_section(runs: list[dict], mixed: str = "xpert", seeds_for=None) ->
                 x = {s: r["test_nll"][k] for s, r in mine.items() if k in r["test_nll"]}
                 y = {s: r["test_nll"][k] for s, r in mix.items() if k in r["test_nll"]}
                 cells.append(_fmt(*_pci(x, y)))
-            diff, half, n = _pci({s: r["final_val"] for s, r in mine.items()}, {s: r["final_val"] for s, r in mix.items()})
+            diff, half, n = _pci({s: r["score"] for s, r in mine.items()}, {s: r["score"] for s, r in mix.items()})
             cells.append(_fmt(diff, half, n))
-            found.append((f"{a} − {mixed} (final val)", half, n))
+            found.append((f"{a} − {mixed} (mean over domains)", half, n))
             lines.append(f"| {d} | {a[len(SINGLE):]} | " + " | ".join(cells) + " |")
     return lines + [""] + precision(found, LOSS_GOAL, "nats", seeds_for)
 
