@@ -14,7 +14,7 @@ endif
 DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib dict-gcide dict-devil python3.11-doc linux-doc-6.1
 
-.PHONY: setup test demo corpus teacher bench fixtures clean
+.PHONY: setup test demo corpus teacher bench fixtures docs clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ teacher: corpus
 	$(BIN)/xpertctl run recipes/teacher.yaml
 	rm -rf fixtures/teacher && cp -r build/teacher/run/final fixtures/teacher
 	cp build/teacher/run/metrics.jsonl build/teacher/frequency.png fixtures/teacher/
+
+# docs/cli.md from the command table (make test fails when it is stale).
+docs: setup
+	$(BIN)/python -m xpertctl.reference docs/cli.md
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -201,7 +201,7 @@ CASES = [
     ("run-unknown-op", lambda e: ["run", recipe(e, {"id": "b", "op": "transmogrify", "args": {}})],
      ["r.yaml", "unknown op 'transmogrify'"]),
     ("run-missing-step-ref", lambda e: ["run", recipe(e, {"id": "b", "op": "select", "args": {
-        "stats_file": "${steps.zzz.out}", "out": str(e.d / "o" / "s.json")}})], ["r.yaml", "step 'b'", "${steps.zzz.out}"]),
+        "stats": "${steps.zzz.out}", "out": str(e.d / "o" / "s.json")}})], ["r.yaml", "step 'b'", "${steps.zzz.out}"]),
     ("corpus-cloze-not-corpus", lambda e: ["corpus", "cloze", e.d, "-o", e.d / "o.jsonl"], ["no train/*.txt"]),
     ("corpus-order-not-corpus", lambda e: ["corpus", "order", e.d, "-o", e.d / "o.jsonl"], ["no train/*.txt"]),
     ("corpus-sft-not-corpus", lambda e: ["corpus", "sft", e.d, "-o", e.d / "sft"], ["no train/*.txt"]),
@@ -211,6 +211,10 @@ CASES = [
      ["'bert' is not one of"]),
     ("report-no-results", lambda e: ["report", "--results", str(e.d / "nothing-*.json"), "-o", e.d / "rep"],
      ["--results", "no result files match"]),
+    ("tune-no-runs", lambda e: ["tune", "--arm", f"xpert={e.d / 'nothing-*'}", "-o", e.d / "tune"],
+     ["--arm xpert", "no run directory matches"]),
+    ("tune-not-a-run", lambda e: ["tune", "--arm", f"xpert={e.text('notrun', '') and e.d}", "-o", e.d / "tune"],
+     ["not a finished `xpertctl train` run"]),
 ]
 
 
@@ -233,7 +237,7 @@ def _report_runs(e):
 
 def _two_step_recipe(e):
     return e.text("r.yaml", json.dumps({"name": "r", "steps": [
-        {"id": "a", "op": "select", "args": {"stats_file": str(e.stats()), "out": str(e.d / "o" / "a.json")}},
+        {"id": "a", "op": "select", "args": {"stats": str(e.stats()), "out": str(e.d / "o" / "a.json")}},
         {"id": "b", "op": "decompose", "args": {"src": str(e.fx / "olmoe"), "selection": str(e.d / "o" / "a.json"),
                                                 "out": str(e.d / "o" / "b.st")}}]}))
 
@@ -279,7 +283,7 @@ CASES += [
     ("report-force-over-other-dir", lambda e: ["report", "--results", _report_runs(e), "-o", _dir_of_other_files(e),
                                                "--force"], ["other", "not an earlier output"]),
     ("run-step-id-escapes", lambda e: ["run", recipe(e, {"id": "../../x", "op": "select", "args": {
-        "stats_file": str(e.stats()), "out": str(e.d / "o" / "s.json")}})], ["r.yaml", "id '../../x'"]),
+        "stats": str(e.stats()), "out": str(e.d / "o" / "s.json")}})], ["r.yaml", "id '../../x'"]),
     ("run-only-unwritten-input", lambda e: ["run", _two_step_recipe(e), "--only", "b"],
      ["--only", "step 'b'", "a.json", "step 'a'"]),
 ]
@@ -480,7 +484,7 @@ CASES += [
         "src": str(e.fx / "olmoe"), "domain": [f"a={corpus_text(e)}"], "max_tokens": -3,
         "out": str(e.d / "o" / "s.safetensors")}}), "--dry-run"], ["r.yaml", "step 'b'", "--max-tokens -3: must be > 0"]),
     ("run-rule", lambda e: ["run", recipe(e, {"id": "b", "op": "train", "args": {
-        "ckpt": str(e.fx / "llama"), "data_dir": str(tokdata(e)), "steps": 5, "tokens": 1000,
+        "ckpt": str(e.fx / "llama"), "data": str(tokdata(e)), "steps": 5, "tokens": 1000,
         "out": str(e.d / "o" / "run")}})], ["r.yaml", "step 'b'", "--steps 5 and --tokens 1000"]),
     ("run-jobs-zero", lambda e: ["run", recipe(e, {"id": "b", "op": "corpus cloze", "args": {
         "corpus": str(MINI), "out": str(e.d / "o" / "d.jsonl")}}), "--jobs", "0"], ["--jobs 0: must be >= 1"]),

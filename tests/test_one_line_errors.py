@@ -80,9 +80,12 @@ def test_empty_splits_warn_at_tokenize_and_are_named_by_train_and_eval(fx, tmp_p
     assert not (tmp_path / "run").exists()
     code, _, err = cli("eval", fx / "llama", "--task", f"ppl:{d}", "--split", "test", "-o", tmp_path / "r.json")
     assert_user_error(code, err, str(d), "split 'test'", "'one'", "empty")
-    # --eval-every 0 trains without validation
-    assert cli("train", fx / "llama", "--data", d, "--steps", "2", "--seq-len", "8", "--eval-every", "0",
-               "-o", tmp_path / "run")[0] == 0
+    # --eval-every 0 trains without validation, and says so (issue 31: its help said "at the end only")
+    code, _, err = cli("train", fx / "llama", "--data", d, "--steps", "2", "--seq-len", "8", "--eval-every", "0",
+                       "-o", tmp_path / "run")
+    assert code == 0 and "no validation loss" in " ".join(err.split()), err
+    code, out, _ = cli("train", "--help")
+    assert "needs 0 and trains with no validation loss" in " ".join(out.replace("│", " ").split())
 
 
 # ---- depth: a target deeper than the source repeats layers ----------------------------------------

@@ -69,7 +69,7 @@ def test_recipe_values_are_type_checked_by_the_table(args, needle):
 def test_recipe_choices_come_from_the_table(tmp_path, cli):
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump({"name": "t", "steps": [{"id": "s", "op": "select", "args": {
-        "stats_file": "s.safetensors", "criterion": "best", "out": "o.json"}}]}))
+        "stats": "s.safetensors", "criterion": "best", "out": "o.json"}}]}))
     code, _, err = cli("run", r)
     assert_user_error(code, err, "r.yaml", "step 's'", "--criterion 'best': choose one of min, mean, vote")
 

@@ -32,12 +32,12 @@ def recipe(tmp_path):
         "profiles": {"small": {"vars": {"n": 1}}},
         "steps": [
             {"id": "sel-${grid.crit}", "op": "select", "grid": {"crit": "${vars.crits}"},
-             "args": {"stats_file": str(stats), "criterion": "${grid.crit}", "per_layer": "${vars.n}",
+             "args": {"stats": str(stats), "criterion": "${grid.crit}", "per_layer": "${vars.n}",
                       "out": "${vars.work}/sel-${grid.crit}.json"}},
             {"id": "cloze", "op": "corpus cloze",
              "args": {"corpus": str(ROOT / "fixtures" / "corpus-mini"), "per_domain": 2, "out": "${vars.work}/cloze.jsonl"}},
             {"id": "copy-min", "op": "select",
-             "args": {"stats_file": str(stats), "criterion": "min", "per_layer": "${vars.n}",
+             "args": {"stats": str(stats), "criterion": "min", "per_layer": "${vars.n}",
                       "out": "${vars.work}/min2.json", "plot": "${steps.sel-min.out}.png"}},
         ]})
 
@@ -141,8 +141,8 @@ def test_each_profiles_report_reads_what_that_profile_evaluated(tmp_path):
 @pytest.mark.parametrize("mutate,needle", [
     (lambda d: d["steps"][0].update(op="frobnicate"), "unknown op 'frobnicate'"),
     (lambda d: d["steps"][1]["args"].update(colour="red"), "step 'cloze': corpus cloze has no argument 'colour'"),
-    (lambda d: d["steps"][2]["args"].update(stats_file="${steps.nope.out}"), "${steps.nope.out} names no earlier step"),
-    (lambda d: d["steps"][2]["args"].update(stats_file="${vars.missing}"), "${vars.missing} is not defined"),
+    (lambda d: d["steps"][2]["args"].update(stats="${steps.nope.out}"), "${steps.nope.out} names no earlier step"),
+    (lambda d: d["steps"][2]["args"].update(stats="${vars.missing}"), "${vars.missing} is not defined"),
     (lambda d: d["steps"][1].pop("op"), "step 'cloze': op: Field required"),
     (lambda d: d.update(extra_key=1), "extra_key: Extra inputs are not permitted"),
     (lambda d: d["steps"][0].update(id="same"), "id 'same' is used twice"),
@@ -220,7 +220,7 @@ def test_dry_run_checks_values_and_existing_inputs(recipe, cli, tmp_path):
     code, _, err = cli("run", recipe, "--dry-run")
     assert_user_error(code, err, "step 'copy-min'", "--criterion 'best'")
     doc["steps"][2]["args"]["criterion"] = "min"
-    doc["steps"][0]["args"]["stats_file"] = str(tmp_path / "missing.safetensors")
+    doc["steps"][0]["args"]["stats"] = str(tmp_path / "missing.safetensors")
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
     code, _, err = cli("run", recipe, "--dry-run")
     assert_user_error(code, err, "step 'sel-min'", "missing.safetensors", "no earlier step writes it")
@@ -231,7 +231,7 @@ def test_dry_run_prints_shell_quoted_commands(tmp_path, cli):
     import subprocess
     stats = stats_file(tmp_path, COUNTS, [100, 100, 100], name="my stats.safetensors")
     r = _write(tmp_path, {"name": "t", "steps": [{"id": "s", "op": "select", "args": {
-        "stats_file": str(stats), "out": str(tmp_path / "it's here.json")}}]})
+        "stats": str(stats), "out": str(tmp_path / "it's here.json")}}]})
     code, _, err = cli("run", r, "--dry-run")
     assert code == 0, err
     line = next(l for l in err.splitlines() if "xpertctl select" in l)
@@ -286,8 +286,8 @@ def test_a_changed_default_reruns_the_steps_that_use_it(tmp_path, capsys):
     from dataclasses import replace
     stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
     r = _write(tmp_path, {"name": "t", "steps": [
-        {"id": "by-default", "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "d.json")}},
-        {"id": "given", "op": "select", "args": {"stats_file": str(stats), "criterion": "min",
+        {"id": "by-default", "op": "select", "args": {"stats": str(stats), "out": str(tmp_path / "d.json")}},
+        {"id": "given", "op": "select", "args": {"stats": str(stats), "criterion": "min",
                                                   "out": str(tmp_path / "g.json")}}]})
     _run(r)
     first = json.loads((tmp_path / "d.json").read_text())
@@ -311,7 +311,7 @@ def test_a_new_neutral_option_keeps_finished_steps_current(tmp_path, capsys):
     from xpertctl.ops_table import opt
     stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
     r = _write(tmp_path, {"name": "t", "steps": [
-        {"id": "s", "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "d.json")}}]})
+        {"id": "s", "op": "select", "args": {"stats": str(stats), "out": str(tmp_path / "d.json")}}]})
     sel = TABLE["select"]
     rc.run(r, table=TABLE)
     capsys.readouterr()
@@ -328,7 +328,7 @@ def test_a_grid_of_mappings_gives_each_step_its_own_fields(tmp_path):
     doc = {"name": "t", "vars": {"w": str(tmp_path / "w"), "arms": [{"name": "a", "n": 2}, {"name": "b", "n": 3}],
                                  "pick": {"crit": "mean", "seeds": [4, 5]}},
            "steps": [{"id": "sel-${grid.arm.name}-${vars.pick.seeds.1}", "op": "select", "grid": {"arm": "${vars.arms}"},
-                      "args": {"stats_file": "s.safetensors", "criterion": "${vars.pick.crit}", "per_layer": "${grid.arm.n}",
+                      "args": {"stats": "s.safetensors", "criterion": "${vars.pick.crit}", "per_layer": "${grid.arm.n}",
                                "out": "${vars.w}/${grid.arm.name}.json"}}]}
     plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
     assert [(sid, a["per_layer"], a["criterion"], Path(a["out"]).name) for sid, _, a in plan] == [
@@ -341,7 +341,7 @@ def test_a_grid_of_mappings_gives_each_step_its_own_fields(tmp_path):
 def test_a_bad_field_reference_is_one_line_error(tmp_path, ref, needle):
     doc = {"name": "t", "vars": {"arms": [{"name": "a"}], "pick": {"crit": "mean", "seeds": [4]}},
            "steps": [{"id": "s-${grid.arm.name}", "op": "select", "grid": {"arm": "${vars.arms}"},
-                      "args": {"stats_file": "s.safetensors", "criterion": ref, "out": "o.json"}}]}
+                      "args": {"stats": "s.safetensors", "criterion": ref, "out": "o.json"}}]}
     with pytest.raises(XpertError) as e:
         rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
     assert needle in str(e.value), str(e.value)
@@ -353,7 +353,7 @@ def test_nested_references_and_null_arguments(tmp_path):
     doc = {"name": "t", "vars": {"arms": {"a": {"crit": "mean", "plot": None}, "b": {"crit": "min", "plot": "p.png"}},
                                  "names": ["a", "b"]},
            "steps": [{"id": "sel-${grid.arm}", "op": "select", "grid": {"arm": "${vars.names}"},
-                      "args": {"stats_file": "s.safetensors", "criterion": "${vars.arms.${grid.arm}.crit}",
+                      "args": {"stats": "s.safetensors", "criterion": "${vars.arms.${grid.arm}.crit}",
                                "plot": "${vars.arms.${grid.arm}.plot}", "out": "${grid.arm}.json"}}]}
     plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
     assert [(a["criterion"], a["plot"]) for _, _, a in plan] == [("mean", None), ("min", "p.png")]
@@ -367,10 +367,55 @@ def test_a_var_may_hold_a_template_for_the_steps_that_use_it(tmp_path):
     doc = {"name": "t", "vars": {"w": "out", "arms": {"a": {"plot": "${vars.w}/ref-${grid.seed}.png"}},
                                  "seeds": [1, 2]},
            "steps": [{"id": "sel-${grid.seed}", "op": "select", "grid": {"seed": "${vars.seeds}"},
-                      "args": {"stats_file": "s.safetensors", "plot": "${vars.arms.a.plot}", "out": "${grid.seed}.json"}}]}
+                      "args": {"stats": "s.safetensors", "plot": "${vars.arms.a.plot}", "out": "${grid.seed}.json"}}]}
     plan = rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
     assert [a["plot"] for _, _, a in plan] == ["out/ref-1.png", "out/ref-2.png"]
     doc["vars"]["loop"] = "${vars.loop}"
     doc["steps"][0]["args"]["plot"] = "${vars.loop}"
     with pytest.raises(XpertError):
         rc.expand(rc.load(_write(tmp_path, doc)), tmp_path / "r.yaml")
+
+
+def test_dry_run_marks_a_step_stale_when_a_step_it_reads_from_will_run(tmp_path, cli):
+    """Issue 31: after one upstream step changed, --dry-run showed `train: run` but `eval: skip (done)` for
+    the eval reading that train's output; the real run would re-run it (its input changes)."""
+    mini = ROOT / "fixtures" / "corpus-mini"
+    doc = {"name": "t", "vars": {"w": str(tmp_path / "w"), "v": 300},
+           "steps": [{"id": "tok", "op": "corpus tokenizer", "args": {"corpus": str(mini), "vocab_size": "${vars.v}",
+                                                                       "out": "${vars.w}/tok"}},
+                     {"id": "data", "op": "tokenize", "args": {"tokenizer": "${steps.tok.out}",
+                                                               "domain": [f"legal={mini}/train/legal.txt"],
+                                                               "out": "${vars.w}/data"}},
+                     {"id": "other", "op": "corpus order", "args": {"corpus": str(mini), "per_domain": 1,
+                                                                    "out": "${vars.w}/o.jsonl"}}]}
+    r = _write(tmp_path, doc)
+    code, _, err = cli("run", r)
+    assert code == 0, err
+    code, _, err = cli("run", r, "--dry-run", "--set", "vars.v=320")
+    assert code == 0, err
+    states = {l.split(":")[0].split("] ")[1]: l.split(": ", 1)[1].split("  ")[0] for l in err.splitlines() if l.startswith("[")}
+    assert states == {"tok": "run", "data": "run (an input changes)", "other": "skip (done)"}, states
+
+
+def test_recipes_take_the_names_help_shows_and_old_names_still_work(tmp_path, cli):
+    """Issue 31: `data_dir:` and `stats_file:` were needed where `--help` says `--data` and STATS. The --help
+    names run; the old names run with a deprecation notice; both at once is an error."""
+    from xpertctl.ops_table import BY_NAME
+    for c in BY_NAME.values():
+        keys = [p.key for p in c.params]
+        assert len(keys) == len(set(keys)), (c.name, keys)  # one key per parameter
+        assert all(c.param(p.key) is p and c.param(p.name) is p for p in c.params), c.name
+    assert BY_NAME["train"].param("data").name == "data_dir" and BY_NAME["select"].param("stats").name == "stats_file"
+    stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
+
+    def recipe(args):
+        return _write(tmp_path, {"name": "t", "steps": [{"id": "s", "op": "select", "args": args}]})
+    code, _, err = cli("run", recipe({"stats": str(stats), "json": True, "out": str(tmp_path / "a.json")}))
+    assert code == 0 and "deprecat" not in err and (tmp_path / "a.json").is_file(), err
+    code, _, err = cli("run", recipe({"stats_file": str(stats), "out": str(tmp_path / "b.json")}))
+    flat = " ".join(err.split())
+    assert code == 0 and "'stats_file' is now 'stats'" in flat and (tmp_path / "b.json").is_file(), err
+    code, _, err = cli("run", recipe({"stats": str(stats), "stats_file": str(stats), "out": str(tmp_path / "c.json")}))
+    assert_user_error(code, err, "'stats' given twice")
+    code, out, _ = cli("run", "--help")
+    assert "docs/cli.md" in " ".join(out.replace("│", " ").split())

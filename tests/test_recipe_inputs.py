@@ -53,7 +53,7 @@ def test_a_report_step_reruns_when_a_result_its_glob_matches_changes(tmp_path):
 def _two_steps(tmp_path):
     stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
     return _write(tmp_path, {"name": "t", "result": str(tmp_path / "w" / "b.json"), "steps": [
-        {"id": "a", "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "w" / "a.json")}},
+        {"id": "a", "op": "select", "args": {"stats": str(stats), "out": str(tmp_path / "w" / "a.json")}},
         {"id": "b", "op": "decompose", "args": {"src": str(ROOT / "fixtures" / "teacher"),
                                                 "selection": str(tmp_path / "w" / "a.json"),
                                                 "out": str(tmp_path / "w" / "b.json")}}]})
@@ -80,7 +80,7 @@ def test_resolved_resolves_vars_that_refer_to_vars(tmp_path, cli):
     stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
     r = _write(tmp_path, {"name": "t", "vars": {"seeds": [0, 1], "more": "${vars.seeds}", "w": str(tmp_path)},
                           "steps": [{"id": "s-${grid.seed}", "op": "select", "grid": {"seed": "${vars.more}"},
-                                     "args": {"stats_file": str(stats), "seed": "${grid.seed}",
+                                     "args": {"stats": str(stats), "seed": "${grid.seed}",
                                               "out": "${vars.w}/s${grid.seed}.json"}}]})
     code, out, err = cli("run", r, "--resolved")
     assert code == 0, err
@@ -92,7 +92,7 @@ def test_resolved_resolves_vars_that_refer_to_vars(tmp_path, cli):
 def test_a_step_id_that_is_not_a_file_name_is_refused(tmp_path, cli, sid):
     stats = stats_file(tmp_path, COUNTS, [100, 100, 100])
     r = _write(tmp_path, {"name": "t", "steps": [
-        {"id": sid, "op": "select", "args": {"stats_file": str(stats), "out": str(tmp_path / "s.json")}}]})
+        {"id": sid, "op": "select", "args": {"stats": str(stats), "out": str(tmp_path / "s.json")}}]})
     code, out, err = cli("run", r, "--dry-run")
     assert_user_error(code, err, "r.yaml", "id", sid)
 

@@ -55,7 +55,7 @@ def chain(tmp_path, fx):
     doc = {"name": "chain", "vars": {"w": str(tmp_path / "w")}, "steps": [
         {"id": "stats", "op": "stats", "args": {"src": str(fx / "olmoe"), "domain": doms, "max_tokens": 200,
                                                  "seq_len": 32, "out": "${vars.w}/stats.safetensors"}},
-        {"id": "sel", "op": "select", "args": {"stats_file": "${steps.stats.out}", "criterion": "min",
+        {"id": "sel", "op": "select", "args": {"stats": "${steps.stats.out}", "criterion": "min",
                                                "out": "${vars.w}/sel.json"}},
         {"id": "cloze", "op": "corpus cloze", "args": {"corpus": str(MINI), "per_domain": 2,
                                                         "out": "${vars.w}/cloze.jsonl"}},
@@ -100,7 +100,7 @@ def test_a_failing_step_is_one_line_and_nothing_new_starts(tmp_path, cli):
     stats = stats_file(tmp_path, [[[90, 40, 10, 30]], [[5, 45, 80, 30]]], [100, 100])
     w = tmp_path / "w"
     doc = {"name": "f", "steps": [
-        {"id": f"sel-{c}", "op": "select", "args": {"stats_file": str(stats), "criterion": c, "per_layer": 99,
+        {"id": f"sel-{c}", "op": "select", "args": {"stats": str(stats), "criterion": c, "per_layer": 99,
                                                     "out": str(w / f"sel-{c}.json")}} for c in ("min", "low")] + [
         {"id": "cloze", "op": "corpus cloze", "args": {"corpus": str(MINI), "per_domain": 1, "out": str(w / "c.jsonl")}}]}
     r = tmp_path / "f.yaml"
@@ -129,7 +129,7 @@ def test_stopping_the_runner_stops_its_steps(tmp_path):
                                                    "out": str(w / "data")}},
         {"id": "init", "op": "graft", "args": {"src": str(ROOT / "fixtures/teacher"), "target": "1L",
                                                "dtype": "float32", "out": str(w / "init")}}] + [
-        {"id": f"train-{s}", "op": "train", "args": {"ckpt": str(w / "init"), "data_dir": str(w / "data"),
+        {"id": f"train-{s}", "op": "train", "args": {"ckpt": str(w / "init"), "data": str(w / "data"),
                                                       "steps": 100000, "batch_size": 1, "seq_len": 16,
                                                       "seed": s, "out": str(w / f"run-{s}")}} for s in (0, 1)]}
     r = tmp_path / "long.yaml"

@@ -15,6 +15,7 @@ the same adapter (the `run` entry hands the table to the recipe runner). Neither
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -92,6 +93,15 @@ class Param:
     def display(self) -> str:
         return max(self.flags, key=len) if self.flags else (self.metavar or self.name.upper())
 
+    @property
+    def key(self) -> str:
+        """Its key in a recipe step's `args`: the name `--help` shows (an option without its dashes, a
+        positional by its metavar), lower case with underscores. `name` (the adapter's keyword) still
+        works where it differs, with a deprecation notice."""
+        if self.flags:
+            return self.display.split("/")[0].lstrip("-").replace("-", "_")
+        return re.sub(r"\W+", "_", self.metavar or self.name).strip("_").lower()
+
     def coerce(self, value: Any, where: str) -> Any:
         """A recipe value (YAML-typed) as this parameter's type; lists for `multiple`."""
         if self.multiple:
@@ -134,14 +144,26 @@ class Command:
     rules: tuple[Callable[[dict], None], ...] = ()  # checks of options together (values by name; raise XpertError)
 
     def param(self, key: str) -> Param | None:
-        return next((p for p in self.params if p.name == key.replace("-", "_")), None)
+        """The parameter a recipe key names: its `--help` name (Param.key) or its older name (Param.name)."""
+        key = key.replace("-", "_")
+        return next((p for p in self.params if p.key == key), None) \
+            or next((p for p in self.params if p.name == key), None)
+
+    def old_keys(self, args: dict) -> list[tuple[str, str]]:
+        """(old, new) for each recipe key given under its older name rather than its `--help` name."""
+        return [(k, self.param(k).key) for k in args
+                if self.param(k) is not None and k.replace("-", "_") != self.param(k).key]
 
     def bind(self, args: dict, where: str) -> dict:
         """A recipe step's args -> every parameter's value (defaults filled); one-line errors."""
         for key in args:
-            if self.param(key) is None:
-                known = ", ".join(p.name for p in self.params)
+            p = self.param(key)
+            if p is None:
+                known = ", ".join(p.key for p in self.params)
                 raise XpertError(f"{where}: {self.name} has no argument {key!r} (arguments: {known})")
+        twice = [p.key for p in self.params if sum(self.param(k) is p for k in args) > 1]
+        if twice:
+            raise XpertError(f"{where}: {self.name}: {twice[0]!r} given twice (under its old and its new name)")
         given = {self.param(k).name: v for k, v in args.items()}
         values = {}
         for p in self.params:
@@ -748,7 +770,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed: data order and init-independent batches.", range=NONNEG),
                 opt("domain_weights", None, "Training mixture NAME=W,... over every domain of --data "
                     "(default: proportional to tokens).", type=str),
-                opt("eval_every", 50, "Validation loss every N steps (0: at the end only).", range=NONNEG),
+                opt("eval_every", 50, "Validation loss every N steps (0: once, at the end; data without a val split "
+                    "needs 0 and trains with no validation loss).", range=NONNEG),
                 opt("eval_batches", 8, "Validation batches per evaluation.", range=POSITIVE),
                 opt("save_every", 0, "Save a resumable checkpoint every N steps (0: final only).", range=NONNEG),
                 opt("keep", 2, "Step checkpoints kept.", range=Range(1)),
@@ -878,7 +901,9 @@ COMMANDS: tuple[Command, ...] = (
                 opt("title", "Tuning", "Title of TUNE.md."),
                 FORCE,
             ), _tune),
-    Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped.",
+    Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped. A step's "
+            "`args` take the names each command's --help shows (options without dashes, positionals by their "
+            "metavar: `data`, `stats`, `ckpt`); docs/cli.md lists every command's.",
             "xpertctl run recipes/demo.yaml --profile quick --set vars.steps=20 --only 'train-*'", (
                 arg("recipe", "Recipe YAML."),
                 opt("set_", None, "Override: vars.x=1 or steps.ID.args.y=2 (ID may be a glob); repeat.", "--set",

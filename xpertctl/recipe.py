@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from .console import err
+from .console import err, notice
 from .errors import XpertError, forget_written, interrupted_message
 from .io.names import check_name
 
@@ -331,8 +331,9 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
                 if fp:
                     inputs[name] = fp
     # the defaults the step relies on: a release that changes one (as --rescale's did) makes the step stale
+    given = {cmd.param(k).name for k in args}
     defaults = {p.name: p.default if isinstance(p.default, (type(None), bool, int, float, str)) else str(p.default)
-                for p in cmd.params if p.name not in args and not p.required and not p.neutral}
+                for p in cmd.params if p.name not in given and not p.required and not p.neutral}
     return {"op": cmd.name, "argv": argv, "inputs": inputs, "defaults": defaults}
 
 
@@ -361,16 +362,20 @@ def _check_inputs(cmd, values: dict, where: str, outputs: list[str]) -> None:
 
 def plan_steps(path: Path, recipe: Recipe, table: dict, check_inputs: bool = True) -> list[tuple]:
     """(id, command, bound values, argv, args) per step: every op, value and input checked up front."""
-    steps, outputs = [], []
+    steps, outputs, old = [], [], {}
     for sid, op, args in expand(recipe, Path(path)):
         where = f"{path}: step {sid!r}"
         cmd = command(op, where, table)
         values = cmd.bind(args, where)
+        old.update({(cmd.name, o): n for o, n in cmd.old_keys(args)})
         if check_inputs:
             _check_inputs(cmd, values, where, outputs)
         if args.get("out") is not None:
             outputs.append(str(args["out"]))
         steps.append((sid, cmd, values, cmd.argv(args), args))
+    for (name, o), n in old.items():
+        notice(f"{path}: {name}'s argument {o!r} is now {n!r} (the name `xpertctl {name} --help` shows); "
+               f"{o!r} still works but will be removed")
     return steps
 
 
@@ -402,7 +407,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         _check_only(selected, steps)
     err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
               + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
-    outs, todo = {}, []
+    outs, todo, will_run = {}, [], []  # will_run: args of the steps this run (or plan) runs
     for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
         if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
             continue
@@ -411,8 +416,11 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
         done = _done(out, rec)
         if done and jobs > 1 and not dry_run and any(_reads(args, t[4]) for t in todo):
             done = False  # a step it reads from runs first: checked again when its turn comes
+        stale = done and dry_run and any(_reads_output(args, a) for a in will_run)
+        if not done or stale:
+            will_run.append(args)
         if dry_run or done or jobs == 1:
-            _say(n, len(steps), sid, "skip (done)" if done else "run", argv)
+            _say(n, len(steps), sid, "run (an input changes)" if stale else "skip (done)" if done else "run", argv)
         if dry_run or done:
             if out:
                 outs[n] = out
@@ -536,6 +544,12 @@ def _reads(later: dict, earlier: dict) -> bool:
         return True
     return _touches(_strings(later), _strings(earlier["out"])[0]) or \
         _touches(_strings(earlier), _strings(later["out"])[0])
+
+
+def _reads_output(later: dict, earlier: dict) -> bool:
+    """Whether a step with args `later` reads what the step with args `earlier` writes (a dry run's staleness)."""
+    out = earlier.get("out")
+    return out is not None and _touches(_strings({k: v for k, v in later.items() if k != "out"}), _strings(out)[0])
 
 
 def dependencies(todo: list[tuple]) -> dict[int, set[int]]:

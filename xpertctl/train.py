@@ -284,7 +284,11 @@ def lm_batches(cfg: TrainConfig, data_dir: Path, ckpt: Path, model) -> Batches:
     if not has_val and cfg.eval_every:
         raise XpertError(f"{data_dir}: the val split {'is empty' if not len(val_w) else f'has only {len(val_w)} tokens'}"
                          f" (fewer than --seq-len {cfg.seq_len} + 1), so there is no validation loss; "
-                         "re-tokenize with a larger --val-pct, or pass --eval-every 0")
+                         "re-tokenize with a larger --val-pct (or, for a file of an already split corpus, the corpus "
+                         "with --corpus), or pass --eval-every 0 to train without validation")
+    if not has_val:
+        from .console import notice
+        notice(f"{data_dir}: no val split: this run has no validation loss (metrics.jsonl has training loss only)")
     get = lambda step, micro, split=0: lm_batch(train_w if split == 0 else val_w, cfg, step, micro, split)
     return Batches(get, has_val, cfg.batch_size * cfg.grad_accum * cfg.seq_len)
 
