@@ -348,11 +348,7 @@ def start_or_resume(out: Path, model, opt, sched, identity: dict, resume: str, f
     if last is None:
         _truncate_metrics(out / "metrics.jsonl", 0) if rk.rank == 0 else None
         return 0
-    from safetensors.torch import load_file
-    sd = {}
-    for f in sorted(last.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    _load_weights(model, sd, last)
+    _load_weights(model, last)
     st = torch.load(last / "trainer_state.pt", weights_only=False)
     opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["rng"])
@@ -479,14 +475,23 @@ def _short(v) -> str:
     return "none" if v is None else (f"sha256 {v[:12]}" if isinstance(v, str) and len(v) == 64 else str(v))
 
 
-def _load_weights(model, sd: dict, last: Path) -> None:
-    """Load a step checkpoint's weights; only keys tied to a loaded tensor may be absent."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    loaded = {p.data_ptr() for n, p in model.state_dict().items() if n in sd}
-    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
-    if unexpected or untied:
+def _load_weights(model, last: Path) -> None:
+    """Load a step checkpoint's weights into the training model. Through transformers' own loader: it saves
+    an MoE's fused experts in the per-expert layout of hub checkpoints, and converts them back on load (a
+    plain load_state_dict of the file refuses them). A missing or unexpected weight is an error."""
+    dtype = next(model.parameters()).dtype
+    try:
+        ref, info = type(model).from_pretrained(last, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise XpertError(f"{last}: does not match the model ({str(e).splitlines()[0]}); use --force to start over")
+    bad = [("unexpected", k) for k in info.get("unexpected_keys", ())] + \
+        [("missing", k) for k in info.get("missing_keys", ())] + [("mismatched", k) for k in info.get("mismatched_keys", ())]
+    if bad:
+        raise XpertError(f"{last}: does not match the model ({bad[0][0]} {bad[0][1]!r}); use --force to start over")
+    missing, unexpected = model.load_state_dict(ref.state_dict(), strict=False)
+    if missing or unexpected:
         raise XpertError(f"{last}: does not match the model ({'unexpected' if unexpected else 'missing'} "
-                         f"{(unexpected or untied)[0]!r}); use --force to start over")
+                         f"{(unexpected or missing)[0]!r}); use --force to start over")
 
 
 def _mean_across(x: float, ddp: bool) -> float:
