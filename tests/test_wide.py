@@ -392,3 +392,22 @@ def test_card_and_provenance_record_the_width_rule_and_groups(fx, tmp_path, cli)
     out1 = _graft(cli, src, tmp_path, 16, "--selection", sel, name="g1")
     rec1 = provenance.read(out1 / "model.safetensors", "grafted")
     assert rec1["params"]["width_rule"] is None and not rec1.get("width_groups")
+
+
+def test_fit_and_norm_matched_take_a_wide_student(fx, tmp_path, cli):
+    """The data-aware fit and the norm-matched control work on the wide FFN as on a one-expert one."""
+    src = fx / "olmoe"
+    sel = hand_selection(tmp_path, open_checkpoint(src))
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(["the law shall apply to every licence holder .", "in the beginning god created .",
+                                 "def main ( ) : return 0 .", "a noun is a word that names a thing .",
+                                 "the man page lists options .", "fortune favours the bold ."] * 3))
+    out = _graft(cli, src, tmp_path, 40, "--selection", sel, "--fit", "down", "--calibration", f"a={text}",
+                 "--ridge", "0.1", "--seq-len", "64")
+    rec = provenance.read(out / "model.safetensors", "grafted")
+    assert len(rec["params"]["fit"]["layers"]) == 3 and rec["params"]["width_rule"] == "groups"
+    assert all(f[2].shape == (32, 40) for f in student_ffns(out))
+    nm = _graft(cli, src, tmp_path, 40, "--selection", sel, "--ffn-init", "norm-matched", name="nm")
+    base = student_ffns(_graft(cli, src, tmp_path, 40, "--selection", sel, name="base"))
+    for a, b in zip(student_ffns(nm), base):
+        assert torch.allclose(a[0].norm(dim=1), b[0].norm(dim=1), rtol=1e-4) and not torch.equal(a[0], b[0])
