@@ -220,8 +220,8 @@ def test_reshape_refuses_wider_targets(fx, tmp_path, cli):
     t, meta = _factors(fx, tmp_path)
     with pytest.raises(XpertError, match="hidden 64 is wider"):
         reshape.compute(t, meta, Target(2, 64))
-    with pytest.raises(XpertError, match="FFN 17 is wider"):
-        reshape.compute(t, meta, Target(2, ffn=17))
+    with pytest.raises(XpertError, match=r"FFN 49 is wider than the selected experts' total 48 \(3 experts of 16\)"):
+        reshape.compute(t, meta, Target(2, ffn=49))
 
 
 # ---- graft ---------------------------------------------------------------------------------------

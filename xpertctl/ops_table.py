@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .errors import XpertError
 from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
-                    WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
+                    WEIGHTINGS, WIDTH_RULE_DEFAULT, WIDTH_RULES, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
 
@@ -407,6 +407,11 @@ COMBINE = opt("combine", "usage", "Expert combination: usage (selection frequenc
               "literal (1/n, not rescaled: the paper read literally) or first (first component).", choices=COMBINES)
 WIDTH_SELECT = opt("width_select", "norm", "Which dims a narrower target keeps: norm (largest weight energy) or first.",
                    choices=WIDTH_SELECTS)
+WIDTH_RULE = opt("width_rule", WIDTH_RULE_DEFAULT, "An FFN wider than one expert (up to the selected experts' "
+                 "total width) holds them side by side, each scaled by its routing share: exactly their fixed-weight "
+                 "mixture at the full width. Between, groups (alike experts share neurons: weighted Ward merging; "
+                 "best held-out fidelity), experts (the most used whole, the rest merged) or norm (the neurons with "
+                 "the largest output scale).", choices=WIDTH_RULES)
 
 
 def _target(spec, layers, hidden, ffn, heads, required=True):
@@ -482,14 +487,16 @@ def _decompose(src, selection, out, ranks, align, align_sweeps, weighting, no_tu
     return _summary(summaries.factors(path), as_json)
 
 
-def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, rescale, shared, width_select, force):
+def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, rescale, shared, width_select, width_rule,
+             force):
     from .ops import reshape as op
     return op.run(factors, _target(target, layers, hidden, ffn, None), out, layer_map_how=layer_map,
-                  combine=combine, width_select=width_select, rescale=rescale, shared=shared, force=force)
+                  combine=combine, width_select=width_select, rescale=rescale, shared=shared, width_rule=width_rule,
+                  force=force)
 
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
-           align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
+           align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, width_rule, fit, calibration,
            calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
@@ -502,7 +509,7 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   calibration_tokens=calibration_tokens, ridge=ridge, holdout=holdout, ridge_select=ridge_select,
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
-                  seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
+                  seq_len=seq_len, device=device, width_select=width_select, width_rule=width_rule, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
                   ffn_init=ffn_init, up_gain=up_gain, seed=seed, shard_size=parse_size(shard_size), force=force)
 
 
@@ -659,7 +666,7 @@ COMMANDS: tuple[Command, ...] = (
             "xpertctl reshape factors.safetensors --target 12L,d2048,f1024 -o adapted.safetensors", (
                 arg("factors", "factors.safetensors from `xpertctl decompose`."),
                 replace(TARGET, default=REQUIRED), out_param("adapted.safetensors to write."), LAYERS, HIDDEN, FFN,
-                LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT, FORCE,
+                LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT, WIDTH_RULE, FORCE,
             ), _reshape),
     Command("graft", "Write a dense causal LM (HF directory) with XPERT FFNs.",
             "xpertctl graft adapted.safetensors -o student/\n"
@@ -676,7 +683,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int, range=POSITIVE),
                 RANKS, ALIGN, ALIGN_SWEEPS, WEIGHTING,
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
-                LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT,
+                LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT, WIDTH_RULE,
                 opt("fit", "none", "Data-aware fit to the source MoE block's output on --calibration text: none; "
                     "down (ridge least squares of each down projection, ridge chosen on text not fitted: --ridge-select); ffn "
                     "(gate, up and down optimized from there, stopped at the best held-out error). A layer whose "

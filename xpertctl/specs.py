@@ -20,6 +20,8 @@ FITS = ("none", "down", "ffn")  # graft: data-aware fit of the down projections,
 RIDGE_SELECTS = ("domains", "documents", "both")  # graft --fit: what the ridge is chosen on (ops/fit.py)
 FIT_WEIGHTINGS = ("tokens", "domains")  # graft --fit: how calibration domains weigh in the down fit (ops/fit.py)
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
+WIDTH_RULES = ("groups", "experts", "norm")  # reshape: how an FFN wider than one expert is filled (reshape.widen)
+WIDTH_RULE_DEFAULT = "groups"  # best held-out fidelity on the teacher (docs/notes/wide-students.md)
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
 FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
 SPLITS = ("train", "val", "test")  # token data splits
@@ -56,13 +58,16 @@ class Target:
                  f"f{self.ffn}" if self.ffn else None, f"h{self.heads}" if self.heads else None]
         return ",".join(p for p in parts if p)
 
-    def check_fits(self, hidden: int, ffn: int) -> None:
-        """The one width check: not wider than the source, and the heads divide the width."""
+    def check_fits(self, hidden: int, ffn: int, max_ffn: int | None = None, what: str | None = None) -> None:
+        """The one width check: not wider than the source (hidden: its own; FFN: max_ffn, the selected experts
+        side by side, described by `what`; one expert's `ffn` by default), and the heads divide the width."""
         d, f = self.hidden or hidden, self.ffn or ffn
         if d > hidden:
             raise XpertError(f"--target {self}: hidden {d} is wider than the source's {hidden}")
-        if f > ffn:
-            raise XpertError(f"--target {self}: FFN {f} is wider than one source expert's {ffn}")
+        limit = max_ffn or ffn
+        if f > limit:
+            what = what or f"one source expert's {ffn}"
+            raise XpertError(f"--target {self}: FFN {f} is wider than {what}")
         if self.heads and d % self.heads:
             raise XpertError(f"--target {self}: {self.heads} heads do not divide the hidden size {d}")
 

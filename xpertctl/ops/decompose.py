@@ -294,6 +294,9 @@ def factor_meta(ck: Checkpoint, doc: dict, sel_path: Path | str, ranks: str | No
         "layers": [l["layer"] for l in doc["layers"]], "errors": errors,
         "experts": {str(l["layer"]): list(l["experts"]) for l in doc["layers"]},
         "routed_mass": routed, "selected_mass": selected, "routing_note": why,
+        # each selected expert's routing weight per token, where the selected mass comes from: a wide FFN's shares
+        "routed_shares": {str(l["layer"]): [float(v) for v in l["routed"]] for l in doc["layers"]
+                          if selected and str(l["layer"]) in selected} or None,
         "source": ck.fingerprint, "family": ck.family.name, "hidden": ck.hidden, "expert_ffn": ck.expert_ffn,
         "shared_ffn": ck.shared_ffn, "shared_gate": "sigmoid" if ck.family.shared_gate else None,
         "selection": {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer"),

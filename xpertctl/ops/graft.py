@@ -18,7 +18,7 @@ from ..errors import XpertError
 from ..io import check_output, open_checkpoint, provenance, write_model_dir
 from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
-from ..specs import DTYPES, FFN_INITS, RESCALE_DEFAULT, SHARED, Target, parse_dtype
+from ..specs import DTYPES, FFN_INITS, RESCALE_DEFAULT, SHARED, WIDTH_RULE_DEFAULT, Target, parse_dtype
 from . import decompose, reshape
 from .tucker import parse_ranks
 from . import select as sel
@@ -200,6 +200,7 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| source | `{rec['source']['path']}` ({rec['family']}) |",
         f"| selection | {rec.get('selection_summary', '-')} |",
         f"| shared experts | {_shared_summary(rec)} |",
+        *([f"| FFN width | {_width_summary(rec)} |"] if rec.get("width_groups") else []),
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
@@ -215,6 +216,15 @@ def _shared_summary(rec: dict) -> str:
         return "not carried (`--shared none`)"
     fold = p.get("shared_gate_fold")
     return "appended to the FFN (`--shared concat`)" + (f"; the per-token sigmoid gate folded in as {fold}" if fold else "")
+
+
+def _width_summary(rec: dict) -> str:
+    """A wide student's FFN: the width rule and, per source layer, its groups of experts and their widths."""
+    rule = (rec.get("params") or {}).get("width_rule")
+    layers = "; ".join(f"layer {i}: " + ", ".join(f"[{'+'.join(map(str, g['experts']))}] {g['width']}" for g in gs)
+                       for i, gs in rec["width_groups"].items())
+    return (f"{rec['target']['ffn']} neurons: the selected experts side by side, each group's down columns scaled by "
+            f"its routing share (width rule `{rule}`; groups of experts and their widths per source layer: {layers})")
 
 
 def _fit_card(rec: dict) -> list[str]:
@@ -244,7 +254,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         calibration_tokens: int | None = 65536, ridge: float | None = None, holdout: float = 0.1, ridge_select: str = "domains", fit_weighting: str = "tokens", fit_steps: int = 500,
         text_field: str = "text",
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
-        width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
+        width_select: str = "norm", width_rule: str = WIDTH_RULE_DEFAULT, heads: int | None = None,
+        arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", up_gain: float = 1.0, seed: int = 0,
         shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
@@ -259,7 +270,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     decompose.check_sweeps(align_sweeps, align_neurons)
-    reshape.check_choices(layer_map_how, combine, width_select, rescale)
+    reshape.check_choices(layer_map_how, combine, width_select, rescale, width_rule)
     reshape._choice(shared, SHARED, "--shared")
     if ffn_init == "learngene" and layer_map_how != "uniform":
         raise XpertError(f"--layer-map {layer_map_how}: --ffn-init learngene places the target layers along the "
@@ -279,15 +290,18 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         _refuse_one_shot_options(src, stats=stats, selection=selection, criterion=criterion, per_layer=per_layer,
                                  ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker, weighting=weighting,
                                  layer_map_how=layer_map_how, combine=combine, rescale=rescale,
-                                 width_select=width_select, shared=shared, align_sweeps=align_sweeps)
+                                 width_select=width_select, shared=shared, align_sweeps=align_sweeps,
+                                 width_rule=width_rule)
         rec_in = provenance.read(src, "adapted")
         like = Path(like) if like else Path(rec_in["source"]["path"])
         if not like.exists():
             raise XpertError(f"{src}: its source {like} is gone; pass --like SRC")
         ck = open_checkpoint(like).require_moe()
+        widths = {"expert_ffn": ck.expert_ffn, "shared_ffn": ck.shared_ffn, "experts": rec_in.get("experts"),
+                  "layers": sorted({i for g in rec_in["layer_map"] for i in g})}
         _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l,
-                        reshape.ffn_width({"expert_ffn": ck.expert_ffn, "shared_ffn": ck.shared_ffn},
-                                          rec_in.get("shared") or "none"))
+                        reshape.ffn_width(widths, rec_in.get("shared") or "none"),
+                        reshape.max_ffn(widths, rec_in.get("shared") or "none"))
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if (rec_in["source"]["sha256"], rec_in["source"]["size"]) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
             raise XpertError(f"{src}: adapted from {rec_in['source']['path']}, not from --like {like}")
@@ -312,9 +326,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         if shared == "concat" and not ck.shared_ffn:
             raise XpertError(f"--shared concat: {ck.path} ({ck.family.name}) has no shared experts")
         full_ffn = ck.expert_ffn + (ck.shared_ffn if shared == "concat" else 0)
-        _validate_early(ck, {"layers": target.layers, "hidden": target.hidden or ck.hidden,
-                             "ffn": target.ffn or full_ffn}, heads, arch, dtype, ffn_init, inherit_l, full_ffn)
-        _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if selection is not None and stats is not None:
             raise XpertError("give --stats or --selection, not both")
         if selection is not None:
@@ -325,19 +336,37 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             sel_path = stats
         else:
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
-        # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
+        if ffn_init == "learngene" and target.ffn and target.ffn > full_ffn:
+            raise XpertError(f"--target {target}: FFN {target.ffn} is more than one expert ({full_ffn}); --ffn-init "
+                             "learngene fits one consolidated FFN per layer, it cannot hold experts side by side")
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
-        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared)
+        # the depth map and the widths the selection allows, then the rest of the options, before any work
+        lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared, width_rule)
+        _validate_early(ck, {"layers": target.layers, "hidden": target.hidden or ck.hidden,
+                             "ffn": target.ffn or full_ffn}, heads, arch, dtype, ffn_init, inherit_l, full_ffn,
+                        reshape.max_ffn(fmeta0, shared, {i for g in lmap for i in g}))
+        _check_tokenizer_fits(tokenizer, ck, inherit_l)
+        # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
         if ffn_init == "learngene":  # the learngene is fitted to every source layer, not the mapped ones
             lmap = [fmeta0["layers"]]
         per_src: dict[int, tuple] = {}
         single: set[int] = set()  # source layers whose factors keep one expert component (c drops out)
+        wide = reshape.is_wide(fmeta0, target, shared)
+        groups: dict[int, list[dict]] = {}
         fresh = ffn_init == "scratch" and (target.hidden or ck.hidden) == ck.hidden
         if fresh:  # fresh FFNs over every residual dim: nothing of a consolidation would reach the model
             sel.check_source(doc, Path(sel_path), ck)
             if not no_tucker:  # the options must still hold for the selection, as for the XPERT arm beside it
                 decompose.check_ranks(ck, doc, ranks, {i for g in lmap for i in g})
             adapted, meta = _fresh_layout(fmeta0, target, lmap, layer_map_how, shared)
+        elif wide:  # the experts side by side: each mapped layer's (aligned, rank-reduced) experts from its factors
+            routed_f = target.ffn - (full_ffn - ck.expert_ffn)
+
+            def each(i, t):
+                per_src[i], groups[i] = reshape.wide_layer(t, i, fmeta0, routed_f, width_rule, combine, width_select)
+            _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
+                                         no_tucker=no_tucker, weighting=weighting, only={i for g in lmap for i in g},
+                                         sweeps=align_sweeps, each=each)
         elif decompose.collapsible(parse_ranks(ranks), no_tucker, combine):
             # full ranks: each layer's FFN straight from its aligned experts, no stacks or factors in memory
             _, fmeta = decompose.compute(ck, doc, sel_path, ranks=ranks, align_neurons=align_neurons,
@@ -362,7 +391,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             else:
                 adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
                                               width_select=width_select, rescale=rescale, shared=shared,
-                                              shared_ffns=shared_ffns, single=single)
+                                              shared_ffns=shared_ffns, single=single, width_rule=width_rule,
+                                              width_groups=groups if wide else None)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         applied.pop("align_sweeps")  # the one-shot graft aligns itself: graft's own option (below)
@@ -389,7 +419,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"]},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
-        residual_index=meta.get("residual_index"), experts=meta.get("experts"))
+        residual_index=meta.get("residual_index"), experts=meta.get("experts"),
+        width_groups=meta.get("width_groups") if ffn_init != "scratch" else None)
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
     tok_dir = Path(tokenizer) if tokenizer is not None else (ck.path if ck.path.is_dir() else ck.path.parent)
@@ -426,6 +457,7 @@ def applied_options(adapted_meta: dict, selection: dict) -> dict:
             "combine": adapted_meta.get("combine"),
             "rescale": adapted_meta.get("rescale") if adapted_meta.get("routing_scale") else "none",
             "width_select": adapted_meta.get("width_select"), "shared": adapted_meta.get("shared") or "none",
+            "width_rule": adapted_meta.get("width_rule"),
             "shared_gate_fold": adapted_meta.get("shared_gate_fold"),
             "criterion": selection.get("criterion"), "per_layer": selection.get("per_layer"),
             "align_sweeps": f.get("align_sweeps")}
@@ -526,10 +558,12 @@ def _check_options(dtype: str, ffn_init: str) -> None:
 
 
 def _validate_early(ck: Checkpoint, target: dict, heads: int | None, arch: str, dtype: str | None, ffn_init: str,
-                    inherit: list[str], full_ffn: int | None = None) -> None:
-    """Fail on bad options before the (possibly long) select/decompose/reshape work."""
+                    inherit: list[str], full_ffn: int | None = None,
+                    widest: tuple[int, str | None] = (None, None)) -> None:
+    """Fail on bad options before the (possibly long) select/decompose/reshape work. widest: reshape.max_ffn."""
     _check_options(dtype or "float32", ffn_init)
-    Target(target["layers"], target["hidden"], target["ffn"], heads).check_fits(ck.hidden, full_ffn or ck.expert_ffn)
+    Target(target["layers"], target["hidden"], target["ffn"], heads).check_fits(ck.hidden, full_ffn or ck.expert_ffn,
+                                                                               *widest)
     config, src_heads = target_config(ck, target["hidden"], target["ffn"], target["layers"], heads, arch,
                                       dtype or "float32", inherit)
     _check_inherit(ck, inherit, arch, config, src_heads)

@@ -9,7 +9,8 @@ Each target layer gets one dense FFN (gate [f, d], up [f, d], down [d, f]):
      `first` (the first L), or `merge` (mean of contiguous groups);
   3. width: the same residual indices in every layer (scored over all mapped layers), and within a
      layer the same neuron indices for gate rows, up rows and down columns, by `norm` (largest
-     weight energy) or `first`.
+     weight energy) or `first`. An FFN wider than one expert holds the selected experts side by side
+     instead of their one combination (widen; `--width-rule` between one expert and all of them).
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from safetensors.torch import load_file
 from ..errors import XpertError
 from ..io import provenance, write_safetensors
 from ..specs import Target
-from .decompose import MATRICES, mode3_sum
+from .decompose import MATRICES, joint_gram, mode3_sum
 from .ranking import top_indices
 from .tucker import _is_identity, reconstruct
 
-from ..specs import COMBINES, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, SHARED, WIDTH_SELECTS
+from ..specs import (COMBINES, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, SHARED, WIDTH_RULE_DEFAULT, WIDTH_RULES,
+                     WIDTH_SELECTS)
 
 
 def _choice(value: str, options: tuple[str, ...], flag: str) -> str:
@@ -148,29 +150,197 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.as_tensor(np.sort(top_indices(score.numpy(), k)), dtype=torch.long)
 
 
-def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: str) -> None:
+def check_choices(layer_map_how: str, combine: str, width_select: str, rescale: str,
+                  width_rule: str = WIDTH_RULE_DEFAULT) -> None:
     _choice(layer_map_how, LAYER_MAPS, "--layer-map")
     _choice(combine, COMBINES, "--combine")
     _choice(width_select, WIDTH_SELECTS, "--width-select")
     _choice(rescale, RESCALES, "--rescale")
+    _choice(width_rule, WIDTH_RULES, "--width-rule")
 
 
 def check(meta: dict, target: Target, layer_map_how: str, combine: str, width_select: str,
-          rescale: str = RESCALE_DEFAULT, shared: str = "none") -> list[list[int]]:
+          rescale: str = RESCALE_DEFAULT, shared: str = "none", width_rule: str = WIDTH_RULE_DEFAULT) -> list[list[int]]:
     """Validate options against the factors' metadata; the depth map."""
-    check_choices(layer_map_how, combine, width_select, rescale)
+    check_choices(layer_map_how, combine, width_select, rescale, width_rule)
     _choice(shared, SHARED, "--shared")
     if combine not in ("usage", "uniform") and meta.get("method") == "mean":
         raise XpertError(f"--combine {combine}: factors made with --no-tucker have no expert mode to combine")
     if shared == "concat" and not meta.get("shared_ffn"):
         raise XpertError(f"--shared concat: the source ({meta.get('family')}) has no shared experts")
-    target.check_fits(int(meta["hidden"]), ffn_width(meta, shared))
-    return layer_map(list(meta["layers"]), target.layers, layer_map_how)
+    lmap = layer_map(list(meta["layers"]), target.layers, layer_map_how)
+    target.check_fits(int(meta["hidden"]), ffn_width(meta, shared), *max_ffn(meta, shared, {i for g in lmap for i in g}))
+    if is_wide(meta, target, shared):
+        one = ffn_width(meta, shared)
+        if combine not in ("usage", "uniform"):
+            raise XpertError(f"--combine {combine}: makes one FFN of the experts; an FFN wider than one expert "
+                             f"({target.ffn} > {one}) holds them side by side: use --combine usage or uniform")
+        if meta.get("method") == "mean":
+            raise XpertError(f"--no-tucker: those factors hold only the experts' mean; an FFN wider than one expert "
+                             f"({target.ffn} > {one}) needs the experts themselves (decompose without --no-tucker)")
+    return lmap
 
 
 def ffn_width(meta: dict, shared: str) -> int:
     """The consolidated FFN's width: one expert's, plus the shared experts' with --shared concat."""
     return int(meta["expert_ffn"]) + (int(meta["shared_ffn"]) if shared == "concat" else 0)
+
+
+def max_ffn(meta: dict, shared: str, layers=None) -> tuple[int, str | None]:
+    """The widest FFN the selection fills, and how to name it in a refusal: the selected experts side by side
+    (the fewest any of `layers` has; all of meta's by default), plus the shared experts with --shared concat.
+    Without a record of the experts (a learngene's virtual layers): one expert's width (default wording)."""
+    one, I = ffn_width(meta, shared), int(meta["expert_ffn"])
+    experts = meta.get("experts") or {}
+    counts = [len(experts[str(i)]) for i in (meta["layers"] if layers is None else layers) if str(i) in experts]
+    m = min(counts) if counts else 1
+    if m <= 1:
+        return one, None
+    plus = f" + shared {one - I}" if one > I else ""
+    return m * I + one - I, f"the selected experts' total {m * I + one - I} ({m} experts of {I}{plus})"
+
+
+def is_wide(meta: dict, target: Target, shared: str) -> bool:
+    """Whether the target FFN exceeds one consolidated expert (plus shared): the experts go side by side."""
+    return target.ffn is not None and target.ffn > ffn_width(meta, shared)
+
+
+def expert_shares(meta: dict, i: int, w: torch.Tensor, combine: str = "usage") -> torch.Tensor:
+    """Each selected expert's share (summing to 1) of source layer i's wide FFN: its part of the routing weight
+    the selected experts receive (from the stats behind the selection), or without those its usage frequency
+    (the weights of the one-expert average); equal with --combine uniform. routing_scale then scales their sum
+    as it scales a one-expert FFN, so under --rescale selected expert j's down columns carry its own mean
+    routing weight per token."""
+    n = w.numel()
+    r = (meta.get("routed_shares") or {}).get(str(i))
+    s = torch.full((n,), 1.0 / n, dtype=torch.float64) if combine == "uniform" else \
+        torch.tensor(r, dtype=torch.float64) if r and len(r) == n and sum(r) > 0 else w.double()
+    return s / s.sum() if float(s.sum()) > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def expert_matrices(t: dict[str, torch.Tensor], i: int) -> list[tuple[torch.Tensor, ...]]:
+    """Each selected expert's (rank-reduced, aligned) gate, up and down from the factors of source layer i:
+    X~_j = G x1 U1 x2 U2 x3 U3[j] (at full ranks: the aligned expert itself)."""
+    n = t[f"layers.{i}.weights"].numel()
+    out: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for m in MATRICES:
+        core, u1, u2, u3 = (t[f"layers.{i}.{m}.{s}"].float() for s in ("core", "U1", "U2", "U3"))
+        for j in range(n):
+            x = core[:, :, j] if _is_identity(u3) else \
+                mode3_sum((core[:, :, r].contiguous() for r in range(core.shape[2])), u3[j].tolist())
+            out[j].append(reconstruct(x[:, :, None].contiguous(), [u1, u2, torch.ones(1, 1)])[:, :, 0].contiguous())
+    return [tuple(e) for e in out]
+
+
+def widen(experts: list[tuple[torch.Tensor, ...]], shares: torch.Tensor, f: int, rule: str = WIDTH_RULE_DEFAULT,
+          width_select: str = "norm") -> tuple[tuple[torch.Tensor, ...], list[dict]]:
+    """An FFN f neurons wide from m aligned experts I wide (I < f <= m I) with shares a (sum 1), and its groups.
+
+    A group of experts becomes I neurons: gate and up rows the a-weighted mean of its members' aligned rows,
+    down columns the a-weighted sum (one member: the expert with its down columns times a_j; at f = I, one
+    group of all: the one-expert consolidation). At f = m I every expert is its own group: the FFN computes
+    sum_j a_j E_j(x) exactly. Between, the rule:
+      groups:  ceil(f/I) groups by weighted Ward merging (merge the pair whose share-weighted means are
+               nearest, cost a_A a_B / (a_A + a_B) |mu_A - mu_B|^2 over gate, up and down): a heavily used,
+               distinct expert stays whole, alike and little-used ones share neurons;
+      experts: the ceil(f/I) - 1 experts with the largest shares whole, the rest one group;
+      norm:    every expert's neurons side by side, the f with the largest a_j |gate| |up| |down| kept.
+    Groups go largest total share first; when f is not a multiple of I the last (smallest) keeps the
+    neurons --width-select picks. Records: members (indices into experts), their shares, width."""
+    m, I = len(experts), experts[0][0].shape[0]
+    a = shares.double()
+    order = sorted(range(m), key=lambda j: (-float(a[j]), j))
+    if rule == "norm" and f < m * I:
+        return _widest_neurons(experts, a, order, f)
+    n = min(m, -(-f // I))
+    if n == m:
+        groups = [[j] for j in order]
+    elif rule == "experts":
+        groups = [[j] for j in order[:n - 1]] + [order[n - 1:]]
+    else:
+        groups = _ward(experts, a, n)
+        groups = [sorted(g, key=order.index) for g in groups]
+        groups.sort(key=lambda g: (-float(a[g].sum()), order.index(g[0])))
+    parts, record = [], []
+    for k, g in enumerate(groups):
+        ffn = _merge(experts, a, g)
+        width = I if k < len(groups) - 1 else f - I * (len(groups) - 1)
+        if width < I:
+            ni = neuron_index(*ffn, width, width_select)
+            ffn = (ffn[0][ni], ffn[1][ni], ffn[2][:, ni])
+        parts.append(ffn)
+        record.append({"members": g, "shares": [round(float(a[j]), 6) for j in g], "width": width})
+    return _side_by_side(parts), record
+
+
+def _merge(experts, a: torch.Tensor, members: list[int]) -> tuple[torch.Tensor, ...]:
+    """One group's I neurons: gate/up the a-weighted mean of the members', down their a-weighted sum."""
+    w = [float(a[j]) for j in members]
+    tot = sum(w)
+    if len(members) == 1:
+        g, u, d = experts[members[0]]
+        return g.float(), u.float(), d.float() * w[0]
+    mean = [w_ / tot for w_ in w] if tot > 0 else [1.0 / len(w)] * len(w)
+    g = mode3_sum((experts[j][0].float() for j in members), mean)
+    u = mode3_sum((experts[j][1].float() for j in members), mean)
+    d = mode3_sum((experts[j][2].float() for j in members), w)
+    return g, u, d
+
+
+def _side_by_side(parts) -> tuple[torch.Tensor, ...]:
+    return (torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts]).contiguous(),
+            torch.cat([p[2] for p in parts], dim=1).contiguous())
+
+
+def _ward(experts, a: torch.Tensor, n: int) -> list[list[int]]:
+    """n groups of the experts by weighted Ward merging on their joint (gate, up, down) Gram.
+
+    scipy's ward linkage has no observation weights, and the shares are what keep a heavily used expert
+    whole, so the few (m <= 64) merges are done here: each merges the pair of groups with the least
+    a_A a_B / (a_A + a_B) |mu_A - mu_B|^2 (mu: the share-weighted mean; ties: the earliest pair)."""
+    gram = joint_gram(experts).double()
+    w = a.double().clamp_min(1e-12)
+    groups = [[j] for j in range(len(experts))]
+    while len(groups) > n:
+        best = None
+        for x in range(len(groups)):
+            for y in range(x + 1, len(groups)):
+                A, B = groups[x], groups[y]
+                wa, wb = float(w[A].sum()), float(w[B].sum())
+                c = torch.zeros(len(experts), dtype=torch.float64)
+                c[A], c[B] = w[A] / wa, -w[B] / wb
+                cost = wa * wb / (wa + wb) * float(c @ gram @ c)
+                if best is None or cost < best[0]:
+                    best = (cost, x, y)
+        _, x, y = best
+        groups[x] = groups[x] + groups[y]
+        del groups[y]
+    return groups
+
+
+def _widest_neurons(experts, a: torch.Tensor, order: list[int], f: int):
+    """The `norm` rule: all experts' neurons side by side (largest share first), the f with the largest output
+    scale a_j |gate row| |up row| |down column| kept in their order."""
+    parts = [_merge(experts, a, [j]) for j in order]
+    score = torch.cat([float(a[j]) * experts[j][0].double().norm(dim=1) * experts[j][1].double().norm(dim=1)
+                       * experts[j][2].double().norm(dim=0) for j in order])
+    keep = _top(score, f)
+    g, u, d = _side_by_side(parts)
+    I = experts[0][0].shape[0]
+    record = [{"members": [j], "shares": [round(float(a[j]), 6)], "width": int(((keep // I) == k).sum())}
+              for k, j in enumerate(order)]
+    return (g[keep].contiguous(), u[keep].contiguous(), d[:, keep].contiguous()), [r for r in record if r["width"]]
+
+
+def wide_layer(t: dict[str, torch.Tensor], i: int, meta: dict, f: int, rule: str = WIDTH_RULE_DEFAULT,
+               combine: str = "usage", width_select: str = "norm") -> tuple[tuple[torch.Tensor, ...], list[dict]]:
+    """Source layer i's FFN f neurons wide (before the routing scale) from its factors, and its groups with
+    the expert ids they hold."""
+    ids = t[f"layers.{i}.experts"].tolist()
+    shares = expert_shares(meta, i, t[f"layers.{i}.weights"].float(), combine)
+    ffn, groups = widen(expert_matrices(t, i), shares, f, rule, width_select)
+    return ffn, [{"experts": [ids[j] for j in g["members"]], "shares": g["shares"], "width": g["width"]}
+                 for g in groups]
 
 
 # Qwen2-MoE scales its shared expert by sigmoid(x . w) per token, which no dense FFN can carry; concat folds
@@ -193,13 +363,19 @@ def shared_of(t: dict[str, torch.Tensor], layers) -> dict[int, tuple[torch.Tenso
 
 def compute(t: dict[str, torch.Tensor], meta: dict, target: Target, *, layer_map_how: str = "uniform",
             combine: str = "usage", width_select: str = "norm", rescale: str = RESCALE_DEFAULT,
-            shared: str = "none") -> tuple[dict[str, torch.Tensor], dict]:
-    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
+            shared: str = "none", width_rule: str = WIDTH_RULE_DEFAULT) -> tuple[dict[str, torch.Tensor], dict]:
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared, width_rule)
     used = sorted({i for g in lmap for i in g})
-    per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in used}
+    groups = None
+    if is_wide(meta, target, shared):
+        routed_f = target.ffn - (ffn_width(meta, shared) - int(meta["expert_ffn"]))  # the shared part is appended
+        wide = {i: wide_layer(t, i, meta, routed_f, width_rule, combine, width_select) for i in used}
+        per_src, groups = {i: w[0] for i, w in wide.items()}, {i: w[1] for i, w in wide.items()}
+    else:
+        per_src = {i: combine_layer(t, i, combine, meta.get("weighting") or "joint") for i in used}
     return adapt(per_src, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
                  rescale=rescale, shared=shared, shared_ffns=shared_of(t, used) if shared == "concat" else None,
-                 single={i for i in used if one_component(t, i)})
+                 single={i for i in used if one_component(t, i)}, width_rule=width_rule, width_groups=groups)
 
 
 def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, rescale: str) -> dict[int, float]:
@@ -221,10 +397,16 @@ def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, resc
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
           combine: str = "usage", width_select: str = "norm", rescale: str = RESCALE_DEFAULT, shared: str = "none",
           shared_ffns: dict[int, tuple[torch.Tensor, ...]] | None = None,
-          single: set[int] = frozenset()) -> tuple[dict[str, torch.Tensor], dict]:
+          single: set[int] = frozenset(), width_rule: str = WIDTH_RULE_DEFAULT,
+          width_groups: dict[int, list[dict]] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Dense (gate, up, down) per source layer -> the target's FFNs (depth map, consistent width); with
-    --shared concat each source layer's shared experts (shared_ffns) are appended after the rescale."""
-    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared)
+    --shared concat each source layer's shared experts (shared_ffns) are appended after the rescale. For a
+    target wider than one expert, per_src holds each layer's wide FFN (wide_layer: already target.ffn wide
+    but for the shared part) and width_groups its groups."""
+    lmap = check(meta, target, layer_map_how, combine, width_select, rescale, shared, width_rule)
+    wide = is_wide(meta, target, shared)
+    if wide and width_groups is None:
+        raise ValueError("adapt: a target wider than one expert needs the wide FFNs and their width_groups")
     scales = routing_scale(per_src, meta, rescale)
     per_src = {i: (g, u, dn * scales[i]) if i in scales else (g, u, dn) for i, (g, u, dn) in per_src.items()}
     if shared == "concat":
@@ -248,10 +430,10 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.up_proj"] = u[ni].contiguous()
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
-    notes = depth_notes(lmap, len(meta["layers"])) + combine_notes(meta, combine, single, set(per_src))
+    notes = depth_notes(lmap, len(meta["layers"])) + ([] if wide else combine_notes(meta, combine, single, set(per_src)))
     if shared == "none" and meta.get("shared_ffn"):
         notes.append(f"the source's shared experts (FFN width {meta['shared_ffn']}), which every token uses, are not "
-                     "carried (--shared none keeps the FFN one routed expert wide); --shared concat appends them")
+                     "carried (--shared none keeps routed experts only); --shared concat appends them")
     if notes:
         from ..console import notice
         for n in notes:
@@ -259,6 +441,8 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
     new_meta = {"target": {"layers": target.layers, "hidden": d, "ffn": f}, "layer_map": lmap, "notes": notes,
                 "layer_map_method": layer_map_how, "combine": combine, "width_select": width_select,
                 "rescale": rescale, "shared": shared,
+                "width_rule": width_rule if wide else None, "max_ffn": max_ffn(meta, shared, set(per_src))[0],
+                "width_groups": {str(i): width_groups[i] for i in sorted(width_groups)} if wide else None,
                 "shared_gate_fold": SHARED_GATE_FOLD if shared == "concat" and meta.get("shared_gate") else None,
                 "routing_scale": {str(i): v for i, v in scales.items()} or None,
                 "unscaled_layers": sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
@@ -316,16 +500,18 @@ def load_factors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def run(factors: Path, target: Target, out: Path, *, layer_map_how: str = "uniform", combine: str = "usage",
-        width_select: str = "norm", rescale: str = RESCALE_DEFAULT, shared: str = "none", force: bool = False) -> Path:
+        width_select: str = "norm", rescale: str = RESCALE_DEFAULT, shared: str = "none",
+        width_rule: str = WIDTH_RULE_DEFAULT, force: bool = False) -> Path:
     """`xpertctl reshape`: adapted.safetensors."""
     from ..io import check_output
     check_output(out, force, [factors])
     t, meta = load_factors(factors)
     tensors, new_meta = compute(t, meta, target, layer_map_how=layer_map_how, combine=combine, width_select=width_select,
-                                rescale=rescale, shared=shared)
+                                rescale=rescale, shared=shared, width_rule=width_rule)
     rec = provenance.record("adapted", inputs=[provenance.file_fingerprint(factors)],
                             params={"target": str(target), "layer_map": layer_map_how, "combine": combine,
-                                    "width_select": width_select, "rescale": rescale, "shared": shared}, **new_meta)
+                                    "width_select": width_select, "rescale": rescale, "shared": shared,
+                                    "width_rule": new_meta["width_rule"]}, **new_meta)
     path = write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
     unscaled_notice(new_meta)
     return path
