@@ -97,6 +97,7 @@ def test_second_fetch_comes_from_the_cache_offline_and_without_the_extra(cli, fx
     ref = load_file(str(fx / "llama" / "model.safetensors"))
     assert all((model.state_dict()[k] == v).all() for k, v in ref.items())
     assert "Apache-2.0" in (tmp_path / "a" / "README.md").read_text()
+    assert (cache / "wheels" / wheel.name).read_bytes() == wheel.read_bytes()  # kept: a reconversion needs no network
 
     from xpertctl.io import gguf
     monkeypatch.setattr(gguf, "require_gguf", REQUIRE_GGUF)  # the extra is gone again ...

