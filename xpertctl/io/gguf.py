@@ -47,4 +47,4 @@ def read_model(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str
     with tempfile.TemporaryDirectory(prefix=".xpertctl-tok-") as d:
         tok.save_pretrained(d)
         files = {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
-    return state, config.to_json_string()  # as save_pretrained writes it, files
+    return state, config.to_json_string(), files  # the config as save_pretrained writes it
