@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FINAL_NORMS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -470,7 +470,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, final_norm, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -483,7 +483,8 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
-                  ffn_init=ffn_init, up_gain=up_gain, seed=seed, shard_size=parse_size(shard_size), force=force)
+                  ffn_init=ffn_init, up_gain=up_gain, final_norm=final_norm, seed=seed, shard_size=parse_size(shard_size),
+                  force=force)
 
 
 def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, stream_layers,
@@ -659,13 +660,13 @@ COMMANDS: tuple[Command, ...] = (
                     "down (ridge least squares of each down projection, ridge chosen on text not fitted: --ridge-select); ffn "
                     "(gate, up and down optimized from there, stopped at the best held-out error). A layer whose "
                     "held-out error does not beat the consolidation's keeps it.", choices=FITS),
-                opt("calibration", None, "With --fit: NAME=PATH text to run the source on; repeat.", type=str,
+                opt("calibration", None, "With --fit or --final-norm refit: NAME=PATH text to run the source on; repeat.", type=str,
                     multiple=True, path=_after("="), check=_check_domain),
-                opt("calibration_tokens", 65536, "With --fit: tokens fitted per calibration domain.", range=POSITIVE),
+                opt("calibration_tokens", 65536, "With --fit or --final-norm refit: tokens per calibration domain.", range=POSITIVE),
                 opt("ridge", None, "With --fit: a fixed ridge (relative to the mean activation energy) instead of "
                     "the one --ridge-select chooses.", type=float, range=NONNEG),
-                opt("holdout", 0.1, "With --fit: share of each domain's documents held out (never fitted) to "
-                    "choose the ridge, stop the ffn fit and report held-out fidelity.", range=Range(0, 1, lo_open=True, hi_open=True)),
+                opt("holdout", 0.1, "With --fit or --final-norm refit: share of each domain's documents held out (never "
+                    "fitted) to choose the ridge, stop the ffn fit and report held-out fidelity or start NLL.", range=Range(0, 1, lo_open=True, hi_open=True)),
                 opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "
                     "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
                     "documents (documents: best on text like it), or their mean (both).", choices=RIDGE_SELECTS),
@@ -690,6 +691,10 @@ COMMANDS: tuple[Command, ...] = (
                     "--ffn-init (norm-matched takes the gained norms). Under AdamW it acts as a down/up learning-rate ratio: "
                     "it changes training for every init, scratch included, so compare arms at matched or tuned gains (README).",
                     type=float, range=POSITIVE, neutral=True),
+                opt("final_norm", "source", "With --inherit embeddings: source keeps the inherited final-norm gain; "
+                    "refit fits it, per residual dim, to this student's stream on --calibration text (a depth-cut "
+                    "student's stream is not the one the source's head reads; the card records the start NLL with "
+                    "each gain).", choices=FINAL_NORMS, neutral=True),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
