@@ -19,12 +19,13 @@ CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-s
 setup: $(STAMP)
 
 # torch first and pinned: 2.13.0 is the CPU wheel on this disk; an unpinned torch pulls a CUDA build.
-# The lmeval extra (lm-evaluation-harness, a few minutes from PyPI) is installed so its tests run.
+# The lmeval extra (lm-evaluation-harness, a few minutes from PyPI) and the real extra (gguf) are installed so
+# their tests run.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,lmeval]'
+	$(BIN)/pip install -q -e '.[test,lmeval,real]'
 	touch $(STAMP)
 
 test: setup
