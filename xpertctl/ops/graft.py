@@ -204,7 +204,7 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
-        *_fit_card(rec),
+        *_fit_card(rec), *_final_norm_card(rec),
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
@@ -246,6 +246,20 @@ def _fit_card(rec: dict) -> list[str]:
     return lines + [""]
 
 
+def _final_norm_card(rec: dict) -> list[str]:
+    """What --final-norm refit did, and the start NLL it measured with each gain."""
+    r = (rec.get("params") or {}).get("final_norm")
+    if not r:
+        return []
+    nll = r["held_out_nll"]
+    return [f"## Final norm (`--final-norm refit`): gain refitted to this student's residual stream", "",
+            f"The inherited final-norm gain was replaced by a fit on {r['calibration_tokens']:,} calibration tokens "
+            f"({r['method']}); every other inherited weight is the source's.", "",
+            f"Start NLL on {r['held_out_tokens']:,} held-out tokens (whole documents, share {r['holdout']}): "
+            f"{nll['inherited']:.3f} with the source's gain, {nll['refitted']:.3f} refitted "
+            f"(uniform over the vocabulary: ln V = {r['ln_vocab']:.3f}).", ""]
+
+
 def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None = None,
         tokenizer: Path | None = None, stats: Path | None = None,
         selection: Path | None = None, criterion: str = "min", per_layer: int | None = None, ranks: str | None = None,
@@ -257,16 +271,18 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         width_select: str = "norm", width_rule: str = WIDTH_RULE_DEFAULT, heads: int | None = None,
         arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", up_gain: float = 1.0, seed: int = 0,
-        shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
+        final_norm: str = "source", shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     inherit_l = parse_inherit(inherit)
+    norm_paths = _check_final_norm(final_norm, inherit_l, calibration, fit, text_field)
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
     if fit != "none" and ffn_init == "scratch":
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
-    cal_paths = _check_fit(fit, calibration, ridge, calibration_tokens, holdout, fit_steps, ridge_select, fit_weighting,
-                           text_field)
+    cal_paths = _check_fit(fit, calibration if fit != "none" or final_norm == "source" else None, ridge,
+                           calibration_tokens, holdout, fit_steps, ridge_select, fit_weighting,
+                           text_field if fit != "none" or final_norm == "source" else "text")
     parse_ranks(ranks)
     decompose.check_weighting(weighting)
     decompose.check_sweeps(align_sweeps, align_neurons)
@@ -277,7 +293,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                          "source's depth itself (a line through every layer); drop --layer-map")
     if ffn_init == "learngene" and shared != "none":
         raise XpertError(f"--shared {shared}: --ffn-init learngene fits routed experts only; drop --shared")
-    check_output(out, force, inputs + list(cal_paths.values()), marker="config.json")
+    check_output(out, force, inputs + list(cal_paths.values()) + list(norm_paths.values()), marker="config.json")
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
@@ -413,10 +429,18 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
                           ffn_init=ffn_init, seed=seed, up_gain=up_gain)
     config.architectures = [TARGET_CLASSES[arch][1]]
+    norm_rec = None
+    if final_norm == "refit":
+        state, norm_rec = _refit_final_norm(ck, state, config, arch, calibration, norm_paths, adapted["residual_index"],
+                                            tokens=calibration_tokens,
+                                            holdout=holdout, seq_len=seq_len, device=device,
+                                            stream_layers=stream_layers, text_field=text_field)
+        in_fps += norm_rec.pop("inputs")
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."), "up_gain": up_gain,
-        **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"]},
+        **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"],
+        **({"final_norm": norm_rec} if norm_rec else {})},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
         residual_index=meta.get("residual_index"), experts=meta.get("experts"),
@@ -473,6 +497,54 @@ def _refuse_one_shot_options(src: Path, **given) -> None:
         names = ", ".join(flags.get(k, "--" + k.replace("_", "-")) for k in changed)
         raise XpertError(f"{src}: an adapted file is already consolidated; {names} apply to the one-shot graft from "
                          "an MoE (run decompose/reshape again to change them)")
+
+
+def _check_final_norm(final_norm: str, inherit: list[str], calibration: list[str] | None, fit: str,
+                      text_field: str) -> dict:
+    """--final-norm refit needs the inherited head it serves and calibration text; the calibration paths."""
+    from .. import data
+    from ..specs import FINAL_NORMS
+    if final_norm not in FINAL_NORMS:
+        raise XpertError(f"--final-norm {final_norm!r}: choose one of {', '.join(FINAL_NORMS)}")
+    if final_norm == "source":
+        return {}
+    if "embeddings" not in inherit:
+        raise XpertError("--final-norm refit fits the final norm to the source's inherited head; add embeddings to "
+                         "--inherit (e.g. --inherit embeddings,norms,attention)")
+    if not calibration:
+        raise XpertError("--final-norm refit needs calibration text: --calibration NAME=PATH (repeat for several domains)")
+    paths = data.parse_domains(calibration)
+    if fit == "none":  # else _check_fit checks the text field
+        from ..documents import check_field_applies
+        check_field_applies(paths.values(), text_field)
+    return paths
+
+
+def _refit_final_norm(ck: Checkpoint, state: dict, config, arch: str, calibration: list[str], paths: dict,
+                      residual_index, *,
+                      tokens: int | None, holdout: float, seq_len: int | None, device: str, stream_layers: bool,
+                      text_field: str) -> tuple[dict, dict]:
+    """The student as built, its final-norm gain refitted on the calibration text (ops/final_norm.py)."""
+    import transformers
+    from .. import data
+    from . import capture, final_norm
+    runner = capture.prepare(ck, calibration, seq_len=seq_len, device=device, stream_layers=stream_layers,
+                             sample_seed=0 if tokens is not None else None, text_field=text_field)
+    student = getattr(transformers, TARGET_CLASSES[arch][1])._from_config(config, dtype=torch.float32)
+    missing, unexpected = student.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise XpertError(f"--final-norm refit: the built student does not load ({sorted(unexpected or missing)[:3]})")
+    student.tie_weights()
+    student.to(device).eval()
+    docs = {n: data.domain_documents(d, tokens) for n, d in runner.docs.items()}
+    gain, rec = final_norm.refit(runner.model, student, runner.tokenizer, docs, seq_len=runner.seq_len,
+                                 max_tokens=tokens, holdout=holdout, device=device,
+                                 residual_index=torch.as_tensor(residual_index))
+    state = dict(state, **{"model.norm.weight": gain.to(state["model.norm.weight"].dtype)})
+    rec.update(calibration={n: str(p) for n, p in paths.items()}, calibration_token_cap=tokens,
+               sample=data.sampling(runner.docs, tokens) if tokens is not None else None,
+               inputs=[provenance.fingerprint(p) for p in paths.values()])
+    return state, rec
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tokens: int | None,
