@@ -21,7 +21,8 @@ RIDGE_SELECTS = ("domains", "documents", "both")  # graft --fit: what the ridge 
 FIT_WEIGHTINGS = ("tokens", "domains")  # graft --fit: how calibration domains weigh in the down fit (ops/fit.py)
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
-FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
+FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, fresh FFNs at XPERT's row norms, or a TLEG descendant (every weight from a learngene)
+DEPTH_SCALES = ("tleg", "unit")  # learngene: c_l = l / L (TLEG's released code) or l / (L - 1)
 SPLITS = ("train", "val", "test")  # token data splits
 RESUME = ("no", "auto")  # train
 
