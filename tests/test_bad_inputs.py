@@ -493,6 +493,24 @@ CASES += [
 ]
 
 
+def learngene_run(e, *opts):
+    return ["learngene", e.fx / "olmoe", "--data", tokdata(e), "--steps", "1", "--batch-size", "2", "--seq-len", "8",
+            "-o", e.d / "o", *opts]
+
+
+CASES += [
+    ("learngene-one-layer", lambda e: learngene_run(e, "--layers", "1"), ["--layers 1: must be >= 2"]),
+    ("learngene-heads", lambda e: learngene_run(e, "--heads", "3"), ["--heads 3", "--hidden 32"]),
+    ("learngene-other-tokenizer", lambda e: ["learngene", other_tokenizer_model(e), "--data", tokdata(e), "--steps", "1",
+                                             "-o", e.d / "o"], ["tokenizer"]),
+    ("learngene-force-over-other-dir", lambda e: ["learngene", e.fx / "olmoe", "--data", tokdata(e), "--steps", "1",
+                                                  "-o", _dir_of_other_files(e), "--force"], ["other", "not an earlier output"]),
+    ("graft-learngene-without-aux", lambda e: graft_run(e, "--ffn-init", "learngene"), ["--learngene AUX"]),
+    ("graft-learngene-not-a-learngene", lambda e: graft_run(e, "--ffn-init", "learngene", "--learngene", e.copy("llama")),
+     ["not a learngene"]),
+]
+
+
 def offline_hub(monkeypatch):
     """lm-evaluation-harness offline: the hub client logs its HEAD request and retries, then the dataset
     load fails. Emulated (no network wait): printed only if the hub's logger would let it through."""

@@ -315,18 +315,6 @@ def test_zero_routed_mass_leaves_the_ffns_unscaled_and_says_so(moes, tmp_path, c
         assert torch.equal(ffns["routed"][t][2], ffns["none"][t][2])
 
 
-def test_learngene_says_when_rescale_finds_no_weights(moes, tmp_path, cli):
-    """--ffn-init learngene scales each source layer's FFN as reshape does: a rescale that finds no routing
-    weights leaves the FFNs at the experts' scale and says so, for --rescale selected as for routed."""
-    src, _, _ = moes["independent"]
-    st = _stats_with_routed(tmp_path, src, [0.0] * E)
-    for r in ("routed", "selected"):
-        code, _, err = cli("graft", src, "-t", f"{LAYERS}L", "--stats", st, "--ffn-init", "learngene",
-                           "--rescale", r, "--dtype", "float32", "-o", tmp_path / f"lg-{r}")
-        assert code == 0, err
-        assert "no routing weights" in err and "experts' scale" in err, (r, err)
-
-
 def test_stats_counted_with_another_top_k_do_not_scale(moes, tmp_path, cli):
     """`stats --top-k 3` on a top-2 model: its routing weights are of three experts; the model routes with two."""
     src, _, _ = moes["independent"]

@@ -1,5 +1,5 @@
-"""Issue 21: the paper's questions in miniature — the word-order task, the learngene init, the SFT set,
-the report's new sections and the demo profiles."""
+"""Issue 21: the paper's questions in miniature — the word-order task, the SFT set, the report's new
+sections and the demo profiles (the learngene init: test_learngene.py)."""
 import json
 import random
 from pathlib import Path
@@ -76,77 +76,6 @@ def test_order_on_a_corpus_without_test_text_is_one_line(tmp_path, cli):
     code, out, err = cli("corpus", "order", root, "-o", tmp_path / "o.jsonl")
     assert_user_error(code, err, "too little text")
     assert not (tmp_path / "o.jsonl").exists()
-
-
-# ---- the learngene init ----------------------------------------------------------------------------
-
-def test_fit_genes_is_the_least_squares_line_per_weight():
-    import numpy as np
-    import torch
-    from xpertctl.ops import learngene
-    g = torch.Generator().manual_seed(0)
-    mats = [torch.randn(5, 3, generator=g) for _ in range(4)]
-    x = learngene.depth_positions(4)
-    a, b = learngene.fit_genes(mats, x)
-    flat = np.stack([m.numpy().ravel() for m in mats])  # [layers, weights]
-    slope, icpt = np.polyfit(x.numpy(), flat, 1)  # numpy's own least-squares line, weight by weight
-    assert np.allclose(b.numpy().ravel(), slope, atol=1e-5) and np.allclose(a.numpy().ravel(), icpt, atol=1e-5)
-    one_a, one_b = learngene.fit_genes(mats[:1], learngene.depth_positions(1))
-    assert torch.equal(one_a, mats[0]) and not one_b.any()
-
-
-def test_expand_recovers_a_linear_depth_profile_hidden_by_neuron_permutations():
-    import torch
-    from xpertctl.ops import learngene
-    g = torch.Generator().manual_seed(1)
-    A = [torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(8, 16, generator=g)]
-    B = [0.3 * torch.randn(m.shape, generator=g) for m in A]
-    per_src = {}
-    for s in range(5):  # source layers on an exact line, each with its own order of the 16 neurons
-        x = s / 4
-        gate, up, down = (a + x * b for a, b in zip(A, B))
-        p = torch.arange(16) if s == 0 else torch.randperm(16, generator=g)
-        per_src[10 + s] = (gate[p], up[p], down[:, p])
-    out = learngene.expand(per_src, 3)
-    for t, ffn in enumerate(out):  # target layers at depth 0, 1/2, 1 of the same line, in layer 0's order
-        for k in range(3):
-            assert torch.allclose(ffn[k], A[k] + (t / 2) * B[k], atol=1e-5), (t, k)
-    unaligned = learngene.expand(per_src, 3, align=False)
-    assert not torch.allclose(unaligned[1][0], A[0] + 0.5 * B[0], atol=1e-2)  # the alignment is what recovers it
-
-
-def test_graft_learngene_interpolates_the_aligned_layer_ffns(fx, tmp_path, cli):
-    """mixtral fixture (2 layers): the line through two layers is exact, so the 3-layer learngene is
-    (W0, mean of W0 and W1 aligned to W0, W1 aligned to W0); W_s from decompose + reshape, aligned here."""
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
-    from scipy.optimize import linear_sum_assignment
-    src = fx / "mixtral"
-    code, _, err = cli("graft", src, "--target", "3L", "--ffn-init", "learngene", "--rescale", "none",
-                       "--dtype", "float32", "-o", tmp_path / "lg")
-    assert code == 0, err
-    # per-layer FFNs through the XPERT path: every expert (no selection) at the source depth, layer map first
-    from xpertctl.ops import decompose, reshape
-    from xpertctl.io import open_checkpoint
-    ck = open_checkpoint(src)
-    doc = decompose.all_experts_doc(ck)
-    per = {}
-    decompose.compute(ck, doc, "(all experts)", each=lambda i, t: per.__setitem__(i, t),
-                      mix=lambda w: reshape.expert_mix(w, torch.eye(w.numel()), "usage"))
-    w0, w1 = per[0], per[1]
-    feat = lambda f: torch.cat([f[0], f[1], f[2].T], 1).double().numpy()
-    rows, cols = linear_sum_assignment(feat(w0) @ feat(w1).T, maximize=True)
-    p = torch.tensor(cols[np.argsort(rows)])
-    w1 = (w1[0][p], w1[1][p], w1[2][:, p])
-    got = load_file(str(tmp_path / "lg" / "model.safetensors"))
-    for t, x in enumerate((0.0, 0.5, 1.0)):
-        for k, m in enumerate(("gate_proj", "up_proj", "down_proj")):
-            want = (1 - x) * w0[k] + x * w1[k]
-            assert torch.allclose(got[f"model.layers.{t}.mlp.{m}.weight"], want, atol=1e-5), (t, m)
-    card = (tmp_path / "lg" / "README.md").read_text()
-    assert "Learngene" in card
-
 
 
 # ---- the SFT set ---------------------------------------------------------------------------------------
@@ -356,32 +285,6 @@ def test_default_demo_evaluates_the_order_task_everywhere_and_keeps_its_arms():
     arms = {a["out"].rsplit("/", 1)[1].rsplit("-3L", 1)[0] for _, op, a in demo if op == "train"}
     assert arms == {"xpert", "literal", "fit", "random", "low", "norm-matched", "scratch", "kd", "learngene"}
     assert not any(op == "corpus cloze" for _, op, _ in demo)
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--layer-map", "first"], "--layer-map first: --ffn-init learngene places"),
-])
-def test_graft_learngene_bad_options_are_one_line(fx, tmp_path, cli, args, needle):
-    code, _, err = cli("graft", fx / "mixtral", "--target", "2L", "--ffn-init", "learngene", "-o", tmp_path / "g", *args)
-    assert_user_error(code, err, needle)
-    assert not (tmp_path / "g").exists()
-
-
-def test_graft_learngene_refuses_an_adapted_file(fx, tmp_path, cli):
-    """An adapted file holds only the mapped layers; the learngene needs every source layer."""
-    from xpertctl.ops import decompose
-    from xpertctl.io import open_checkpoint
-    ck = open_checkpoint(fx / "mixtral")
-    doc = decompose.all_experts_doc(ck)
-    sel = tmp_path / "sel.json"
-    sel.write_text(json.dumps({**doc, "source": ck.fingerprint}))
-    code, _, err = cli("decompose", fx / "mixtral", sel, "-o", tmp_path / "f.safetensors")
-    assert code == 0, err
-    code, _, err = cli("reshape", tmp_path / "f.safetensors", "--target", "2L", "-o", tmp_path / "a.safetensors")
-    assert code == 0, err
-    code, _, err = cli("graft", tmp_path / "a.safetensors", "--ffn-init", "learngene", "-o", tmp_path / "g")
-    assert_user_error(code, err, "--ffn-init learngene fits every layer of an MoE source")
-    assert not (tmp_path / "g").exists()
 
 
 def test_precision_line_names_the_seeds_an_interval_needs():

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FINAL_NORMS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DEPTH_SCALES, DTYPES, FFN_INITS, FINAL_NORMS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_RULE_DEFAULT, WIDTH_RULES, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -360,6 +360,14 @@ def _graft_selection(v: dict) -> None:
                          "is used)")
 
 
+def _graft_learngene(v: dict) -> None:
+    """--learngene is the whole descendant of --ffn-init learngene, and that init has nothing else to use."""
+    if v["ffn_init"] == "learngene" and v["learngene"] is None:
+        raise XpertError("--ffn-init learngene needs --learngene AUX (the learngene `xpertctl learngene` trains)")
+    if v["learngene"] is not None and v["ffn_init"] != "learngene":
+        raise XpertError(f"--learngene {v['learngene']}: only for --ffn-init learngene (got --ffn-init {v['ffn_init']})")
+
+
 def _select_per_layer(v: dict) -> None:
     if v["criterion"] == "all" and v["per_layer"] is not None:
         raise XpertError(f"--per-layer {v['per_layer']} conflicts with --criterion all (every expert)")
@@ -502,7 +510,7 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, width_rule, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, final_norm, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, learngene, up_gain, final_norm, dtype, seed, shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -515,7 +523,7 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, width_rule=width_rule, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
-                  ffn_init=ffn_init, up_gain=up_gain, final_norm=final_norm, seed=seed, shard_size=parse_size(shard_size),
+                  ffn_init=ffn_init, learngene=learngene, up_gain=up_gain, final_norm=final_norm, seed=seed, shard_size=parse_size(shard_size),
                   force=force)
 
 
@@ -546,6 +554,13 @@ def _train(ckpt, out, data_dir, sft, resume, force, threads, compile, **cfg):  #
                   threads=threads, compile=compile)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_note(out)) from None
+
+
+def _learngene(src, out, data_dir, layers, hidden, ffn, heads, depth_scale, threads, force, **cfg):
+    from .ops import learngene_train as op
+    from .train import TrainConfig
+    return op.run(src, data_dir, out, TrainConfig(**cfg), layers=layers, hidden=hidden, ffn=ffn, heads=heads,
+                  depth_scale=depth_scale, threads=threads, force=force)
 
 
 def _eval(ckpt, task, out, split, max_tokens, seq_len, max_new_tokens, device, seed, target_delimiter, text_field, force):
@@ -722,9 +737,12 @@ COMMANDS: tuple[Command, ...] = (
                 opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
                     check=_check_inherit),
                 opt("ffn_init", "xpert", "xpert; scratch (the same model with fresh FFNs: the baseline); "
-                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control); learngene (TLEG's "
-                    "linear expansion across depth fitted to every source layer's FFN: the learngene baseline).",
+                    "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control); learngene (the "
+                    "TLEG baseline: every layer, attention, FFN and norms, theta_A + c_l theta_B of --learngene, "
+                    "embeddings, final norm and head from its auxiliary network).",
                     choices=FFN_INITS),
+                opt("learngene", None, "With --ffn-init learngene: the learngene directory `xpertctl learngene` "
+                    "trained on this source.", type=Path, input=True),
                 opt("up_gain", 1.0, "Multiply each FFN's up rows by this and divide its down columns by it: the same "
                     "function (SwiGLU is linear in up), with down projections that many times smaller; applies to every "
                     "--ffn-init (norm-matched takes the gained norms). Under AdamW it acts as a down/up learning-rate ratio: "
@@ -738,7 +756,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
                 FORCE,
-            ), _graft, rules=(_graft_selection,)),
+            ), _graft, rules=(_graft_selection, _graft_learngene)),
     Command("fidelity", "How well each student FFN reproduces its source MoE block(s) on real hidden states -> "
             "fidelity.json.",
             "xpertctl fidelity olmoe/ student/ -d wiki=wiki.txt --max-tokens 20000 -o fidelity.json", (
@@ -808,6 +826,44 @@ COMMANDS: tuple[Command, ...] = (
                 opt("resume", "no", "auto: continue from the last checkpoint in OUT.", choices=RESUME),
                 FORCE,
             ), _train, rules=(_one_of("steps", "tokens"),)),
+    Command("learngene", "Train TLEG's auxiliary network (every layer theta_A + c_l theta_B) by distillation from "
+            "the teacher -> a learngene for `graft --ffn-init learngene`.",
+            "xpertctl learngene olmoe/ --data data/ --tokens 245760 -o learngene/\n"
+            "xpertctl graft olmoe/ --target 4L --ffn-init learngene --learngene learngene/ -o student/", (
+                arg("src", "The teacher: an HF causal LM directory (the model the students are grafted from).",
+                    metavar="TEACHER"),
+                out_param("Learngene directory to write: learngene.safetensors, config.json, metrics.jsonl."),
+                opt("data_dir", REQUIRED, "Token data from `xpertctl tokenize` (the teacher's tokenizer).", "--data",
+                    type=Path, input=True),
+                opt("layers", None, "Aux-Net layers (default: the teacher's).", type=int, range=Range(2)),
+                opt("hidden", None, "Aux-Net hidden size (default: the teacher's).", type=int, range=POSITIVE),
+                opt("ffn", None, "Aux-Net FFN width (default: one expert's).", type=int, range=POSITIVE),
+                opt("heads", None, "Aux-Net attention heads (default: the teacher's).", type=int, range=POSITIVE),
+                opt("depth_scale", "tleg", "c_l of layer l = 0..L-1: tleg (l / L, TLEG's released code) or unit "
+                    "(l / (L - 1): the last layer is theta_A + theta_B). Descendants use the same rule.",
+                    choices=DEPTH_SCALES),
+                opt("steps", None, "Optimizer steps.", type=int, range=POSITIVE),
+                opt("tokens", None, "Auxiliary training tokens (instead of --steps).", type=int, range=POSITIVE),
+                opt("batch_size", 8, "Sequences per micro-step.", range=POSITIVE),
+                opt("grad_accum", 1, "Micro-steps per optimizer step.", range=POSITIVE),
+                opt("seq_len", 256, "Tokens per training sequence.", range=POSITIVE),
+                opt("lr", 3e-4, "Peak learning rate (AdamW).", range=POSITIVE),
+                opt("warmup", 20, "Linear warmup steps before the cosine decay.", range=NONNEG),
+                opt("min_lr_ratio", 0.1, "Final LR as a fraction of --lr (cosine).", range=FRACTION),
+                opt("weight_decay", 0.1, "AdamW weight decay (matrices only).", range=NONNEG),
+                opt("grad_clip", 1.0, "Gradient norm clip.", range=Range(0, note="0: no clipping")),
+                opt("seed", 0, "Seed: the Aux-Net's init and the data order.", range=NONNEG),
+                opt("domain_weights", None, "Training mixture NAME=W,... (default: proportional to tokens).", type=str),
+                opt("eval_every", 50, "Validation loss every N steps (0: at the end only).", range=NONNEG),
+                opt("eval_batches", 8, "Validation batches per evaluation.", range=POSITIVE),
+                opt("device", "cpu", "torch device (cpu, cuda, cuda:1)."),
+                opt("kd_alpha", None, "loss = (1-A)*CE + A*T^2*KL(teacher || Aux-Net) (default 1.0: TLEG's soft "
+                    "distillation alone).", type=float, range=FRACTION),
+                opt("kd_temperature", None, "Softmax temperature T of both sides (default 1.0).", type=float,
+                    range=POSITIVE),
+                opt("threads", 0, "CPU threads (0: torch's default). Speed only.", range=NONNEG),
+                FORCE,
+            ), _learngene, rules=(_one_of("steps", "tokens"),)),
     Command("eval", "Perplexity per domain, multiple choice (acc, acc_norm), generation (Rouge-L) -> results.json.",
             "xpertctl eval runs/a/final --task ppl:data/ --task mc:cloze.jsonl --split test -o results.json", (
                 arg("ckpt", "HF model directory."),

@@ -24,7 +24,8 @@ WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a na
 WIDTH_RULES = ("groups", "experts", "norm")  # reshape: how an FFN wider than one expert is filled (reshape.widen)
 WIDTH_RULE_DEFAULT = "groups"  # best held-out fidelity on the teacher (docs/notes/wide-students.md)
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
-FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
+FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, fresh FFNs at XPERT's row norms, or a TLEG descendant (every weight from a learngene)
+DEPTH_SCALES = ("tleg", "unit")  # learngene: c_l = l / L (TLEG's released code) or l / (L - 1)
 SPLITS = ("train", "val", "test")  # token data splits
 RESUME = ("no", "auto")  # train
 

@@ -117,7 +117,8 @@ def read(path: Path, kind: str | None = None) -> dict:
 KIND_NAMES = {"stats": "a stats file", "selection": "a selection JSON", "factors": "a factors file",
               "adapted": "an adapted file", "grafted": "the weights of a grafted model",
               "fidelity": "a fidelity JSON", "eval": "an eval results JSON", "data": "a token data manifest",
-              "train": "a training config", "weights": "model weights (safetensors)"}
+              "train": "a training config", "weights": "model weights (safetensors)",
+              "learngene": "a learngene (from `xpertctl learngene`)"}
 
 
 def describe(kind: str | None) -> str:

@@ -122,7 +122,7 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     del model
     ri = adapted["residual_index"]
     gain = {"up_proj": up_gain, "down_proj": 1 / up_gain}
-    if ffn_init in ("xpert", "norm-matched", "learngene"):
+    if ffn_init in ("xpert", "norm-matched"):
         gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: the rest of the init stays identical
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
@@ -177,13 +177,10 @@ def _source_dtype(ck: Checkpoint) -> str:
     return d if d in DTYPES else "float32"
 
 
-CARD_TITLES = {"xpert": "XPERT-initialized", "scratch": "Scratch baseline", "norm-matched": "Norm-matched random control",
-               "learngene": "Learngene (TLEG-style) baseline"}
+CARD_TITLES = {"xpert": "XPERT-initialized", "scratch": "Scratch baseline", "norm-matched": "Norm-matched random control"}
 CARD_FFN = {"xpert": "consolidated experts of the source MoE (select -> align -> Tucker decompose -> reshape).",
             "scratch": "fresh random initialization (scratch baseline).",
-            "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control).",
-            "learngene": "a linear expansion across depth (TLEG's theta_A + x theta_B) least-squares fitted to the "
-                         "consolidated FFNs of every source layer (learngene baseline)."}
+            "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control)."}
 
 
 def card(rec: dict, config, ffn_init: str) -> str:
@@ -270,9 +267,11 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", width_rule: str = WIDTH_RULE_DEFAULT, heads: int | None = None,
         arch: str = "llama", dtype: str | None = None,
-        inherit: str | None = None, ffn_init: str = "xpert", up_gain: float = 1.0, seed: int = 0,
+        inherit: str | None = None, ffn_init: str = "xpert", learngene: Path | None = None, up_gain: float = 1.0, seed: int = 0,
         final_norm: str = "source", shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
+    if ffn_init == "learngene" or learngene is not None:  # TLEG: the whole model from a learngene (ops/learngene.py)
+        return _descendant(**locals())
     inherit_l = parse_inherit(inherit)
     norm_paths = _check_final_norm(final_norm, inherit_l, calibration, fit, text_field)
     src = Path(src)
@@ -288,11 +287,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     decompose.check_sweeps(align_sweeps, align_neurons)
     reshape.check_choices(layer_map_how, combine, width_select, rescale, width_rule)
     reshape._choice(shared, SHARED, "--shared")
-    if ffn_init == "learngene" and layer_map_how != "uniform":
-        raise XpertError(f"--layer-map {layer_map_how}: --ffn-init learngene places the target layers along the "
-                         "source's depth itself (a line through every layer); drop --layer-map")
-    if ffn_init == "learngene" and shared != "none":
-        raise XpertError(f"--shared {shared}: --ffn-init learngene fits routed experts only; drop --shared")
     check_output(out, force, inputs + list(cal_paths.values()) + list(norm_paths.values()), marker="config.json")
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
@@ -300,9 +294,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if src.is_file() and provenance.kind_of(src) not in (None, "adapted", "weights"):
         provenance.refuse_other_kind(src, "adapted", " (from `xpertctl reshape`) or an MoE checkpoint")
     if is_adapted:
-        if ffn_init == "learngene":
-            raise XpertError(f"{src}: --ffn-init learngene fits every layer of an MoE source; pass the MoE "
-                             "checkpoint with --target (an adapted file holds only the mapped layers)")
         _refuse_one_shot_options(src, stats=stats, selection=selection, criterion=criterion, per_layer=per_layer,
                                  ranks=ranks, align_neurons=align_neurons, no_tucker=no_tucker, weighting=weighting,
                                  layer_map_how=layer_map_how, combine=combine, rescale=rescale,
@@ -352,9 +343,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             sel_path = stats
         else:
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
-        if ffn_init == "learngene" and target.ffn and target.ffn > full_ffn:
-            raise XpertError(f"--target {target}: FFN {target.ffn} is more than one expert ({full_ffn}); --ffn-init "
-                             "learngene fits one consolidated FFN per layer, it cannot hold experts side by side")
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
         # the depth map and the widths the selection allows, then the rest of the options, before any work
         lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared, width_rule)
@@ -363,8 +351,6 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                         reshape.max_ffn(fmeta0, shared, {i for g in lmap for i in g}))
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
-        if ffn_init == "learngene":  # the learngene is fitted to every source layer, not the mapped ones
-            lmap = [fmeta0["layers"]]
         per_src: dict[int, tuple] = {}
         single: set[int] = set()  # source layers whose factors keep one expert component (c drops out)
         wide = reshape.is_wide(fmeta0, target, shared)
@@ -400,15 +386,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         if not fresh:
             shared_ffns = ({i: decompose.shared_ffn(ck, i) for i in {i for g in lmap for i in g}}
                            if shared == "concat" else None)
-            if ffn_init == "learngene":
-                from . import learngene
-                adapted, meta = learngene.adapt(per_src, fmeta, target, combine=combine, width_select=width_select,
-                                                rescale=rescale)
-            else:
-                adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
-                                              width_select=width_select, rescale=rescale, shared=shared,
-                                              shared_ffns=shared_ffns, single=single, width_rule=width_rule,
-                                              width_groups=groups if wide else None)
+            adapted, meta = reshape.adapt(per_src, fmeta, target, layer_map_how=layer_map_how, combine=combine,
+                                          width_select=width_select, rescale=rescale, shared=shared,
+                                          shared_ffns=shared_ffns, single=single, width_rule=width_rule,
+                                          width_groups=groups if wide else None)
         sel_summary = _selection_summary(doc.get("criterion"), doc.get("per_layer"), sel_path)
         applied = applied_options(meta, {"criterion": doc.get("criterion"), "per_layer": doc.get("per_layer")})
         applied.pop("align_sweeps")  # the one-shot graft aligns itself: graft's own option (below)
@@ -459,6 +440,36 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     return path
 
 
+def _descendant(src: Path, out: Path, target: Target | None, learngene: Path | None, ffn_init: str, heads: int | None,
+                dtype: str | None, up_gain: float, seed: int, shard_size: int, force: bool, **others) -> Path:
+    """--ffn-init learngene: the TLEG descendant of --learngene at --target's depth, written as graft writes."""
+    from . import learngene as lg
+    if learngene is None or ffn_init != "learngene":
+        raise XpertError("--ffn-init learngene and --learngene AUX go together (the learngene `xpertctl learngene` trains)")
+    names = _changed_flags(others)
+    if names:
+        raise XpertError(f"{names}: not for --ffn-init learngene, whose every weight comes from the learngene; drop "
+                         f"{'them' if ',' in names else 'it'}")
+    if target is None:
+        raise XpertError("--target is required (e.g. 4L: the descendant's depth)")
+    if dtype is not None:
+        _check_options(dtype, ffn_init)
+    check_output(out, force, [src, learngene], marker="config.json")
+    ck = open_checkpoint(src)
+    state, config, fields = lg.descendant(ck, Path(learngene), target.layers, hidden=target.hidden, ffn=target.ffn,
+                                          heads=target.heads or heads, dtype=dtype, up_gain=up_gain)
+    rec = provenance.record("grafted", inputs=[ck.fingerprint, fields.pop("input")], params={
+        "target": fields["target"], "arch": "llama", "inherit": [], "ffn_init": ffn_init,
+        "dtype": str(config.dtype).removeprefix("torch."), "up_gain": up_gain, "learngene": fields["learngene"]},
+        seed=seed, source=ck.fingerprint, family=ck.family.name, ffn_init=ffn_init, inherit=[],
+        layer_map=reshape.layer_map(ck.moe_layers, target.layers, "uniform"), residual_index=None, experts=None,
+        selection_summary="not used (every weight from the learngene)", notes=[], **fields)
+    files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
+                                      "README.md": lg.descendant_card(rec, config).encode()}
+    files.update(tokenizer_files(Path(learngene)))
+    return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
+
+
 def _fresh_layout(fmeta: dict, target: Target, lmap: list[list[int]], layer_map_how: str,
                   shared: str) -> tuple[dict, dict]:
     """What build() and the record need of reshape.adapt for fresh FFNs at the source's width: the depth map
@@ -489,12 +500,8 @@ def applied_options(adapted_meta: dict, selection: dict) -> dict:
 
 def _refuse_one_shot_options(src: Path, **given) -> None:
     """An adapted file was already selected, decomposed and reshaped: options of those steps cannot apply."""
-    import inspect
-    defaults = inspect.signature(run).parameters
-    changed = [k for k, v in given.items() if v != defaults[k].default]
-    if changed:
-        flags = {"stats": "--stats", "align_neurons": "--align/--no-align", "layer_map_how": "--layer-map"}
-        names = ", ".join(flags.get(k, "--" + k.replace("_", "-")) for k in changed)
+    names = _changed_flags(given)
+    if names:
         raise XpertError(f"{src}: an adapted file is already consolidated; {names} apply to the one-shot graft from "
                          "an MoE (run decompose/reshape again to change them)")
 
@@ -545,6 +552,14 @@ def _refit_final_norm(ck: Checkpoint, state: dict, config, arch: str, calibratio
                sample=data.sampling(runner.docs, tokens) if tokens is not None else None,
                inputs=[provenance.fingerprint(p) for p in paths.values()])
     return state, rec
+
+
+def _changed_flags(given: dict) -> str:
+    """The flags of the options of run() in `given` that are not at their defaults ('' when none)."""
+    import inspect
+    defaults = inspect.signature(run).parameters
+    flags = {"stats": "--stats", "align_neurons": "--align/--no-align", "layer_map_how": "--layer-map"}
+    return ", ".join(flags.get(k, "--" + k.replace("_", "-")) for k, v in given.items() if v != defaults[k].default)
 
 
 def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tokens: int | None,
