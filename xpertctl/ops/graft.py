@@ -156,10 +156,12 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
                     state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight").float()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
+    gained = [f"model.layers.{t}.mlp.{m}.weight" for t in range(tgt["layers"]) for m in gain] if up_gain != 1 else []
+    nonzero = {k for k in gained if state[k].any()}  # a zero matrix (mass 0, --out-init zero) is not one that vanished
     state = {k: v.to(cast) for k, v in state.items()}
     if up_gain != 1:
-        for k in (f"model.layers.{t}.mlp.{m}.weight" for t in range(tgt["layers"]) for m in gain):
-            if not torch.isfinite(state[k]).all() or not state[k].any():
+        for k in gained:
+            if not torch.isfinite(state[k]).all() or (k in nonzero and not state[k].any()):
                 raise XpertError(f"--up-gain {up_gain:g}: {k} overflows or vanishes in {dtype}; use a gain nearer 1 "
                                  "or a wider --dtype")
     return state, config

@@ -61,7 +61,11 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target, *, c
     out, new = reshape.adapt(dict(enumerate(ffns)), virtual, target, layer_map_how="uniform", combine=combine,
                              width_select=width_select, rescale="none")
     lmap = reshape.layer_map(sorted(per_src), target.layers, "uniform")
-    new.update(layer_map=lmap, layer_map_method="learngene", rescale=rescale, notes=[],
+    notes = reshape.zero_mass_note(scales, rescale)
+    if notes:
+        from ..console import notice
+        notice(notes[0])
+    new.update(layer_map=lmap, layer_map_method="learngene", rescale=rescale, notes=notes,
                routing_scale={str(i): v for i, v in scales.items()} or None,
                unscaled_layers=sorted(i for i in per_src if i not in scales) if rescale != "none" else [],
                experts={str(i): meta["experts"][str(i)] for g in lmap for i in g
