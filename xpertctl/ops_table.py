@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DTYPES, FFN_INITS, FIT_WEIGHTINGS, OUT_INITS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -465,7 +465,8 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, up_gain, scale_like, out_init, dtype, seed,
+           shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -478,7 +479,8 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
-                  ffn_init=ffn_init, up_gain=up_gain, seed=seed, shard_size=parse_size(shard_size), force=force)
+                  ffn_init=ffn_init, up_gain=up_gain, scale_like=scale_like, out_init=out_init, seed=seed,
+                  shard_size=parse_size(shard_size), force=force)
 
 
 def _fidelity(src, student, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, stream_layers,
@@ -680,6 +682,16 @@ COMMANDS: tuple[Command, ...] = (
                     "--ffn-init (norm-matched takes the gained norms). Under AdamW it acts as a down/up learning-rate ratio: "
                     "it changes training for every init, scratch included, so compare arms at matched or tuned gains (README).",
                     type=float, range=POSITIVE, neutral=True),
+                opt("scale_like", None, "Scale-matched control: rescale every FFN matrix (gate, up, down) of every "
+                    "layer so its Frobenius norm equals the same matrix of REF, a grafted student directory or an "
+                    "adapted.safetensors of the same target shape (e.g. the XPERT arm's). Any --ffn-init: another "
+                    "selection's FFNs, norm-matched, or scratch (the scale-matched scratch). REF's norms are taken at "
+                    "up-gain 1 and --up-gain applies after the match, so arms with the same gain stay matched. REF's "
+                    "fingerprint and the factors are recorded.", type=Path, input=True, metavar="REF", neutral=True),
+                opt("out_init", "default", "Residual output projections: default (as built, std initializer_range); "
+                    "small (std initializer_range / sqrt(2 x layers), GPT-2/nanoGPT); zero. Sets every layer's o_proj, "
+                    "and down_proj when the FFN is fresh (--ffn-init scratch); with xpert, norm-matched or learngene "
+                    "FFNs o_proj only (their down_proj is the FFN's content).", choices=OUT_INITS, neutral=True),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),

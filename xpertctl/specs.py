@@ -22,6 +22,7 @@ FIT_WEIGHTINGS = ("tokens", "domains")  # graft --fit: how calibration domains w
 WIDTH_SELECTS = ("norm", "first")  # reshape: which residual dims / neurons a narrower target keeps
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
 FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, or fresh FFNs at XPERT's row norms
+OUT_INITS = ("default", "small", "zero")  # graft: residual output projections as built, std 0.02/sqrt(2L) (GPT-2), or zeros
 SPLITS = ("train", "val", "test")  # token data splits
 RESUME = ("no", "auto")  # train
 

@@ -19,7 +19,7 @@ from ..io import check_output, open_checkpoint, provenance, write_model_dir
 from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, FFN_INITS, RESCALE_DEFAULT, SHARED, Target, parse_dtype
-from . import decompose, reshape
+from . import controls, decompose, reshape
 from .tucker import parse_ranks
 from . import select as sel
 
@@ -105,9 +105,12 @@ def _check_inherit(ck: Checkpoint, inherit: list[str], arch: str, config, src_he
 
 def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads: int | None = None,
           arch: str = "llama", dtype: str | None = None, inherit: list[str] = (), ffn_init: str = "xpert",
-          seed: int = 0, up_gain: float = 1.0):
-    """(state dict, config) of the grafted dense model. up_gain: every FFN's up rows times it and down columns
-    divided by it, the same function (silu(g x) * (k u x) / k) with the scale moved from down to up."""
+          seed: int = 0, up_gain: float = 1.0, scale_like: controls.ScaleRef | None = None,
+          out_init: str = "default", applied: dict | None = None):
+    """(state dict, config) of the grafted dense model. In order: the FFNs of `ffn_init`; with scale_like, each
+    FFN matrix rescaled to REF's norm; out_init's output projections; then up_gain: every FFN's up rows times it
+    and down columns divided by it, the same function (silu(g x) * (k u x) / k) with the scale moved from down
+    to up. `applied` (a dict) receives what scale_like and out_init did, for the record."""
     import transformers
     dtype = dtype or _source_dtype(ck)
     _check_options(dtype, ffn_init)
@@ -127,12 +130,19 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
                 w = adapted[f"layers.{t}.{m}"]
-                w = w * gain[m] if m in gain and up_gain != 1 else w
                 state[f"model.layers.{t}.mlp.{m}.weight"] = norm_matched(w, gen) if ffn_init == "norm-matched" else w
-    elif up_gain != 1:  # scratch: the fresh FFNs, same function
+    done = {"scale_like": None, "out_init": None}
+    if scale_like is not None:
+        controls.check_scale_ref(scale_like, tgt["layers"], tgt["hidden"], tgt["ffn"])
+        done["scale_like"] = scale_like.record(controls.match_scale(state, scale_like, tgt["layers"]))
+    done["out_init"] = controls.out_init(state, out_init, tgt["layers"], config.initializer_range,
+                                         ffn_init == "scratch", seed)
+    if up_gain != 1:  # every init, scratch included: the same function, the scale moved from down to up
         for t in range(tgt["layers"]):
             for m, f in gain.items():
                 state[f"model.layers.{t}.mlp.{m}.weight"] = state[f"model.layers.{t}.mlp.{m}.weight"] * f
+    if applied is not None:
+        applied.update(done)
     lmap = meta["layer_map"]
     if "embeddings" in inherit:
         state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
@@ -196,8 +206,9 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"({tgt['layers']} layers, hidden {tgt['hidden']}, FFN {tgt['ffn']})", "",
         f"Written by xpertctl {__version__}. Architecture: `{config.architectures[0] if config.architectures else type(config).__name__}`.",
         "",
-        "FFN weights: " + CARD_FFN[ffn_init],
-        f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}.", "",
+        "FFN weights: " + CARD_FFN[ffn_init] + _scale_like_sentence(rec),
+        f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}."
+        + _out_init_sentence(rec, ffn_init), "",
         "| | |", "|---|---|",
         f"| source | `{rec['source']['path']}` ({rec['family']}) |",
         f"| selection | {rec.get('selection_summary', '-')} |",
@@ -206,9 +217,40 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
         *_fit_card(rec),
+        *_scale_like_card(rec),
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
+
+
+def _scale_like_sentence(rec: dict) -> str:
+    s = (rec.get("params") or {}).get("scale_like")
+    if not s:
+        return ""
+    gain = rec["params"].get("up_gain", 1)
+    return (f" Each FFN matrix of every layer then scaled to the Frobenius norm of the same matrix of `{s['ref']['path']}` "
+            f"(`--scale-like`, its norms at up-gain 1; factors below){f', then --up-gain {gain:g}' if gain != 1 else ''}.")
+
+
+def _out_init_sentence(rec: dict, ffn_init: str) -> str:
+    o = (rec.get("params") or {}).get("out_init")
+    if not o or o == "default":
+        return ""
+    what = " and ".join(f"`{t}`" for t in o["tensors"])
+    how = f"normal with std {o['std']:.3g} ({o['rule']}, GPT-2)" if o["how"] == "small" else "zeros"
+    keep = "" if ffn_init == "scratch" else " (the FFN's down_proj is its content and stays)"
+    return f" Output projections (`--out-init {o['how']}`): {what} of every layer are {how}{keep}."
+
+
+def _scale_like_card(rec: dict) -> list[str]:
+    s = (rec.get("params") or {}).get("scale_like")
+    if not s:
+        return []
+    lines = ["## Scale match (`--scale-like`): factor applied to each FFN matrix", "",
+             f"Reference: `{s['ref']['path']}` ({s['ref_kind']}, sha256 {s['ref']['sha256'][:16]}..., its up-gain "
+             f"{s['ref_up_gain']:g} undone).", "", "| layer | gate | up | down |", "|---|---|---|---|"]
+    lines += [f"| {t} | {f['gate_proj']:.4g} | {f['up_proj']:.4g} | {f['down_proj']:.4g} |" for t, f in enumerate(s["factors"])]
+    return lines + [""]
 
 
 def _shared_summary(rec: dict) -> str:
@@ -248,11 +290,13 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         stream_layers: bool = False, seq_len: int | None = None, device: str = "cpu",
         width_select: str = "norm", heads: int | None = None, arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", up_gain: float = 1.0, seed: int = 0,
+        scale_like: Path | None = None, out_init: str = "default",
         shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     inherit_l = parse_inherit(inherit)
     src = Path(src)
-    inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
+    inputs = [src] + [p for p in (like, stats, selection, tokenizer, scale_like) if p is not None]
+    controls.check_out_init(out_init, ffn_init, scale_like, inherit_l)
     if fit != "none" and ffn_init == "scratch":
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
@@ -269,6 +313,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if ffn_init == "learngene" and shared != "none":
         raise XpertError(f"--shared {shared}: --ffn-init learngene fits routed experts only; drop --shared")
     check_output(out, force, inputs + list(cal_paths.values()), marker="config.json")
+    ref = controls.load_scale_ref(scale_like) if scale_like is not None else None
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
@@ -290,6 +335,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l,
                         reshape.ffn_width({"expert_ffn": ck.expert_ffn, "shared_ffn": ck.shared_ffn},
                                           rec_in.get("shared") or "none"))
+        if ref is not None:
+            controls.check_scale_ref(ref, *(rec_in["target"][k] for k in ("layers", "hidden", "ffn")))
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if (rec_in["source"]["sha256"], rec_in["source"]["size"]) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
             raise XpertError(f"{src}: adapted from {rec_in['source']['path']}, not from --like {like}")
@@ -316,6 +363,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         full_ffn = ck.expert_ffn + (ck.shared_ffn if shared == "concat" else 0)
         _validate_early(ck, {"layers": target.layers, "hidden": target.hidden or ck.hidden,
                              "ffn": target.ffn or full_ffn}, heads, arch, dtype, ffn_init, inherit_l, full_ffn)
+        if ref is not None:
+            controls.check_scale_ref(ref, target.layers, target.hidden or ck.hidden, target.ffn or full_ffn)
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if selection is not None and stats is not None:
             raise XpertError("give --stats or --selection, not both")
@@ -332,6 +381,13 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared)
         if ffn_init == "learngene":  # the learngene is fitted to every source layer, not the mapped ones
             lmap = [fmeta0["layers"]]
+        if ref is not None and ffn_init != "scratch":  # before the note adapt prints: one line, and early
+            used = {i: None for g in lmap for i in g}
+            zero = sorted(i for i, v in reshape.routing_scale(used, fmeta0, rescale).items() if v == 0)
+            if zero:
+                raise XpertError(f"--scale-like {scale_like}: the selected experts of source layers {zero} got a routing "
+                                 f"mass of 0, so --rescale {rescale} makes those FFNs zero and no factor gives them "
+                                 "REF's norm; graft with --rescale none (--scale-like sets the scale anyway)")
         per_src: dict[int, tuple] = {}
         single: set[int] = set()  # source layers whose factors keep one expert component (c drops out)
         fresh = ffn_init == "scratch" and (target.hidden or ck.hidden) == ck.hidden
@@ -382,12 +438,16 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                 cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
         in_fps += fit_rec["inputs"]
         meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
+    done: dict = {}
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
-                          ffn_init=ffn_init, seed=seed, up_gain=up_gain)
+                          ffn_init=ffn_init, seed=seed, up_gain=up_gain, scale_like=ref, out_init=out_init, applied=done)
     config.architectures = [TARGET_CLASSES[arch][1]]
+    if ref is not None:
+        in_fps = in_fps + [ref.fingerprint]
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."), "up_gain": up_gain,
+        "scale_like": done["scale_like"], "out_init": done["out_init"] or "default",
         **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"]},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
