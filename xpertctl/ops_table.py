@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import XpertError
-from .specs import (ARCHS, COMBINES, CRITERIA, DEPTH_SCALES, DTYPES, FFN_INITS, FINAL_NORMS, FIT_WEIGHTINGS, FITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
+from .specs import (ARCHS, COMBINES, CRITERIA, DEPTH_SCALES, DTYPES, FFN_INITS, FINAL_NORMS, FIT_WEIGHTINGS, FITS, OUT_INITS, LAYER_MAPS, RESCALE_DEFAULT, RESCALES, RESUME, RIDGE_SELECTS, SHARED, SPLITS,
                     WEIGHTINGS, WIDTH_RULE_DEFAULT, WIDTH_RULES, WIDTH_SELECTS, int_list, target_parts)
 
 REQUIRED = ...  # a Param without a default must be given
@@ -510,7 +510,8 @@ def _reshape(factors, target, out, layers, hidden, ffn, layer_map, combine, resc
 
 def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_file, selection, criterion, per_layer, ranks,
            align, align_sweeps, weighting, no_tucker, layer_map, combine, rescale, shared, width_select, width_rule, fit, calibration,
-           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, learngene, up_gain, final_norm, dtype, seed, shard_size, force):
+           calibration_tokens, ridge, holdout, ridge_select, fit_weighting, fit_steps, text_field, stream_layers, seq_len, device, arch, inherit, ffn_init, learngene, up_gain, final_norm, scale_like, out_init, dtype, seed,
+           shard_size, force):
     from .io import parse_size
     from .ops import graft as op
     target = _target(target, layers, hidden, ffn, heads, required=False)
@@ -523,7 +524,7 @@ def _graft(src, out, target, layers, hidden, ffn, heads, like, tokenizer, stats_
                   fit_weighting=fit_weighting,
                   fit_steps=fit_steps, text_field=text_field, stream_layers=stream_layers,
                   seq_len=seq_len, device=device, width_select=width_select, width_rule=width_rule, heads=heads, arch=arch, dtype=dtype, inherit=inherit,
-                  ffn_init=ffn_init, learngene=learngene, up_gain=up_gain, final_norm=final_norm, seed=seed, shard_size=parse_size(shard_size),
+                  ffn_init=ffn_init, learngene=learngene, up_gain=up_gain, final_norm=final_norm, scale_like=scale_like, out_init=out_init, seed=seed, shard_size=parse_size(shard_size),
                   force=force)
 
 
@@ -752,6 +753,16 @@ COMMANDS: tuple[Command, ...] = (
                     "refit fits it, per residual dim, to this student's stream on --calibration text (a depth-cut "
                     "student's stream is not the one the source's head reads; the card records the start NLL with "
                     "each gain).", choices=FINAL_NORMS, neutral=True),
+                opt("scale_like", None, "Scale-matched control: rescale every FFN matrix (gate, up, down) of every "
+                    "layer so its Frobenius norm equals the same matrix of REF, a grafted student directory or an "
+                    "adapted.safetensors of the same target shape (e.g. the XPERT arm's). Any --ffn-init: another "
+                    "selection's FFNs, norm-matched, or scratch (the scale-matched scratch). REF's norms are taken at "
+                    "up-gain 1 and --up-gain applies after the match, so arms with the same gain stay matched. REF's "
+                    "fingerprint and the factors are recorded.", type=Path, input=True, metavar="REF", neutral=True),
+                opt("out_init", "default", "Residual output projections: default (as built, std initializer_range); "
+                    "small (std initializer_range / sqrt(2 x layers), GPT-2/nanoGPT); zero. Sets every layer's o_proj, "
+                    "and down_proj when the FFN is fresh (--ffn-init scratch); with xpert, norm-matched or learngene "
+                    "FFNs o_proj only (their down_proj is the FFN's content).", choices=OUT_INITS, neutral=True),
                 opt("dtype", None, "Output dtype (default: the source's).", choices=DTYPES),
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),

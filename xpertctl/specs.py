@@ -26,6 +26,7 @@ WIDTH_RULE_DEFAULT = "groups"  # best held-out fidelity on the teacher (docs/not
 ARCHS = ("llama", "qwen3")  # graft: the dense target class
 FFN_INITS = ("xpert", "scratch", "norm-matched", "learngene")  # graft: XPERT FFNs, the identical model with fresh FFNs, fresh FFNs at XPERT's row norms, or a TLEG descendant (every weight from a learngene)
 DEPTH_SCALES = ("tleg", "unit")  # learngene: c_l = l / L (TLEG's released code) or l / (L - 1)
+OUT_INITS = ("default", "small", "zero")  # graft: residual output projections as built, std 0.02/sqrt(2L) (GPT-2), or zeros
 SPLITS = ("train", "val", "test")  # token data splits
 RESUME = ("no", "auto")  # train
 

@@ -258,8 +258,9 @@ def layer_factors(ck: Checkpoint, l: dict, rank_spec: list, ranks: str | None, a
 
 def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None, str | None]:
     """Per selected layer: the block's mean total top-k routing weight per token (`routed_mass`) and the
-    part of it the selected experts receive (`selected_mass`), from the stats behind the selection; and
-    why there are none. Stats made with `stats --top-k K` other than the model's own k record another
+    part of it the selected experts receive (`selected_mass`, 0 for experts no token was routed to), from the
+    stats behind the selection; and why there are none. A block mass of 0 is no mass recorded (a top-k
+    softmax always gives some weight: the router returned none), not a mass to scale by. Stats made with `stats --top-k K` other than the model's own k record another
     routing than the one the model runs: their masses are not used (the FFNs stay at the experts' scale)."""
     k_stats, k_model = doc.get("top_k"), ck.top_k
     if doc["layers"] and all("routed_mass" not in l for l in doc["layers"]):
@@ -268,8 +269,9 @@ def routing_masses(ck: Checkpoint, doc: dict) -> tuple[dict | None, dict | None,
         return None, None, (f"the selection's stats were counted with top-k {k_stats} but {ck.path} routes with "
                             f"{k_model}: their routing weights are not the model's")
     total = {str(l["layer"]): float(l["routed_mass"]) for l in doc["layers"] if l.get("routed_mass", 0) > 0}
+    # a recorded 0 stays: the selected experts never got a token's weight (reshape scales them by 0, as by 1e-6)
     sel = {str(l["layer"]): float(sum(l["routed"])) for l in doc["layers"]
-           if str(l["layer"]) in total and l.get("routed") and sum(l["routed"]) > 0}
+           if str(l["layer"]) in total and l.get("routed")}
     why = None if sel or not total else "the selection records no per-expert routing weights (made by an older " \
         "xpertctl: run select again; --rescale routed uses the whole block's)"
     if why is None and any(l.get("routed_mass") == 0 for l in doc["layers"]):

@@ -19,7 +19,7 @@ from ..io import check_output, open_checkpoint, provenance, write_model_dir
 from ..io.checkpoint import Checkpoint, has_tokenizer, tokenizer_files
 from ..io.writer import DEFAULT_SHARD_SIZE
 from ..specs import DTYPES, FFN_INITS, RESCALE_DEFAULT, SHARED, WIDTH_RULE_DEFAULT, Target, parse_dtype
-from . import decompose, reshape
+from . import controls, decompose, reshape
 from .tucker import parse_ranks
 from . import select as sel
 
@@ -105,9 +105,12 @@ def _check_inherit(ck: Checkpoint, inherit: list[str], arch: str, config, src_he
 
 def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads: int | None = None,
           arch: str = "llama", dtype: str | None = None, inherit: list[str] = (), ffn_init: str = "xpert",
-          seed: int = 0, up_gain: float = 1.0):
-    """(state dict, config) of the grafted dense model. up_gain: every FFN's up rows times it and down columns
-    divided by it, the same function (silu(g x) * (k u x) / k) with the scale moved from down to up."""
+          seed: int = 0, up_gain: float = 1.0, scale_like: controls.ScaleRef | None = None,
+          out_init: str = "default", applied: dict | None = None):
+    """(state dict, config) of the grafted dense model. In order: the FFNs of `ffn_init`; with scale_like, each
+    FFN matrix rescaled to REF's norm; out_init's output projections; then up_gain: every FFN's up rows times it
+    and down columns divided by it, the same function (silu(g x) * (k u x) / k) with the scale moved from down
+    to up. `applied` (a dict) receives what scale_like and out_init did, for the record."""
     import transformers
     dtype = dtype or _source_dtype(ck)
     _check_options(dtype, ffn_init)
@@ -127,12 +130,19 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
         for t in range(tgt["layers"]):
             for m in ("gate_proj", "up_proj", "down_proj"):
                 w = adapted[f"layers.{t}.{m}"]
-                w = w * gain[m] if m in gain and up_gain != 1 else w
                 state[f"model.layers.{t}.mlp.{m}.weight"] = norm_matched(w, gen) if ffn_init == "norm-matched" else w
-    elif up_gain != 1:  # scratch: the fresh FFNs, same function
+    done = {"scale_like": None, "out_init": None}
+    if scale_like is not None:
+        controls.check_scale_ref(scale_like, tgt["layers"], tgt["hidden"], tgt["ffn"])
+        done["scale_like"] = scale_like.record(controls.match_scale(state, scale_like, tgt["layers"]))
+    done["out_init"] = controls.out_init(state, out_init, tgt["layers"], config.initializer_range,
+                                         ffn_init == "scratch", seed)
+    if up_gain != 1:  # every init, scratch included: the same function, the scale moved from down to up
         for t in range(tgt["layers"]):
             for m, f in gain.items():
                 state[f"model.layers.{t}.mlp.{m}.weight"] = state[f"model.layers.{t}.mlp.{m}.weight"] * f
+    if applied is not None:
+        applied.update(done)
     lmap = meta["layer_map"]
     if "embeddings" in inherit:
         state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
@@ -156,10 +166,12 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
                     state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight").float()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
+    gained = [f"model.layers.{t}.mlp.{m}.weight" for t in range(tgt["layers"]) for m in gain] if up_gain != 1 else []
+    nonzero = {k for k in gained if state[k].any()}  # a zero matrix (mass 0, --out-init zero) is not one that vanished
     state = {k: v.to(cast) for k, v in state.items()}
     if up_gain != 1:
-        for k in (f"model.layers.{t}.mlp.{m}.weight" for t in range(tgt["layers"]) for m in gain):
-            if not torch.isfinite(state[k]).all() or not state[k].any():
+        for k in gained:
+            if not torch.isfinite(state[k]).all() or (k in nonzero and not state[k].any()):
                 raise XpertError(f"--up-gain {up_gain:g}: {k} overflows or vanishes in {dtype}; use a gain nearer 1 "
                                  "or a wider --dtype")
     return state, config
@@ -191,8 +203,9 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"({tgt['layers']} layers, hidden {tgt['hidden']}, FFN {tgt['ffn']})", "",
         f"Written by xpertctl {__version__}. Architecture: `{config.architectures[0] if config.architectures else type(config).__name__}`.",
         "",
-        "FFN weights: " + CARD_FFN[ffn_init],
-        f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}.", "",
+        "FFN weights: " + CARD_FFN[ffn_init] + _scale_like_sentence(rec),
+        f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}."
+        + _out_init_sentence(rec, ffn_init), "",
         "| | |", "|---|---|",
         f"| source | `{rec['source']['path']}` ({rec['family']}) |",
         f"| selection | {rec.get('selection_summary', '-')} |",
@@ -202,9 +215,40 @@ def card(rec: dict, config, ffn_init: str) -> str:
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
         *_fit_card(rec), *_final_norm_card(rec),
+        *_scale_like_card(rec),
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
     return "\n".join(lines)
+
+
+def _scale_like_sentence(rec: dict) -> str:
+    s = (rec.get("params") or {}).get("scale_like")
+    if not s:
+        return ""
+    gain = rec["params"].get("up_gain", 1)
+    return (f" Each FFN matrix of every layer then scaled to the Frobenius norm of the same matrix of `{s['ref']['path']}` "
+            f"(`--scale-like`, its norms at up-gain 1; factors below){f', then --up-gain {gain:g}' if gain != 1 else ''}.")
+
+
+def _out_init_sentence(rec: dict, ffn_init: str) -> str:
+    o = (rec.get("params") or {}).get("out_init")
+    if not o or o == "default":
+        return ""
+    what = " and ".join(f"`{t}`" for t in o["tensors"])
+    how = f"normal with std {o['std']:.3g} ({o['rule']}, GPT-2)" if o["how"] == "small" else "zeros"
+    keep = "" if ffn_init == "scratch" else " (the FFN's down_proj is its content and stays)"
+    return f" Output projections (`--out-init {o['how']}`): {what} of every layer are {how}{keep}."
+
+
+def _scale_like_card(rec: dict) -> list[str]:
+    s = (rec.get("params") or {}).get("scale_like")
+    if not s:
+        return []
+    lines = ["## Scale match (`--scale-like`): factor applied to each FFN matrix", "",
+             f"Reference: `{s['ref']['path']}` ({s['ref_kind']}, sha256 {s['ref']['sha256'][:16]}..., its up-gain "
+             f"{s['ref_up_gain']:g} undone).", "", "| layer | gate | up | down |", "|---|---|---|---|"]
+    lines += [f"| {t} | {f['gate_proj']:.4g} | {f['up_proj']:.4g} | {f['down_proj']:.4g} |" for t, f in enumerate(s["factors"])]
+    return lines + [""]
 
 
 def _shared_summary(rec: dict) -> str:
@@ -268,14 +312,16 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         width_select: str = "norm", width_rule: str = WIDTH_RULE_DEFAULT, heads: int | None = None,
         arch: str = "llama", dtype: str | None = None,
         inherit: str | None = None, ffn_init: str = "xpert", learngene: Path | None = None, up_gain: float = 1.0, seed: int = 0,
-        final_norm: str = "source", shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
+        final_norm: str = "source", scale_like: Path | None = None, out_init: str = "default",
+        shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
     """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
     if ffn_init == "learngene" or learngene is not None:  # TLEG: the whole model from a learngene (ops/learngene.py)
         return _descendant(**locals())
     inherit_l = parse_inherit(inherit)
     norm_paths = _check_final_norm(final_norm, inherit_l, calibration, fit, text_field)
     src = Path(src)
-    inputs = [src] + [p for p in (like, stats, selection, tokenizer) if p is not None]
+    inputs = [src] + [p for p in (like, stats, selection, tokenizer, scale_like) if p is not None]
+    controls.check_out_init(out_init, ffn_init, scale_like, inherit_l)
     if fit != "none" and ffn_init == "scratch":
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
@@ -288,6 +334,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     reshape.check_choices(layer_map_how, combine, width_select, rescale, width_rule)
     reshape._choice(shared, SHARED, "--shared")
     check_output(out, force, inputs + list(cal_paths.values()) + list(norm_paths.values()), marker="config.json")
+    ref = controls.load_scale_ref(scale_like) if scale_like is not None else None
     if tokenizer is not None and not has_tokenizer(tokenizer_files(tokenizer)):
         raise XpertError(f"--tokenizer {tokenizer}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     is_adapted = src.is_file() and src.suffix == ".safetensors" and _kind(src) == "adapted"
@@ -309,6 +356,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         _validate_early(ck, rec_in["target"], heads, arch, dtype, ffn_init, inherit_l,
                         reshape.ffn_width(widths, rec_in.get("shared") or "none"),
                         reshape.max_ffn(widths, rec_in.get("shared") or "none"))
+        if ref is not None:
+            controls.check_scale_ref(ref, *(rec_in["target"][k] for k in ("layers", "hidden", "ffn")))
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
         if (rec_in["source"]["sha256"], rec_in["source"]["size"]) != (ck.fingerprint["sha256"], ck.fingerprint["size"]):
             raise XpertError(f"{src}: adapted from {rec_in['source']['path']}, not from --like {like}")
@@ -350,6 +399,15 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                              "ffn": target.ffn or full_ffn}, heads, arch, dtype, ffn_init, inherit_l, full_ffn,
                         reshape.max_ffn(fmeta0, shared, {i for g in lmap for i in g}))
         _check_tokenizer_fits(tokenizer, ck, inherit_l)
+        if ref is not None:
+            controls.check_scale_ref(ref, target.layers, target.hidden or ck.hidden, target.ffn or full_ffn)
+        if ref is not None and ffn_init != "scratch":  # before the note adapt prints: one line, and early
+            used = {i: None for g in lmap for i in g}
+            zero = sorted(i for i, v in reshape.routing_scale(used, fmeta0, rescale).items() if v == 0)
+            if zero:
+                raise XpertError(f"--scale-like {scale_like}: the selected experts of source layers {zero} got a routing "
+                                 f"mass of 0, so --rescale {rescale} makes those FFNs zero and no factor gives them "
+                                 "REF's norm; graft with --rescale none (--scale-like sets the scale anyway)")
         # stream: decompose only the layers the depth map uses, collapse each to its dense FFN at once
         per_src: dict[int, tuple] = {}
         single: set[int] = set()  # source layers whose factors keep one expert component (c drops out)
@@ -407,8 +465,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                 cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
         in_fps += fit_rec["inputs"]
         meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
+    done: dict = {}
     state, config = build(adapted, meta, ck, heads=heads, arch=arch, dtype=dtype, inherit=inherit_l,
-                          ffn_init=ffn_init, seed=seed, up_gain=up_gain)
+                          ffn_init=ffn_init, seed=seed, up_gain=up_gain, scale_like=ref, out_init=out_init, applied=done)
     config.architectures = [TARGET_CLASSES[arch][1]]
     norm_rec = None
     if final_norm == "refit":
@@ -417,9 +476,12 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                                             holdout=holdout, seq_len=seq_len, device=device,
                                             stream_layers=stream_layers, text_field=text_field)
         in_fps += norm_rec.pop("inputs")
+    if ref is not None:
+        in_fps = in_fps + [ref.fingerprint]
     rec = provenance.record("grafted", inputs=in_fps, params={
         "target": meta["target"], "arch": arch, "inherit": inherit_l, "ffn_init": ffn_init,
         "dtype": str(config.dtype).removeprefix("torch."), "up_gain": up_gain,
+        "scale_like": done["scale_like"], "out_init": done["out_init"] or "default",
         **applied, "align_sweeps": align_sweeps, "fit": fit_rec and fit_rec["params"],
         **({"final_norm": norm_rec} if norm_rec else {})},
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],

@@ -387,11 +387,24 @@ def routing_scale(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, resc
     mean top-k weight per token (OLMoE's top-k softmax weights sum to less than one), as if the FFN stood
     for every expert; it overshoots where the consolidated FFN agrees poorly with the block (four
     layer-domain pairs worse than the zero FFN). Students train better from `routed` at --up-gain 1 only
-    (README, "Where the scale sits"). Without stats the FFNs stay at the experts' scale."""
+    (README, "Where the scale sits"). The factor is the mass itself, continuous at 0: selected experts that
+    no token was routed to give x0 (a zero down projection), as a mass of 1e-6 gives x1e-6 (see zero_mass_note).
+    A layer with no mass recorded (a selection without stats, or stats whose router gave no weights) is left
+    out: its FFN stays at the experts' scale (unscaled_notice)."""
     if rescale == "none":
         return {}
     masses = meta.get("selected_mass" if rescale == "selected" else "routed_mass") or {}
-    return {i: float(masses[str(i)]) for i in per_src if float(masses.get(str(i), 0)) > 0}
+    return {i: float(masses[str(i)]) for i in per_src if str(i) in masses}
+
+
+def zero_mass_note(scales: dict[int, float], rescale: str) -> list[str]:
+    """The note (stderr and the model card) naming the source layers --rescale scaled to zero."""
+    zero = sorted(i for i, v in scales.items() if v == 0)
+    if not zero:
+        return []
+    return [f"--rescale {rescale}: the selected experts of source layers {zero} got no routing weight in the stats "
+            "(mass 0), so those FFNs are scaled to zero (x0, continuous with x1e-6 for a mass of 1e-6); "
+            "--rescale none keeps the experts' scale"]
 
 
 def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Target, *, layer_map_how: str = "uniform",
@@ -430,7 +443,8 @@ def adapt(per_src: dict[int, tuple[torch.Tensor, ...]], meta: dict, target: Targ
         out[f"layers.{n}.up_proj"] = u[ni].contiguous()
         out[f"layers.{n}.down_proj"] = dn[:, ni].contiguous()
         out[f"layers.{n}.neuron_index"] = ni
-    notes = depth_notes(lmap, len(meta["layers"])) + ([] if wide else combine_notes(meta, combine, single, set(per_src)))
+    notes = (depth_notes(lmap, len(meta["layers"])) + ([] if wide else combine_notes(meta, combine, single, set(per_src)))
+             + zero_mass_note(scales, rescale))
     if shared == "none" and meta.get("shared_ffn"):
         notes.append(f"the source's shared experts (FFN width {meta['shared_ffn']}), which every token uses, are not "
                      "carried (--shared none keeps routed experts only); --shared concat appends them")
