@@ -56,13 +56,15 @@ class Target:
                  f"f{self.ffn}" if self.ffn else None, f"h{self.heads}" if self.heads else None]
         return ",".join(p for p in parts if p)
 
-    def check_fits(self, hidden: int, ffn: int) -> None:
-        """The one width check: not wider than the source, and the heads divide the width."""
+    def check_fits(self, hidden: int, ffn: int, ffn_source: str | None = None) -> None:
+        """The one width check: not wider than the source, and the heads divide the width. `ffn_source` says
+        what `ffn` is the width of (default: one source expert)."""
         d, f = self.hidden or hidden, self.ffn or ffn
         if d > hidden:
             raise XpertError(f"--target {self}: hidden {d} is wider than the source's {hidden}")
         if f > ffn:
-            raise XpertError(f"--target {self}: FFN {f} is wider than one source expert's {ffn}")
+            what = ffn_source or f"one source expert's {ffn}"
+            raise XpertError(f"--target {self}: FFN {f} is wider than {what}")
         if self.heads and d % self.heads:
             raise XpertError(f"--target {self}: {self.heads} heads do not divide the hidden size {d}")
 
