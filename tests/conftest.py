@@ -17,6 +17,7 @@ def _load_fixture_builder():
 
 make_fixtures = _load_fixture_builder()
 MOE_FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+DENSE_FAMILIES = list(make_fixtures.DENSE)
 
 
 @pytest.fixture(scope="session")

@@ -136,9 +136,17 @@ def test_stats_bad_input(fx, corpus, cli, tmp_path, args, needle):
     assert not out.exists()
 
 
-def test_stats_refuses_dense_checkpoint(fx, corpus, cli, tmp_path):
-    code, _, err = cli("stats", fx / "llama", "-d", f"x={corpus / 'legal.txt'}", "-o", tmp_path / "s.safetensors")
-    assert_user_error(code, err, "dense llama", "needs an MoE")
+def test_stats_refuses_a_dense_checkpoint_without_swiglu(fx, corpus, cli, tmp_path):
+    """Dense sources are counted per FFN neuron (tests/test_dense_sources.py); an FFN that is not SwiGLU is
+    not what any target computes."""
+    import shutil
+    src = tmp_path / "gelu"
+    shutil.copytree(fx / "llama", src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    code, _, err = cli("stats", src, "-d", f"x={corpus / 'legal.txt'}", "-o", tmp_path / "s.safetensors")
+    assert_user_error(code, err, "gelu", "SwiGLU")
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 # ---- select on constructed stats ----------------------------------------------------------------

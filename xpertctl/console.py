@@ -73,6 +73,8 @@ def families_table(rows: list[dict]) -> Table:
 
 
 def selection_table(doc: dict) -> Table:
+    if doc.get("level") == "neuron":
+        return _neuron_selection_table(doc)
     t = Table(title=f"selection: criterion={doc['criterion']}, {doc['per_layer']} per layer", title_justify="left")
     t.add_column("layer", justify="right")
     t.add_column("experts")
@@ -87,6 +89,21 @@ def selection_table(doc: dict) -> Table:
         prob = f"{sum(sum(p) for p in pr) / (len(pr) * n):.3f}" if pr else "-"
         t.add_row(str(l["layer"]), " ".join(map(str, l["experts"])),
                   f"{sum(mins) / len(mins):.3f}", f"{sum(means) / len(means):.3f}", prob)
+    return t
+
+
+def _neuron_selection_table(doc: dict) -> Table:
+    t = Table(title=f"neuron selection: criterion={doc['criterion']}, {doc['per_layer']} of {doc.get('num_neurons')} "
+              f"neurons per layer (active: top {doc.get('neuron_top')} of |act|)", title_justify="left")
+    for c, j in (("layer", "right"), ("neurons (best first)", "left"), ("min score", "right"),
+                 ("coverage: min / mean over domains", "right"), ("|act| mass: min / mean", "right")):
+        t.add_column(c, justify=j)
+    for l in doc["layers"]:
+        ids = l["neurons"]
+        cov, mass = list(l["coverage"].values()), list(l["mass_share"].values())
+        t.add_row(str(l["layer"]), " ".join(map(str, ids[:8])) + (f" … ({len(ids)})" if len(ids) > 8 else ""),
+                  f"{min(l['scores']):.3f}", f"{min(cov):.3f} / {sum(cov) / len(cov):.3f}",
+                  f"{min(mass):.3f} / {sum(mass) / len(mass):.3f}")
     return t
 
 

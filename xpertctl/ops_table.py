@@ -467,13 +467,13 @@ def _families(as_json):
     out.print(families_table(rows))
 
 
-def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, stream_layers,
+def _stats(src, domain, out, tokenizer, max_tokens, seq_len, batch_size, device, dtype, top_k, neuron_top, stream_layers,
            stream_tokens, seed, text_field, as_json, force):
     from . import summaries
     from .ops import stats as op
     path = op.run(src, domain, out, tokenizer=tokenizer, max_tokens=max_tokens, seq_len=seq_len,
                   batch_size=batch_size, device=device, dtype=dtype, top_k=top_k, stream_layers=stream_layers,
-                  stream_tokens=stream_tokens, seed=seed, text_field=text_field, force=force)
+                  stream_tokens=stream_tokens, seed=seed, text_field=text_field, neuron_top=neuron_top, force=force)
     return _summary(summaries.stats(path), as_json)
 
 
@@ -645,9 +645,11 @@ COMMANDS: tuple[Command, ...] = (
             "xpertctl families\nxpertctl families --json", (
                 opt("as_json", False, "Print JSON instead of a table.", "--json"),
             ), _families),
-    Command("stats", "Count top-k router selections per (domain, layer, expert) -> stats.safetensors.",
-            "xpertctl stats olmoe/ -d wiki=wiki.txt -d code=code/ -o stats.safetensors", (
-                arg("src", "MoE model directory or .safetensors file."),
+    Command("stats", "Count top-k router selections per (domain, layer, expert), or a dense model's active FFN neurons "
+            "per (domain, layer, neuron) -> stats.safetensors.",
+            "xpertctl stats olmoe/ -d wiki=wiki.txt -d code=code/ -o stats.safetensors\n"
+            "xpertctl stats smollm2/ -d wiki=wiki.txt -d code=code/ --neuron-top 0.125 -o stats.safetensors", (
+                arg("src", "MoE or dense (Llama, Qwen2/3, Mistral, OLMo/OLMo2) model directory or .safetensors file."),
                 opt("domain", REQUIRED, "NAME=PATH (.txt, .jsonl[.gz|.zst], .parquet, .arrow or a directory); repeat.", "--domain", "-d",
                     type=str, multiple=True, path=_after("="), check=_check_domain),
                 out_param("stats.safetensors to write."),
@@ -659,18 +661,24 @@ COMMANDS: tuple[Command, ...] = (
                 opt("device", "cpu", "torch device, e.g. cuda:0."),
                 opt("dtype", "float32", "Compute dtype.", choices=DTYPES),
                 opt("top_k", None, "Experts per token (default: the config's num_experts_per_tok).", type=int, range=POSITIVE),
+                opt("neuron_top", None, "Dense sources: a neuron is active on a token when its |activation| (the input "
+                    "of down_proj) is among the top FRACTION of the layer's neurons on that token (default 0.125: "
+                    "the share of experts OLMoE routes).", type=float, metavar="FRACTION",
+                    range=Range(0, 1, lo_open=True), neutral=True),
                 flag("stream_layers", "Load one decoder layer at a time (models larger than RAM)."),
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
                 opt("seed", 0, "With --max-tokens: seed of the document sample.", range=NONNEG),
                 TEXT_FIELD, JSON, FORCE,
             ), _stats),
-    Command("select", "Choose the experts used across all domains -> selection.json.",
+    Command("select", "Choose the experts (of a dense model: the FFN neurons) used across all domains -> selection.json.",
             "xpertctl select stats.safetensors -o selection.json --plot freq.png --show", (
                 arg("stats_file", "stats.safetensors from `xpertctl stats`.", metavar="STATS"),
                 out_param("selection.json to write.", required=False),
                 opt("criterion", "min", "min (used in every domain), mean, vote; controls: random, low, all.",
                     choices=CRITERIA),
-                opt("per_layer", None, "Experts per layer (default: the model's top-k).", type=int, range=POSITIVE),
+                opt("per_layer", None, "Experts per layer (default: the model's top-k); neuron stats: neurons per layer "
+                    "(default: half the FFN; graft keeps the best-scored f of them for a target FFN f).", type=int,
+                    range=POSITIVE),
                 opt("seed", 0, "Seed for --criterion random.", range=NONNEG),
                 opt("plot", None, "PNG: per-domain frequency per expert, selection marked.", type=Path),
                 opt("plot_layers", None, "Comma-separated layers to plot (default: all).",
@@ -695,10 +703,13 @@ COMMANDS: tuple[Command, ...] = (
                 replace(TARGET, default=REQUIRED), out_param("adapted.safetensors to write."), LAYERS, HIDDEN, FFN,
                 LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT, WIDTH_RULE, FORCE,
             ), _reshape),
-    Command("graft", "Write a dense causal LM (HF directory) with XPERT FFNs.",
+    Command("graft", "Write a dense causal LM (HF directory) with XPERT FFNs (from an MoE, or a dense model's neurons).",
             "xpertctl graft adapted.safetensors -o student/\n"
-            "xpertctl graft olmoe/ --target 12L --stats stats.safetensors -o student/", (
-                arg("src", "adapted.safetensors, or an MoE checkpoint for the one-shot path."),
+            "xpertctl graft olmoe/ --target 12L --stats stats.safetensors -o student/\n"
+            "xpertctl graft smollm2/ --target 8L,f768 --stats stats.safetensors --inherit embeddings,norms,attention "
+            "-o student/", (
+                arg("src", "adapted.safetensors, or an MoE checkpoint for the one-shot path, or a dense checkpoint "
+                    "(its FFN neurons selected from --stats / --selection)."),
                 out_param("Model directory to write."), TARGET, LAYERS, HIDDEN, FFN, HEADS,
                 opt("like", None, "Source MoE for config/tokenizer (adapted input; default: the recorded source).",
                     type=Path, input=True),
@@ -707,7 +718,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("stats_file", None, "One-shot: select from these stats.", "--stats", type=Path, input=True),
                 opt("selection", None, "One-shot: use this selection.json.", type=Path, input=True),
                 opt("criterion", "min", "One-shot with --stats: selection criterion.", choices=CRITERIA),
-                opt("per_layer", None, "One-shot with --stats: experts per layer.", type=int, range=POSITIVE),
+                opt("per_layer", None, "One-shot with --stats: experts per layer; for a dense source, neurons per layer "
+                    "(default: the target's FFN width).", type=int, range=POSITIVE),
                 RANKS, ALIGN, ALIGN_SWEEPS, WEIGHTING,
                 flag("no_tucker", "One-shot: mean instead of Tucker."),
                 LAYER_MAP, COMBINE, RESCALE, SHARED_OPT, WIDTH_SELECT, WIDTH_RULE,
@@ -768,10 +780,10 @@ COMMANDS: tuple[Command, ...] = (
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
                 FORCE,
             ), _graft, rules=(_graft_selection, _graft_learngene)),
-    Command("fidelity", "How well each student FFN reproduces its source MoE block(s) on real hidden states -> "
+    Command("fidelity", "How well each student FFN reproduces its source MoE block(s) or dense FFN on real hidden states -> "
             "fidelity.json.",
             "xpertctl fidelity olmoe/ student/ -d wiki=wiki.txt --max-tokens 20000 -o fidelity.json", (
-                arg("src", "The source MoE model directory or .safetensors file."),
+                arg("src", "The source (MoE or dense) model directory or .safetensors file."),
                 arg("student", "A model `xpertctl graft` wrote (before training), or adapted.safetensors."),
                 opt("domain", REQUIRED, "NAME=PATH text to run the source on; repeat.", "--domain", "-d",
                     type=str, multiple=True, path=_after("="), check=_check_domain),

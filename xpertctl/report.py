@@ -551,7 +551,7 @@ def _heatmap(stats: Path, selection: Path | None, path: Path) -> None:
     f = st.freq  # [D, L, E]
     chosen = {}
     if selection is not None:
-        chosen = {l["layer"]: l["experts"] for l in sel.load_selection(selection)["layers"]}
+        chosen = {l["layer"]: l.get("experts", l.get("neurons")) for l in sel.load_selection(selection)["layers"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(st.layers) + 1.8))
     for ax, (name, m) in zip(axes, (("mean over domains", f.mean(0)), ("min over domains", f.min(0)))):
         im = ax.imshow(m, aspect="auto", cmap="viridis")

@@ -16,6 +16,12 @@ def stats(path: Path) -> dict:
     rec = provenance.read(path, "stats")
     with safe_open(str(path), framework="pt") as f:
         tokens = f.get_tensor("tokens").tolist()
+    if rec.get("level") == "neuron":
+        return {"path": str(path), "kind": "stats", "level": "neuron", "source": rec["source"]["path"],
+                "family": rec.get("family"), "neurons": rec["num_neurons"], "neuron_top": rec["neuron_top"],
+                "neurons_per_token": rec["neurons_per_token"], "layers": rec["layers"],
+                "domains": dict(zip(rec["domains"], tokens)), "seq_len": rec["params"].get("seq_len"),
+                "version": rec.get("version")}
     return {"path": str(path), "kind": "stats", "source": rec["source"]["path"], "family": rec.get("family"),
             "experts": rec["num_experts"], "top_k": rec["top_k"], "layers": rec["layers"],
             "domains": dict(zip(rec["domains"], tokens)), "seq_len": rec["params"].get("seq_len"),
@@ -23,6 +29,14 @@ def stats(path: Path) -> dict:
 
 
 def selection(doc: dict, path: Path | None) -> dict:
+    if doc.get("level") == "neuron":
+        return {"path": str(path) if path is not None else None, "kind": "selection", "level": "neuron",
+                "criterion": doc.get("criterion"), "per_layer": doc.get("per_layer"), "seed": doc.get("seed"),
+                "domains": doc.get("domains"), "source": (doc.get("source") or {}).get("path"),
+                "num_neurons": doc.get("num_neurons"), "neuron_top": doc.get("neuron_top"),
+                "layers": {str(l["layer"]): {"neurons": len(l["neurons"]), "coverage_min": min(l["coverage"].values()),
+                                             "mass_share_min": min(l["mass_share"].values())}
+                           for l in doc["layers"]}}
     return {"path": str(path) if path is not None else None, "kind": "selection", "criterion": doc.get("criterion"),
             "per_layer": doc.get("per_layer"), "seed": doc.get("seed"), "domains": doc.get("domains"),
             "source": (doc.get("source") or {}).get("path"),

@@ -24,6 +24,10 @@ class Family:
     qk_norm: str | None = None  # "full": q_norm over all heads (OLMoE); "head": per head (Qwen3)
     attention: str = "standard"  # "mla": DeepSeek's latent attention (cannot be inherited by a Llama)
     scoring: str = "softmax"  # router probabilities: softmax over experts, or DeepSeek-V3's sigmoid
+    # where the layer norms sit: "pre" (RMSNorm weights before attention and FFN, what a Llama target has),
+    # "post" (OLMo2: after them), "none" (OLMo: LayerNorm without weights); only "pre" can be inherited
+    norms: str = "pre"
+    by_keys: bool = True  # detectable from key names alone (False: its keys are another family's; config.json decides)
     # detection from key names alone (bare .safetensors): all `requires` present, no `forbids`
     requires: tuple[str, ...] = ()
     forbids: tuple[str, ...] = ()
@@ -46,11 +50,19 @@ FAMILIES: tuple[Family, ...] = (
     Family("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", shared="shared_experts", attention="mla",
            experts_key="n_routed_experts", scoring="sigmoid",
            ffn_key="moe_intermediate_size", requires=("e_score_correction_bias",)),
-    # dense outputs (what graft writes) and dense inputs that inspect should describe
+    # dense families: what graft writes (llama, qwen3), and sources whose FFN neurons stats/select/graft use
+    # (every layer one SwiGLU FFN at model.layers.{i}.mlp.{gate,up,down}_proj)
     Family("llama", ("llama",), "LlamaForCausalLM", moe=False,
-           requires=("mlp.gate_proj.weight",), forbids=(".gate.weight", "q_norm")),
+           requires=("mlp.gate_proj.weight", "input_layernorm"), forbids=(".gate.weight", "q_norm")),
     Family("qwen3", ("qwen3",), "Qwen3ForCausalLM", moe=False, qk_norm="head",
-           requires=("mlp.gate_proj.weight", "q_norm"), forbids=(".gate.weight",)),
+           requires=("mlp.gate_proj.weight", "q_norm"), forbids=(".gate.weight", "post_feedforward_layernorm")),
+    # a Llama with q/k/v biases (no o_proj bias): a bare file of it reads as llama, config.json says qwen2
+    Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", moe=False, by_keys=False),
+    Family("mistral", ("mistral",), "MistralForCausalLM", moe=False, by_keys=False),  # Llama's keys
+    Family("olmo", ("olmo",), "OlmoForCausalLM", moe=False, norms="none",
+           requires=("mlp.gate_proj.weight",), forbids=(".gate.weight", "q_norm", "layernorm")),
+    Family("olmo2", ("olmo2",), "Olmo2ForCausalLM", moe=False, qk_norm="full", norms="post",
+           requires=("mlp.gate_proj.weight", "post_feedforward_layernorm", "q_norm"), forbids=(".gate.weight",)),
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}
@@ -59,6 +71,8 @@ BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 LAYER = "model.layers.{i}"
 FUSED_GATE_UP = LAYER + ".mlp.experts.gate_up_proj"
 FUSED_DOWN = LAYER + ".mlp.experts.down_proj"
+MLP = LAYER + ".mlp"  # a dense layer's FFN module (in memory and, with its projections, on disk)
+MLP_KEYS = tuple(f"{MLP}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def block(family: Family, fused: bool) -> str:
@@ -96,6 +110,8 @@ def detect(keys: set[str], shapes: dict[str, list[int]]) -> list[Family]:
 
     found = []
     for fam in FAMILIES:
+        if not fam.by_keys:
+            continue
         if not all(has(r) for r in fam.requires) or any(has(f) for f in fam.forbids):
             continue
         if fam.qk_norm is not None:

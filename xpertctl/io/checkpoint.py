@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,17 @@ class Checkpoint:
     expert_ffn: int
     shared_ffn: int | None
     fingerprint: dict
+    dense_layers: list[int] = field(default_factory=list)  # a dense source's layers with a SwiGLU FFN
+
+    @property
+    def dense(self) -> bool:
+        """A dense source: every layer one always-on FFN, whose neurons stand in for experts."""
+        return not self.family.moe
+
+    @property
+    def ffn_layers(self) -> list[int]:
+        """The layers whose FFN knowledge the toolbox works on: MoE layers, or a dense model's FFN layers."""
+        return self.dense_layers if self.dense else self.moe_layers
 
     # ---- reads -------------------------------------------------------------------------------
     def expert_requests(self, layer: int, j: int) -> list[tuple[str, object]]:
@@ -66,6 +77,17 @@ class Checkpoint:
 
     def expert(self, layer: int, j: int):
         return self.experts(layer, [j])[0]
+
+    def mlp(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A dense layer's FFN as (gate [N,H], up [N,H], down [H,N]); one open per shard."""
+        if layer not in self.dense_layers:
+            raise XpertError(f"{self.path}: layer {layer} has no dense FFN (FFN layers: {_ranges(self.dense_layers)})")
+        g, u, d = self.reader.read([(k.format(i=layer), None) for k in arch.MLP_KEYS])
+        n, h = self.expert_ffn, self.hidden
+        if tuple(g.shape) != (n, h) or tuple(u.shape) != (n, h) or tuple(d.shape) != (h, n):
+            raise XpertError(f"{self.path}: layer {layer} FFN has shapes gate {list(g.shape)}, up {list(u.shape)}, "
+                             f"down {list(d.shape)}; expected [{n}, {h}], [{n}, {h}], [{h}, {n}]")
+        return g, u, d
 
     def router(self, layer: int) -> torch.Tensor:
         self._check_layer(layer)
@@ -89,10 +111,23 @@ class Checkpoint:
         if layer not in self.moe_layers:
             raise XpertError(f"{self.path}: layer {layer} is not an MoE layer (MoE layers: {_ranges(self.moe_layers)})")
 
-    def require_moe(self) -> "Checkpoint":
+    def require_moe(self, why: str = "this command needs an MoE model") -> "Checkpoint":
         if not self.family.moe or not self.moe_layers:
-            raise XpertError(f"{self.path}: a dense {self.family.name} checkpoint; this command needs an MoE model")
+            raise XpertError(f"{self.path}: a dense {self.family.name} checkpoint; {why}")
         return self
+
+    def require_ffn_source(self) -> "Checkpoint":
+        """An MoE with routers, or a dense model with SwiGLU FFNs (stats, select, graft, fidelity take both)."""
+        if self.dense:
+            if not self.dense_layers:
+                raise XpertError(f"{self.path}: a dense {self.family.name} checkpoint without "
+                                 "model.layers.N.mlp.gate_proj/up_proj/down_proj FFNs")
+            act = self.config.get("hidden_act") or self.config.get("hidden_activation") or "silu"
+            if act not in ("silu", "swish"):
+                raise XpertError(f"{self.path}: its FFN activation is {act!r}; dense sources need SwiGLU (silu), "
+                                 "the FFN every target here computes")
+            return self
+        return self.require_moe()
 
     # ---- description ---------------------------------------------------------------------------
     @property
@@ -294,6 +329,7 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     num_experts = expert_ffn = 0
     hidden = int(config.get("hidden_size", 0))
     shared_ffn = None
+    dense_layers: list[int] = []
     if moe_layers:
         i = moe_layers[0]
         num_experts, hidden = reader.shape(rkey.format(i=i))
@@ -320,11 +356,12 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         expert_ffn = reader.shape(key)[0] if key in keys else int(config.get("intermediate_size", 0))
         if not hidden and key in keys:
             hidden = reader.shape(key)[1]
+        dense_layers = [i for i in layers if all(k.format(i=i) in keys for k in arch.MLP_KEYS)]
 
     top_k = config.get("num_experts_per_tok") if family.moe else None
     return Checkpoint(
         path=src, files=files, config=config, family=family, fused=fused, reader=reader,
         num_layers=num_layers, moe_layers=moe_layers, num_experts=num_experts,
         top_k=int(top_k) if top_k is not None else None, hidden=hidden, expert_ffn=expert_ffn,
-        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index),
+        shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index), dense_layers=dense_layers,
     )

@@ -4,7 +4,10 @@ What `fidelity` and the data-aware fit need: for each MoE layer, the hidden stat
 block (after the post-attention norm), the block's output (routed experts plus shared experts where
 the family has them), and the routing the model actually used (top-k indices and weights), with
 padding dropped. Hooks sit on transformers' own modules, so the block computes exactly what the
-model computes; nothing here re-implements routing.
+model computes; nothing here re-implements routing. A dense source's FFN (its `mlp`) is the block.
+
+Only the base model runs (no LM head): hidden states are captured by hooks, so memory never holds a
+[batch, window, vocab] logits tensor.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def drive(model, tokenizer, docs_by_domain: dict[str, list[str]], tap: Tap, *, s
     if stream_tokens:
         batch_size = max(1, stream_tokens // seq_len)  # each layer read once per chunk, not per batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    fwd = model.base_model if stream_tokens else model
+    fwd = model.base_model  # the hooks see every layer; logits would only cost vocabulary x window memory
     tokens: dict[str, int] = {}
     t0, total = time.perf_counter(), 0
     with progress() as bar, torch.inference_mode():
@@ -136,11 +139,37 @@ class BlockTap(Tap):
             h.remove()
 
 
+class MlpTap(Tap):
+    """Forward hooks on each dense layer's FFN module: its input and output, padding dropped (no routing)."""
+
+    def __init__(self, model, ck: Checkpoint, on_block: OnBlock):
+        self.on_block, self.H = on_block, ck.hidden
+        self.handles = []
+        for i in ck.dense_layers:
+            try:
+                mlp = model.get_submodule(arch.MLP.format(i=i))
+            except AttributeError:
+                raise XpertError(f"{ck.path}: cannot find layer {i}'s mlp in {type(model).__name__}") from None
+            self.handles.append(mlp.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        def hook(_mod, args, out):
+            x, y = args[0].reshape(-1, self.H).float(), out.reshape(-1, self.H).float()
+            if self.mask is not None:
+                x, y = x[self.mask], y[self.mask]
+            self.on_block(BlockIO(i, x.cpu(), y.cpu(), None, None, self.domain))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def run(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], on_block: OnBlock, *,
         seq_len: int, batch_size: int, max_tokens: int | None, device: str, stream_tokens: int | None = None,
         label: str = "capture") -> dict[str, int]:
     """Run the model over every domain's text; on_block sees each block's I/O. Returns tokens per domain."""
-    tap = BlockTap(model, ck, on_block)
+    tap = MlpTap(model, ck, on_block) if ck.dense else BlockTap(model, ck, on_block)
     try:
         return drive(model, tokenizer, docs_by_domain, tap, seq_len=seq_len, batch_size=batch_size,
                      max_tokens=max_tokens, device=device, stream_tokens=stream_tokens, label=label)

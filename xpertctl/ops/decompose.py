@@ -370,7 +370,8 @@ def run(src: Path, selection: Path, out: Path, *, ranks: str | None = None, alig
         no_tucker: bool = False, weighting: str = "joint", align_sweeps: int = 0, force: bool = False) -> Path:
     """`xpertctl decompose`: factors.safetensors."""
     from ..io import check_output
-    ck = open_checkpoint(src).require_moe()
+    ck = open_checkpoint(src).require_moe("decompose consolidates MoE experts; a dense model's FFN neurons go "
+                                          "straight to graft (xpertctl graft SRC --stats STATS --target ...)")
     check_output(out, force, [ck.path, selection])
     parse_ranks(ranks)
     check_weighting(weighting)

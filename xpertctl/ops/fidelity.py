@@ -11,6 +11,10 @@ over all tokens at once. References on the same tokens: the selected experts' ow
 (the block with only the selected experts kept, routing weights as the router gave them, plus the
 shared experts where the family has them, gated per token as the block gates them), a fresh
 scratch FFN of the student's shape and init, and the zero FFN (rel_error 1: the floor to beat).
+
+A dense source's block is its FFN; its student's references are, instead of the selected mixture, the
+same number of the source layer's neurons drawn at random (`random_neurons`, seeded: what a neuron
+selection must beat), plus scratch and zero.
 """
 from __future__ import annotations
 
@@ -132,6 +136,7 @@ class LayerMeter:
     student: Agreement = field(default_factory=Agreement)
     selected: Agreement | None = None
     scratch: Agreement = field(default_factory=Agreement)
+    random_neurons: Agreement | None = None  # dense sources: as many random neurons of the source layer
 
 
 def scratch_ffn(shape_gate: torch.Size, d: int, std: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -180,6 +185,13 @@ class Meter:
                         for s in students]
         self.sel_experts: dict[tuple[int, tuple[int, ...]], dict[int, tuple]] = {}
         self.shared: dict[int, tuple | None] = {}
+        self.random: list[list[tuple | None]] = [[None] * len(s.layer_map) for s in students]
+        if ck.dense:
+            from .neurons import random_neurons
+            for s, ms, rs in zip(students, self.meters, self.random):
+                for t, group in enumerate(s.layer_map):
+                    ms[t].random_neurons = Agreement()
+                    rs[t] = random_neurons(ck, group[0], s.ffns[t][0].shape[0], s.residual_index, seed)
         for s, ms in zip(students, self.meters):
             if s.experts is None:
                 continue
@@ -196,7 +208,7 @@ class Meter:
 
     def __call__(self, io: capture.BlockIO) -> None:
         mix_cache: dict[tuple, torch.Tensor | None] = {}
-        for s, ms, scr in zip(self.students, self.meters, self.scratch):
+        for s, ms, scr, rnd in zip(self.students, self.meters, self.scratch, self.random):
             ri = s.residual_index
             x, y = io.x[:, ri], io.y[:, ri]
             for t, group in enumerate(s.layer_map):
@@ -204,6 +216,8 @@ class Meter:
                     continue
                 ms[t].student.add(ffn(x, *s.ffns[t]), y)
                 ms[t].scratch.add(ffn(x, *scr[t]), y)
+                if rnd[t] is not None:
+                    ms[t].random_neurons.add(ffn(x, *rnd[t]), y)
                 if ms[t].selected is not None:
                     key = (io.layer, tuple(s.experts.get(io.layer, [])))
                     if key not in mix_cache:
@@ -221,6 +235,8 @@ class Meter:
                                       "scratch": m.scratch.result(),
                                       "zero": {"rel_error": 1.0, "cosine": 0.0, "scale": 0.0,
                                                "rel_error_at_scale": 1.0, "norm_ratio": 0.0}}}
+                if m.random_neurons is not None:
+                    row["references"]["random_neurons"] = m.random_neurons.result()
                 rows.append(row)
             out.append(rows)
         return out
@@ -261,6 +277,8 @@ def summary(rows: list[dict]) -> dict:
     out = {"student": {k: mean(k) for k in keys}}
     for ref in ("selected_mixture", "scratch"):
         out[ref] = {k: mean(k, ref) for k in keys} if any(r["references"][ref] for r in rows) else None
+    if any(r["references"].get("random_neurons") for r in rows):  # dense sources
+        out["random_neurons"] = {k: mean(k, "random_neurons") for k in keys}
     return out
 
 
@@ -270,9 +288,10 @@ def measure(ck: Checkpoint, students: list[Student], domains: list[str], *, toke
             seed: int = 0, text_field: str = "text") -> tuple[list[list[dict]], dict[str, int]]:
     """Run the source once over the text and measure every student; (rows per student, tokens per domain)."""
     for s in students:
-        bad = sorted({i for g in s.layer_map for i in g} - set(ck.moe_layers))
+        bad = sorted({i for g in s.layer_map for i in g} - set(ck.ffn_layers))
         if bad:
-            raise XpertError(f"{s.label}: maps onto source layers {bad}, which are not MoE layers of {ck.path}")
+            raise XpertError(f"{s.label}: maps onto source layers {bad}, which are not "
+                             f"{'FFN' if ck.dense else 'MoE'} layers of {ck.path}")
         if int(s.residual_index.max()) >= ck.hidden:
             raise XpertError(f"{s.label}: residual indices beyond the source's hidden size {ck.hidden}")
     runner = capture.prepare(ck, domains, tokenizer=tokenizer, seq_len=seq_len, device=device, dtype=dtype,
@@ -288,10 +307,12 @@ def measure(ck: Checkpoint, students: list[Student], domains: list[str], *, toke
 def table(rows: list[dict], title: str):
     from rich.table import Table
     t = Table(title=title, title_justify="left")
-    for c in ("target", "source", "rel_error", "cosine", "scale", "sel-mix rel/cos", "scratch rel/cos"):
+    dense = any(r["references"].get("random_neurons") for r in rows)
+    for c in ("target", "source", "rel_error", "cosine", "scale", "rand-neuron rel/cos" if dense else "sel-mix rel/cos",
+              "scratch rel/cos"):
         t.add_column(c, justify="right")
     for r in rows:
-        sm, sc = r["references"]["selected_mixture"], r["references"]["scratch"]
+        sm, sc = r["references"]["random_neurons" if dense else "selected_mixture"], r["references"]["scratch"]
         t.add_row(str(r["target"]), ",".join(map(str, r["sources"])), f"{r['rel_error']:.3f}", f"{r['cosine']:+.3f}",
                   f"{r['scale']:.3f}", f"{sm['rel_error']:.3f} / {sm['cosine']:+.3f}" if sm else "-",
                   f"{sc['rel_error']:.3f} / {sc['cosine']:+.3f}")
@@ -305,7 +326,7 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
     """`xpertctl fidelity`: fidelity.json (per target layer: rel_error, cosine, scale; references)."""
     from .. import data
     from ..io.writer import atomic_path, check_output
-    ck = open_checkpoint(src).require_moe()
+    ck = open_checkpoint(src).require_ffn_source()
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, Path(student), *paths.values()])
     check_field_applies(paths.values(), text_field)

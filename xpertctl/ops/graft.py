@@ -68,7 +68,7 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
         kv = heads
     cfg = ck.config
     vocab = ck.vocab
-    attn_bias = "attention" in inherit and ck.has(f"model.layers.{ck.moe_layers[0]}.self_attn.q_proj.bias")
+    attn_bias = "attention" in inherit and ck.has(f"model.layers.{ck.ffn_layers[0]}.self_attn.q_proj.bias")
     kwargs = dict(
         vocab_size=int(vocab), hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
@@ -85,9 +85,13 @@ def target_config(ck: Checkpoint, d: int, f: int, layers: int, heads_flag: int |
 
 
 def _check_inherit(ck: Checkpoint, inherit: list[str], arch: str, config, src_heads) -> None:
+    fam = ck.family
+    if "norms" in inherit and fam.norms != "pre":
+        where = "after attention and FFN (post-norm)" if fam.norms == "post" else "as LayerNorms without weights"
+        raise XpertError(f"{ck.path}: {fam.name} normalizes {where}; a {arch} target's RMSNorms before them cannot "
+                         "inherit its norms; drop 'norms' from --inherit")
     if "attention" not in inherit:
         return
-    fam = ck.family
     if fam.attention != "standard":
         raise XpertError(f"{ck.path}: {fam.name} uses multi-head latent attention, which a {arch} target cannot "
                          "inherit; drop 'attention' from --inherit")
@@ -98,6 +102,9 @@ def _check_inherit(ck: Checkpoint, inherit: list[str], arch: str, config, src_he
         raise XpertError(f"{ck.path}: {fam.name} attention has per-head QK-norm; use --arch qwen3 to inherit it")
     if fam.qk_norm is None and arch == "qwen3":
         raise XpertError(f"{ck.path}: {fam.name} attention has no QK-norm for a qwen3 target; use --arch llama")
+    if ck.config.get("clip_qkv"):
+        raise XpertError(f"{ck.path}: {fam.name} clips q, k and v at {ck.config['clip_qkv']}, which a {arch} target "
+                         "does not; drop 'attention' from --inherit")
     if (config.num_attention_heads, config.num_key_value_heads, config.head_dim) != src_heads:
         raise XpertError(f"--inherit attention needs the source's heads {src_heads} (heads, kv heads, head_dim); "
                          f"target has {(config.num_attention_heads, config.num_key_value_heads, config.head_dim)}")
@@ -195,26 +202,31 @@ CARD_FFN = {"xpert": "consolidated experts of the source MoE (select -> align ->
             "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control)."}
 
 
+DENSE_FFN = "neurons of the source's own FFNs, copied unchanged (stats -> select neurons used in every domain)."
+
+
 def card(rec: dict, config, ffn_init: str) -> str:
+    from . import neurons
     tgt = rec["target"]
+    dense = bool(rec.get("neurons"))
     lines = [
         "---", "library_name: transformers", "tags: [xpertctl, xpert]", "---", "",
         f"# {CARD_TITLES[ffn_init]} dense LM "
         f"({tgt['layers']} layers, hidden {tgt['hidden']}, FFN {tgt['ffn']})", "",
         f"Written by xpertctl {__version__}. Architecture: `{config.architectures[0] if config.architectures else type(config).__name__}`.",
         "",
-        "FFN weights: " + CARD_FFN[ffn_init] + _scale_like_sentence(rec),
+        "FFN weights: " + (DENSE_FFN if dense and ffn_init == "xpert" else CARD_FFN[ffn_init]) + _scale_like_sentence(rec),
         f"Other weights: fresh (seed {rec['seed']}) except inherited: {', '.join(rec['inherit']) or 'none'}."
         + _out_init_sentence(rec, ffn_init), "",
         "| | |", "|---|---|",
         f"| source | `{rec['source']['path']}` ({rec['family']}) |",
         f"| selection | {rec.get('selection_summary', '-')} |",
-        f"| shared experts | {_shared_summary(rec)} |",
+        *([] if dense else [f"| shared experts | {_shared_summary(rec)} |"]),
         *([f"| FFN width | {_width_summary(rec)} |"] if rec.get("width_groups") else []),
         f"| layer map (target <- source) | {', '.join(f'{t}<-{g}' for t, g in enumerate(rec['layer_map']))} |",
         f"| command | `{rec['command'] or '-'}` |", "",
         *[f"> **Note:** {n}\n" for n in rec.get("notes") or []],
-        *_fit_card(rec), *_final_norm_card(rec),
+        *_fit_card(rec), *neurons.card_lines(rec, ffn_init), *_final_norm_card(rec),
         *_scale_like_card(rec),
         "## Provenance", "", "```json", json.dumps(rec, indent=2, sort_keys=True), "```", "",
     ]
@@ -314,7 +326,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         inherit: str | None = None, ffn_init: str = "xpert", learngene: Path | None = None, up_gain: float = 1.0, seed: int = 0,
         final_norm: str = "source", scale_like: Path | None = None, out_init: str = "default",
         shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> Path:
-    """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint."""
+    """`xpertctl graft`: from adapted.safetensors (with --like), or one-shot from an MoE checkpoint, or from a
+    dense checkpoint (its selected FFN neurons, ops/neurons.py)."""
     if ffn_init == "learngene" or learngene is not None:  # TLEG: the whole model from a learngene (ops/learngene.py)
         return _descendant(**locals())
     inherit_l = parse_inherit(inherit)
@@ -322,6 +335,14 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     src = Path(src)
     inputs = [src] + [p for p in (like, stats, selection, tokenizer, scale_like) if p is not None]
     controls.check_out_init(out_init, ffn_init, scale_like, inherit_l)
+    dense = _dense_source(src)  # a dense checkpoint: its FFN neurons are selected and copied (ops/neurons.py)
+    if dense is not None:
+        from . import neurons
+        import inspect
+        neurons.refuse_moe_options(dense, dict(
+            ranks=ranks, align_neurons=align_neurons, align_sweeps=align_sweeps, weighting=weighting,
+            no_tucker=no_tucker, combine=combine, rescale=rescale, shared=shared, fit=fit, ffn_init=ffn_init,
+            layer_map_how=layer_map_how), {k: p.default for k, p in inspect.signature(run).parameters.items()})
     if fit != "none" and ffn_init == "scratch":
         raise XpertError(f"--fit {fit} with --ffn-init scratch: the scratch baseline has fresh FFNs, so the fit would "
                          "be computed and thrown away; drop one of them")
@@ -373,6 +394,20 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]
         applied = applied_options(rec_in, s)
         align_sweeps = applied.pop("align_sweeps")
+    elif dense is not None:
+        if like is not None:
+            raise XpertError("--like is for an adapted.safetensors source; a dense source is its own reference")
+        if target is None:
+            raise XpertError("--target is required (e.g. 12L or 12L,d2048,f1024)")
+        ck = dense
+        doc, sel_from = neurons.selection_for(ck, target, stats=stats, selection=selection, criterion=criterion,
+                                              per_layer=per_layer, seed=seed)
+        _, shape = neurons.plan(ck, target, doc, layer_map_how)  # widths checked before a weight is read
+        _validate_early(ck, shape, heads, arch, dtype, ffn_init, inherit_l, shape["ffn"])
+        _check_tokenizer_fits(tokenizer, ck, inherit_l)
+        adapted, meta = neurons.adapt(ck, target, doc, layer_map_how=layer_map_how, width_select=width_select)
+        sel_summary, applied, align_sweeps = neurons.summary(doc, sel_from), neurons.applied(meta, doc), None
+        in_fps = [ck.fingerprint] + [provenance.file_fingerprint(p) for p in (stats, selection) if p is not None]
     else:
         if like is not None:
             raise XpertError("--like is for an adapted.safetensors source; an MoE source is its own reference")
@@ -392,6 +427,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
             sel_path = stats
         else:
             doc, sel_path = decompose.all_experts_doc(ck), "(all experts)"
+        sel.check_level(doc, sel_path, ck)
         fmeta0 = decompose.factor_meta(ck, doc, sel_path, ranks, align_neurons, no_tucker, {}, weighting)
         # the depth map and the widths the selection allows, then the rest of the options, before any work
         lmap = reshape.check(fmeta0, target, layer_map_how, combine, width_select, rescale, shared, width_rule)
@@ -487,7 +523,8 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         seed=seed, source=ck.fingerprint, family=ck.family.name, target=meta["target"], layer_map=meta["layer_map"],
         inherit=inherit_l, ffn_init=ffn_init, selection_summary=sel_summary, notes=meta.get("notes") or [],
         residual_index=meta.get("residual_index"), experts=meta.get("experts"),
-        width_groups=meta.get("width_groups") if ffn_init != "scratch" else None)
+        width_groups=meta.get("width_groups") if ffn_init != "scratch" else None,
+        **({"neurons": meta["neurons"]} if dense is not None and ffn_init != "scratch" else {}))
     files: dict[str, bytes | Path] = {"config.json": config.to_json_string(use_diff=False).encode(),
                                       "README.md": card(rec, config, ffn_init).encode()}
     tok_dir = Path(tokenizer) if tokenizer is not None else (ck.path if ck.path.is_dir() else ck.path.parent)
@@ -495,7 +532,10 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
     if not has_tokenizer(files):
         notice(f"{out} gets no tokenizer (none beside {ck.path}); pass --tokenizer DIR to include one")
     path = write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
-    if not is_adapted and ffn_init != "scratch":  # after the write, so that an error stays the only line
+    if dense is not None:  # after the write, so that an error stays the only line
+        for n in meta.get("notes") or []:
+            notice(n)
+    elif not is_adapted and ffn_init != "scratch":  # after the write, so that an error stays the only line
         if stats is None and selection is None:
             notice("no --stats or --selection: every expert of each layer was used (recorded in the model card)")
         reshape.unscaled_notice(meta)
@@ -530,6 +570,18 @@ def _descendant(src: Path, out: Path, target: Target | None, learngene: Path | N
                                       "README.md": lg.descendant_card(rec, config).encode()}
     files.update(tokenizer_files(Path(learngene)))
     return write_model_dir(out, state, provenance.as_metadata(rec), files, shard_size=shard_size, force=force)
+
+
+def _dense_source(src: Path) -> Checkpoint | None:
+    """The checkpoint when `src` is a dense model (checked to be a usable source), else None (an MoE, an
+    adapted file, or a path the MoE branch reports on as before)."""
+    if src.is_file() and (src.suffix != ".safetensors" or provenance.kind_of(src) not in (None, "weights")):
+        return None
+    try:
+        ck = open_checkpoint(src)
+    except XpertError:
+        return None
+    return ck.require_ffn_source() if ck.dense else None
 
 
 def _fresh_layout(fmeta: dict, target: Target, lmap: list[list[int]], layer_map_how: str,

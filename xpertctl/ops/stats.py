@@ -1,4 +1,5 @@
-"""Routing statistics: run the MoE over each domain's text and count top-k selections per expert."""
+"""Routing statistics: run the MoE over each domain's text and count top-k selections per expert (of a
+dense model: each FFN neuron's activations, ops/neurons.py)."""
 from __future__ import annotations
 
 import time
@@ -91,7 +92,7 @@ def _routing_weights(out, idx: torch.Tensor) -> torch.Tensor | None:
 class StatsResult:
     counts: torch.Tensor  # [D, L, E] int64
     mass: torch.Tensor  # [D, L, E] float32
-    routed: torch.Tensor  # [D, L, E] float32: summed top-k routing weight
+    routed: torch.Tensor | None  # [D, L, E] float32: summed top-k routing weight (None for neuron stats)
     tokens: torch.Tensor  # [D] int64
     layers: list[int]
     domains: list[str]
@@ -121,11 +122,22 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
 def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = None, max_tokens: int | None = None,
         seq_len: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
         stream_layers: bool = False, stream_tokens: int = 65536, top_k: int | None = None, seed: int = 0,
-        text_field: str = "text", force: bool = False) -> Path:
-    """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance."""
+        text_field: str = "text", neuron_top: float | None = None, force: bool = False) -> Path:
+    """`xpertctl stats`: write stats.safetensors (counts, mass, tokens, layers) with provenance. A dense source's
+    counts are per FFN neuron (active: in the top `neuron_top` of |activation| per token), its mass the
+    summed |activation|, and the record says level "neuron"."""
     from ..io import check_output
+    from . import neurons
     check_device(device)
-    ck = open_checkpoint(src).require_moe()
+    ck = open_checkpoint(src).require_ffn_source()
+    if ck.dense and top_k is not None:
+        raise XpertError(f"--top-k {top_k}: {ck.path} is a dense {ck.family.name} model (no router); how many "
+                         "neurons count as active is --neuron-top FRACTION")
+    if not ck.dense and neuron_top is not None:
+        raise XpertError(f"--neuron-top {neuron_top:g}: for dense sources; {ck.path} is an MoE whose router chooses "
+                         "the experts (--top-k)")
+    q = neurons.NEURON_TOP if neuron_top is None else neuron_top
+    k_neurons = neurons.per_token(ck.expert_ffn, q) if ck.dense else None
     paths = data.parse_domains(domains)
     check_output(out, force, [ck.path, *paths.values()])
     check_field_applies(paths.values(), text_field)
@@ -136,25 +148,36 @@ def run(src: Path, domains: list[str], out: Path, *, tokenizer: Path | None = No
     if top_k is not None and not 1 <= top_k <= ck.num_experts:
         raise XpertError(f"--top-k {top_k}: must be 1..{ck.num_experts} (experts per layer)")
     k_override, top_k = top_k, top_k or ck.top_k
-    if top_k is None:
+    if top_k is None and not ck.dense:
         raise XpertError(f"{ck.path}: top-k unknown (its config.json has no num_experts_per_tok); pass --top-k")
     from .capture import prepare
     runner = prepare(ck, domains, tokenizer=tokenizer, seq_len=seq_len, device=device, dtype=dtype,
                      stream_layers=stream_layers, top_k=k_override, sample_seed=seed if max_tokens is not None else None,
                      text_field=text_field)
     model, tok, docs, seq_len = runner.model, runner.tokenizer, runner.docs, runner.seq_len
-    res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
-                  max_tokens=max_tokens, device=device, stream_tokens=stream_tokens if stream_layers else None)
+    stream = stream_tokens if stream_layers else None
+    if ck.dense:
+        counts, mass, tokens, layers, names, rate = neurons.collect(
+            ck, model, tok, docs, neuron_top=q, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+            device=device, stream_tokens=stream)
+        res = StatsResult(counts, mass, None, tokens, layers, names, rate)
+        what = dict(level="neuron", neuron_top=q, neurons_per_token=k_neurons, num_neurons=ck.expert_ffn)
+    else:
+        res = collect(ck, model, tok, docs, top_k=top_k, seq_len=seq_len, batch_size=batch_size,
+                      max_tokens=max_tokens, device=device, stream_tokens=stream)
+        what = dict(top_k=top_k, num_experts=ck.num_experts)
     rec = provenance.record(
         "stats", inputs=[ck.fingerprint] + [provenance.fingerprint(p) for p in paths.values()],
         params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens, "seq_len": seq_len,
                 "batch_size": batch_size, "dtype": dtype, "stream_layers": stream_layers, "top_k": k_override,
                 "text_field": text_field,
-                "sample": {"seed": seed, "how": data.sampling(docs, max_tokens)} if max_tokens else None},
+                "sample": {"seed": seed, "how": data.sampling(docs, max_tokens)} if max_tokens else None,
+                **({"neuron_top": neuron_top} if ck.dense else {})},
         seed=seed if max_tokens else None,
-        source=ck.fingerprint, family=ck.family.name, top_k=top_k, num_experts=ck.num_experts,
-        layers=res.layers, domains=res.domains)
-    tensors = {"counts": res.counts, "mass": res.mass, "routed": res.routed, "tokens": res.tokens,
+        source=ck.fingerprint, family=ck.family.name, **what, layers=res.layers, domains=res.domains)
+    tensors = {"counts": res.counts, "mass": res.mass, "tokens": res.tokens,
                "layers": torch.tensor(res.layers, dtype=torch.int64)}
+    if res.routed is not None:
+        tensors["routed"] = res.routed
     return write_safetensors(out, tensors, provenance.as_metadata(rec), force=force)
 

@@ -61,8 +61,9 @@ def load_streaming(ck: Checkpoint, dtype: torch.dtype, top_k: int | None = None)
     with torch.no_grad():
         base.embed_tokens.weight.copy_(ck.tensor("model.embed_tokens.weight").to(dtype))
     base.norm.to_empty(device="cpu")
-    with torch.no_grad():
-        base.norm.weight.copy_(ck.tensor("model.norm.weight").to(dtype))
+    if getattr(base.norm, "weight", None) is not None:  # OLMo's LayerNorm has no weight
+        with torch.no_grad():
+            base.norm.weight.copy_(ck.tensor("model.norm.weight").to(dtype))
     base.rotary_emb = type(base.rotary_emb)(config=config)  # buffers computed, not loaded
     for i, layer in enumerate(base.layers):
         layer.register_forward_pre_hook(lambda mod, args, i=i: _fill_layer(mod, ck, i, dtype))
