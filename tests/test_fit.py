@@ -366,7 +366,7 @@ def test_ridge_select_records_what_chose_the_ridge_and_says_so_with_one_domain(m
 
 
 def test_the_default_graft_is_never_worse_than_a_zero_ffn_on_any_test_split(tmp_path, cli):
-    """Issue 20's goal for the default, in the README's setting (bench/fidelity_per_domain.sh): the committed
+    """Issue 20's goal for the default, in the README's setting (studies/fidelity_per_domain.sh): the committed
     teacher, stats on all six train splits, a 6-layer one-shot graft, each domain's test split measured on
     its own. Every layer of every domain is below the zero FFN (rel_error 1); `--rescale routed`, the
     previous default, is not (legal layer 3: 1.030), so this setting can tell them apart."""

@@ -8,10 +8,10 @@ Captures once, then evaluates every candidate from moments (A^T A, A^T Y, Y^T Y 
 A down projection's rel_error on a part is exact from its moments (fit.Moments.rel_error), so each
 candidate costs one eigendecomposition per layer, no forward pass.
 
-    python bench/fit_down_study.py capture moments.pt   # ~1 forward pass over train, val and test
-    python bench/fit_down_study.py report moments.pt    # data size, ridge rules, penalties, test-split bounds
-    python bench/fit_down_study.py report2 moments.pt   # each domain's own best ridge (bounds), more documents
-    python bench/fit_down_study.py val moments.pt       # the candidates on the val split (where choices are made)
+    python studies/fit_down_study.py capture moments.pt   # ~1 forward pass over train, val and test
+    python studies/fit_down_study.py report moments.pt    # data size, ridge rules, penalties, test-split bounds
+    python studies/fit_down_study.py report2 moments.pt   # each domain's own best ridge (bounds), more documents
+    python studies/fit_down_study.py val moments.pt       # the candidates on the val split (where choices are made)
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from xpertctl import data  # noqa: E402
 from xpertctl.io import open_checkpoint  # noqa: E402
 from xpertctl.ops import capture, fit  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "studies"))
 from fidelity_variants import train_split_student  # noqa: E402
 
 SEQ = 512

@@ -1,6 +1,6 @@
 #!/bin/bash
 # --shared none vs concat on the tiny shared-expert fixtures (issue 20):
-#   bench/fidelity_shared.sh REPO_ROOT OUT_DIR
+#   studies/fidelity_shared.sh REPO_ROOT OUT_DIR
 # builds fixtures/make_fixtures.py's qwen2_moe, deepseek_v2, deepseek_v3 into OUT_DIR/fx; stats on 4,096 train
 # tokens of three domains of fixtures/corpus-mini; graft -t 2L; fidelity on 4,096 test tokens per domain.
 set -e

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Per-domain, per-layer fidelity of the default one-shot graft on each domain's *test* split (issue 20 goal):
-#   bench/fidelity_per_domain.sh REPO_ROOT OUT_DIR [extra graft args, e.g. --rescale routed]
+#   studies/fidelity_per_domain.sh REPO_ROOT OUT_DIR [extra graft args, e.g. --rescale routed]
 # stats on all of fixtures/corpus-mini's train split (cached in $STATS), 6-layer target, min selection,
 # `xpertctl fidelity` with 4,096 tokens per domain; prints rel_error per layer and the selected-mixture reference.
 set -e

@@ -6,8 +6,8 @@ to 6 layers, the validated down fit as the start, Adam as `graft --fit ffn` runs
 minibatches, lr 1e-3, the same seeds); each domain's test split as `fidelity` samples it (4,096 tokens,
 seed 0), scored every 25 steps and never used to choose anything.
 
-    python bench/fit_ffn_study.py steps [--steps 1500]     # the held-out and test errors along the steps
-    python bench/fit_ffn_study.py inputs [--steps 500]     # calibration inputs widened with synthetic ones
+    python studies/fit_ffn_study.py steps [--steps 1500]     # the held-out and test errors along the steps
+    python studies/fit_ffn_study.py inputs [--steps 500]     # calibration inputs widened with synthetic ones
 
 `steps`: is it early stopping (the held-out documents are like the calibration; unlike text may want
 fewer steps) or not enough steps? `inputs`: half of each minibatch replaced by synthetic block inputs,
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from xpertctl.io import open_checkpoint  # noqa: E402
 from xpertctl.ops import capture, fit  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "studies"))
 from fidelity_variants import train_split_student  # noqa: E402
 
 SEQ = 512

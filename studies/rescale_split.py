@@ -19,8 +19,8 @@ and data), paired with the demo's scratch runs seed by seed:
   scratch-k4 … scratch-k64   the scratch baseline's fresh FFNs, up rows times K, down columns divided by K
   scratch-gpt2  the scratch baseline with GPT-2's residual-projection init: down_proj and o_proj / sqrt(2 L)
 
-    python bench/rescale_split.py [--build build/demo] [--out build/rescale-split]
-    python bench/rescale_split.py --beyond     # selk4 at 6 layers and at 4x the steps (after DEMO=depth, budget)
+    python studies/rescale_split.py [--build build/demo] [--out build/rescale-split]
+    python studies/rescale_split.py --beyond     # selk4 at 6 layers and at 4x the steps (after DEMO=depth, budget)
 
 The --beyond comparison labels the profiles' `xpert` runs "default": that is `routed` for builds made before the
 default became `selected` (2026-11-26), and selk4's own ungained init after.

@@ -1,8 +1,8 @@
 """Function fidelity of every consolidation variant on one MoE, in one pass over the text.
 
-    python bench/fidelity_variants.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini]
+    python studies/fidelity_variants.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini]
         [--depth 6] [--tokens 4000] [--json out.json]
-    python bench/fidelity_variants.py --per-domain [--split test] [--fit-steps 500]
+    python studies/fidelity_variants.py --per-domain [--split test] [--fit-steps 500]
 
 `--per-domain` (issue 20): stats and calibration on all of the train split, and each student measured
 on each domain's test split on its own (4,096 tokens each): the default, the validated `--fit down` (ridge chosen by domains, or by held-out documents) and

@@ -10,7 +10,7 @@ new arms. Final-norm options, each computed from the same streams:
   refit      graft --final-norm refit's per-dimension least squares (xpertctl.ops.final_norm.refit's formula)
   scale      one scalar on the inherited gain, least squares of the same target
 
-  nice -n 10 python bench/depth_cut_start.py --src build/real/smollm2 --maps uniform,first --arms 1536:act,768:act
+  nice -n 10 python studies/depth_cut_start.py --src build/real/smollm2 --maps uniform,first --arms 1536:act,768:act
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Held-out fidelity of students wider than one expert (issue 30, item 2), per domain and split.
 
-    python bench/wide_students.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini] [--out build/wide]
+    python studies/wide_students.py [--src fixtures/teacher] [--corpus fixtures/corpus-mini] [--out build/wide]
         [--splits val,test] [--tokens 4096] [--per-layer 2,4,8] [--rules groups,experts,norm]
 
 Every student is made by the CLI (`xpertctl stats` on all of the train split at --seq-len 256, cached;
