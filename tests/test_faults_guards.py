@@ -1,0 +1,150 @@
+"""Faults around the input (issue 29, part B): configs that lie about the weights, NaN/Inf weights, two
+runs of one recipe at once, eval's task files checked before the model, fingerprints that see a
+checkpoint rewritten in place. Each case: one line, exit 2, nothing written (inspect: exit 0, the truth)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, assert_user_error, make_fixtures, stats_file
+
+TEXT = make_fixtures.TEXT
+TEACHER = ROOT / "fixtures" / "teacher"
+
+
+def _text(tmp_path: Path) -> Path:
+    p = tmp_path / "text.txt"
+    p.write_text("\n\n".join(f"{TEXT} {n}" for n in range(4)))
+    return p
+
+
+def lying(src: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of a model directory whose config.json states `changes` (the weights are the same)."""
+    d = tmp_path / f"{src.name}-lie"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    return d
+
+
+def poisoned(src: Path, tmp_path: Path, keys, value=float("nan"), name=None) -> Path:
+    """A copy of a model directory with every tensor in `keys` (a list, or a predicate) set to `value`."""
+    d = tmp_path / (name or f"{src.name}-bad")
+    shutil.copytree(src, d)
+    f = d / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    t = load_file(str(f))
+    hit = [k for k in t if (keys(k) if callable(keys) else k in keys)]
+    assert hit, keys
+    for k in hit:
+        t[k] = torch.full_like(t[k], value)
+    save_file(t, str(f), metadata=meta)
+    return d
+
+
+# ---- configs that lie -------------------------------------------------------------------------------
+
+# (fixture, config change, what the one line must name); the weights say otherwise in each
+LIES = [
+    ("olmoe", {"hidden_size": 64}, ["hidden_size=64", "[96, 32]"]),
+    ("olmoe", {"num_experts_per_tok": 20}, ["num_experts_per_tok=20", "[8, 32]"]),
+    ("olmoe", {"vocab_size": 100}, ["vocab_size=100", "[96, 32]"]),
+    ("olmoe", {"num_hidden_layers": 5}, ["num_hidden_layers=5", "0-2"]),
+    ("olmoe-fused", {"intermediate_size": 8}, ["intermediate_size=8", "gate_up_proj", "[8, 32, 32]"]),
+    ("mixtral", {"intermediate_size": 32}, ["intermediate_size=32", "w1.weight", "[16, 32]"]),
+    ("mixtral", {"num_key_value_heads": 4}, ["num_key_value_heads=4", "k_proj", "[16, 32]"]),
+    ("qwen2_moe", {"moe_intermediate_size": 32}, ["moe_intermediate_size=32", "[16, 32]"]),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 12}, ["shared_expert_intermediate_size=12", "[24, 32]"]),
+    ("qwen3_moe", {"num_local_experts": 6}, ["num_local_experts=6", "[8, 32]"]),
+    ("qwen3_moe", {"head_dim": 16}, ["head_dim=16", "q_norm", "[8]"]),
+    ("qwen3_moe", {"num_attention_heads": 8}, ["num_attention_heads=8", "q_proj", "[32, 32]"]),
+    ("deepseek_v2", {"moe_intermediate_size": 8}, ["moe_intermediate_size=8", "[16, 32]"]),
+    ("deepseek_v2", {"intermediate_size": 40}, ["intermediate_size=40", "model.layers.0.mlp.gate_proj", "[48, 32]"]),
+    ("deepseek_v2", {"first_k_dense_replace": 2}, ["first_k_dense_replace=2", "model.layers.1.mlp.gate.weight"]),
+    ("deepseek_v3", {"v_head_dim": 4}, ["v_head_dim=4", "[48, 16]"]),
+    ("deepseek_v3", {"num_experts_per_tok": 9}, ["num_experts_per_tok=9", "[8, 32]"]),
+]
+
+
+@pytest.mark.parametrize("name,change,needles", LIES, ids=[f"{n}-{next(iter(c))}" for n, c, _ in LIES])
+def test_graft_refuses_a_config_that_lies(fx, tmp_path, cli, name, change, needles):
+    src = lying(fx / name, tmp_path, **change)
+    out = tmp_path / "g"
+    code, so, err = cli("graft", src, "-t", "1L", "--dtype", "float32", "-o", out)
+    assert_user_error(code, err, str(src / "config.json"), *needles)
+    assert not out.exists() and so == ""
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"hidden_size": 256}, ["hidden_size=256", "[2048, 128]"]),
+    ({"num_experts_per_tok": 20}, ["num_experts_per_tok=20", "[16, 128]"]),
+    ({"num_hidden_layers": 8}, ["num_hidden_layers=8", "0-5"]),
+    ({"num_hidden_layers": 4}, ["num_hidden_layers=4", "0-5"]),
+])
+def test_stats_refuses_the_teacher_with_a_config_that_lies(tmp_path, cli, change, needles):
+    src = lying(TEACHER, tmp_path, **change)
+    out = tmp_path / "s.safetensors"
+    code, _, err = cli("stats", src, "-d", f"a={_text(tmp_path)}", "--seq-len", "32", "-o", out)
+    assert_user_error(code, err, str(src / "config.json"), *needles)
+    assert not out.exists()
+
+
+def test_fidelity_refuses_a_source_whose_config_lies(fx, tmp_path, cli):
+    src = lying(TEACHER, tmp_path, hidden_size=256)
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", src, fx / "llama", "-d", f"a={_text(tmp_path)}", "-o", out)
+    assert_user_error(code, err, "hidden_size=256", "[2048, 128]")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"intermediate_size": 40}, ["intermediate_size=40", "[48, 32]"]),
+    ({"vocab_size": 100}, ["vocab_size=100", "[96, 32]"]),
+    ({"num_attention_heads": 8}, ["num_attention_heads=8", "head_dim=8", "q_proj", "[32, 32]"]),
+])
+def test_eval_and_train_refuse_a_model_dir_whose_config_lies(fx, tmp_path, cli, change, needles):
+    src = lying(fx / "llama", tmp_path, **change)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "the law", "choices": ["shall", "god"], "label": 0}) + "\n")
+    code, _, err = cli("eval", src, "--task", f"mc:{mc}", "-o", tmp_path / "e.json")
+    assert_user_error(code, err, str(src / "config.json"), *needles)
+    from xpertctl.errors import XpertError
+    from xpertctl.train import load_causal_lm
+    with pytest.raises(XpertError, match=needles[0]):
+        load_causal_lm(src)
+
+
+@pytest.mark.parametrize("layers,disagree", [(8, "num_hidden_layers=8"), (4, "num_hidden_layers=4")])
+def test_inspect_reports_the_weights_and_names_the_disagreement(tmp_path, cli, layers, disagree):
+    src = lying(TEACHER, tmp_path, num_hidden_layers=layers)
+    code, out, err = cli("inspect", src, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["layers"] == 6 and info["moe_layers"] == "0-5" and info["dense_layers"] == "-"
+    assert len(info["config_disagrees"]) == 1 and disagree in info["config_disagrees"][0]
+    assert disagree in err and "Traceback" not in err
+    code, out, err = cli("inspect", src)
+    assert code == 0 and disagree in err
+    # the truthful original: nothing to report
+    info = json.loads(cli("inspect", TEACHER, "--json")[1])
+    assert info["layers"] == 6 and info["config_disagrees"] == []
+
+
+def test_every_fixture_config_agrees_with_its_weights(fx):
+    """The check is no false alarm: every family's own config (as transformers wrote it) passes."""
+    from xpertctl.io import open_checkpoint
+    for d in sorted(p for p in fx.iterdir() if (p / "config.json").is_file()):
+        assert open_checkpoint(d).config_disagrees == [], d
+    assert open_checkpoint(TEACHER).config_disagrees == []
