@@ -148,3 +148,85 @@ def test_every_fixture_config_agrees_with_its_weights(fx):
     for d in sorted(p for p in fx.iterdir() if (p / "config.json").is_file()):
         assert open_checkpoint(d).config_disagrees == [], d
     assert open_checkpoint(TEACHER).config_disagrees == []
+
+
+# ---- NaN / Inf in the weights -------------------------------------------------------------------------
+
+NAN_STATS = [
+    ("embeddings", lambda k: k == "model.embed_tokens.weight", float("nan"), ["embed"]),
+    ("embeddings-inf", lambda k: k == "model.embed_tokens.weight", float("inf"), ["embed"]),
+    ("attention", lambda k: k == "model.layers.1.self_attn.q_proj.weight", float("nan"), ["layer 1"]),
+    ("norm", lambda k: k == "model.layers.1.post_attention_layernorm.weight", float("nan"), ["layer 1"]),
+    ("router", lambda k: k == "model.layers.2.mlp.gate.weight", float("nan"), ["layer 2", "router"]),
+    ("expert", lambda k: k.startswith("model.layers.1.mlp.experts."), float("inf"), ["layer 1"]),
+]
+
+
+@pytest.mark.parametrize("what,keys,value,needles", NAN_STATS, ids=[n[0] for n in NAN_STATS])
+def test_stats_refuses_non_finite_values_naming_where_they_first_appear(fx, tmp_path, cli, what, keys, value, needles):
+    src = poisoned(fx / "olmoe", tmp_path, keys, value)
+    out = tmp_path / "s.safetensors"
+    code, _, err = cli("stats", src, "-d", f"a={_text(tmp_path)}", "--seq-len", "32", "-o", out)
+    assert_user_error(code, err, str(src), "NaN or Inf", *needles)
+    assert not out.exists()
+    for n in ("0", "2") if needles[0] == "layer 1" else ():  # the first layer where they appear, no other
+        assert f"layer {n}" not in err
+
+
+def test_select_refuses_a_stats_file_with_non_finite_mass(tmp_path, cli):
+    p = stats_file(tmp_path, [[[5, 3, 2, 0]], [[1, 4, 4, 1]]], [10, 10])
+    t = load_file(str(p))
+    with safe_open(str(p), "pt") as h:
+        meta = h.metadata()
+    t["mass"][0, 0, 1] = float("nan")
+    save_file(t, str(p), metadata=meta)
+    code, _, err = cli("select", p, "--show")
+    assert_user_error(code, err, str(p), "NaN or Inf")
+
+
+NAN_GRAFT = [
+    ("olmoe", "model.embed_tokens.weight", ["--inherit", "embeddings"]),
+    ("olmoe", "lm_head.weight", ["--inherit", "embeddings"]),
+    ("olmoe", "model.norm.weight", ["--inherit", "norms"]),
+    ("olmoe", "model.layers.0.input_layernorm.weight", ["--inherit", "norms"]),
+    ("mixtral", "model.layers.0.self_attn.k_proj.weight", ["--inherit", "attention"]),
+    ("qwen3_moe", "model.layers.0.self_attn.q_norm.weight", ["--inherit", "attention", "--arch", "qwen3"]),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert.up_proj.weight", ["--shared", "concat"]),
+    ("olmoe", "model.layers.0.mlp.experts.3.down_proj.weight", []),  # experts: checked already (decompose)
+]
+
+
+@pytest.mark.parametrize("name,key,extra", NAN_GRAFT, ids=[f"{n}-{k.split('.', 3)[-1]}" for n, k, _ in NAN_GRAFT])
+def test_graft_refuses_non_finite_weights_in_what_it_copies(fx, tmp_path, cli, name, key, extra):
+    src = poisoned(fx / name, tmp_path, [key])
+    out = tmp_path / "g"
+    code, _, err = cli("graft", src, "-t", "1L", "--layer-map", "first", "--dtype", "float32", *extra, "-o", out)
+    assert_user_error(code, err, str(src), "NaN or Inf")
+    assert key in err or ("expert 3 of layer 0" in err and "experts" in key)
+    assert not out.exists()
+
+
+def test_graft_does_not_refuse_weights_it_does_not_copy(fx, tmp_path, cli):
+    src = poisoned(fx / "olmoe", tmp_path, ["model.embed_tokens.weight"])
+    code, _, err = cli("graft", src, "-t", "1L", "--dtype", "float32", "-o", tmp_path / "g")
+    assert code == 0, err
+
+
+def test_fidelity_refuses_a_source_with_nan_hidden_states(fx, tmp_path, cli):
+    src = poisoned(fx / "olmoe", tmp_path, ["model.layers.1.self_attn.v_proj.weight"])
+    g = tmp_path / "g"
+    assert cli("graft", src, "-t", "2L", "--dtype", "float32", "-o", g)[0] == 0  # copies no attention
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", src, g, "-d", f"a={_text(tmp_path)}", "--seq-len", "32", "-o", out)
+    assert_user_error(code, err, "NaN or Inf", "layer 1")
+    assert not out.exists()
+
+
+def test_fidelity_refuses_a_student_with_nan_weights(fx, tmp_path, cli):
+    g = tmp_path / "g"
+    assert cli("graft", fx / "olmoe", "-t", "2L", "--dtype", "float32", "-o", g)[0] == 0
+    bad = poisoned(g, tmp_path, ["model.layers.1.mlp.down_proj.weight"], float("inf"))
+    out = tmp_path / "f.json"
+    code, _, err = cli("fidelity", fx / "olmoe", bad, "-d", f"a={_text(tmp_path)}", "--seq-len", "32", "-o", out)
+    assert_user_error(code, err, str(bad), "model.layers.1.mlp.down_proj.weight", "NaN or Inf")
+    assert not out.exists()

@@ -69,17 +69,28 @@ class Checkpoint:
     def expert(self, layer: int, j: int):
         return self.experts(layer, [j])[0]
 
+    def finite_experts(self, layer: int, ids: list[int]):
+        """experts(), refused when one holds NaN or Inf (before it is consolidated, copied or compared)."""
+        experts = self.experts(layer, ids)
+        for j, e in zip(ids, experts):
+            self.refuse_nonfinite(f"expert {j} of layer {layer}", *e)
+        return experts
+
     def router(self, layer: int) -> torch.Tensor:
         self._check_layer(layer)
         return self.reader.read_one(arch.router_key(self.family, self.fused).format(i=layer))
 
     def shared(self, layer: int):
-        """The shared expert(s) of a layer as (gate, up, down), or None for families without one."""
+        """The shared expert(s) of a layer as (gate, up, down), or None for families without one; refused
+        when they hold NaN or Inf (every reader copies or runs them)."""
         keys = arch.shared_keys(self.family)
         if keys is None:
             return None
         self._check_layer(layer)
-        return tuple(self.reader.read([(k.format(i=layer), None) for k in keys]))
+        mats = tuple(self.reader.read([(k.format(i=layer), None) for k in keys]))
+        for k, m in zip(keys, mats):
+            self.refuse_nonfinite(k.format(i=layer), m)
+        return mats
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.reader.read_one(name)
@@ -158,6 +169,17 @@ class Checkpoint:
             "files": len(self.files),
             "config_disagrees": list(self.config_disagrees),
         }
+
+    def refuse_nonfinite(self, what: str, *tensors: torch.Tensor) -> None:
+        """One line naming `what` when any of its weights is NaN or Inf (before it is copied or used)."""
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise XpertError(f"{self.path}: {what} has NaN or Inf weights")
+
+    def finite_tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name`, refused when it holds NaN or Inf."""
+        t = self.tensor(name)
+        self.refuse_nonfinite(name, t)
+        return t
 
 
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
