@@ -230,3 +230,99 @@ def test_fidelity_refuses_a_student_with_nan_weights(fx, tmp_path, cli):
     code, _, err = cli("fidelity", fx / "olmoe", bad, "-d", f"a={_text(tmp_path)}", "--seq-len", "32", "-o", out)
     assert_user_error(code, err, str(bad), "model.layers.1.mlp.down_proj.weight", "NaN or Inf")
     assert not out.exists()
+
+
+# ---- two runs of one recipe --------------------------------------------------------------------------
+
+# The first runner pauses when its step is about to start (the lock held), until the test says go.
+HOLD = """
+import pathlib, sys, time
+import xpertctl.recipe as r
+real = r._begin
+ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+def held(*a, **k):
+    ready.write_text("ready")
+    while not go.exists():
+        time.sleep(0.05)
+    return real(*a, **k)
+r._begin = held
+from xpertctl.cli import main
+sys.argv = ["xpertctl"] + sys.argv[3:]
+main()
+"""
+
+
+def _select_recipe(tmp_path: Path) -> tuple[Path, Path]:
+    stats = stats_file(tmp_path, [[[5, 3, 2, 0]], [[1, 4, 4, 1]]], [10, 10])
+    work = tmp_path / "work"
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"name": "t", "steps": [
+        {"id": "sel", "op": "select", "args": {"stats_file": str(stats), "out": str(work / "sel.json")}}]}))
+    return r, work
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_recipe_in_progress_is_refused_naming_the_first(tmp_path):
+    r, work = _select_recipe(tmp_path)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(ready), str(go), "run", str(r)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while not ready.exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "xpertctl", "run", str(r)], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert_user_error(second.returncode, second.stderr, f"process {first.pid}", socket.gethostname(),
+                          str(work / ".xpertctl-run.lock"))
+        assert not (work / "sel.json").exists()
+        go.write_text("go")
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    finally:
+        go.write_text("go")
+        if first.poll() is None:
+            first.kill()
+    assert (work / "sel.json").is_file() and not (work / ".xpertctl-run.lock").exists()
+    again = subprocess.run([sys.executable, "-m", "xpertctl", "run", str(r)], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and "skip (done)" in again.stderr, again.stderr
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, cli):
+    r, work = _select_recipe(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    work.mkdir()
+    lock = work / ".xpertctl-run.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "2024-01-01T00:00:00"}))
+    code, _, err = cli("run", r)
+    assert code == 0, err
+    assert f"process {dead.pid}" in err and "note:" in err
+    assert (work / "sel.json").is_file() and not lock.exists()
+
+
+def test_the_lock_is_released_after_a_failed_step_and_names_its_holder_while_held(tmp_path, cli):
+    r, work = _select_recipe(tmp_path)
+    doc = yaml.safe_load(r.read_text())
+    doc["steps"].append({"id": "bad", "op": "select", "args": {"stats_file": str(tmp_path / "nope.safetensors"),
+                                                              "out": str(work / "sel2.json")}})
+    (tmp_path / "nope.safetensors").write_bytes(b"not safetensors at all")
+    r.write_text(yaml.safe_dump(doc))
+    seen = {}
+    import xpertctl.recipe as rc
+    real = rc._begin
+
+    def spy(*a, **k):  # while a step runs, the lock holds this process's id, host and start time
+        seen.update(json.loads((work / ".xpertctl-run.lock").read_text()))
+        return real(*a, **k)
+    rc._begin = spy
+    try:
+        code, _, err = cli("run", r)
+    finally:
+        rc._begin = real
+    assert code == 2 and "nope.safetensors" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname() and seen["started"]
+    assert not (work / ".xpertctl-run.lock").exists()
