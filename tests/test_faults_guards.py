@@ -326,3 +326,39 @@ def test_the_lock_is_released_after_a_failed_step_and_names_its_holder_while_hel
     assert code == 2 and "nope.safetensors" in err.strip().splitlines()[-1] and "Traceback" not in err, err
     assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname() and seen["started"]
     assert not (work / ".xpertctl-run.lock").exists()
+
+
+# ---- eval checks every task file before the model ----------------------------------------------------
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if eval loads the model."""
+    import xpertctl.train as tr
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the task files were checked")
+    monkeypatch.setattr(tr, "load_causal_lm", loaded)
+
+
+@pytest.mark.parametrize("kind,record,needles", [
+    ("mc", {"context": "the law", "choices": ["a", "b"], "answer": 0}, ["bad.jsonl:1", "'label'"]),
+    ("mc", {"context": "the law", "choices": ["a", "b"], "label": 2}, ["bad.jsonl:1", "label 2"]),
+    ("mc", {"context": "the law", "choices": [], "label": 0}, ["bad.jsonl:1", "choices"]),
+    ("gen", {"instruction": "say", "answer": "x"}, ["bad.jsonl:1", "'response'"]),
+])
+def test_eval_checks_every_task_file_before_loading_the_model(fx, tmp_path, cli, no_model, kind, record, needles):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(record) + "\n")
+    code, _, err = cli("eval", fx / "llama", "--task", f"ppl:{_text(tmp_path)}", "--task", f"{kind}:{bad}")
+    assert_user_error(code, err, *needles)
+
+
+def test_eval_checks_ppl_split_and_lmeval_files_before_loading_the_model(fx, tmp_path, cli, no_model):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "the law", "choices": ["a", "b"], "label": 0}) + "\n")
+    code, _, err = cli("eval", fx / "llama", "--task", f"mc:{mc}", "--task", f"ppl:{_text(tmp_path)}", "--split", "val")
+    assert_user_error(code, err, "--split val", "plain text")
+    task = tmp_path / "t.yaml"
+    task.write_text("dataset_path: json\n")  # no task: name
+    code, _, err = cli("eval", fx / "llama", "--task", f"mc:{mc}", "--task", f"lmeval:{task}")
+    assert_user_error(code, err, "t.yaml", "task:")
