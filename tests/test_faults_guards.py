@@ -362,3 +362,66 @@ def test_eval_checks_ppl_split_and_lmeval_files_before_loading_the_model(fx, tmp
     task.write_text("dataset_path: json\n")  # no task: name
     code, _, err = cli("eval", fx / "llama", "--task", f"mc:{mc}", "--task", f"lmeval:{task}")
     assert_user_error(code, err, "t.yaml", "task:")
+
+
+# ---- fingerprints ------------------------------------------------------------------------------------
+
+def _rewrite_in_place(f: Path, scale: float) -> None:
+    """The same tensors, shapes, dtypes and metadata (the same header), other values, at the same path."""
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    t = load_file(str(f))
+    save_file({k: v * scale if v.is_floating_point() else v for k, v in t.items()}, str(f), metadata=meta)
+
+
+def test_a_checkpoint_rewritten_in_place_with_the_same_layout_fingerprints_differently(fx, tmp_path):
+    from xpertctl.io import open_checkpoint
+    src = tmp_path / "olmoe"
+    shutil.copytree(fx / "olmoe", src)
+    head = (src / "model.safetensors").read_bytes()[:4096]
+    before = open_checkpoint(src).fingerprint
+    _rewrite_in_place(src / "model.safetensors", 1.5)
+    assert (src / "model.safetensors").read_bytes()[:4096] == head  # the header did not change
+    after = open_checkpoint(src).fingerprint
+    assert after["size"] == before["size"] and after["sha256"] != before["sha256"]
+    # a copy (another path, another mtime) is the same weights: the same fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    assert open_checkpoint(copy).fingerprint["sha256"] == after["sha256"]
+
+
+def test_a_big_file_is_fingerprinted_from_samples_and_still_sees_a_change_in_the_middle(tmp_path):
+    """A 48 MB tensor: the fingerprint reads a few blocks, not the data; a change inside a sampled block
+    is seen, and one elsewhere is seen through the file's mtime (what a recipe compares)."""
+    from xpertctl.io import provenance
+    f = tmp_path / "big.safetensors"
+    save_file({"w": torch.zeros(12 << 20)}, str(f), metadata={"format": "pt"})
+    a = provenance.fingerprint(f)
+    data_start = 8 + int.from_bytes(f.read_bytes()[:8], "little")
+    size = f.stat().st_size
+    with open(f, "r+b") as h:  # the middle of the data section (a sampled offset)
+        h.seek(data_start + (size - data_start) // 2)
+        h.write(b"\x01\x02\x03\x04")
+    b = provenance.fingerprint(f)
+    assert a["size"] == b["size"] and a["sha256"] != b["sha256"]
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    c = provenance.fingerprint(f)
+    assert c["sha256"] == b["sha256"] and c["mtime"] != b["mtime"]
+
+
+def test_a_recipe_step_runs_again_after_its_input_is_rewritten_in_place(tmp_path, cli):
+    r, work = _select_recipe(tmp_path)
+    assert cli("run", r)[0] == 0
+    first = (work / "sel.json").read_text()
+    stats = tmp_path / "s.safetensors"
+    t = load_file(str(stats))
+    with safe_open(str(stats), "pt") as h:
+        meta = h.metadata()
+    t["counts"] = t["counts"].flip(-1).contiguous()  # the same header, other counts
+    save_file(t, str(stats), metadata=meta)
+    code, _, err = cli("run", r)
+    assert code == 0 and "sel: run" in err, err
+    assert (work / "sel.json").read_text() != first
+    code, _, err = cli("run", r)
+    assert code == 0 and "skip (done)" in err

@@ -303,10 +303,15 @@ def argv_for(op: str, args: dict, where: str, table: dict) -> list[str]:
 
 
 def fingerprint(value: str) -> str | None:
-    """The provenance fingerprint of an existing path argument (file, or directory tree)."""
+    """The provenance fingerprint of an existing path argument (file, or directory tree): its content digest
+    and its latest mtime, so that an input rewritten in place runs the step again even where the digest
+    samples a large file (as make, a touched input does too)."""
     from .io import provenance
     p = Path(value)
-    return provenance.fingerprint(p)["sha256"] if p.exists() else None
+    if not p.exists():
+        return None
+    fp = provenance.fingerprint(p)
+    return f"{fp['sha256']}@{fp['mtime']}"
 
 
 def _record(cmd, argv: list[str], args: dict) -> dict:
