@@ -73,6 +73,6 @@ def describe(path: Path) -> dict:
     from .console import notice
     from .io import open_checkpoint
     info = open_checkpoint(path, check_config=False).summary()  # the weights' truth, and where config.json differs
-    for line in info["config_disagrees"]:
+    for line in info.get("config_disagrees", []):
         notice(f"{line} (shown: what the weights have; other commands refuse this checkpoint)")
     return info

@@ -167,7 +167,8 @@ class Checkpoint:
             "parameters": n_params,
             "bytes": tree_size(self.files),
             "files": len(self.files),
-            "config_disagrees": list(self.config_disagrees),
+            # only when config.json disagrees: a truthful checkpoint's summary is what it was
+            **({"config_disagrees": list(self.config_disagrees)} if self.config_disagrees else {}),
         }
 
     def refuse_nonfinite(self, what: str, *tensors: torch.Tensor) -> None:
