@@ -257,7 +257,7 @@ def _select_recipe(tmp_path: Path) -> tuple[Path, Path]:
     work = tmp_path / "work"
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump({"name": "t", "steps": [
-        {"id": "sel", "op": "select", "args": {"stats_file": str(stats), "out": str(work / "sel.json")}}]}))
+        {"id": "sel", "op": "select", "args": {"stats": str(stats), "out": str(work / "sel.json")}}]}))
     return r, work
 
 
@@ -307,7 +307,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, cl
 def test_the_lock_is_released_after_a_failed_step_and_names_its_holder_while_held(tmp_path, cli):
     r, work = _select_recipe(tmp_path)
     doc = yaml.safe_load(r.read_text())
-    doc["steps"].append({"id": "bad", "op": "select", "args": {"stats_file": str(tmp_path / "nope.safetensors"),
+    doc["steps"].append({"id": "bad", "op": "select", "args": {"stats": str(tmp_path / "nope.safetensors"),
                                                               "out": str(work / "sel2.json")}})
     (tmp_path / "nope.safetensors").write_bytes(b"not safetensors at all")
     r.write_text(yaml.safe_dump(doc))
