@@ -290,16 +290,62 @@ def choice_loglikelihoods(model, tok, context: str, choices: list[str], device: 
     return loglikelihoods(model, tok, context, [delimiter + c for c in choices], device, max_length)
 
 
-def multiple_choice(model, tok, path: str, device: str, delimiter: str = " ", max_length: int | None = None) -> dict:
-    """acc = argmax of the log-likelihoods; acc_norm = argmax of log-likelihood / len(choice) in
-    characters, the delimiter not counted (the harness's definitions)."""
+def mc_records(path: str) -> list[dict]:
+    """The records of an mc: file, each checked (context, a non-empty list of choices, a label among them)."""
     recs = data.read_jsonl(Path(path), {"context": str, "choices": list, "label": int})
-    acc = acc_norm = 0
     for n, r in enumerate(recs, 1):
         if not r["choices"] or not all(isinstance(c, str) and c for c in r["choices"]):
             raise XpertError(f"{path}:{n}: 'choices' must be a non-empty list of non-empty strings")
         if not 0 <= r["label"] < len(r["choices"]):
             raise XpertError(f"{path}:{n}: label {r['label']} out of range for {len(r['choices'])} choices")
+    return recs
+
+
+def gen_records(path: str) -> list[dict]:
+    return data.read_jsonl(Path(path), {"instruction": str, "response": str})
+
+
+def check_tasks(parsed: list[tuple[str, str]], ckpt: Path, split: str | None) -> None:
+    """Every task read and checked before any model work, so that a bad record or path is found in
+    seconds, not after the tasks before it ran: mc/gen records, ppl paths with --split (and token data's
+    splits and tokenizer), lmeval task files."""
+    for kind, arg in parsed:
+        if kind == "mc":
+            mc_records(arg)
+        elif kind == "gen":
+            gen_records(arg)
+        elif kind == "lmeval":
+            from . import lmeval
+            lmeval.parse(arg)
+        else:
+            _check_ppl_task(arg, ckpt, split)
+
+
+def _check_ppl_task(arg: str, ckpt: Path, split: str | None) -> None:
+    """What perplexity() would refuse about ppl:PATH and --split, without a model."""
+    p = check_ppl_path(arg)
+    if split is not None and split not in data.SPLITS:
+        raise XpertError(f"--split {split!r}: choose one of {', '.join(data.SPLITS)}")
+    if (p / data.MANIFEST).is_file():
+        td = data.load_token_data(p)
+        cfg = Path(ckpt) / "config.json"
+        vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+        if isinstance(vocab, int):
+            data.check_tokenizer(td, Path(ckpt), vocab)
+        for d in td.domains:
+            if td.manifest["domains"][d][split or "val"]["tokens"] == 0:
+                raise XpertError(f"{p}: split {split or 'val'!r} of domain {d!r} is empty (tokenize put no document "
+                                 f"there; re-tokenize with a larger --{split or 'val'}-pct or more text, or pick another --split)")
+    elif _is_text(p) and split is not None:
+        raise XpertError(f"--split {split}: ppl:{arg} is plain text without splits (scored whole); --split is for "
+                         "a token DATA dir or a corpus dir with train/val/test")
+
+
+def multiple_choice(model, tok, path: str, device: str, delimiter: str = " ", max_length: int | None = None) -> dict:
+    """acc = argmax of the log-likelihoods; acc_norm = argmax of log-likelihood / len(choice) in
+    characters, the delimiter not counted (the harness's definitions)."""
+    recs = mc_records(path)
+    acc = acc_norm = 0
     for r in recs:
         lls = np.array(choice_loglikelihoods(model, tok, r["context"], r["choices"], device, delimiter, max_length))
         lens = np.array([float(len(c)) for c in r["choices"]])
@@ -311,7 +357,7 @@ def multiple_choice(model, tok, path: str, device: str, delimiter: str = " ", ma
 @torch.no_grad()
 def generation(model, tok, path: str, device: str, max_new_tokens: int) -> dict:
     from rouge_score import rouge_scorer
-    recs = data.read_jsonl(Path(path), {"instruction": str, "response": str})
+    recs = gen_records(path)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = []
     for r in recs:
@@ -350,6 +396,7 @@ def run(ckpt: Path, tasks: list[str], out: Path | None, *, seq_len: int | None =
         lmeval.require()  # before loading anything: the extra may be missing
     from .io.checkpoint import resolve_source
     ckpt = resolve_source(ckpt)
+    check_tasks(parsed, Path(ckpt), split)  # before the model loads
     torch.manual_seed(seed)
     model = load_causal_lm(ckpt).to(device).eval()
     tok = data.load_tokenizer(ckpt)

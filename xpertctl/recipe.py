@@ -303,10 +303,15 @@ def argv_for(op: str, args: dict, where: str, table: dict) -> list[str]:
 
 
 def fingerprint(value: str) -> str | None:
-    """The provenance fingerprint of an existing path argument (file, or directory tree)."""
+    """The provenance fingerprint of an existing path argument (file, or directory tree): its content digest
+    and its latest mtime, so that an input rewritten in place runs the step again even where the digest
+    samples a large file (as make, a touched input does too)."""
     from .io import provenance
     p = Path(value)
-    return provenance.fingerprint(p)["sha256"] if p.exists() else None
+    if not p.exists():
+        return None
+    fp = provenance.fingerprint(p)
+    return f"{fp['sha256']}@{fp['mtime']}"
 
 
 def _record(cmd, argv: list[str], args: dict) -> dict:
@@ -405,44 +410,72 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
     selected = [s for s in steps if not only or any(fnmatch.fnmatchcase(s[0], o) for o in only)]
     if only:
         _check_only(selected, steps)
-    err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
-              + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
-    outs, todo, will_run = {}, [], []  # will_run: args of the steps this run (or plan) runs
-    for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
-        if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
-            continue
-        out = args.get("out")
-        rec = _record(cmd, argv, args)
-        done = _done(out, rec)
-        if done and jobs > 1 and not dry_run and any(_reads(args, t[4]) for t in todo):
-            done = False  # a step it reads from runs first: checked again when its turn comes
-        stale = done and dry_run and any(_reads_output(args, a) for a in will_run)
-        if not done or stale:
-            will_run.append(args)
-        if dry_run or done or jobs == 1:
-            _say(n, len(steps), sid, "run (an input changes)" if stale else "skip (done)" if done else "run", argv)
-        if dry_run or done:
-            if out:
+    with _build_lock(path, steps, dry_run):
+        err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
+                  + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
+        outs, todo, will_run = {}, [], []  # will_run: args of the steps this run (or plan) runs
+        for n, (sid, cmd, values, argv, args) in enumerate(steps, 1):
+            if only and not any(fnmatch.fnmatchcase(sid, o) for o in only):
+                continue
+            out = args.get("out")
+            rec = _record(cmd, argv, args)
+            done = _done(out, rec)
+            if done and jobs > 1 and not dry_run and any(_reads(args, t[4]) for t in todo):
+                done = False  # a step it reads from runs first: checked again when its turn comes
+            stale = done and dry_run and any(_reads_output(args, a) for a in will_run)
+            if not done or stale:
+                will_run.append(args)
+            if dry_run or done or jobs == 1:
+                _say(n, len(steps), sid, "run (an input changes)" if stale else "skip (done)" if done else "run", argv)
+            if dry_run or done:
+                if out:
+                    outs[n] = out
+                continue
+            if jobs > 1:
+                todo.append((n, sid, cmd, values, args))
+                continue
+            values.update(_begin(out, rec, cmd, values, args))
+            forget_written()  # a Ctrl-C names only this step's complete outputs
+            try:
+                with provenance.command(shlex.join(["xpertctl", *argv])):
+                    cmd.invoke(values)
+            except XpertError as e:
+                raise XpertError(f"{path}: step {sid!r}: {e}") from None
+            if out is not None:
+                _record_path(out).write_text(json.dumps(rec, indent=1))
                 outs[n] = out
-            continue
-        if jobs > 1:
-            todo.append((n, sid, cmd, values, args))
-            continue
-        values.update(_begin(out, rec, cmd, values, args))
-        forget_written()  # a Ctrl-C names only this step's complete outputs
-        try:
-            with provenance.command(shlex.join(["xpertctl", *argv])):
-                cmd.invoke(values)
-        except XpertError as e:
-            raise XpertError(f"{path}: step {sid!r}: {e}") from None
-        if out is not None:
-            _record_path(out).write_text(json.dumps(rec, indent=1))
-            outs[n] = out
-    if todo:
-        outs.update(_run_parallel(path, todo, len(steps), jobs))
-    if recipe.result and not dry_run:
-        err.print(_done_line(result(recipe, path), steps, selected), highlight=False, soft_wrap=True, markup=False)
+        if todo:
+            outs.update(_run_parallel(path, todo, len(steps), jobs))
+        if recipe.result and not dry_run:
+            err.print(_done_line(result(recipe, path), steps, selected), highlight=False, soft_wrap=True, markup=False)
     return [outs[n] for n in sorted(outs)]
+
+
+LOCK = ".xpertctl-run.lock"
+
+
+def lock_path(steps: list[tuple]) -> Path | None:
+    """Where a recipe build's lock lives: in the deepest directory holding every step's output (the build's
+    work area), so two runs that would write the same outputs meet at one lock whatever recipe file,
+    profile or --only they were started with; beside the first output when the outputs share no directory
+    but the root. None when no step writes an output."""
+    import os
+    outs = [os.path.realpath(str(s[4]["out"])) for s in steps if s[4].get("out") is not None]
+    if not outs:
+        return None
+    common = Path(os.path.commonpath([os.path.dirname(o) for o in outs]))
+    if common == Path(common.anchor):
+        common = Path(os.path.dirname(outs[0]))
+    return common / LOCK
+
+
+def _build_lock(path: Path, steps: list[tuple], dry_run: bool):
+    """The lock a run holds while it runs steps (io.lock: PID, host, start time; a dead holder's is taken over)."""
+    from contextlib import nullcontext
+    from .console import notice
+    from .io.lock import held
+    where = None if dry_run else lock_path(steps)
+    return nullcontext() if where is None else held(where, f"a run of recipe {path}", notice)
 
 
 def _writer(path: str, steps: list[tuple]) -> tuple | None:

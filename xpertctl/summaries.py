@@ -84,5 +84,9 @@ def describe(path: Path) -> dict:
             kind = None  # not an artifact: open_checkpoint below says what it is not
         if kind in ARTIFACT_KINDS:
             return {"stats": stats, "factors": factors, "adapted": adapted}[kind](path)
+    from .console import notice
     from .io import open_checkpoint
-    return open_checkpoint(path).summary()
+    info = open_checkpoint(path, check_config=False).summary()  # the weights' truth, and where config.json differs
+    for line in info.get("config_disagrees", []):
+        notice(f"{line} (shown: what the weights have; other commands refuse this checkpoint)")
+    return info

@@ -144,6 +144,8 @@ def load_causal_lm(ckpt: Path):
     archs = cfg.architectures or []
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise XpertError(f"{ckpt}: {', '.join(archs)} is not a causal LM")
+    from .io.checkpoint import check_model_dir
+    check_model_dir(ckpt)  # a config.json that lies about the weights: one line, before the model is built
     try:
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:

@@ -28,6 +28,7 @@ class Family:
     # "post" (OLMo2: after them), "none" (OLMo: LayerNorm without weights); only "pre" can be inherited
     norms: str = "pre"
     by_keys: bool = True  # detectable from key names alone (False: its keys are another family's; config.json decides)
+    head_dim_default: int | None = None  # head_dim when config.json omits it (None: hidden / heads)
     # detection from key names alone (bare .safetensors): all `requires` present, no `forbids`
     requires: tuple[str, ...] = ()
     forbids: tuple[str, ...] = ()
@@ -54,7 +55,7 @@ FAMILIES: tuple[Family, ...] = (
     # (every layer one SwiGLU FFN at model.layers.{i}.mlp.{gate,up,down}_proj)
     Family("llama", ("llama",), "LlamaForCausalLM", moe=False,
            requires=("mlp.gate_proj.weight", "input_layernorm"), forbids=(".gate.weight", "q_norm")),
-    Family("qwen3", ("qwen3",), "Qwen3ForCausalLM", moe=False, qk_norm="head",
+    Family("qwen3", ("qwen3",), "Qwen3ForCausalLM", moe=False, qk_norm="head", head_dim_default=128,
            requires=("mlp.gate_proj.weight", "q_norm"), forbids=(".gate.weight", "post_feedforward_layernorm")),
     # a Llama with q/k/v biases (no o_proj bias): a bare file of it reads as llama, config.json says qwen2
     Family("qwen2", ("qwen2",), "Qwen2ForCausalLM", moe=False, by_keys=False),
@@ -124,3 +125,124 @@ def detect(keys: set[str], shapes: dict[str, list[int]]) -> list[Family]:
                 continue
         found.append(fam)
     return found
+
+
+# ---- what a config.json states, checked against the weights before a model is built -------------------
+# (io.checkpoint.config_disagreements reads this; a family's sizes follow from its fields, not its name)
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # aliases transformers maps
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size a config.json states and the weights show: dim `dim` of tensor `key` ({i}: each layer of kind
+    `layers`, {j}: each routed expert) equals the product of the stated values `names` (see `stated`) times
+    `times`; with `bound`, the stated value lies in 1..that dim instead (top-k of the experts)."""
+    names: tuple[str, ...]
+    key: str
+    dim: int
+    layers: str = ""  # "": no {i}; "all", "moe" (layers with a router on disk) or "dense" (the others)
+    times: int = 1
+    bound: bool = False
+
+
+ATTN = LAYER + ".self_attn"
+QK_NORM_SIZES = {  # listed before the projections: a lie about head_dim alone is blamed on head_dim
+    "head": (Size(("head_dim",), ATTN + ".q_norm.weight", 0, "all"), Size(("head_dim",), ATTN + ".k_norm.weight", 0, "all")),
+    "full": (Size(("heads", "head_dim"), ATTN + ".q_norm.weight", 0, "all"),
+             Size(("kv_heads", "head_dim"), ATTN + ".k_norm.weight", 0, "all")),
+    None: (),
+}
+ATTENTION_SIZES = {
+    "standard": (Size(("heads", "head_dim"), ATTN + ".q_proj.weight", 0, "all"),
+                 Size(("kv_heads", "head_dim"), ATTN + ".k_proj.weight", 0, "all"),
+                 Size(("kv_heads", "head_dim"), ATTN + ".v_proj.weight", 0, "all"),
+                 Size(("heads", "head_dim"), ATTN + ".o_proj.weight", 1, "all")),
+    "mla": (Size(("q_lora_rank",), ATTN + ".q_a_proj.weight", 0, "all"),
+            Size(("kv_lora_rank",), ATTN + ".kv_b_proj.weight", 1, "all"),
+            Size(("heads", "qk_head_dim"), ATTN + ".q_proj.weight", 0, "all"),
+            Size(("heads", "qk_head_dim"), ATTN + ".q_b_proj.weight", 0, "all"),
+            Size(("kv_a_dim",), ATTN + ".kv_a_proj_with_mqa.weight", 0, "all"),
+            Size(("heads", "kv_b_head_dim"), ATTN + ".kv_b_proj.weight", 0, "all"),
+            Size(("heads", "v_head_dim"), ATTN + ".o_proj.weight", 1, "all")),
+}
+
+
+def sizes(family: Family) -> list[Size]:
+    """Every size the config states and where the weights show it, in the order they are checked."""
+    out = [Size(("vocab",), "model.embed_tokens.weight", 0), Size(("hidden",), "model.embed_tokens.weight", 1),
+           Size(("vocab",), "lm_head.weight", 0), Size(("hidden",), "model.norm.weight", 0)]
+    if family.moe:
+        for r in dict.fromkeys((router_key(family, False), router_key(family, True))):  # either layout
+            out += [Size(("experts",), r, 0, "moe"), Size(("top_k",), r, 0, "moe", bound=True),
+                    Size(("hidden",), r, 1, "moe")]
+        out += [Size(("expert_ffn",), expert_keys(family)[0], 0, "moe"),
+                Size(("expert_ffn",), FUSED_GATE_UP, 1, "moe", times=2)]
+        if family.shared:
+            out.append(Size(("shared_ffn",), shared_keys(family)[0], 0, "moe"))
+    out.append(Size(("dense_ffn",), LAYER + ".mlp.gate_proj.weight", 0, "dense"))
+    return out + list(QK_NORM_SIZES[family.qk_norm]) + list(ATTENTION_SIZES[family.attention])
+
+
+def stated(family: Family, config: dict) -> dict[str, tuple[int, str]]:
+    """The sizes a config.json states, by the names `sizes` uses: (value, how the message names it).
+    Keys the config leaves out are left out (transformers' defaults are not guessed), except the few
+    every class derives the same way (kv heads, head_dim)."""
+    v: dict[str, tuple[int, str]] = {}
+
+    def put(name: str, *keys: str) -> None:
+        for k in keys:
+            x = config.get(k)
+            if isinstance(x, int) and not isinstance(x, bool):
+                v[name] = (x, f"{k}={x}")
+                return
+
+    put("vocab", "vocab_size")
+    put("hidden", "hidden_size")
+    put("layers", "num_hidden_layers")
+    put("heads", "num_attention_heads")
+    put("kv_heads", "num_key_value_heads")
+    if family.moe:
+        put("experts", family.experts_key, *EXPERT_COUNT_KEYS)
+        put("top_k", "num_experts_per_tok")
+        put("expert_ffn", family.ffn_key)
+    put("dense_ffn", "intermediate_size")
+    if family.shared:
+        put("shared_ffn", "shared_expert_intermediate_size")
+        if "shared_ffn" not in v and "n_shared_experts" in config and "expert_ffn" in v:
+            n = config["n_shared_experts"]
+            if isinstance(n, int):
+                v["shared_ffn"] = (n * v["expert_ffn"][0], f"n_shared_experts={n} × {v['expert_ffn'][1]}")
+    if "heads" in v and "kv_heads" not in v:
+        v["kv_heads"] = (v["heads"][0], f"num_key_value_heads={v['heads'][0]} (as num_attention_heads)")
+    if family.attention == "standard":
+        put("head_dim", "head_dim")
+        if "head_dim" not in v and family.head_dim_default:
+            v["head_dim"] = (family.head_dim_default, f"head_dim={family.head_dim_default} (the default)")
+        elif "head_dim" not in v and "hidden" in v and v.get("heads", (0,))[0] > 0:
+            hd = v["hidden"][0] // v["heads"][0]
+            v["head_dim"] = (hd, f"head_dim={hd} (hidden_size={v['hidden'][0]} / num_attention_heads={v['heads'][0]})")
+    else:  # latent attention: its own head sizes (config's head_dim is the rope part there)
+        for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            put(k, k)
+        for name, a, b in (("qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim"),
+                           ("kv_a_dim", "kv_lora_rank", "qk_rope_head_dim"),
+                           ("kv_b_head_dim", "qk_nope_head_dim", "v_head_dim")):
+            if a in v and b in v:
+                v[name] = (v[a][0] + v[b][0], f"({v[a][1]} + {v[b][1]})")
+    return v
+
+
+def stated_moe_layers(config: dict, n: int) -> tuple[set[int], str] | None:
+    """Which of n layers the config makes MoE layers (DeepSeek's first_k_dense_replace; Qwen-MoE's
+    mlp_only_layers and decoder_sparse_step), and how the message names the keys; None when it does not say."""
+    k = config.get("first_k_dense_replace")
+    if isinstance(k, int) and not isinstance(k, bool):
+        return {i for i in range(n) if i >= k}, f"first_k_dense_replace={k}"
+    only, step = config.get("mlp_only_layers"), config.get("decoder_sparse_step")
+    if isinstance(only, list) or isinstance(step, int):
+        only = only if isinstance(only, list) else []
+        step = step if isinstance(step, int) and step > 0 else 1
+        return ({i for i in range(n) if i not in only and (i + 1) % step == 0},
+                f"mlp_only_layers={only}, decoder_sparse_step={step}")
+    return None

@@ -56,6 +56,8 @@ class Checkpoint:
     def ffn_layers(self) -> list[int]:
         """The layers whose FFN knowledge the toolbox works on: MoE layers, or a dense model's FFN layers."""
         return self.dense_layers if self.dense else self.moe_layers
+    config_path: Path | None = None  # the config.json read (None: none beside the weights)
+    config_disagrees: list[str] = field(default_factory=list)  # where config.json and the weights differ
 
     # ---- reads -------------------------------------------------------------------------------
     def expert_requests(self, layer: int, j: int) -> list[tuple[str, object]]:
@@ -89,17 +91,28 @@ class Checkpoint:
                              f"down {list(d.shape)}; expected [{n}, {h}], [{n}, {h}], [{h}, {n}]")
         return g, u, d
 
+    def finite_experts(self, layer: int, ids: list[int]):
+        """experts(), refused when one holds NaN or Inf (before it is consolidated, copied or compared)."""
+        experts = self.experts(layer, ids)
+        for j, e in zip(ids, experts):
+            self.refuse_nonfinite(f"expert {j} of layer {layer}", *e)
+        return experts
+
     def router(self, layer: int) -> torch.Tensor:
         self._check_layer(layer)
         return self.reader.read_one(arch.router_key(self.family, self.fused).format(i=layer))
 
     def shared(self, layer: int):
-        """The shared expert(s) of a layer as (gate, up, down), or None for families without one."""
+        """The shared expert(s) of a layer as (gate, up, down), or None for families without one; refused
+        when they hold NaN or Inf (every reader copies or runs them)."""
         keys = arch.shared_keys(self.family)
         if keys is None:
             return None
         self._check_layer(layer)
-        return tuple(self.reader.read([(k.format(i=layer), None) for k in keys]))
+        mats = tuple(self.reader.read([(k.format(i=layer), None) for k in keys]))
+        for k, m in zip(keys, mats):
+            self.refuse_nonfinite(k.format(i=layer), m)
+        return mats
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.reader.read_one(name)
@@ -137,10 +150,10 @@ class Checkpoint:
 
     @property
     def vocab(self) -> int | None:
-        """The vocabulary size: config.json's, else the embedding's rows."""
+        """The vocabulary size: the embedding's rows, else config.json's."""
+        if self.has("model.embed_tokens.weight"):
+            return self.reader.shape("model.embed_tokens.weight")[0]
         v = self.config.get("vocab_size")
-        if v is None and self.has("model.embed_tokens.weight"):
-            v = self.reader.shape("model.embed_tokens.weight")[0]
         return int(v) if v is not None else None
 
     def attention_heads(self) -> tuple[int, int, int] | None:
@@ -189,7 +202,20 @@ class Checkpoint:
             "parameters": n_params,
             "bytes": tree_size(self.files),
             "files": len(self.files),
+            # only when config.json disagrees: a truthful checkpoint's summary is what it was
+            **({"config_disagrees": list(self.config_disagrees)} if self.config_disagrees else {}),
         }
+
+    def refuse_nonfinite(self, what: str, *tensors: torch.Tensor) -> None:
+        """One line naming `what` when any of its weights is NaN or Inf (before it is copied or used)."""
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise XpertError(f"{self.path}: {what} has NaN or Inf weights")
+
+    def finite_tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name`, refused when it holds NaN or Inf."""
+        t = self.tensor(name)
+        self.refuse_nonfinite(name, t)
+        return t
 
 
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -295,7 +321,85 @@ def fingerprint(src: Path, files: list[Path], index: Path | None) -> dict:
     return provenance.fingerprint(src, files + ([index] if index is not None else []))
 
 
-def open_checkpoint(src: str | Path) -> Checkpoint:
+def config_disagreements(ck: Checkpoint) -> list[str]:
+    """Where config.json states another size than the weights have, one line each (the first layer,
+    expert or tensor that shows it), from the architecture table's sizes: read from the safetensors
+    headers only. What a model built from that config would get wrong, said before it is built."""
+    cfg, fam, reader = ck.config, ck.family, ck.reader
+    if not cfg:
+        return []
+    where = ck.config_path or "config.json"
+    v = arch.stated(fam, cfg)
+    on_disk = sorted({int(m.group(1)) for k in reader.weight_map if (m := _LAYER_RE.match(k))})
+    out: list[str] = []
+    if "layers" in v and v["layers"][0] != len(on_disk):
+        out.append(f"{where}: {v['layers'][1]}, but the weights have layers {_ranges(on_disk)} (model.layers.N.*)")
+    if fam.moe and ck.moe_layers and (placed := arch.stated_moe_layers(cfg, len(on_disk))) is not None:
+        moe, text = placed
+        rkey = arch.router_key(fam, ck.fused)
+        wrong = next((i for i in on_disk if (i in moe) != (i in ck.moe_layers)), None)
+        if wrong is not None:
+            what = (f"an MoE layer, but the weights have no router {rkey.format(i=wrong)}" if wrong in moe else
+                    f"dense, but the weights have its router {rkey.format(i=wrong)}")
+            out.append(f"{where}: {text} makes layer {wrong} {what}")
+    dense = [i for i in on_disk if i not in ck.moe_layers]
+    layer_sets = {"": [None], "all": on_disk, "moe": ck.moe_layers, "dense": dense}
+    blamed: set[str] = set()  # config keys already named: a size derived from them is not named again
+    for size in arch.sizes(fam):
+        if not all(n in v for n in size.names):
+            continue
+        keys_used = {k for n in size.names for k in _KEY_RE.findall(v[n][1])}
+        if keys_used & blamed:
+            continue
+        want = size.times
+        for n in size.names:
+            want *= v[n][0]
+        for i in layer_sets[size.layers]:
+            key = size.key if i is None else size.key.replace("{i}", str(i))
+            if "{j}" in key:
+                rows = reader.shape(arch.router_key(fam, ck.fused).format(i=i))[0] if ck.moe_layers else 0
+                keys = [key.format(j=j) for j in range(rows)]
+            else:
+                keys = [key]
+            bad = next((k for k in keys if k in reader.weight_map and len(reader.shape(k)) > size.dim
+                        and not _fits(want, reader.shape(k)[size.dim], size.bound)), None)
+            if bad is None:
+                continue
+            shape = reader.shape(bad)
+            if size.bound:
+                text = f"{v[size.names[0]][1]} (must be 1..{shape[size.dim]}, the experts to choose from)"
+            else:
+                text = " × ".join(v[n][1] for n in size.names) + (f" × {size.times}" if size.times != 1 else "")
+                text += "" if text.endswith(f"={want}") else f" = {want}"
+            out.append(f"{where}: {text}, but {bad} has shape {shape}")
+            blamed |= keys_used
+            break
+    return out
+
+
+_KEY_RE = re.compile(r"([a-z_]+)=")
+
+
+def _fits(want: int, have: int, bound: bool) -> bool:
+    return 1 <= want <= have if bound else want == have
+
+
+def check_model_dir(path: Path) -> None:
+    """Before transformers builds a model from a directory (train, eval): refuse a config.json that
+    disagrees with the safetensors weights beside it. Model types outside the architecture table and
+    directories without safetensors are left to transformers."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file() or not any(path.glob("*.safetensors")):
+        return
+    if _load_json(cfg).get("model_type") in arch.BY_MODEL_TYPE:
+        open_checkpoint(path)
+
+
+def open_checkpoint(src: str | Path, *, check_config: bool = True) -> Checkpoint:
+    """The checkpoint at `src`, read lazily. Its config.json is checked against the weights' shapes
+    (config_disagreements): the first disagreement is an error unless check_config is False (inspect,
+    which reports them all)."""
     src = resolve_source(src)
     files, wm, config, index = _weight_files(src)
     reader = open_files(files, wm)
@@ -320,14 +424,15 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
     layers = sorted({int(m.group(1)) for k in keys if (m := _LAYER_RE.match(k))})
     if not layers:
         raise XpertError(f"{src}: no model.layers.N.* tensors (not a decoder checkpoint?)")
-    num_layers = int(config.get("num_hidden_layers", layers[-1] + 1))
+    num_layers = layers[-1] + 1  # the weights' truth; a config.json that says otherwise is reported below
 
     fused = family.moe and arch.FUSED_GATE_UP.format(i=layers[-1]) in keys
     rkey = arch.router_key(family, fused) if family.moe else None
     moe_layers = [i for i in layers if rkey and rkey.format(i=i) in keys]
 
     num_experts = expert_ffn = 0
-    hidden = int(config.get("hidden_size", 0))
+    hidden = reader.shape("model.embed_tokens.weight")[1] if "model.embed_tokens.weight" in keys else \
+        int(config.get("hidden_size", 0))
     shared_ffn = None
     dense_layers: list[int] = []
     if moe_layers:
@@ -346,9 +451,6 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         sk = arch.shared_keys(family)
         if sk and sk[0].format(i=i) in keys:
             shared_ffn = reader.shape(sk[0].format(i=i))[0]
-        want = config.get(family.experts_key)
-        if want is not None and int(want) != num_experts:
-            raise XpertError(f"{src}: config says {family.experts_key}={want} but the router has {num_experts} rows")
     elif family.moe:
         pass  # an MoE family with no routers on disk: inspect shows it, require_moe() refuses it
     else:
@@ -359,9 +461,15 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         dense_layers = [i for i in layers if all(k.format(i=i) in keys for k in arch.MLP_KEYS)]
 
     top_k = config.get("num_experts_per_tok") if family.moe else None
-    return Checkpoint(
+    cfg_path = (src if src.is_dir() else src.parent) / "config.json"
+    ck = Checkpoint(
         path=src, files=files, config=config, family=family, fused=fused, reader=reader,
         num_layers=num_layers, moe_layers=moe_layers, num_experts=num_experts,
         top_k=int(top_k) if top_k is not None else None, hidden=hidden, expert_ffn=expert_ffn,
         shared_ffn=shared_ffn, fingerprint=fingerprint(src, files, index), dense_layers=dense_layers,
+        config_path=cfg_path if config else None,
     )
+    ck.config_disagrees = config_disagreements(ck)
+    if check_config and ck.config_disagrees:
+        raise XpertError(ck.config_disagrees[0])
+    return ck

@@ -60,18 +60,74 @@ class Tap:
         pass
 
 
-def drive(model, tokenizer, docs_by_domain: dict[str, list[str]], tap: Tap, *, seq_len: int, batch_size: int,
-          max_tokens: int | None, device: str, stream_tokens: int | None = None, label: str = "capture",
-          rate: bool = False) -> dict[str, int]:
+class FiniteGuard:
+    """Refuses NaN or Inf where they first appear in a forward pass: the embeddings' output, the hidden
+    states entering an MoE layer's router (after that layer's attention and norms), the router's
+    probabilities, a layer's output. Hooks fire in layer order, so the one that fires first names the
+    first place; padded positions are not looked at. Results made from such values (router counts,
+    fidelity figures, fitted FFNs) would be silently meaningless."""
+
+    def __init__(self, model, ck: Checkpoint, tap: Tap):
+        self.ck, self.tap = ck, tap
+        base = model.base_model
+        where = f"{ck.path}: NaN or Inf in the hidden states"
+        self.handles = [base.embed_tokens.register_forward_hook(
+            self._output(f"{where} from the embeddings (model.embed_tokens.weight)"))]
+        for i in ck.moe_layers:
+            router, _ = find_router(model, ck, i)
+            self.handles.append(router.register_forward_hook(self._router(i)))
+        for i, layer in enumerate(base.layers):
+            part = "experts" if i in ck.moe_layers else "attention, norms or FFN"
+            self.handles.append(layer.register_forward_hook(
+                self._output(f"{where} of layer {i}, first at its output (from its {part})")))
+
+    def _finite(self, t) -> bool:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0:
+            return True
+        rows = t.reshape(-1, t.shape[-1])
+        m = self.tap.mask
+        if m is not None and rows.shape[0] == m.numel():
+            rows = rows[m]
+        return bool(torch.isfinite(rows).all())
+
+    def _output(self, message: str):
+        def hook(_mod, _args, out):
+            if not self._finite(out[0] if isinstance(out, tuple) else out):
+                raise XpertError(message)
+        return hook
+
+    def _router(self, i: int):
+        key = arch.router_key(self.ck.family, self.ck.fused).format(i=i)
+
+        def hook(_mod, args, out):
+            if args and not self._finite(args[0]):
+                raise XpertError(f"{self.ck.path}: NaN or Inf in the hidden states of layer {i}, first entering its "
+                                 "MoE block (from its attention or norms)")
+            if not all(self._finite(t) for t in (out if isinstance(out, tuple) else (out,))):
+                raise XpertError(f"{self.ck.path}: NaN or Inf in the router probabilities of layer {i} ({key})")
+        return hook
+
+    def __enter__(self) -> "FiniteGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def drive(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], tap: Tap, *, seq_len: int,
+          batch_size: int, max_tokens: int | None, device: str, stream_tokens: int | None = None,
+          label: str = "capture", rate: bool = False) -> dict[str, int]:
     """The one forward loop over every domain's token windows (stats and the block capture share it):
-    padding masked through `tap.mask`, no LM head when layer-streamed. Returns tokens per domain."""
+    padding masked through `tap.mask`, no LM head when layer-streamed, NaN or Inf refused where it first
+    appears (FiniteGuard). Returns tokens per domain."""
     if stream_tokens:
         batch_size = max(1, stream_tokens // seq_len)  # each layer read once per chunk, not per batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fwd = model.base_model  # the hooks see every layer; logits would only cost vocabulary x window memory
     tokens: dict[str, int] = {}
     t0, total = time.perf_counter(), 0
-    with progress() as bar, torch.inference_mode():
+    with FiniteGuard(model, ck, tap), progress() as bar, torch.inference_mode():
         for name, docs in docs_by_domain.items():
             stream = data.domain_tokens(docs, tokenizer, max_tokens)
             if stream.numel() == 0:
@@ -171,7 +227,7 @@ def run(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str]], 
     """Run the model over every domain's text; on_block sees each block's I/O. Returns tokens per domain."""
     tap = MlpTap(model, ck, on_block) if ck.dense else BlockTap(model, ck, on_block)
     try:
-        return drive(model, tokenizer, docs_by_domain, tap, seq_len=seq_len, batch_size=batch_size,
+        return drive(ck, model, tokenizer, docs_by_domain, tap, seq_len=seq_len, batch_size=batch_size,
                      max_tokens=max_tokens, device=device, stream_tokens=stream_tokens, label=label)
     finally:
         tap.remove()

@@ -19,6 +19,7 @@ selection must beat), plus scratch and zero.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def load_student(path: Path, hidden_source: int, source: Checkpoint | None = Non
         t = load_file(str(path))
         n = rec["target"]["layers"]
         ffns = [tuple(t[f"layers.{k}.{m}"].float() for m in MATS) for k in range(n)]
+        bad = next((f"layers.{k}.{m}" for k in range(n) for m, w in zip(MATS, ffns[k]) if not torch.isfinite(w).all()), None)
+        if bad is not None:
+            raise XpertError(f"{path}: {bad} has NaN or Inf weights")
         ri = t["residual_index"].long()
         std = 0.02
     else:
@@ -75,7 +79,7 @@ def load_student(path: Path, hidden_source: int, source: Checkpoint | None = Non
                              "measure the model `xpertctl graft` wrote, before training")
         _check_made_from(path, rec, source)
         n = rec["target"]["layers"]
-        ffns = [tuple(ck.tensor(f"model.layers.{k}.mlp.{m}.weight").float() for m in MATS) for k in range(n)]
+        ffns = [tuple(ck.finite_tensor(f"model.layers.{k}.mlp.{m}.weight").float() for m in MATS) for k in range(n)]
         ri_list = rec.get("residual_index")
         if ri_list is None:
             if rec["target"]["hidden"] != hidden_source:
@@ -172,7 +176,7 @@ def shared_block(ck: Checkpoint, i: int) -> tuple[torch.Tensor, ...] | None:
         return None
     from ..io import arch
     key = arch.shared_gate_key(ck.family)
-    return (*(m.float() for m in ck.shared(i)), ck.tensor(key.format(i=i)).float() if key else None)
+    return (*(m.float() for m in ck.shared(i)), ck.finite_tensor(key.format(i=i)).float() if key else None)
 
 
 class Meter:
@@ -202,7 +206,7 @@ class Meter:
                     if key not in self.sel_experts:
                         ids = list(key[1])
                         self.sel_experts[key] = {j: tuple(m.float() for m in e)
-                                                 for j, e in zip(ids, ck.experts(i, ids))}
+                                                 for j, e in zip(ids, ck.finite_experts(i, ids))}
                     if i not in self.shared:
                         self.shared[i] = shared_block(ck, i)
 
@@ -336,6 +340,7 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
                                stream_tokens=stream_tokens, seed=seed, text_field=text_field)
     how = data.sampling({n: data.DomainText(p, seed, text_field) for n, p in paths.items()}, max_tokens)
     rows = rows_per[0]
+    _refuse_non_finite(rows, student)
     rec = provenance.record("fidelity", inputs=[ck.fingerprint, _fingerprint(Path(student))]
                             + [provenance.fingerprint(p) for p in paths.values()],
                             params={"domains": {n: str(p) for n, p in paths.items()}, "max_tokens": max_tokens,
@@ -352,6 +357,17 @@ def run(src: Path, student: Path, domains: list[str], out: Path, *, tokenizer: P
     with atomic_path(Path(out), force) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
     return Path(out)
+
+
+def _refuse_non_finite(rows: list[dict], student: Path) -> None:
+    """No NaN figure is written as if it were a measurement (the inputs were checked finite; what is left is
+    a block whose output is zero on every token, or a student FFN that overflows in float32)."""
+    for r in rows:
+        for name, m in [("", r), *((f"{k} ", v) for k, v in r["references"].items() if k != "zero" and v)]:
+            bad = next((k for k, x in m.items() if isinstance(x, float) and not math.isfinite(x)), None)
+            if bad is not None:
+                raise XpertError(f"{student}: target layer {r['target']}: {name}{bad} is {m[bad]} (the source block's "
+                                 "output is zero there, or the FFN overflows in float32); nothing written")
 
 
 def _fingerprint(p: Path) -> dict:

@@ -151,26 +151,27 @@ def build(adapted: dict[str, torch.Tensor], meta: dict, ck: Checkpoint, *, heads
     if applied is not None:
         applied.update(done)
     lmap = meta["layer_map"]
+    # everything copied from the source is refused when it holds NaN or Inf (ck.finite_tensor), as experts are
     if "embeddings" in inherit:
-        state["model.embed_tokens.weight"] = ck.tensor("model.embed_tokens.weight")[:, ri].float()
+        state["model.embed_tokens.weight"] = ck.finite_tensor("model.embed_tokens.weight")[:, ri].float()
         if "lm_head.weight" in state and ck.has("lm_head.weight"):
-            state["lm_head.weight"] = ck.tensor("lm_head.weight")[:, ri].float()
+            state["lm_head.weight"] = ck.finite_tensor("lm_head.weight")[:, ri].float()
     if "norms" in inherit:
-        state["model.norm.weight"] = ck.tensor("model.norm.weight")[ri].float()
+        state["model.norm.weight"] = ck.finite_tensor("model.norm.weight")[ri].float()
         for t, group in enumerate(lmap):
             for n in ("input_layernorm", "post_attention_layernorm"):
-                state[f"model.layers.{t}.{n}.weight"] = ck.tensor(f"model.layers.{group[0]}.{n}.weight")[ri].float()
+                state[f"model.layers.{t}.{n}.weight"] = ck.finite_tensor(f"model.layers.{group[0]}.{n}.weight")[ri].float()
     if "attention" in inherit:
         for t, group in enumerate(lmap):
             src = f"model.layers.{group[0]}.self_attn"
             for p in ("q_proj", "k_proj", "v_proj"):
-                state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight")[:, ri].float()
+                state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.finite_tensor(f"{src}.{p}.weight")[:, ri].float()
                 if config.attention_bias:
-                    state[f"model.layers.{t}.self_attn.{p}.bias"] = ck.tensor(f"{src}.{p}.bias").float()
-            state[f"model.layers.{t}.self_attn.o_proj.weight"] = ck.tensor(f"{src}.o_proj.weight")[ri, :].float()
+                    state[f"model.layers.{t}.self_attn.{p}.bias"] = ck.finite_tensor(f"{src}.{p}.bias").float()
+            state[f"model.layers.{t}.self_attn.o_proj.weight"] = ck.finite_tensor(f"{src}.o_proj.weight")[ri, :].float()
             if arch == "qwen3":
                 for p in ("q_norm", "k_norm"):
-                    state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.tensor(f"{src}.{p}.weight").float()
+                    state[f"model.layers.{t}.self_attn.{p}.weight"] = ck.finite_tensor(f"{src}.{p}.weight").float()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
     gained = [f"model.layers.{t}.mlp.{m}.weight" for t in range(tgt["layers"]) for m in gain] if up_gain != 1 else []
@@ -389,6 +390,9 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
                 raise XpertError(f"--target {target}: {src} was adapted to {have}; run reshape again for another size")
         from safetensors.torch import load_file
         adapted, meta = load_file(str(src)), rec_in
+        bad = next((k for k, t in adapted.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise XpertError(f"{src}: {bad} has NaN or Inf weights")
         s = rec_in.get("factors", {}).get("selection") or {}
         sel_summary = _selection_summary(s.get("criterion"), s.get("per_layer"), s.get("path"))
         in_fps = [provenance.file_fingerprint(src), ck.fingerprint]

@@ -87,7 +87,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict, *, neuron_to
     counter = NeuronCounter(model, ck, per_token(ck.expert_ffn, neuron_top))
     t0 = time.perf_counter()
     try:
-        tokens = drive(model, tokenizer, docs_by_domain, counter, seq_len=seq_len, batch_size=batch_size,
+        tokens = drive(ck, model, tokenizer, docs_by_domain, counter, seq_len=seq_len, batch_size=batch_size,
                        max_tokens=max_tokens, device=device, stream_tokens=stream_tokens, label="", rate=True)
     finally:
         counter.remove()

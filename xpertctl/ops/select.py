@@ -63,6 +63,10 @@ def load_stats(path: Path) -> Stats:
         raise XpertError(f"{path}: counts shape {list(counts.shape)} disagrees with its metadata")
     if (t["tokens"] <= 0).any():
         raise XpertError(f"{path}: a domain has no tokens")
+    for k in ("mass", "routed"):  # an older stats run over non-finite weights: scores would be NaN
+        if k in t and not bool(t[k].isfinite().all()):
+            raise XpertError(f"{path}: its router {k} holds NaN or Inf (a model with non-finite weights); "
+                             "fix the model and run stats again")
     if rec.get("level") == "neuron":
         return Stats(counts, t["mass"].numpy(), t["tokens"].numpy(), list(rec["layers"]), list(rec["domains"]),
                      int(rec["neurons_per_token"]), int(rec["num_neurons"]), rec["source"],

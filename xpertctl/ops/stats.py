@@ -109,7 +109,7 @@ def collect(ck: Checkpoint, model, tokenizer, docs_by_domain: dict[str, list[str
     counter = RouterCounter(model, ck, top_k)
     t0 = time.perf_counter()
     try:
-        tokens = drive(model, tokenizer, docs_by_domain, counter, seq_len=seq_len, batch_size=batch_size,
+        tokens = drive(ck, model, tokenizer, docs_by_domain, counter, seq_len=seq_len, batch_size=batch_size,
                        max_tokens=max_tokens, device=device, stream_tokens=stream_tokens, label="", rate=True)
     finally:
         counter.remove()

@@ -1,0 +1,65 @@
+"""The input fingerprint of a large safetensors checkpoint: wall time and bytes read, against a full
+sha256 of the same file (what reading every byte would cost).
+
+    python bench/bench_fingerprint.py BUILD [--gib 14] [--full]
+
+writes BUILD/fp-big.safetensors (a real header for one tensor of --gib GiB; the data section is a
+sparse hole, so the file costs no disk) and prints one JSON line per measurement. The full-read figure
+reads zeros from a hole (no disk I/O): a real 14 GB checkpoint on disk is slower still."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make(path: Path, gib: float) -> Path:
+    n = int(gib * 2 ** 30) // 4
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 4 * n)
+    return path
+
+
+def rchar() -> int:
+    """Bytes this process has read through read(2) so far (Linux /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return -1
+
+
+def main() -> None:
+    build = Path(sys.argv[1])
+    gib = float(sys.argv[sys.argv.index("--gib") + 1]) if "--gib" in sys.argv else 14.0
+    build.mkdir(parents=True, exist_ok=True)
+    f = make(build / "fp-big.safetensors", gib)
+    from xpertctl.io import provenance
+    r0, t0 = rchar(), time.perf_counter()
+    fp = provenance.fingerprint(f)
+    dt, read = time.perf_counter() - t0, rchar() - r0
+    print(json.dumps({"what": "fingerprint", "file_bytes": f.stat().st_size, "bytes_read": read,
+                      "seconds": round(dt, 4), "sha256": fp["sha256"][:16], "load": os.getloadavg()[0]}))
+    if "--full" in sys.argv:
+        t0 = time.perf_counter()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+        print(json.dumps({"what": "full sha256 (reading the hole)", "file_bytes": f.stat().st_size,
+                          "seconds": round(time.perf_counter() - t0, 2), "load": os.getloadavg()[0]}))
+    f.unlink()
+
+
+if __name__ == "__main__":
+    main()
