@@ -60,6 +60,19 @@ def _finished() -> None:
             signal.signal(signal.SIGTERM, late)
 
 
+def _pipe_closed() -> None:
+    """stdout's reader is gone (`xpertctl ... | head -c 10`): the work is done and its outputs are in place;
+    end as git (write_or_die.c) and coreutils do, without a word and killed by SIGPIPE, which a shell reports
+    as 141 (and `set -o pipefail` as a failure of the pipeline's writer, as for `cat`)."""
+    try:  # Python's last flush of stdout at exit finds somewhere to go
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # a platform where SIGPIPE did not end the process
+
+
 _terminated = False  # SIGTERM arrived: said as "terminated", exit 143
 
 
@@ -86,8 +99,14 @@ def _callback(cmd: Command):
             result = cmd.invoke(values)
         except KeyboardInterrupt as e:  # said here: typer turns it into a bare exit code 130
             sys.exit(_stopped(e))
+        except BrokenPipeError:  # a summary printed to a reader that went away (click would exit 1 silently)
+            _pipe_closed()
         _finished()
-        _emit(result)
+        try:
+            _emit(result)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _pipe_closed()
     params = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(p),
                                 default=inspect.Parameter.empty if p.default is REQUIRED else p.default)
               for p in cmd.params]

@@ -229,9 +229,18 @@ class Command:
         return found
 
     def invoke(self, values: dict) -> Any:
-        """Run the adapter after the same checks a recipe's bind (and so --dry-run) makes."""
+        """Run the adapter after the same checks a recipe's bind (and so --dry-run) makes. A disk's refusal
+        that no output's own writer reported (a log appended to, a directory made) is one line naming the
+        file, or else the output."""
         self.check(values)
-        return self.run(**values)
+        try:
+            return self.run(**values)
+        except Exception as e:
+            from .errors import write_failure
+            failure = write_failure(e, values.get("out"))
+            if failure is None:
+                raise
+            raise failure from None
 
 
 # ---- parameter helpers ------------------------------------------------------------------------------

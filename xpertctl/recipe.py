@@ -356,6 +356,11 @@ def _record_path(out: str) -> Path:
     return p.parent / f".{p.name}.step.json"
 
 
+def _write_record(out: str, rec: dict) -> None:
+    from .io.writer import write_text  # temp, fsync, rename: a killed runner leaves the old record or the new one
+    write_text(_record_path(out), json.dumps(rec, indent=1), output=False)
+
+
 def _check_inputs(cmd, values: dict, where: str, outputs: list[str]) -> None:
     """Every input path exists now or is written by an earlier step (its `out`, or inside it)."""
     for p, value in cmd.inputs(values):
@@ -411,6 +416,21 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
     if only:
         _check_only(selected, steps)
     with _build_lock(path, steps, dry_run):
+        if not dry_run:  # a read-only or forbidden place for any step's output: refused before the first step runs
+            from .io.writer import check_writable
+            for sid, cmd, values, argv, args in selected:
+                out = args.get("out")
+                if out is None:
+                    continue
+                try:
+                    done = _done(out, _record(cmd, argv, args))
+                except XpertError:
+                    done = False  # an unreadable input: the step itself reports it when its turn comes
+                if not done:
+                    try:
+                        check_writable(Path(out))
+                    except XpertError as e:
+                        raise XpertError(f"{path}: step {sid!r}: {e}") from None
         err.print(f"recipe {recipe.name}{f' (profile {profile})' if profile else ''}: {len(steps)} steps"
                   + (f"; estimate: {recipe.estimate}" if recipe.estimate else ""), highlight=False, soft_wrap=True)
         outs, todo, will_run = {}, [], []  # will_run: args of the steps this run (or plan) runs
@@ -442,7 +462,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             except XpertError as e:
                 raise XpertError(f"{path}: step {sid!r}: {e}") from None
             if out is not None:
-                _record_path(out).write_text(json.dumps(rec, indent=1))
+                _write_record(out, rec)
                 outs[n] = out
         if todo:
             outs.update(_run_parallel(path, todo, len(steps), jobs))
@@ -532,7 +552,7 @@ def _begin(out: str | None, rec: dict, cmd, values: dict, args: dict) -> dict:
         return {}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     started = _started(out, rec)
-    _record_path(out).write_text(json.dumps({**rec, "started": True}, indent=1))
+    _write_record(out, {**rec, "started": True})
     if Path(out).exists() and cmd.name == "train" and "resume" not in args and started:
         return {"resume": "auto"}
     if Path(out).exists() and "force" in values:
@@ -675,7 +695,7 @@ def _run_parallel(path: Path, todo: list[tuple], total: int, jobs: int) -> dict[
             reply = {"error": f"its worker ended (code {w.wait()}); see {log}"}
         if "error" not in reply:
             if out is not None:
-                _record_path(out).write_text(json.dumps(rec, indent=1))
+                _write_record(out, rec)
                 outs[n] = str(out)
             else:
                 log.unlink()

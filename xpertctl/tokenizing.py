@@ -1,8 +1,9 @@
 """The engine of `xpertctl tokenize` (data.tokenize): corpora -> {domain}.{split}.bin token files and
 {domain}.{split}.idx document indexes, in bounded memory, on every core.
 
-Documents stream from the readers in batches of a few MB; worker processes (forked, so nothing is
-re-imported) encode a batch with the tokenizers library and hash-split it; the parent writes the
+Documents stream from the readers in batches of a few MB; worker processes (spawned: a fork of a process
+whose libraries have started threads can hang; each worker gets the tokenizer's serialized form, not the
+parent's memory) encode a batch with the tokenizers library and hash-split it; the parent writes the
 batches' tokens in the order it read them, so the bytes do not depend on the number of workers. At most
 two batches per worker are in flight: memory does not grow with the corpus.
 """
@@ -22,7 +23,7 @@ from .specs import SPLITS
 BATCH_BYTES = 2 << 20  # text per job
 BATCH_DOCS = 10_000
 
-_TOK = None  # the worker's tokenizer (set before forking)
+_TOK = None  # the tokenizer encode_job uses (in a worker: rebuilt by _worker_init)
 
 
 def split_of(doc: str, val_pct: int = 5, test_pct: int = 5) -> str:
@@ -49,7 +50,7 @@ def encode_job(job: tuple) -> dict:
 
 
 def _encode(docs: list[str]) -> list[list[int]]:
-    backend = getattr(_TOK, "backend_tokenizer", None)
+    backend = _TOK if _is_backend(_TOK) else getattr(_TOK, "backend_tokenizer", None)
     if backend is not None:  # the same call the fast tokenizer's __call__ makes, without the Python wrapping
         return [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
     return [_TOK(d, add_special_tokens=False)["input_ids"] for d in docs]
@@ -79,8 +80,9 @@ class SplitWriter:
     def write(self, res: dict) -> None:
         for s in SPLITS:
             toks, lens = res[s]
-            toks.tofile(self.files[s])
-            (self.tokens[s] + np.cumsum(lens, dtype=np.uint64)).tofile(self.index[s])
+            # file.write, not ndarray.tofile: a full disk is then an OSError with its errno (tofile's has none)
+            self.files[s].write(np.ascontiguousarray(toks).data)
+            self.index[s].write((self.tokens[s] + np.cumsum(lens, dtype=np.uint64)).data)
             self.tokens[s] += int(toks.size)
             self.documents[s] += int(lens.size)
 
@@ -90,7 +92,7 @@ class SplitWriter:
 
 
 class Encoder:
-    """Runs encode_job in order: in this process (workers=1) or in a pool of forked workers."""
+    """Runs encode_job in order: in this process (workers=1) or in a pool of spawned workers."""
 
     def __init__(self, tok, workers: int):
         global _TOK
@@ -98,13 +100,23 @@ class Encoder:
         self.pool = None
         if workers > 1:
             import multiprocessing as mp
-            # set before forking, so the tokenizers library neither warns nor threads inside the workers
+            import signal
+            # a fast tokenizer travels as its JSON (the workers import the tokenizers library, not transformers)
+            backend = getattr(tok, "backend_tokenizer", None)
+            payload = ("json", backend.to_str()) if backend is not None else ("object", tok)
+            # the workers inherit the environment: the tokenizers library neither warns nor threads inside
+            # them; and Ctrl-C, which reaches the whole foreground group, is the parent's to handle (set before
+            # they start, so none stops with a traceback while it is still importing)
             old = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            on_int = _set_signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                self.pool = mp.get_context("fork").Pool(workers, initializer=_worker_signals)
+                self.pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init,
+                                                         initargs=(payload, os.getpid()))
             finally:
                 os.environ.pop("TOKENIZERS_PARALLELISM") if old is None else os.environ.update(TOKENIZERS_PARALLELISM=old)
+                if on_int is not None:
+                    signal.signal(signal.SIGINT, on_int)
         self.depth = 2 * workers
 
     def run(self, jobs, sink) -> None:
@@ -126,12 +138,41 @@ class Encoder:
             self.pool.join()
 
 
-def _worker_signals() -> None:
-    """Ctrl-C is the parent's to handle (it stops the pool and removes the partial output); SIGTERM, which
-    the pool's terminate() sends, ends a worker quietly (not through the parent's handler it inherited)."""
+def _set_signal(sig, handler):
+    """signal.signal where it can be set (the main thread); the previous handler, or None."""
     import signal
+    try:
+        return signal.signal(sig, handler)
+    except ValueError:
+        return None
+
+
+def _is_backend(tok) -> bool:
+    return type(tok).__module__.startswith("tokenizers")
+
+
+def _worker_init(payload: tuple, parent: int) -> None:
+    """A spawned worker: the parent's tokenizer, and its signals. Ctrl-C is the parent's to handle (it stops
+    the pool and removes the partial output); SIGTERM, which the pool's terminate() sends, ends a worker
+    quietly; and a worker ends with its parent (a SIGKILLed parent runs no cleanup, and its workers would
+    wait on the pool's queue forever)."""
+    import signal
+    global _TOK
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+    kind, value = payload
+    if kind == "json":
+        from tokenizers import Tokenizer
+        _TOK = Tokenizer.from_str(value)
+    else:
+        _TOK = value
 
 
 def default_workers() -> int:

@@ -102,24 +102,23 @@ def sft_batch(examples, cfg: TrainConfig, step: int, micro: int, pad_id: int, sp
 # ---- checkpoints -----------------------------------------------------------------------------------
 
 def save_checkpoint(model, tokenizer_dir: Path | None, run: Path, name: str, state: dict | None, rec: dict) -> Path:
-    """An HF directory (+ trainer_state.pt for resuming), written to a temp dir and renamed."""
+    """An HF directory (+ trainer_state.pt for resuming), written as every output is (io.writer.atomic_path:
+    hidden temp, the umask's modes, fsync, rename; a disk's refusal is one line)."""
+    from .io import writer
     final = run / name
-    tmp = run / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    from .io.writer import add_metadata
-    for f in tmp.glob("*.safetensors"):  # save_pretrained drops a metadata argument: the record goes in after
-        add_metadata(f, provenance.as_metadata(rec))
-    if tokenizer_dir is not None:
-        from .io.checkpoint import tokenizer_files
-        for f, src in tokenizer_files(tokenizer_dir).items():
-            if not (tmp / f).exists():
-                shutil.copyfile(src, tmp / f)
-    if state is not None:
-        torch.save(state, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with writer.atomic_path(final, True, marker="config.json") as tmp:
+        model.save_pretrained(tmp)
+        for f in tmp.glob("*.safetensors"):  # save_pretrained drops a metadata argument: the record goes in after
+            writer.add_metadata(f, provenance.as_metadata(rec))
+        if tokenizer_dir is not None:
+            from .io.checkpoint import tokenizer_files
+            for f, src in tokenizer_files(tokenizer_dir).items():
+                if not (tmp / f).exists():
+                    shutil.copyfile(src, tmp / f)
+        if state is not None:
+            writer.save_torch(state, tmp / "trainer_state.pt")
+    if name != "final":  # a step checkpoint is the run's working state, not an output a late Ctrl-C names
+        writer.written.remove(Path(os.path.abspath(final)))
     return final
 
 
@@ -204,8 +203,10 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
                             params=asdict(cfg) | {"data": str(data_dir) if data_dir else None,
                                                   "sft": str(sft) if sft else None}, seed=cfg.seed)
     if rk.rank == 0:
+        from .io import writer
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(rec, indent=2) + "\n")
+        writer.clear_stale(out)  # checkpoints a killed run was writing (.step-NNNNNN.tmp-PID)
+        writer.write_text(out / "train_config.json", json.dumps(rec, indent=2) + "\n", output=False)
 
     metrics = open(out / "metrics.jsonl", "a") if rk.rank == 0 else None
     t0, seen = time.perf_counter(), 0
@@ -508,8 +509,9 @@ def _mean_across(x: float, ddp: bool) -> float:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows past the resumed step (they were written by the killed run)."""
     if path.is_file():
+        from .io.writer import write_text
         rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        write_text(path, "".join(r + "\n" for r in rows), output=False)
 
 
 class _null:

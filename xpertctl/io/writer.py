@@ -1,9 +1,12 @@
-"""Atomic writes: a temp path next to the target, renamed into place only when complete."""
+"""The one write path of every artifact: a hidden temp beside the output (`.NAME.tmp-PID`; a command's
+caches inside it), the umask's modes, fsync, an atomic rename; a disk's refusal is one line naming the output,
+and what killed runs left is cleared by the next (by PID)."""
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 from contextlib import contextmanager
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import XpertError
+from ..errors import XpertError, write_failure
 
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes, as in transformers' save_pretrained
 
@@ -64,7 +67,23 @@ def check_output(out: Path, force: bool, inputs: list[Path] = (), *, marker: str
         _check_replace(out, marker is not None, marker)
     if not make_parents and not out.parent.exists():
         raise XpertError(f"{out}: parent directory {out.parent} does not exist")
+    check_writable(out)
 
+
+def check_writable(out: Path) -> None:
+    """Refuse before any work when the directory that would hold the output (or its nearest existing
+    ancestor) takes no writes: a read-only file system, no permission (a full disk only shows when written)."""
+    where = Path(os.path.abspath(out)).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if os.access(where, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = os.strerror(errno.EROFS if read_only else errno.EACCES)
+    raise XpertError(f"{out}: cannot write in {where} ({why}); nothing was written")
 
 def _check_place(out: Path) -> Path:
     """`out` resolved; the current directory, an ancestor of it or / is never an output."""
@@ -90,58 +109,155 @@ def _check_replace(out: Path, new_is_dir: bool, marker: str | None) -> None:
 
 
 @contextmanager
-def atomic_path(out: Path, force: bool, marker: str | None = None):
-    """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it.
-    `marker`: for a directory output, the file an earlier output that --force may replace holds."""
+def atomic_path(out: Path, force: bool, marker: str | None = None, inside: bool = False):
+    """Yield a temp path beside `out` (hidden: `.NAME.tmp-PID`); when the body returns, give every file and
+    directory in it the umask's mode, fsync them and rename the temp over `out` (then fsync the parent); on
+    any failure remove it. A refusal of the disk (full, read-only, no permission, quota) is one XpertError
+    naming `out`. `marker`: for a directory output, the file an earlier output that --force may replace holds.
+    `inside`: a file output written by a library that puts temps of its own beside the file (safetensors):
+    the yielded path is `.NAME.tmp-PID/NAME`, so those temps too are inside ours."""
     given, out = Path(out), Path(os.path.abspath(out))  # absolute: './' has a name too (and is refused)
     _check_place(given)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    holder = temp_of(out)
+    tmp = holder / out.name if inside else holder
     _clear_stale(out)
+    _live.add(holder)
     try:
+        if inside:
+            holder.mkdir()
         yield tmp
+        _finish(tmp)
         if out.exists() or out.is_symlink():
             if not force:
                 raise XpertError(f"{given}: already exists (use --force to replace it)")
             _check_replace(given, tmp.is_dir(), marker)
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            written.append(out)
-            _remove(old)
+            if not tmp.is_dir():
+                os.replace(tmp, out)  # one step: readers see the old file or the new one
+                written.append(out)
+            elif _exchange(tmp, out):  # the same for a directory; the old one is now in the temp
+                written.append(out)
+            else:  # rename(2) replaces no directory: where the two cannot be swapped, the old one steps aside
+                old = _aside(out)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                written.append(out)
+                _remove(old)
         else:
             os.replace(tmp, out)
             written.append(out)
-    except OSError as e:
+        _remove(holder)  # what is left of the temp: the swapped-out old directory, an `inside` holder
+    except BaseException as e:
         _restore(out)
-        _remove(tmp)
-        if e.errno in _WRITE_ERRORS:  # disk full, read-only, no permission: the user's problem, not a bug
-            raise XpertError(f"{given}: write failed ({e.strerror or e}); nothing was written") from None
+        _remove(holder)
+        failure = write_failure(e, given, "; nothing was written") if isinstance(e, Exception) else None
+        if failure is not None:  # disk full, read-only, no permission: the user's problem, not a bug
+            raise failure from None
         raise
-    except BaseException:
-        _restore(out)
-        _remove(tmp)
+    finally:
+        _live.discard(holder)
+    try:
+        _sync(out.parent)  # the rename itself on disk; the output is in place whatever this says
+    except OSError:
+        pass
+
+
+def temp_of(out: Path) -> Path:
+    """The hidden temp an output is written to before its rename: `.NAME.tmp-PID` beside it."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+
+
+def _aside(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old-{os.getpid()}")
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux's renameat2 RENAME_EXCHANGE); False where the system or the
+    file system cannot, and the caller replaces in two renames."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if call(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@contextmanager
+def scratch(out: Path, name: str = "cache"):
+    """A working directory for a command's caches, inside the hidden temp of its output `out`
+    (`.NAME.tmp-PID/NAME/`): the rule that removes the temp of a killed run removes them too, and they are
+    gone when the block ends. A disk that refuses the cache is one XpertError naming `out`."""
+    given, out = Path(out), Path(os.path.abspath(out))
+    tmp = temp_of(out)
+    _clear_stale(out)
+    made = not tmp.exists()
+    d = tmp / name
+    try:
+        tmp.mkdir(exist_ok=True)
+        _live.add(tmp)
+        d.mkdir()
+        yield d
+    except Exception as e:
+        failure = write_failure(e, given)
+        if failure is not None:
+            raise failure from None
         raise
+    finally:
+        _remove(tmp if made else d)
+        if made:
+            _live.discard(tmp)
 
 
 def _restore(out: Path) -> None:
     """Put back the earlier output moved aside for --force when the new one never took its place."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = _aside(out)
     if (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
         os.replace(old, out)
 
 
 written: list[Path] = []  # outputs renamed into place by this process: a late Ctrl-C names them as complete
-
-
-_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+_live: set[Path] = set()  # temps this process is writing now: never cleared as stale
 
 
 def _clear_stale(out: Path) -> None:
-    """Remove temp outputs of earlier runs that were killed (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            _remove(p)
+    """What killed runs left beside `out`: their temps are removed; an earlier output one of them had moved
+    aside to replace it (--force) is put back when nothing took its place, else removed."""
+    for p in sorted(out.parent.glob(f".{out.name}.tmp-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        if _stale(p):
+            if p.name.startswith(f".{out.name}.old-") and not (out.exists() or out.is_symlink()):
+                try:
+                    os.replace(p, out)
+                except OSError:
+                    pass
+            else:
+                _remove(p)
+
+
+def clear_stale(directory: Path) -> None:
+    """What killed processes left in `directory` (a run directory's checkpoints in the making, the temps
+    of any output in it), cleared as _clear_stale does beside one output."""
+    for p in sorted(Path(directory).glob(".*.tmp-*")) + sorted(Path(directory).glob(".*.old-*")):
+        name = re.match(r"\.(.+)\.(?:tmp|old)-\d+$", p.name)
+        if name is not None and _stale(p):
+            _clear_stale(Path(directory) / name.group(1))
+
+
+def _stale(p: Path) -> bool:
+    """A temp (or set-aside output) whose process is gone; this process's own only when no write of it is
+    under way (a PID reused, as the same PID of a container's main process is after a restart)."""
+    pid = p.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or p in _live:
+        return False
+    return int(pid) == os.getpid() or not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:
@@ -155,10 +271,74 @@ def _alive(pid: int) -> bool:
 
 
 def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    except OSError:  # a read-only or vanished parent: nothing more can be done
+        pass
+
+
+def _finish(tmp: Path) -> None:
+    """Every file and directory of a finished temp: the mode the umask gives (whoever created it: safetensors
+    and torch create files 0600), and its bytes on disk (fsync) before the rename makes it the output."""
+    mask = umask()
+    if not tmp.is_dir() or tmp.is_symlink():
+        os.chmod(tmp, 0o666 & ~mask)
+        _sync(tmp)
+        return
+    for root, _, files in os.walk(tmp, topdown=False):  # a directory after everything in it
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+                _sync(p)
+        os.chmod(root, 0o777 & ~mask)
+        _sync(root)
+
+
+def _sync(path) -> None:
+    """fsync a file or a directory (a directory's entries: the renames in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for a moment for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text(out: Path, text: str, force: bool = True, output: bool = True) -> Path:
+    """A small text file (JSON, a record), written like every other output. `output=False`: a file kept
+    for the command's own use (a recipe step's record), which a late Ctrl-C does not name."""
+    with atomic_path(Path(out), force) as tmp:
+        tmp.write_text(text)
+    if not output:
+        written.remove(Path(os.path.abspath(out)))
+    return Path(out)
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk then surfaces as the OSError behind torch's own error
+    (writing to a path, torch reports only "unexpected pos")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,15 +346,8 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600; every other output follows the umask
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})  # created 0600: atomic_path sets the mode
     _sort_metadata(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sort_metadata(path: Path) -> None:
@@ -227,7 +400,7 @@ def add_metadata(path: Path, metadata: dict[str, str]) -> None:
 def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                       force: bool = False) -> Path:
     """One safetensors file, written atomically."""
-    with atomic_path(Path(out), force) as tmp:
+    with atomic_path(Path(out), force, inside=True) as tmp:
         _save(_contiguous(tensors), tmp, metadata)
     return Path(out)
 

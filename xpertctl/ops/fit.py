@@ -26,6 +26,7 @@ the captured (x, y) pairs (cached on disk, read in minibatches), stopped at the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -345,8 +346,10 @@ def fit(ck: Checkpoint, model, tokenizer, docs: dict[str, list[str]], adapted: d
         meta: dict, *, method: str = "down", ridge: float | None = None, holdout: float = HOLDOUT,
         seq_len: int, batch_size: int = 8, max_tokens: int | None = None, device: str = "cpu",
         stream_tokens: int | None = None, steps: int = 500, lr: float = 1e-3, seed: int = 0,
-        select: str = "domains", weighting: str = "tokens", cache_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The adapted FFNs with fitted layers, and per target layer what was chosen and measured."""
+        select: str = "domains", weighting: str = "tokens", cache_for: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The adapted FFNs with fitted layers, and per target layer what was chosen and measured. The `ffn` fit's
+    block I/O cache lives inside the hidden temp of the output `cache_for` (io.writer.scratch), so a killed
+    run's cache goes with its temp; without an output, in a temporary directory."""
     if ridge is not None and ridge < 0:
         raise XpertError(f"--ridge {ridge}: must be >= 0")
     lmap = [list(g) for g in meta["layer_map"]]
@@ -357,7 +360,7 @@ def fit(ck: Checkpoint, model, tokenizer, docs: dict[str, list[str]], adapted: d
     held_tokens = None if max_tokens is None else max(seq_len, round(max_tokens * holdout / (1 - holdout)))
     lm = LayerMoments(adapted, lmap)
     n = len(lmap)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix="xpertctl-fit-") as tmp:
+    with _cache_dir(method, cache_for) as tmp:
         cache = DiskCache(Path(tmp), {i for g in lmap for i in g}, lm.d, list(docs)) if method == "ffn" else None
         lm.sink = cache
         try:
@@ -392,6 +395,16 @@ def fit(ck: Checkpoint, model, tokenizer, docs: dict[str, list[str]], adapted: d
                     rows[t]["kept"] = "ffn"
     print_report(rows, method)
     return out, rows
+
+
+def _cache_dir(method: str, out: Path | None):
+    """Where the `ffn` fit caches block I/O (`down` needs no cache): inside the output's hidden temp."""
+    if method != "ffn":
+        return contextlib.nullcontext()
+    if out is None:
+        return tempfile.TemporaryDirectory(prefix="xpertctl-fit-")
+    from ..io.writer import scratch
+    return scratch(out, "fit-cache")
 
 
 def _per_domain(xs, ys, ds, w, names: list[str]) -> dict[str, float]:

@@ -502,7 +502,7 @@ def run(src: Path, out: Path, *, target: Target | None = None, like: Path | None
         adapted, fit_rec = _fit(ck, adapted, meta, fit, calibration, cal_paths, calibration_tokens=calibration_tokens,
                                 ridge=ridge, holdout=holdout, select=ridge_select, weighting=fit_weighting, steps=fit_steps, stream_layers=stream_layers,
                                 seq_len=seq_len, device=device, text_field=text_field,
-                                cache_dir=Path(out).parent if Path(out).parent.is_dir() else None)
+                                cache_for=Path(out))
         in_fps += fit_rec["inputs"]
         meta = dict(meta, notes=list(meta.get("notes") or []) + fit_rec["notes"])
     done: dict = {}
@@ -722,7 +722,7 @@ def _check_fit(fit: str, calibration: list[str] | None, ridge: float | None, tok
 
 def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: list[str], cal_paths: dict, *,
          calibration_tokens: int | None, ridge: float | None, holdout: float, select: str, weighting: str, steps: int,
-         stream_layers: bool, seq_len: int | None, device: str, cache_dir: Path | None,
+         stream_layers: bool, seq_len: int | None, device: str, cache_for: Path | None,
          text_field: str = "text"):
     """Fit each target layer's FFN to the source blocks, validated on held-out documents (ops/fit.py).
     The fitted FFN depends on the calibration text only, not on --seed (which seeds the fresh weights)."""
@@ -734,7 +734,7 @@ def _fit(ck: Checkpoint, adapted: dict, meta: dict, method: str, calibration: li
     adapted, rows = fit_op.fit(ck, runner.model, runner.tokenizer, runner.docs, adapted, meta, method=method,
                                ridge=ridge, holdout=holdout, seq_len=runner.seq_len, max_tokens=calibration_tokens,
                                device=device, stream_tokens=65536 if stream_layers else None, steps=steps,
-                               select=select, weighting=weighting, cache_dir=cache_dir)
+                               select=select, weighting=weighting, cache_for=cache_for)
     notes = [f"--fit {method}: target layer {r['target']} keeps the consolidation (held-out rel_error "
              f"{r['score']['held_out']['consolidation']:.3f}; the fit's {r['score']['held_out']['fit']:.3f} does not beat it"
              f"{', domains weighted equally' if r['score']['weighting'] == 'domains' else ''})"

@@ -39,6 +39,8 @@ def run(family: str, out: Path, *, tokenizer: Path, layers: int, hidden: int, ff
     except (ValueError, TypeError) as e:
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         raise XpertError(f"init {family}: {lines[-1] if lines else e.__class__.__name__}") from None
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would be a line of stderr before an error
     with atomic_path(Path(out), force, marker="config.json") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
