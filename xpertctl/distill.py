@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import XpertError
 
@@ -45,11 +44,8 @@ def load_teacher(teacher_dir: Path, student, student_dir: Path, load_causal_lm):
     return model
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, ce: torch.Tensor,
-            alpha: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, kl): `ce` is the student's own mean CE on `labels` (HF's causal-LM loss, unshifted labels)."""
-    keep = F.pad(labels, (0, 1), value=-100)[..., 1:] != -100  # the positions CE scores
-    s = student_logits[keep].float() / temperature
-    t = teacher_logits[keep].float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / keep.sum()
-    return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl, kl
+def kd_loss(ce: torch.Tensor, kl: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """(1 - alpha) * ce + alpha * T^2 * kl: `ce` is the student's own loss (its mean CE, plus an MoE's router
+    term), `kl` the mean KL(teacher_T || student_T) over the same positions; both computed chunk by chunk
+    from the final hidden states by losses.LMLoss, never from whole [batch, window, vocab] logits."""
+    return (1.0 - alpha) * ce + alpha * temperature ** 2 * kl

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data
+from . import data, losses
 from .console import progress
 from .errors import XpertError
 from .io import provenance
@@ -31,7 +31,8 @@ def parse_task(spec: str) -> tuple[str, str]:
 @torch.no_grad()
 def nll_windows(model, ids, seq_len: int, batch_size: int = 8, device: str = "cpu") -> tuple[float, int]:
     """Sum of next-token NLL and the number of predicted tokens over non-overlapping windows of `ids`
-    (a tensor or a token memmap, read one batch of windows at a time)."""
+    (a tensor or a token memmap, read one batch of windows at a time); log-probabilities chunk by chunk
+    from the final hidden states (losses.py)."""
     total, count = 0.0, 0
     starts = [a for a in range(0, len(ids), seq_len) if min(len(ids), a + seq_len) - a > 1]
     for b in range(0, len(starts), batch_size):
@@ -41,11 +42,11 @@ def nll_windows(model, ids, seq_len: int, batch_size: int = 8, device: str = "cp
         m = torch.zeros(len(group), T, dtype=torch.long)
         for r, c in enumerate(group):
             x[r, : c.numel()], m[r, : c.numel()] = c, 1
-        logits = model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None].to(device))[..., 0]
-        keep = m[:, 1:].bool().to(device)
-        total += float(-(lp * keep).sum())
-        count += int(keep.sum())
+        targets = torch.where(m[:, 1:].bool(), x[:, 1:], -100)  # position i predicts token i + 1
+        targets = torch.cat([targets, torch.full((len(group), 1), -100)], 1)
+        lp, _ = losses.target_logprobs(model, x.to(device), m.to(device), targets.to(device))
+        total += float(-lp.sum())
+        count += int((targets != -100).sum())
     return total, count
 
 
@@ -197,22 +198,13 @@ def encode(tok, text: str) -> list[int]:
     return tok(text)["input_ids"]
 
 
-@torch.no_grad()
 def rolling_loglikelihood(model, tok, texts, max_len: int, device: str, batch_size: int = 8) -> float:
     """Sum over documents of log P(document), every token predicted (the harness's
     loglikelihood_rolling): the first window starts with the prefix token, each later window predicts
     the next `max_len` tokens given the `max_len` tokens before them."""
     total = 0.0
     for group in _batched(_rolling_windows(tok, texts, max_len), batch_size):
-        T = max(len(w) for w, _ in group) - 1
-        x = torch.zeros(len(group), T, dtype=torch.long)
-        m = torch.zeros(len(group), T, dtype=torch.long)
-        for r, (w, _) in enumerate(group):
-            x[r, : len(w) - 1], m[r, : len(w) - 1] = torch.tensor(w[:-1]), 1
-        lp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float(), -1)
-        for r, (w, n) in enumerate(group):
-            pos = torch.arange(len(w) - 1 - n, len(w) - 1)
-            total += float(lp[r, pos].gather(-1, torch.tensor(w[-n:])[:, None].to(device)).sum())
+        total += sum(ll for ll, _ in losses.continuation_scores(model, group, device))
     return total
 
 
@@ -256,7 +248,6 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
 def loglikelihoods(model, tok, context: str, continuations: list[str], device: str,
                    max_length: int | None = None) -> list[float]:
     """log P(continuation | context) for each continuation, in one right-padded batch; inputs longer
@@ -268,20 +259,7 @@ def loglikelihoods(model, tok, context: str, continuations: list[str], device: s
         if max_length is not None:
             ids = ids[-(max_length + 1):]
         seqs.append((ids, min(len(cont), len(ids) - 1)))
-    T = max(len(ids) for ids, _ in seqs) - 1
-    x = torch.zeros(len(seqs), max(T, 1), dtype=torch.long)
-    m = torch.zeros(len(seqs), max(T, 1), dtype=torch.long)
-    for r, (ids, _) in enumerate(seqs):
-        x[r, : len(ids) - 1], m[r, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long), 1
-    lp = torch.log_softmax(model(input_ids=x.to(device), attention_mask=m.to(device)).logits.float(), -1)
-    out = []
-    for r, (ids, n) in enumerate(seqs):
-        if n <= 0:
-            out.append(0.0)
-            continue
-        pos = torch.arange(len(ids) - 1 - n, len(ids) - 1)
-        out.append(float(lp[r, pos].gather(-1, torch.tensor(ids[-n:])[:, None].to(device)).sum()))
-    return out
+    return [ll for ll, _ in losses.continuation_scores(model, seqs, device)]
 
 
 def choice_loglikelihoods(model, tok, context: str, choices: list[str], device: str, delimiter: str = " ",

@@ -10,6 +10,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import losses
 from .errors import XpertError
 from .io import provenance
 
@@ -68,6 +69,32 @@ def parse(arg: str) -> tuple[list[str], list[str], str | None, bool]:
     return names, sorted(set(includes)), provenance.sha256(b"".join(blobs)) if blobs else None, registry
 
 
+def chunked_hflm(HFLM):
+    """The harness's HFLM whose log-likelihood requests are scored by losses.continuation_scores: the same
+    requests, order, left truncation and (log-likelihood, is-greedy) answers, but from the final hidden
+    states chunk by chunk instead of a [batch, window, vocab] log-softmax. (The harness's one-token
+    continuation cache only saved forward passes; generation is the harness's own.)"""
+    from lm_eval.models.utils import Collator
+
+    class ChunkedHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            bs = override_bs or self.batch_size
+            if self.backend != "causal" or not isinstance(bs, int):  # seq2seq, or batch size "auto"
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            re_ord = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
+            res = []
+            for chunk in re_ord.get_batched(n=bs):
+                # as the harness: (context + continuation)[-(max_length + 1):], the continuation scored
+                seqs = [((ctx + cont)[-(self.max_length + 1):], len(cont)) for _, ctx, cont in chunk]
+                for (key, _, _), answer in zip(chunk, losses.continuation_scores(self.model, seqs, self.device)):
+                    res.append(answer)
+                    if key is not None:
+                        self.cache_hook.add_partial("loglikelihood", key, answer)
+            return re_ord.get_original(res)
+
+    return ChunkedHFLM
+
+
 def evaluate(model, tok, arg: str, *, device: str = "cpu", batch_size: int = 8, seed: int = 0,
              max_length: int | None = None) -> dict:
     """{task: {metric: value, ..., "n": samples}, "lm_eval": version} for the already loaded model."""
@@ -84,7 +111,7 @@ def evaluate(model, tok, arg: str, *, device: str = "cpu", batch_size: int = 8, 
     if unknown:
         raise XpertError(f"--task lmeval:{arg}: unknown task {unknown[0]!r} (not a harness task, nor in a given task file)")
     kw = {"max_length": max_length} if max_length else {}
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device, **kw)
+    lm = chunked_hflm(HFLM)(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device, **kw)
     try:
         with _quiet("huggingface_hub", "datasets", "fsspec", "urllib3"):  # offline: no HEAD/retry lines first
             res = simple_evaluate(model=lm, tasks=names, task_manager=tm, log_samples=False, random_seed=seed,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, distill
+from . import data, distill, losses
 from .console import err, progress
 from .errors import XpertError
 from .io import provenance
@@ -377,10 +377,12 @@ class Stepper:
 
     def __init__(self, model, teacher, cfg: TrainConfig, device, rk: Rank, compile: bool):
         self.model, self.teacher, self.cfg, self.device, self.rk = model, teacher, cfg, device, rk
-        net = model
+        # the loss from the final hidden states, chunk by chunk (losses.py): never a [batch, window, vocab] logits
+        self.lm = losses.LMLoss(model, teacher, cfg.kd_temperature or 1.0)
+        net = self.lm
         if rk.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
         if compile:  # evaluation stays eager: an eval-mode graph would be a second compilation
             net = torch.compile(net)
         self.net = net
@@ -391,18 +393,18 @@ class Stepper:
 
     def loss(self, x, y, m, mod=None):
         x, y, m = self.rows(x, y, m)
-        with self.amp:  # use_cache=False: a KV cache is of no use in training, only an allocation per layer
-            return (mod or self.net)(input_ids=x, attention_mask=m, labels=y, use_cache=False).loss
+        with self.amp:
+            return (mod or self.net)(x, m, y)
 
     def kd_loss(self, x, y, m):
         """(loss, ce, kl) of one micro-batch; the teacher sees this rank's rows of it."""
         x, y, m = self.rows(x, y, m)
         with self.amp:
-            out = self.net(input_ids=x, attention_mask=m, labels=y, use_cache=False)
             with torch.no_grad():
-                t_logits = self.teacher(input_ids=x, attention_mask=m, use_cache=False).logits
-        loss, kl = distill.kd_loss(out.logits, t_logits, y, out.loss, self.cfg.kd_alpha, self.cfg.kd_temperature)
-        return loss, out.loss.detach(), kl.detach()
+                t_hidden, _, _ = losses.outputs(self.teacher, x, m)
+            ce, kl = self.net(x, m, y, t_hidden)
+        loss = distill.kd_loss(ce, kl, self.cfg.kd_alpha, self.cfg.kd_temperature)
+        return loss, ce.detach(), kl.detach()
 
     def step(self, batches: Batches, step: int, opt, sched) -> tuple[float, float, dict, int]:
         """One optimizer step: (mean loss, the lr it used, KD's ce and kl, tokens seen)."""
@@ -430,9 +432,9 @@ class Stepper:
     @torch.no_grad()
     def evaluate(self, batches: Batches) -> float:
         self.model.eval()
-        losses = [float(self.loss(*batches.get(b, 0, split=1), mod=self.model)) for b in range(self.cfg.eval_batches)]
+        vals = [float(self.loss(*batches.get(b, 0, split=1), mod=self.lm)) for b in range(self.cfg.eval_batches)]
         self.model.train()
-        return _mean_across(sum(losses) / len(losses), self.rk.ddp)
+        return _mean_across(sum(vals) / len(vals), self.rk.ddp)
 
 
 # ---- resuming only the same run -----------------------------------------------------------------------
