@@ -218,7 +218,8 @@ def test_train_runs_chunked_with_the_same_losses_and_weights(fx, cdata, tmp_path
             a, b = [r.get(key) for r in ra], [r.get(key) for r in rb]
             assert [v is None for v in a] == [v is None for v in b]
             assert [v for v in a if v is not None] == pytest.approx([v for v in b if v is not None], rel=1e-5), key
-        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+        worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        assert worst < 1e-5, worst  # float summation order only (seen up to ~1e-6 after 3 AdamW steps)
 
 
 # ---- evaluation: ppl, continuation scores, mc, generation --------------------------------------------

@@ -310,7 +310,7 @@ def fingerprint(value: str) -> str | None:
     p = Path(value)
     if not p.exists():
         return None
-    fp = provenance.fingerprint(p)
+    fp = provenance.fingerprint(p, mtime=True)
     return f"{fp['sha256']}@{fp['mtime']}"
 
 

@@ -67,8 +67,9 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(path: Path, files: list[Path] | None = None) -> dict:
-    """The one fingerprint of every input: path + size + sha256 + mtime.
+def fingerprint(path: Path, files: list[Path] | None = None, mtime: bool = False) -> dict:
+    """The one fingerprint of every input: path + size + sha256 (+ mtime when asked: recipes only; an
+    artifact's provenance leaves it out, so the same inputs and seed give the same bytes).
 
     sha256 stands for the content (see digest): copies and moves of the same weights compare equal, which
     is what "made from the same model" checks compare (with size). mtime (ns, the latest of the files) is
@@ -93,8 +94,8 @@ def fingerprint(path: Path, files: list[Path] | None = None) -> dict:
             h.update((f"{f.relative_to(path)}\0" if named else "").encode() + digest(f).encode() + b"\n")
         dig = h.hexdigest()
     stats = [f.stat() for f in files]
-    return {"path": str(path.resolve()), "size": sum(s.st_size for s in stats), "sha256": dig,
-            "mtime": max((s.st_mtime_ns for s in stats), default=0)}
+    fp = {"path": str(path.resolve()), "size": sum(s.st_size for s in stats), "sha256": dig}
+    return {**fp, "mtime": max((s.st_mtime_ns for s in stats), default=0)} if mtime else fp
 
 
 file_fingerprint = fingerprint  # the name the ops use for their single-file inputs
