@@ -359,6 +359,10 @@ def test_nested_references_and_null_arguments(tmp_path):
     assert [(a["criterion"], a["plot"]) for _, _, a in plan] == [("mean", None), ("min", "p.png")]
     argv = [rc.argv_for(op, a, "w", TABLE) for _, op, a in plan]
     assert "--plot" not in argv[0] and argv[1][argv[1].index("--plot") + 1] == "p.png"
+    # and bound as if not given: the option's default, not None (graft --out-init got None)
+    from xpertctl.ops_table import BY_NAME
+    values = BY_NAME["graft"].bind({"src": "m", "out": "o", "out_init": None, "seed": None}, "w")
+    assert values["out_init"] == "default" and values["seed"] == 0
 
 
 def test_a_var_may_hold_a_template_for_the_steps_that_use_it(tmp_path):

@@ -167,7 +167,7 @@ class Command:
         given = {self.param(k).name: v for k, v in args.items()}
         values = {}
         for p in self.params:
-            if p.name in given:
+            if p.name in given and (given[p.name] is not None or p.required):  # null: as if not given
                 values[p.name] = p.coerce(given[p.name], where)
             elif p.required:
                 raise XpertError(f"{where}: {self.name} needs {p.name!r} ({p.help})")
