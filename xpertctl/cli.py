@@ -129,7 +129,9 @@ def build_app(commands: tuple[Command, ...] = COMMANDS) -> typer.Typer:
                 app.add_typer(groups[group[0]], name=group[0])
             parent = groups[group[0]]
         example = "\n\n".join(f"  {line}" for line in cmd.example.splitlines())
-        parent.command(name, help=cmd.help, epilog=f"Example:\n\n{example}")(_callback(cmd))
+        files = "".join(f"{line}\n\n" for line in cmd.formats.splitlines())
+        epilog = (f"Files it reads:\n\n{files}" if files else "") + f"Example:\n\n{example}"
+        parent.command(name, help=cmd.help, epilog=epilog)(_callback(cmd))
     return app
 
 

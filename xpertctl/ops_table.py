@@ -142,6 +142,7 @@ class Command:
     params: tuple[Param, ...]
     run: Callable[..., Any] = field(repr=False)  # adapter: every param by keyword -> what to print (path)
     rules: tuple[Callable[[dict], None], ...] = ()  # checks of options together (values by name; raise XpertError)
+    formats: str = ""  # the files it reads, field by field: shown in --help and docs/cli.md
 
     def param(self, key: str) -> Param | None:
         """The parameter a recipe key names: its `--help` name (Param.key) or its older name (Param.name)."""
@@ -641,6 +642,24 @@ def _run(recipe, set_, dry_run, only, profile, resolved, jobs):
     return runner.run(recipe, set_ or [], dry_run=dry_run, only=only, profile=profile, jobs=jobs, table=BY_NAME)
 
 
+# ---- the files commands read (shown in --help and docs/cli.md) ----------------------------------------
+
+TEXT_FORMAT = ("Text files: .txt (blank-line separated documents); .jsonl, .jsonl.gz, .jsonl.zst (one JSON "
+               "object a line, its --text-field, default \"text\"); .parquet or .arrow (the --text-field column); "
+               "or a directory of those (read in sorted order, hidden files and other types skipped with a notice).")
+MC_FORMAT = ('mc:FILE.jsonl, one item a line: {"context": str, "choices": list of str, "label": int (index of the '
+             'right choice)}; each choice is scored as context + --target-delimiter + choice (acc, and acc_norm '
+             "per character). `corpus cloze` writes this format.")
+GEN_FORMAT = ('gen:FILE.jsonl, one record a line: {"instruction": str, "response": str, "context": str (optional)}; '
+              "the prompt is the Alpaca template, the greedy answer is scored against response by Rouge-L. "
+              "`corpus sft` writes this format (its test.jsonl).")
+SFT_FORMAT = ('--sft FILE.jsonl, one record a line: {"instruction": str, "response": str, "context": str (optional)}; '
+              "the loss is on the response tokens only. `corpus sft` writes this format (its train.jsonl).")
+PPL_FORMAT = ("ppl:PATH: a token DATA directory from `tokenize` (every domain, one --split), a corpus directory "
+              "from `corpus build` ({train,val,test}/DOMAIN.txt: every domain, one --split), or one text file or "
+              "directory scored whole as one domain (formats as for text below).")
+
+
 # ---- the table ---------------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -678,7 +697,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
                 opt("seed", 0, "With --max-tokens: seed of the document sample.", range=NONNEG),
                 TEXT_FIELD, JSON, FORCE,
-            ), _stats),
+            ), _stats,
+            formats=TEXT_FORMAT),
     Command("select", "Choose the experts (of a dense model: the FFN neurons) used across all domains -> selection.json.",
             "xpertctl select stats.safetensors -o selection.json --plot freq.png --show", (
                 arg("stats_file", "stats.safetensors from `xpertctl stats`.", metavar="STATS"),
@@ -788,7 +808,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the fresh weights.", range=NONNEG),
                 opt("shard_size", "5GB", "Max bytes per safetensors shard (5GB, 500MB, 1000000).", check=_check_size),
                 FORCE,
-            ), _graft, rules=(_graft_selection, _graft_learngene)),
+            ), _graft, rules=(_graft_selection, _graft_learngene),
+            formats=TEXT_FORMAT.replace('Text files', '--calibration text')),
     Command("fidelity", "How well each student FFN reproduces its source MoE block(s) or dense FFN on real hidden states -> "
             "fidelity.json.",
             "xpertctl fidelity olmoe/ student/ -d wiki=wiki.txt --max-tokens 20000 -o fidelity.json", (
@@ -807,7 +828,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("stream_tokens", 65536, "With --stream-layers: tokens per pass over the layers.", range=POSITIVE),
                 opt("seed", 0, "Seed of the scratch reference FFN and, with --max-tokens, of the document sample.", range=NONNEG),
                 TEXT_FIELD, FORCE,
-            ), _fidelity),
+            ), _fidelity,
+            formats=TEXT_FORMAT),
     Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
             "xpertctl tokenize --tokenizer student/ -d wiki=wiki.txt -d code=code/ -o data/", (
                 opt("tokenizer", REQUIRED, "Tokenizer directory (a model dir works).", type=Path, input=True),
@@ -820,7 +842,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("workers", 0, "Tokenizer processes (0: every core). The output does not depend on it.", range=NONNEG),
                 TEXT_FIELD,
                 FORCE,
-            ), _tokenize, rules=(_split_pcts,)),
+            ), _tokenize, rules=(_split_pcts,),
+            formats=TEXT_FORMAT),
     Command("train", "Pretrain (or SFT) a causal LM with AdamW + warmup/cosine; checkpoints, metrics, resume, DDP.",
             "xpertctl train student/ --data data/ --steps 2000 -o runs/a\n"
             "torchrun --nproc-per-node 8 $(which xpertctl) train student/ --data data/ --steps 2000 -o runs/a --device cuda\n"
@@ -857,7 +880,8 @@ COMMANDS: tuple[Command, ...] = (
                 flag("compile", "torch.compile the model (pays off on long runs). Speed only."),
                 opt("resume", "no", "auto: continue from the last checkpoint in OUT.", choices=RESUME),
                 FORCE,
-            ), _train, rules=(_one_of("steps", "tokens"),)),
+            ), _train, rules=(_one_of("steps", "tokens"),),
+            formats=SFT_FORMAT),
     Command("learngene", "Train TLEG's auxiliary network (every layer theta_A + c_l theta_B) by distillation from "
             "the teacher -> a learngene for `graft --ffn-init learngene`.",
             "xpertctl learngene olmoe/ --data data/ --tokens 245760 -o learngene/\n"
@@ -912,7 +936,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("target_delimiter", " ", "mc: text between context and choice (lm-evaluation-harness's)."),
                 replace(TEXT_FIELD, help=f"ppl (text PATH): {TEXT_FIELD.help[0].lower()}{TEXT_FIELD.help[1:]}"),
                 FORCE,
-            ), _eval),
+            ), _eval,
+            formats=PPL_FORMAT + '\n' + MC_FORMAT + '\n' + GEN_FORMAT + '\n' + TEXT_FORMAT),
     Command("corpus build", "Extract >= 5 knowledge domains from text Debian packages ship -> corpus/{train,val,test}/.",
             "xpertctl corpus build -o build/corpus", (
                 out_param("Corpus directory to write."),

@@ -59,6 +59,8 @@ def render_command(c: Command) -> str:
     for p in c.params:
         name = p.display if not p.flags else ", ".join(f"`{f}`" for f in p.flags)
         lines.append(f"| {name if p.flags else f'`{name}`'} | `{p.key}` | {_value(p)} | {_default(p)} | {_cell(p.help)} |")
+    if c.formats:
+        lines += ["", "Files it reads:", "", *(f"- {_cell(line)}" for line in c.formats.splitlines())]
     lines += ["", "Example:", "", "```sh", *c.example.strip().splitlines(), "```", ""]
     return "\n".join(lines)
 
