@@ -69,3 +69,19 @@ def test_cells_without_every_seed_are_left_out_and_mixed_budgets_refused(tmp_pat
 def test_bad_arms_are_one_line_errors(tmp_path, cli, arm, needle):
     code, _, err = cli("tune", "--arm", arm, "-o", tmp_path / "t")
     assert_user_error(code, err, needle)
+
+
+def test_the_report_says_when_final_runs_did_not_use_the_picks():
+    """A recipe's finals train with vars.picks copied by hand: a report must not claim they used the tuning's
+    picks when they did not (the quick fair race trained at lr 0.002 / warmup 24 against picks 0.004 / 2)."""
+    from xpertctl.report import picks_unused, tuning_section
+    picks = {1.0: {"xpert": {"lr": 0.004, "warmup": 2, "up_gain": 1.0, "val_loss": 6.81, "seeds": [100], "edge": []},
+                   "scratch": {"lr": 0.002, "warmup": 24, "up_gain": 1.0, "val_loss": 6.83, "seeds": [100], "edge": []}}}
+    runs = {1.0: [{"arm": "xpert", "depth": 3, "seed": 0, "knobs": {"lr": 0.002, "warmup": 24, "up_gain": 1.0}},
+                  {"arm": "scratch", "depth": 3, "seed": 0, "knobs": {"lr": 0.002, "warmup": 24, "up_gain": 1.0}}]}
+    assert picks_unused(picks, runs) == ["xpert-3L-s0 at 1×: lr 0.002 (pick 0.004), warmup 24 (pick 2)"]
+    text = "\n".join(tuning_section(picks, runs))
+    assert "did not train with these picks" in text and "use these picks" not in text
+    runs[1.0][0]["knobs"] = {"lr": 0.004, "warmup": 2, "up_gain": 1.0}
+    assert picks_unused(picks, runs) == []
+    assert "the final runs above use these picks" in "\n".join(tuning_section(picks, runs))

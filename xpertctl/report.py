@@ -70,7 +70,17 @@ def _load_run(res_path: Path, ignored: list[str]) -> dict | None:
             "final_val": val[-1][1] if val else float("nan"), "test_nll": doms,
             "test_ppl": math.exp(np.mean(list(doms.values()))) if doms else float("nan"),
             "acc": mc.get("acc", float("nan")), "acc_norm": mc.get("acc_norm", float("nan")),
-            "train_loss": [(r["step"], r["loss"]) for r in rows]}
+            "train_loss": [(r["step"], r["loss"]) for r in rows], "knobs": _knobs(run_dir)}
+
+
+def _knobs(run_dir: Path) -> dict:
+    """The run's lr, warmup and graft up-gain (what `tune` picks), from its train_config.json."""
+    from .tune import load_run
+    try:
+        r = load_run(run_dir)
+    except XpertError:
+        return {}
+    return {k: r[k] for k in ("lr", "warmup", "up_gain")}
 
 
 def _fidelity(patterns: list[str] | None, runs: set, ignored: list[str]) -> dict[tuple[str, int, int], float]:
@@ -377,11 +387,30 @@ def depth_section(runs: list[dict], baseline: str) -> list[str]:
     return lines + [""]
 
 
-def tuning_section(tuning: dict[float, dict]) -> list[str]:
+def picks_unused(tuning: dict[float, dict], by_budget: dict[float, list[dict]]) -> list[str]:
+    """Final runs that did not train with their arm's pick at their budget (the picks not copied into the recipe)."""
+    out = []
+    for mult, picks in sorted(tuning.items()):
+        for r in by_budget.get(mult, []):
+            p, k = picks.get(r["arm"]), r.get("knobs") or {}
+            if p is None or not k:
+                continue
+            off = [f"{n} {k[n]:g} (pick {p[n]:g})" for n in ("lr", "warmup", "up_gain")
+                   if k.get(n) is not None and p.get(n) is not None and not math.isclose(float(k[n]), float(p[n]))]
+            if off:
+                out.append(f"{r['arm']}-{r['depth']}L-s{r['seed']} at {mult:g}×: {', '.join(off)}")
+    return out
+
+
+def tuning_section(tuning: dict[float, dict], by_budget: dict[float, list[dict]] | None = None) -> list[str]:
     if not tuning:
         return []
+    unused = picks_unused(tuning, by_budget or {})
+    used = ("the final runs above use these picks." if not unused else
+            f"**{len(unused)} final run{'s' if len(unused) > 1 else ''} above did not train with these picks** "
+            f"(copy the picks into the recipe and re-run): {'; '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}.")
     lines = ["## Tuning (validation split)", "",
-             "Every arm got the same grid at each budget (`xpertctl tune`); the final runs above use these picks. "
+             f"Every arm got the same grid at each budget (`xpertctl tune`); {used} "
              "A pick on the edge of its grid is marked.", "",
              "| budget | arm | lr | warmup | up-gain | val loss | seeds | on the edge |", "|---|---|---|---|---|---|---|---|"]
     for mult, picks in sorted(tuning.items()):
@@ -466,7 +495,7 @@ def build(results: list[str], out: Path, *, baseline: str = "scratch", teacher: 
     if notes:
         lines += [notes, ""]
     lines += teacher_section(tdoc, by_budget)
-    lines += tuning_section(picks)
+    lines += tuning_section(picks, by_budget)
     lines += domain_section(runs, baseline, split)
     with atomic_path(Path(out), force, marker="REPORT.md") as tmp:
         tmp.mkdir()
