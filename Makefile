@@ -14,7 +14,7 @@ endif
 DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib dict-gcide dict-devil python3.11-doc linux-doc-6.1
 
-.PHONY: setup test test-real demo corpus teacher bench fixtures docs clean
+.PHONY: setup test test-real demo fair-race fair-race-quick corpus teacher bench fixtures docs clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,16 @@ else
 	$(MAKE) --no-print-directory corpus
 	$(BIN)/xpertctl run recipes/demo.yaml $(DEMO_PROFILE) --jobs 2
 endif
+
+# The fair race (recipes/fair-race.yaml, docs/demo.md): every arm tuned on the same grid, then the finals with
+# the picks copied into the recipe's vars.picks. fair-race-quick: the same recipe at toy size on the fixtures.
+fair-race: setup
+	@$(BIN)/xpertctl run recipes/fair-race.yaml --resolved | sed -n 's/^estimate: /make fair-race: /p'
+	$(MAKE) --no-print-directory corpus
+	$(BIN)/xpertctl run recipes/fair-race.yaml --jobs 2
+
+fair-race-quick: setup
+	$(BIN)/xpertctl run recipes/fair-race.yaml --profile quick
 
 # Retrain the committed teacher (fixtures/teacher) from scratch with its own recipe.
 teacher: corpus

@@ -40,3 +40,25 @@ def test_one_demo_time_estimate_everywhere():
     assert full.split(" (")[0] in readme and quick.split(" (")[0] in readme
     stated = set(re.findall(r"(?:about|~)\s*(\d+)[- ]min", readme))
     assert stated <= {re.search(r"\d+", e).group() for e in (full, *profiles)}, stated
+
+
+def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_path, monkeypatch, cli):
+    """recipes/fair-race.yaml at toy size: every arm on the same tuning grid, the picks, the finals trained
+    with them, the Holm-corrected primary contrasts and the teacher; scale-matched controls at xpert's norms."""
+    from safetensors import safe_open
+    monkeypatch.chdir(ROOT)
+    work = tmp_path / "fair"
+    code, out, err = cli("run", "recipes/fair-race.yaml", "--profile", "quick", "--set", f"vars.work={work}")
+    assert code == 0, err[-3000:]
+    report = (work / "report" / "REPORT.md").read_text()
+    assert "| xpert − scratch |" in report and "| xpert − random |" in report and "Holm" in report
+    assert "the final runs above use these picks" in report, "the quick profile's picks are its tuning's"
+    picks = json.loads((work / "tune-report" / "picks.json").read_text())
+    assert set(picks) == {"xpert", "scratch", "random"}
+    assert len([p for p in (work / "tune").glob("*-lr*") if (p / "final").is_dir()]) == 3 * 2  # 3 arms x 2 learning rates x 1 tuning seed
+    # the random control is rescaled to xpert's per-layer FFN norms (same seed)
+    def norms(d):
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            return [f.get_tensor(k).norm().item() for k in sorted(f.keys()) if "mlp.down_proj" in k]
+    x, r = norms(work / "init" / "xpert-s0"), norms(work / "init" / "random-s0")
+    assert len(x) == 3 and all(abs(a - b) <= 1e-4 * a for a, b in zip(x, r))
