@@ -66,11 +66,12 @@ fair-race: setup
 fair-race-quick: setup
 	$(BIN)/xpertctl run recipes/fair-race.yaml --profile quick
 
-# Retrain the committed teacher (fixtures/teacher) from scratch with its own recipe.
+# The 100M-token teacher (recipes/teacher.yaml; resumes a killed run) -> fixtures/teacher-100m. fixtures/teacher
+# (the tests' and the quick demo's 3.7M-token teacher) is left alone.
 teacher: corpus
 	$(BIN)/xpertctl run recipes/teacher.yaml
-	rm -rf fixtures/teacher && cp -r build/teacher/run/final fixtures/teacher
-	cp build/teacher/run/metrics.jsonl build/teacher/frequency.png fixtures/teacher/
+	rm -rf fixtures/teacher-100m && cp -r build/teacher/run/final fixtures/teacher-100m
+	cp build/teacher/run/metrics.jsonl build/teacher/run/train_config.json build/teacher/frequency.png fixtures/teacher-100m/
 
 # docs/cli.md from the command table (make test fails when it is stale).
 docs: setup

@@ -82,5 +82,6 @@ def test_a_record_missing_a_field_the_help_names_is_refused(tmp_path):
     from xpertctl.errors import XpertError
     f = tmp_path / "mc.jsonl"
     f.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n')
-    with pytest.raises(XpertError, match="label"):
+    with pytest.raises(XpertError, match=r"field 'label' missing or not int \(the record has 'context', 'choices', "
+                                         r"'answer'; needs context, choices, label\)"):
         data.read_jsonl(f, {"context": str, "choices": list, "label": int})

@@ -87,6 +87,19 @@ def test_logged_lr_is_the_lr_the_step_used(fx, tdata, tmp_path):
     assert [r["lr"] for r in _rows(tmp_path / "run")] == pytest.approx(want, rel=1e-9)
 
 
+def test_a_warmup_longer_than_the_run_is_said(fx, tdata, tmp_path, cli):
+    """A newcomer's --steps 4 under the default --warmup 20 peaked at 1/5 of --lr without a word."""
+    main, _ = tdata
+    base = ("train", fx / "llama", "--data", main, "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+            "--lr", "1e-2", "--eval-every", "0")
+    code, _, err = cli(*base, "-o", tmp_path / "a")
+    assert code == 0, err
+    assert "--warmup 20 is longer than the run's 4 steps: the learning rate peaks at 0.002, never reaching --lr 0.01" in err
+    assert max(r["lr"] for r in _rows(tmp_path / "a")) == pytest.approx(2e-3)
+    code, _, err = cli(*base, "--warmup", "4", "-o", tmp_path / "b")
+    assert code == 0 and "is longer than the run" not in err
+
+
 def test_keep_zero_is_refused_and_keep_one_keeps_one(fx, tdata, tmp_path, cli):
     main, _ = tdata
     code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--keep", "0", "-o", tmp_path / "r0")

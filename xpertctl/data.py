@@ -517,7 +517,10 @@ def read_jsonl(path: Path, required: dict[str, type], allow_empty: bool = False)
             raise XpertError(f"{path}:{n}: expected a JSON object")
         for key, typ in required.items():
             if not isinstance(rec.get(key), typ) or isinstance(rec.get(key), bool):
-                raise XpertError(f"{path}:{n}: field {key!r} missing or not {typ.__name__}")
+                has = (f"it is {type(rec[key]).__name__}" if key in rec else
+                       f"the record has {', '.join(map(repr, list(rec)[:6])) or 'no fields'}")
+                raise XpertError(f"{path}:{n}: field {key!r} missing or not {typ.__name__} ({has}; "
+                                 f"needs {', '.join(required)})")
         recs.append(rec)
     if not recs and not allow_empty:
         raise XpertError(f"{path}: no records")

@@ -776,7 +776,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seq_len", None, "With --fit: window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
                 opt("device", "cpu", "With --fit: torch device for the source model."),
                 opt("arch", "llama", "Target class: llama, or qwen3 (per-head QK-norm).", choices=ARCHS),
-                opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention.",
+                opt("inherit", None, "Copy from the source (comma-separated): embeddings,norms,attention (default: none; only the FFNs come from the source).",
                     check=_check_inherit),
                 opt("ffn_init", "xpert", "xpert; scratch (the same model with fresh FFNs: the baseline); "
                     "norm-matched (fresh FFNs with the XPERT FFN's per-row norms: the scale control); learngene (the "

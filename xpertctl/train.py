@@ -185,6 +185,10 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
     teacher = distill.load_teacher(cfg.teacher, model, ckpt, load_causal_lm) if cfg.teacher else None
     batches = lm_batches(cfg, data_dir, ckpt, model) if data_dir is not None else sft_batches(cfg, sft, tok)
     total = total_steps(cfg, ckpt, model, batches)
+    if cfg.warmup > total and rk.rank == 0:  # legal (a schedule cut short), but not what a user expects
+        from .console import notice
+        notice(f"--warmup {cfg.warmup} is longer than the run's {total} steps: the learning rate peaks at "
+               f"{cfg.lr * total / cfg.warmup:.3g}, never reaching --lr {cfg.lr:g}")
     device = setup_device(cfg, rk)
     prev_threads = torch.get_num_threads()
     if threads:

@@ -143,7 +143,7 @@ def read(path: Path, kind: str | None = None) -> dict:
 KIND_NAMES = {"stats": "a stats file", "selection": "a selection JSON", "factors": "a factors file",
               "adapted": "an adapted file", "grafted": "the weights of a grafted model",
               "fidelity": "a fidelity JSON", "eval": "an eval results JSON", "data": "a token data manifest",
-              "train": "a training config", "weights": "model weights (safetensors)",
+              "train": "the output of `train` (a trained model or its train_config.json)", "weights": "model weights (safetensors)",
               "learngene": "a learngene (from `xpertctl learngene`)"}
 
 
