@@ -283,7 +283,7 @@ def commands(fx, w):
     law, code = f"law={w / 'law.txt'}", f"code={w / 'code.txt'}"
     cal = ["--calibration", law, "--calibration", code, "--calibration-tokens", "200", "--seq-len", "32"]
     train = ["train", fx / "llama", "--data", w / "td", "--steps", "6", "--batch-size", "2", "--seq-len", "16",
-             "--save-every", "2", "--eval-every", "0"]
+             "--save-every", "2", "--eval-every", "0", "--warmup", "2"]
     return {
         "stats": (lambda o: ["stats", fx / "olmoe", "-d", law, "-d", code, "-o", o / "s.safetensors"], "s.safetensors"),
         "select": (lambda o: ["select", w / "s.safetensors", "-o", o / "sel.json"], "sel.json"),
