@@ -198,7 +198,7 @@ def _source_dtype(ck: Checkpoint) -> str:
 
 
 CARD_TITLES = {"xpert": "XPERT-initialized", "scratch": "Scratch baseline", "norm-matched": "Norm-matched random control"}
-CARD_FFN = {"xpert": "consolidated experts of the source MoE (select -> align -> Tucker decompose -> reshape).",
+CARD_FFN = {"xpert": "consolidated experts of the source MoE (select -> align -> usage-weighted combination, a Tucker decomposition only at truncated --ranks -> reshape).",
             "scratch": "fresh random initialization (scratch baseline).",
             "norm-matched": "fresh random weights with the per-row norms of the XPERT FFN (control)."}
 
