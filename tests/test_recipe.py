@@ -90,6 +90,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(recipe, tmp_path, cli):
     assert code == 0, err
     assert "[1/4] sel-min: run  xpertctl select" in err and "--criterion min" in err
     assert not (tmp_path / "w").exists()
+    # stdout names what a run wrote; a plan writes nothing, so it prints nothing there (issue 31: a newcomer
+    # read the listed paths as written)
+    assert out == ""
+
+
+def test_shipped_recipes_use_the_names_help_shows(capsys):
+    """Our own recipes give no deprecation notice (demo.yaml still said learngene's src/data_dir)."""
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        for profile in [None, *rc.load(path).profiles]:
+            rc.plan_steps(path, rc.load(path, [], profile), TABLE, check_inputs=False)
+            assert "is now" not in capsys.readouterr().err, (path.name, profile)
 
 
 def test_shipped_recipes_expand(tmp_path):

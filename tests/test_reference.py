@@ -85,3 +85,26 @@ def test_a_record_missing_a_field_the_help_names_is_refused(tmp_path):
     with pytest.raises(XpertError, match=r"field 'label' missing or not int \(the record has 'context', 'choices', "
                                          r"'answer'; needs context, choices, label\)"):
         data.read_jsonl(f, {"context": str, "choices": list, "label": int})
+
+
+def test_help_explains_the_tables_a_command_prints(cli):
+    """Issue 31 (a newcomer's note): fidelity's sel-mix/scratch columns and decompose's bare `errors` table
+    were explained nowhere but the source. Every column fidelity prints is named in its --help (dense and
+    MoE sources), and decompose's error table says what it measures."""
+    from xpertctl import console
+    from xpertctl.ops import fidelity
+    def help_of(*cmd):
+        code, out, err = cli(*cmd, "--help")
+        assert code == 0, err
+        return " ".join(out.split())
+    agree = {"rel_error": 0.5, "cosine": 0.8}
+    fh = help_of("fidelity")
+    for refs in ({"selected_mixture": agree, "scratch": agree}, {"random_neurons": agree, "scratch": agree}):
+        row = {"target": 0, "sources": [0], "rel_error": 0.5, "cosine": 0.8, "scale": 1.0, "references": refs}
+        for col in fidelity.table([row], "t").columns:
+            name = col.header.split()[0]
+            assert f"{name}:" in fh, name
+    titles = [t.title for t in console.summary_tables({"path": "f.safetensors", "kind": "factors",
+                                                       "errors": {"0": {"gate": 0.5, "up": 0.4, "down": 0.3}}})]
+    assert "errors" not in titles and any("||W - W_hat|| / ||W||" in t for t in titles), titles
+    assert "errors:" in help_of("decompose")

@@ -130,7 +130,9 @@ def build_app(commands: tuple[Command, ...] = COMMANDS) -> typer.Typer:
             parent = groups[group[0]]
         example = "\n\n".join(f"  {line}" for line in cmd.example.splitlines())
         files = "".join(f"{line}\n\n" for line in cmd.formats.splitlines())
-        epilog = (f"Files it reads:\n\n{files}" if files else "") + f"Example:\n\n{example}"
+        shown = "".join(f"{line}\n\n" for line in cmd.output.splitlines())
+        epilog = (f"Files it reads:\n\n{files}" if files else "") + (f"What it prints:\n\n{shown}" if shown else "") \
+            + f"Example:\n\n{example}"
         parent.command(name, help=cmd.help, epilog=epilog)(_callback(cmd))
     return app
 

@@ -31,6 +31,10 @@ def kv_table(title: str, rows: dict) -> Table:
     return t
 
 
+TITLES = {"errors": "errors: relative reconstruction error ||W - W_hat|| / ||W|| per layer and matrix "
+                     "(0 at full ranks; 1 is no better than zero)"}  # a summary's per-layer tables, said in full
+
+
 def summary_tables(info: dict) -> list[Table]:
     """An inspect/summary dict as tables: its scalar fields, then each per-layer/per-domain mapping."""
     def cell(v):
@@ -44,7 +48,7 @@ def summary_tables(info: dict) -> list[Table]:
     for key, v in info.items():
         if _nested(v):
             cols = list(dict.fromkeys(c for row in v.values() for c in row))
-            t = Table(title=key, title_justify="left")
+            t = Table(title=TITLES.get(key, key), title_justify="left")
             for c in ["layer", *cols]:
                 t.add_column(c, justify="right")
             for name, row in v.items():

@@ -135,6 +135,7 @@ class Command:
     run: Callable[..., Any] = field(repr=False)  # adapter: every param by keyword -> what to print (path)
     rules: tuple[Callable[[dict], None], ...] = ()  # checks of options together (values by name; raise XpertError)
     formats: str = ""  # the files it reads, field by field: shown in --help and docs/cli.md
+    output: str = ""  # what the table it prints means, column by column: shown in --help and docs/cli.md
 
     def param(self, key: str) -> Param | None:
         """The parameter a recipe key names: its `--help` name (Param.key) or its older name (Param.name)."""

@@ -262,7 +262,10 @@ COMMANDS: tuple[Command, ...] = (
                 RANKS, ALIGN, ALIGN_SWEEPS, WEIGHTING,
                 flag("no_tucker", "Frequency-weighted mean instead (ablation)."),
                 JSON, FORCE,
-            ), _decompose),
+            ), _decompose,
+            output="The factors' summary (--json: the same as JSON), then per source layer:\n"
+                   "errors: the Tucker reconstruction's relative error ||W - W_hat|| / ||W|| for gate, up and down "
+                   "(0 at full ranks, the default; 1 is no better than a zero matrix)."),
     Command("reshape", "Adapt factors to the target depth and width -> adapted.safetensors (one dense FFN per layer).",
             "xpertctl reshape factors.safetensors --target 12L,d2048,f1024 -o adapted.safetensors", (
                 arg("factors", "factors.safetensors from `xpertctl decompose`."),
@@ -366,7 +369,18 @@ COMMANDS: tuple[Command, ...] = (
                 opt("seed", 0, "Seed of the scratch reference FFN and, with --max-tokens, of the document sample.", range=NONNEG),
                 TEXT_FIELD, FORCE,
             ), _fidelity,
-            formats=TEXT_FORMAT),
+            formats=TEXT_FORMAT,
+            output="One row per student layer, all on the same tokens (s: the student FFN's output, y: the source "
+                   "block's):\n"
+                   "target: the student layer; source: the source layer(s) it was made from.\n"
+                   "rel_error: ||s - y|| / ||y|| (0 exact; 1 is what a zero FFN scores).\n"
+                   "cosine: the cosine of s and y over all tokens.\n"
+                   "scale: the least-squares gain <s, y> / ||s||^2 (above 1: s is too small).\n"
+                   "sel-mix: rel_error / cosine of the selected experts' own routed mixture (the block with only "
+                   "the selected experts kept): what the consolidation approximates (MoE sources).\n"
+                   "rand-neuron: rel_error / cosine of as many of the source FFN's neurons drawn at random: what a "
+                   "neuron selection must beat (dense sources).\n"
+                   "scratch: rel_error / cosine of a fresh FFN of the student's shape and init (about 1 / 0)."),
     Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
             "xpertctl tokenize --tokenizer student/ -d wiki=wiki.txt -d code=code/ -o data/", (
                 opt("tokenizer", REQUIRED, "Tokenizer directory (a model dir works).", type=Path, input=True),
@@ -593,7 +607,7 @@ COMMANDS: tuple[Command, ...] = (
                 arg("recipe", "Recipe YAML."),
                 opt("set_", None, "Override: vars.x=1 or steps.ID.args.y=2 (ID may be a glob); repeat.", "--set",
                     type=str, multiple=True),
-                flag("dry_run", "Print the plan (run/skip per step) only."),
+                flag("dry_run", "Print the plan (run/skip per step) on stderr only; nothing is written and stdout stays empty."),
                 opt("only", None, "Run only steps whose id matches (glob *); repeat.", type=str, multiple=True),
                 opt("profile", None, "A named set of var overrides from the recipe (e.g. quick).", type=str),
                 flag("resolved", "Print the recipe as it would run (YAML: profile and --set applied, grids "

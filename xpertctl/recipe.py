@@ -401,7 +401,8 @@ def resolved(path: Path, overrides: list[str] = (), profile: str | None = None, 
 
 def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list[str] | None = None,
         profile: str | None = None, jobs: int = 1, *, table: dict) -> list[str]:
-    """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs.
+    """`xpertctl run`: run (or with dry_run, print) every step through `table`; returns the outputs (none
+    for a dry run: the plan goes to stderr).
 
     jobs > 1 runs independent steps side by side on worker processes (see _run_parallel)."""
     from .io import provenance
@@ -448,7 +449,7 @@ def run(path: Path, overrides: list[str] = (), dry_run: bool = False, only: list
             if dry_run or done or jobs == 1:
                 _say(n, len(steps), sid, "run (an input changes)" if stale else "skip (done)" if done else "run", argv)
             if dry_run or done:
-                if out:
+                if out and not dry_run:  # stdout names outputs that exist; a plan wrote none
                     outs[n] = out
                 continue
             if jobs > 1:

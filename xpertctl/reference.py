@@ -61,6 +61,8 @@ def render_command(c: Command) -> str:
         lines.append(f"| {name if p.flags else f'`{name}`'} | `{p.key}` | {_value(p)} | {_default(p)} | {_cell(p.help)} |")
     if c.formats:
         lines += ["", "Files it reads:", "", *(f"- {_cell(line)}" for line in c.formats.splitlines())]
+    if c.output:
+        lines += ["", "What it prints:", "", *(f"- {_cell(line)}" for line in c.output.splitlines())]
     lines += ["", "Example:", "", "```sh", *c.example.strip().splitlines(), "```", ""]
     return "\n".join(lines)
 

@@ -310,7 +310,8 @@ def measure(ck: Checkpoint, students: list[Student], domains: list[str], *, toke
 
 def table(rows: list[dict], title: str):
     from rich.table import Table
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", caption="the columns: `xpertctl fidelity --help`",
+              caption_justify="left")
     dense = any(r["references"].get("random_neurons") for r in rows)
     for c in ("target", "source", "rel_error", "cosine", "scale", "rand-neuron rel/cos" if dense else "sel-mix rel/cos",
               "scratch rel/cos"):
