@@ -4,17 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= full
-# DEMO=power|budget|depth|diversity|sft|ffn|paper: the recipe's profile of that name, reusing a full demo's runs
-# (power: 40 seeds for the main arms; budget: 4x and 16x the steps; depth: 3, 4, 6 layers; diversity:
-# single-domain selections; sft: SFT and Rouge-L; ffn: the graft --fit ffn arm;
-# paper: budget, depth, diversity, sft and ffn together)
-ifeq ($(filter full quick power budget depth diversity sft ffn paper,$(DEMO)),)
-$(error DEMO=$(DEMO): choose full, quick, power, budget, depth, diversity, sft, ffn or paper)
+# DEMO=full: the fair race (recipes/fair-race.yaml) with the committed picks; DEMO=tune: its tuning grid first;
+# DEMO=quick: the same recipe at toy size on the fixtures.
+ifeq ($(filter full tune quick,$(DEMO)),)
+$(error DEMO=$(DEMO): choose full, tune or quick)
 endif
-DEMO_PROFILE := $(if $(filter power budget depth diversity sft ffn paper,$(DEMO)),--profile $(DEMO))
+DEMO_PROFILE := $(if $(filter tune quick,$(DEMO)),--profile $(DEMO))
+# PAPER=power|budget|depth|diversity|sft|ffn|paper: recipes/paper.yaml's profile of that name (the earlier,
+# untuned demo of the paper's questions), reusing its default run's results; PAPER= alone runs that default.
+PAPER ?=
+PAPER_PROFILE := $(if $(PAPER),--profile $(PAPER))
 CORPUS_PKGS := wordnet-base fortunes bible-kjv man-db groff-base libpython3.11-stdlib dict-gcide dict-devil python3.11-doc linux-doc-6.1
 
-.PHONY: setup test test-real demo fair-race fair-race-quick corpus teacher bench fixtures docs clean
+.PHONY: setup test test-real demo paper corpus teacher bench fixtures docs clean
 
 setup: $(STAMP)
 
@@ -47,24 +49,20 @@ corpus: setup
 
 # The time estimate and the report's path come from the recipe itself (one number everywhere).
 demo: setup
-ifeq ($(DEMO),quick)
-	@$(BIN)/xpertctl run recipes/demo.yaml --profile quick --resolved | sed -n 's/^estimate: /make demo DEMO=quick: /p'
-	$(BIN)/xpertctl run recipes/demo.yaml --profile quick
-else
-	@$(BIN)/xpertctl run recipes/demo.yaml $(DEMO_PROFILE) --resolved | sed -n 's/^estimate: /make demo: /p'
+	@$(BIN)/xpertctl run recipes/fair-race.yaml $(DEMO_PROFILE) --resolved | sed -n 's/^estimate: /make demo: /p'
+ifneq ($(DEMO),quick)
 	$(MAKE) --no-print-directory corpus
-	$(BIN)/xpertctl run recipes/demo.yaml $(DEMO_PROFILE) --jobs 2
 endif
+	$(BIN)/xpertctl run recipes/fair-race.yaml $(DEMO_PROFILE) --jobs 2
 
-# The fair race (recipes/fair-race.yaml, docs/demo.md): every arm tuned on the same grid, then the finals with
-# the picks copied into the recipe's vars.picks. fair-race-quick: the same recipe at toy size on the fixtures.
-fair-race: setup
-	@$(BIN)/xpertctl run recipes/fair-race.yaml --resolved | sed -n 's/^estimate: /make fair-race: /p'
+# The paper's questions (recipes/paper.yaml, docs/demo.md): budget, depth, diversity, SFT, on the earlier
+# untuned design; PAPER=quick is its toy size.
+paper: setup
+	@$(BIN)/xpertctl run recipes/paper.yaml $(PAPER_PROFILE) --resolved | sed -n 's/^estimate: /make paper: /p'
+ifneq ($(PAPER),quick)
 	$(MAKE) --no-print-directory corpus
-	$(BIN)/xpertctl run recipes/fair-race.yaml --jobs 2
-
-fair-race-quick: setup
-	$(BIN)/xpertctl run recipes/fair-race.yaml --profile quick
+endif
+	$(BIN)/xpertctl run recipes/paper.yaml $(PAPER_PROFILE) --jobs 2
 
 # The 100M-token teacher (recipes/teacher.yaml; resumes a killed run) -> fixtures/teacher-100m. fixtures/teacher
 # (the tests' and the quick demo's 3.7M-token teacher) is left alone.

@@ -47,7 +47,7 @@ from xpertctl.ops.graft import norm_matched  # noqa: E402
 
 XPERTCTL = [sys.executable, "-m", "xpertctl"]
 TRAIN = ["--steps", "120", "--batch-size", "8", "--seq-len", "256", "--lr", "0.002", "--warmup", "10",
-         "--eval-every", "15", "--eval-batches", "4", "--threads", "1"]  # recipes/demo.yaml's train step
+         "--eval-every", "15", "--eval-batches", "4", "--threads", "1"]  # recipes/paper.yaml's train step
 LAYERS = 3
 FFN = [f"model.layers.{t}.mlp.{m}_proj.weight" for t in range(LAYERS) for m in ("gate", "up", "down")]
 
@@ -115,7 +115,7 @@ def beyond(b: Path, out: Path, seeds) -> None:
     """`--rescale selected --up-gain 4` where the demo's profiles measured the default: 6 layers (the depth
     profile's runs) and 4x the steps (the budget profile's), paired with their scratch and xpert runs."""
     x4 = ["--steps", "480", "--batch-size", "8", "--seq-len", "256", "--lr", "0.002", "--warmup", "40",
-          "--eval-every", "60", "--eval-batches", "4", "--threads", "1"]  # recipes/demo.yaml's train-x4 step
+          "--eval-every", "60", "--eval-batches", "4", "--threads", "1"]  # recipes/paper.yaml's train-x4 step
     for s in seeds:
         g = out / f"selk4-6L-{s}"
         if not g.exists():

@@ -1,4 +1,5 @@
-"""The demo recipe end to end at toy size (what `make demo DEMO=quick` runs): every step, the report."""
+"""The demo recipes end to end at toy size (`make demo DEMO=quick`: the fair race; `make paper PAPER=quick`):
+every step, the report."""
 import json
 
 from conftest import ROOT
@@ -7,7 +8,7 @@ from conftest import ROOT
 def test_quick_demo_produces_the_report(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository
     work = tmp_path / "demo"
-    code, out, err = cli("run", "recipes/demo.yaml", "--profile", "quick", "--set", f"vars.work={work}",
+    code, out, err = cli("run", "recipes/paper.yaml", "--profile", "quick", "--set", f"vars.work={work}",
                          "--set", f"vars.report={work / 'report'}")
     assert code == 0, err[-3000:]
     report = (work / "report" / "REPORT.md").read_text()
@@ -27,19 +28,22 @@ def test_quick_demo_produces_the_report(tmp_path, monkeypatch, cli):
 
 
 def test_one_demo_time_estimate_everywhere():
-    """The recipe's estimates are the only numbers: the Makefile prints them from the recipe and the
-    README quotes them verbatim."""
+    """The recipes' estimates are the only numbers: the Makefile prints them from the recipe and the
+    README quotes them verbatim. `make demo` is the fair race (its default, tune and quick profiles)."""
     import re
     import yaml
-    doc = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
-    full, quick, power = doc["estimate"], doc["profiles"]["quick"]["estimate"], doc["profiles"]["power"]["estimate"]
-    profiles = [p["estimate"] for p in doc["profiles"].values()]
+    fair = yaml.safe_load((ROOT / "recipes" / "fair-race.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "recipes" / "paper.yaml").read_text())
+    full, quick, tune = fair["estimate"], fair["profiles"]["quick"]["estimate"], fair["profiles"]["tune"]["estimate"]
+    estimates = [full, quick, tune, paper["estimate"], *(p["estimate"] for p in paper["profiles"].values())]
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert not re.search(r"\d+\s*min", makefile), "the Makefile must not carry its own estimate"
-    assert full.split(" (")[0] in readme and quick.split(" (")[0] in readme
+    assert "recipes/fair-race.yaml" in makefile.split("demo: setup")[1].split("\n\n")[0]
+    for e in (full, quick, tune):
+        assert e.split(" (")[0] in readme, e
     stated = set(re.findall(r"(?:about|~)\s*(\d+)[- ]min", readme))
-    assert stated <= {re.search(r"\d+", e).group() for e in (full, *profiles)}, stated
+    assert stated <= {re.search(r"\d+", e).group() for e in estimates}, stated
 
 
 def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_path, monkeypatch, cli):
@@ -62,3 +66,16 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
             return [f.get_tensor(k).norm().item() for k in sorted(f.keys()) if "mlp.down_proj" in k]
     x, r = norms(work / "init" / "xpert-s0"), norms(work / "init" / "random-s0")
     assert len(x) == 3 and all(abs(a - b) <= 1e-4 * a for a, b in zip(x, r))
+
+
+def test_the_committed_picks_are_the_committed_tuning_s():
+    """`make demo` trains with vars.picks and shows the committed tuning beside its result: they are one
+    set of numbers (the report would say the finals did not use the picks)."""
+    import yaml
+    doc = yaml.safe_load((ROOT / "recipes" / "fair-race.yaml").read_text())
+    tuning = doc["vars"]["tuning"][0].split("=", 1)[1]
+    picks = json.loads((ROOT / tuning / "picks.json").read_text())
+    assert set(picks) == set(doc["vars"]["arms"]) == set(doc["vars"]["picks"])
+    for arm, p in doc["vars"]["picks"].items():
+        assert (p["lr"], p["warmup"]) == (picks[arm]["lr"], picks[arm]["warmup"]), arm
+    assert not set(doc["vars"]["tune_seeds"]) & set(doc["vars"]["seeds"]), "tuning seeds are never final seeds"

@@ -230,7 +230,7 @@ PROFILES = ("budget", "depth", "diversity", "sft", "ffn", "paper")
 def test_each_profile_expands_and_reuses_the_default_demo(profile, tmp_path, cli, monkeypatch):
     from xpertctl import recipe as rc
     from xpertctl.ops_table import BY_NAME
-    path = ROOT / "recipes" / "demo.yaml"
+    path = ROOT / "recipes" / "paper.yaml"
     demo = rc.expand(rc.load(path), path)
     plan = rc.expand(rc.load(path, profile=profile), path)
     for sid, op, args in plan:
@@ -270,15 +270,15 @@ def test_each_profile_expands_and_reuses_the_default_demo(profile, tmp_path, cli
     assert report["out"] != next(a for _, op, a in demo if op == "report")["out"]  # its own report
     # the profile prints its estimate first
     monkeypatch.chdir(ROOT)
-    code, out, err = cli("run", "recipes/demo.yaml", "--profile", profile, "--resolved")
+    code, out, err = cli("run", "recipes/paper.yaml", "--profile", profile, "--resolved")
     assert code == 0, err
     est = next(l for l in out.splitlines() if l.startswith("estimate:"))
-    assert "about" in est and "after the default demo" in est
+    assert "about" in est and "after its default run" in est
 
 
 def test_default_demo_evaluates_the_order_task_everywhere_and_keeps_its_arms():
     from xpertctl import recipe as rc
-    path = ROOT / "recipes" / "demo.yaml"
+    path = ROOT / "recipes" / "paper.yaml"
     demo = rc.expand(rc.load(path), path)
     evals = [a for _, op, a in demo if op == "eval"]
     assert evals and all(any(t.endswith("/order.jsonl") and t.startswith("mc:") for t in a["task"]) for a in evals)

@@ -96,7 +96,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(recipe, tmp_path, cli):
 
 
 def test_shipped_recipes_use_the_names_help_shows(capsys):
-    """Our own recipes give no deprecation notice (demo.yaml still said learngene's src/data_dir)."""
+    """Our own recipes give no deprecation notice (paper.yaml still said learngene's src/data_dir)."""
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         for profile in [None, *rc.load(path).profiles]:
             rc.plan_steps(path, rc.load(path, [], profile), TABLE, check_inputs=False)
@@ -104,14 +104,14 @@ def test_shipped_recipes_use_the_names_help_shows(capsys):
 
 
 def test_shipped_recipes_expand(tmp_path):
-    for name in ("demo.yaml", "teacher.yaml", "olmoe-1b-7b-to-12L.yaml"):
+    for name in ("paper.yaml", "teacher.yaml", "olmoe-1b-7b-to-12L.yaml"):
         r = rc.load(ROOT / "recipes" / name)
         plan = rc.expand(r, ROOT / "recipes" / name)
         for sid, op, args in plan:
             rc.argv_for(op, args, sid, TABLE)  # every op and argument exists
-    demo = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml"), Path("demo.yaml"))
+    demo = rc.expand(rc.load(ROOT / "recipes" / "paper.yaml"), Path("paper.yaml"))
     assert sum(op == "train" for _, op, _ in demo) == 9 * 1 * 8  # 9 arms (KD and learngene included), 1 depth, 8 seeds
-    power = rc.expand(rc.load(ROOT / "recipes" / "demo.yaml", profile="power"), Path("demo.yaml"))
+    power = rc.expand(rc.load(ROOT / "recipes" / "paper.yaml", profile="power"), Path("paper.yaml"))
     trains = [a["out"] for _, op, a in power if op == "train"]
     assert len(trains) == 5 * 40 + 4 * 8  # xpert, fit, random, low, scratch x 40 seeds; literal, norm-matched, kd, learngene x 8
     # power only adds seeds: every step of the default demo but its report is in it with the same args (skipped)
@@ -123,7 +123,7 @@ def test_each_profiles_report_reads_what_that_profile_evaluated(tmp_path):
     """The report's results and fidelity are the outs of this profile's own eval and fidelity steps: a glob
     over the shared eval/ directory also took other profiles' runs (the default report showed the depth
     profile's 4- and 6-layer students, the ffn and diversity arms, made with an older release's defaults)."""
-    path = ROOT / "recipes" / "demo.yaml"
+    path = ROOT / "recipes" / "paper.yaml"
     for profile, arms, depths in ((None, 9, [3]), ("depth", 9 + 5 * 2, [3, 4, 6]), ("ffn", 10, [3]),
                                   ("diversity", 15, [3])):
         plan = rc.expand(rc.load(path, profile=profile), path)

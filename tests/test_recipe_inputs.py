@@ -123,9 +123,9 @@ def test_the_command_line_checks_what_a_recipe_checks(tmp_path):
 def test_demo_notes_state_no_student_budget_its_profile_does_not_train(profile):
     """The report notes of every profile: a student token count they state is steps x batch x seq."""
     import re
-    r = rc.load(ROOT / "recipes" / "demo.yaml", [], profile)
+    r = rc.load(ROOT / "recipes" / "paper.yaml", [], profile)
     v = r.vars  # steps, batch and seq are plain numbers in every profile
-    notes = next(args["notes"] for sid, op, args in rc.expand(r, ROOT / "recipes" / "demo.yaml") if op == "report")
+    notes = next(args["notes"] for sid, op, args in rc.expand(r, ROOT / "recipes" / "paper.yaml") if op == "report")
     tokens = v["steps"] * v["batch"] * v["seq"]
     assert f"{v['steps']} steps of {v['batch']} x {v['seq']} tokens" in notes
     for m in re.finditer(r"about ([\d.]+)M tokens", notes):

@@ -603,7 +603,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("run", "Run a YAML recipe: every step is an xpertctl command; finished steps are skipped. A step's "
             "`args` take the names each command's --help shows (options without dashes, positionals by their "
             "metavar: `data`, `stats`, `ckpt`); docs/cli.md lists every command's.",
-            "xpertctl run recipes/demo.yaml --profile quick --set vars.steps=20 --only 'train-*'", (
+            "xpertctl run recipes/paper.yaml --profile quick --set vars.steps=20 --only 'train-*'", (
                 arg("recipe", "Recipe YAML."),
                 opt("set_", None, "Override: vars.x=1 or steps.ID.args.y=2 (ID may be a glob); repeat.", "--set",
                     type=str, multiple=True),
