@@ -514,3 +514,18 @@ def test_a_wrong_text_field_is_refused_before_the_model_loads(fx, tmp_path, cli,
     code, so, err = cli("stats", fx / "olmoe", "-d", f"a={f}", "--text-field", "body", "-o", tmp_path / "s.st")
     assert_user_error(code, err, str(f), "'body'", "--text-field")
     assert not (tmp_path / "s.st").exists()
+
+
+def test_tokenize_of_a_corpus_records_the_corpus_splits_not_unused_percentages(fx, tmp_path, cli):
+    """Issue 31 (a newcomer): with --corpus the corpus keeps its own splits, yet manifest.json said
+    "split": {"val_pct": 5, "test_pct": 5}."""
+    from conftest import ROOT
+    code, out, err = cli("tokenize", "--tokenizer", fx / "llama", "--corpus", ROOT / "fixtures" / "corpus-mini",
+                         "-o", tmp_path / "d")
+    assert code == 0, err
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert m["split"] == {"from": "corpus"}, m["split"]
+    code, out, err = cli("tokenize", "--tokenizer", fx / "llama", "-d", f"a={ROOT / 'fixtures/corpus-mini/train/legal.txt'}",
+                         "--val-pct", "7", "-o", tmp_path / "e")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["split"] == {"val_pct": 7, "test_pct": 5}

@@ -175,3 +175,18 @@ def test_graft_without_stats_fails_in_one_line(fx, tmp_path, cli, bad):
     code, _, err = cli("graft", fx / "olmoe", *bad, "-o", tmp_path / "g")
     assert_user_error(code, err, bad[2])
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("cmd", ["eval", "train"])
+def test_a_run_directory_or_a_missing_model_is_named_for_what_it_is(fx, tdata, tmp_path, cli, cmd):
+    """Issue 31 (a newcomer): `eval runs/xpert` said 'not a model directory (no config.json)' without
+    pointing at runs/xpert/final, and a misspelt path got the same words instead of 'no such file'."""
+    run = tmp_path / "run"
+    shutil.copytree(fx / "llama", run / "final")
+    tail = {"eval": ["--task", f"ppl:{tdata}", "-o", tmp_path / "r.json"],
+            "train": ["--data", tdata, "--steps", "1", "-o", tmp_path / "t"]}[cmd]
+    code, _, err = cli(cmd, run, *tail)
+    assert_user_error(code, err, str(run), "a training run", str(run / "final"))
+    code, _, err = cli(cmd, run / "fnal", *tail)
+    assert_user_error(code, err, str(run / "fnal"), "no such file or directory")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "t").exists()

@@ -56,8 +56,8 @@ def test_a_new_command_is_one_declaration_for_cli_and_recipes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,needle", [
-    ({"words": "hi", "times": "many"}, "--times expects int, got 'many'"),
-    ({"words": "hi", "loud": "yes"}, "--loud expects true/false"),
+    ({"words": "hi", "times": "many"}, "times expects int, got 'many'"),
+    ({"words": "hi", "loud": "yes"}, "loud expects true/false"),
     ({"times": 2}, "echo needs 'words'"),
     ({"words": "hi", "colour": 1}, "echo has no argument 'colour'"),
 ])
@@ -71,7 +71,7 @@ def test_recipe_choices_come_from_the_table(tmp_path, cli):
     r.write_text(yaml.safe_dump({"name": "t", "steps": [{"id": "s", "op": "select", "args": {
         "stats": "s.safetensors", "criterion": "best", "out": "o.json"}}]}))
     code, _, err = cli("run", r)
-    assert_user_error(code, err, "r.yaml", "step 's'", "--criterion 'best': choose one of min, mean, vote")
+    assert_user_error(code, err, "r.yaml", "step 's'", "criterion 'best': choose one of min, mean, vote")
 
 
 def test_choices_are_the_ops_own_lists():

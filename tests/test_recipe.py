@@ -59,6 +59,13 @@ def test_set_and_profile_override_vars(recipe, tmp_path):
     assert plan[0][2]["per_layer"] == 1
     plan = rc.expand(rc.load(recipe, ["vars.n=4"], profile="small"), recipe)
     assert plan[0][2]["per_layer"] == 4  # --set wins over the profile
+    with pytest.raises(XpertError, match=r"--profile 'smal': .* has no profile of that name \(did you mean 'small'\? "
+                                         r"profiles: small\)"):
+        rc.load(recipe, [], profile="smal")
+    doc = yaml.safe_load(recipe.read_text())
+    doc.pop("profiles")
+    with pytest.raises(XpertError, match=r"--profile 'small': .* has no profile of that name \(it has none\)"):
+        rc.load(_write(tmp_path, doc, "bare.yaml"), [], profile="small")
 
 
 def test_skip_if_done_after_interrupt(recipe, tmp_path, monkeypatch, capsys):
@@ -155,7 +162,16 @@ def test_each_profiles_report_reads_what_that_profile_evaluated(tmp_path):
     (lambda d: d["steps"][2]["args"].update(stats="${steps.nope.out}"), "${steps.nope.out} names no earlier step"),
     (lambda d: d["steps"][2]["args"].update(stats="${vars.missing}"), "${vars.missing} is not defined"),
     (lambda d: d["steps"][1].pop("op"), "step 'cloze': op: Field required"),
-    (lambda d: d.update(extra_key=1), "extra_key: Extra inputs are not permitted"),
+    (lambda d: d.update(extra_key=1), "unknown key 'extra_key' (keys: name, description, estimate, result, vars, "
+                                      "profiles, steps)"),
+    # a newcomer's typos (issue 31): the likely key is suggested, and the message names the recipe's keys
+    (lambda d: d.update(stpes=d.pop("steps")), "unknown key 'stpes' (did you mean 'steps'?"),
+    (lambda d: d["steps"][0].update(gird=d["steps"][0].pop("grid")),
+     "step 'sel-${grid.crit}': unknown key 'gird' (did you mean 'grid'?"),
+    (lambda d: d["steps"][1].update(arg=d["steps"][1].pop("args")), "step 'cloze': unknown key 'arg' (did you mean 'args'?"),
+    (lambda d: d["steps"][1]["args"].update(per_domian=d["steps"][1]["args"].pop("per_domain")),
+     "corpus cloze has no argument 'per_domian' (did you mean 'per_domain'?"),
+    (lambda d: d["steps"][1]["args"].update(per_domain="ten"), "step 'cloze': per_domain expects int, got 'ten'"),
     (lambda d: d["steps"][0].update(id="same"), "id 'same' is used twice"),
 ])
 def test_bad_recipes_are_one_line_errors(recipe, cli, mutate, needle):
@@ -229,7 +245,7 @@ def test_dry_run_checks_values_and_existing_inputs(recipe, cli, tmp_path):
     doc["steps"][2]["args"]["criterion"] = "best"
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
     code, _, err = cli("run", recipe, "--dry-run")
-    assert_user_error(code, err, "step 'copy-min'", "--criterion 'best'")
+    assert_user_error(code, err, "step 'copy-min'", "criterion 'best'")
     doc["steps"][2]["args"]["criterion"] = "min"
     doc["steps"][0]["args"]["stats"] = str(tmp_path / "missing.safetensors")
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -434,3 +450,27 @@ def test_recipes_take_the_names_help_shows_and_old_names_still_work(tmp_path, cl
     assert_user_error(code, err, "'stats' given twice")
     code, out, _ = cli("run", "--help")
     assert "docs/cli.md" in " ".join(out.replace("│", " ").split())
+
+
+def test_a_tokenizer_read_from_a_model_directory_is_fingerprinted_without_its_weights(tmp_path, cli, fx):
+    """Issue 31 (a newcomer): `tokenize --tokenizer student/` ran again after a change upstream rewrote only
+    the student's weights; on a real corpus that is the costliest step. Its tokenizer files still count."""
+    import shutil
+    model = tmp_path / "student"
+    shutil.copytree(ROOT / "fixtures" / "teacher", model)
+    mini = ROOT / "fixtures" / "corpus-mini"
+    doc = {"name": "t", "steps": [{"id": "data", "op": "tokenize", "args": {
+        "tokenizer": str(model), "domain": [f"legal={mini}/train/legal.txt"], "out": str(tmp_path / "data")}}]}
+    r = _write(tmp_path, doc)
+    code, _, err = cli("run", r)
+    assert code == 0, err
+    weights = sorted(model.glob("*.safetensors"))
+    assert weights
+    for w in weights:  # new weights, same tokenizer
+        w.write_bytes(w.read_bytes()[:-16] + bytes(16))
+    code, _, err = cli("run", r, "--dry-run")
+    assert code == 0 and "data: skip (done)" in err, err
+    tok = model / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"unk_token": null', '"unk_token": null ', 1) + "\n")
+    code, _, err = cli("run", r, "--dry-run")
+    assert code == 0 and "data: run" in err, err

@@ -104,6 +104,14 @@ def test_help_explains_the_tables_a_command_prints(cli):
         for col in fidelity.table([row], "t").columns:
             name = col.header.split()[0]
             assert f"{name}:" in fh, name
+    sh = help_of("select")
+    expert = {"level": "expert", "criterion": "min", "per_layer": 2, "layers": [
+        {"layer": 0, "experts": [4, 9], "freq": {"a": [0.3, 0.2], "b": [0.4, 0.25]}, "prob": {"a": [0.1, 0.2]}}]}
+    neuron = {"level": "neuron", "criterion": "min", "per_layer": 2, "num_neurons": 8, "neuron_top": 2, "layers": [
+        {"layer": 0, "neurons": [1, 5], "scores": [0.5, 0.4], "coverage": {"a": 0.5}, "mass_share": {"a": 0.3}}]}
+    for doc in (expert, neuron):
+        for col in console.selection_table(doc).columns:
+            assert f"{col.header.split()[0]}:" in sh, col.header
     titles = [t.title for t in console.summary_tables({"path": "f.safetensors", "kind": "factors",
                                                        "errors": {"0": {"gate": 0.5, "up": 0.4, "down": 0.3}}})]
     assert "errors" not in titles and any("||W - W_hat|| / ||W||" in t for t in titles), titles

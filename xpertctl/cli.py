@@ -137,7 +137,7 @@ def build_app(commands: tuple[Command, ...] = COMMANDS) -> typer.Typer:
     return app
 
 
-GROUP_HELP = {"corpus": "Build the multi-domain demo corpus, its tokenizer and a cloze task."}
+GROUP_HELP = {"corpus": "Build the multi-domain demo corpus, its tokenizer, and its tasks (cloze, word order, SFT)."}
 
 
 class _Flag(TyperOption):

@@ -82,9 +82,9 @@ def selection_table(doc: dict) -> Table:
     t = Table(title=f"selection: criterion={doc['criterion']}, {doc['per_layer']} per layer", title_justify="left")
     t.add_column("layer", justify="right")
     t.add_column("experts")
-    t.add_column("min freq", justify="right")
-    t.add_column("mean freq", justify="right")
-    t.add_column("mean router prob", justify="right")
+    t.add_column("min-freq", justify="right")  # every column is explained in `select --help`
+    t.add_column("mean-freq", justify="right")
+    t.add_column("router-prob", justify="right")
     for l in doc["layers"]:
         fr, pr = list(l["freq"].values()), list(l.get("prob", {}).values())
         n = len(l["experts"])
@@ -99,8 +99,8 @@ def selection_table(doc: dict) -> Table:
 def _neuron_selection_table(doc: dict) -> Table:
     t = Table(title=f"neuron selection: criterion={doc['criterion']}, {doc['per_layer']} of {doc.get('num_neurons')} "
               f"neurons per layer (active: top {doc.get('neuron_top')} of |act|)", title_justify="left")
-    for c, j in (("layer", "right"), ("neurons (best first)", "left"), ("min score", "right"),
-                 ("coverage: min / mean over domains", "right"), ("|act| mass: min / mean", "right")):
+    for c, j in (("layer", "right"), ("neurons (best first)", "left"), ("min-score", "right"),
+                 ("coverage (min / mean)", "right"), ("mass (min / mean)", "right")):
         t.add_column(c, justify=j)
     for l in doc["layers"]:
         ids = l["neurons"]

@@ -316,7 +316,8 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
     dtype = np.uint16 if vocab <= 65535 else np.uint32
     manifest = {"tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "sha256": tokenizer_fingerprint(tokenizer_dir),
                               "vocab_size": vocab, "eos_id": tok.eos_token_id},
-                "dtype": np.dtype(dtype).name, "split": {"val_pct": val_pct, "test_pct": test_pct}, "domains": {}}
+                "dtype": np.dtype(dtype).name, "split": {"from": "corpus"} if corpus else {"val_pct": val_pct, "test_pct": test_pct},
+                "domains": {}}
     enc = Encoder(tok, workers)
     try:
         with atomic_path(Path(out), force, marker=MANIFEST) as tmp:

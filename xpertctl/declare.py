@@ -76,6 +76,7 @@ class Param:
     # the default does what the command did before the option existed: a recipe step's record leaves it out, so
     # steps finished before it stay current (drop the mark if the default ever changes what the command does)
     neutral: bool = False
+    tokenizer: bool = False  # a directory read for its tokenizer only: a step's record fingerprints only those files
 
     @property
     def required(self) -> bool:
@@ -120,9 +121,9 @@ class Param:
         else:
             v = Path(str(v)) if t is Path else str(v)
         if bad:
-            raise XpertError(f"{where}: {self.display} expects {'true/false' if t is bool else t.__name__}, got {v!r}")
-        if self.choices and v not in self.choices:
-            raise XpertError(f"{where}: {self.display} {v!r}: choose one of {', '.join(self.choices)}")
+            raise XpertError(f"{where}: {self.key} expects {'true/false' if t is bool else t.__name__}, got {v!r}")
+        if self.choices and v not in self.choices:  # a recipe's value: named by its recipe key
+            raise XpertError(f"{where}: {self.key} {v!r}: choose one of {', '.join(self.choices)}")
         return v
 
 
@@ -153,8 +154,9 @@ class Command:
         for key in args:
             p = self.param(key)
             if p is None:
-                known = ", ".join(p.key for p in self.params)
-                raise XpertError(f"{where}: {self.name} has no argument {key!r} (arguments: {known})")
+                known = [p.key for p in self.params]
+                raise XpertError(f"{where}: {self.name} has no argument {key!r} ({did_you_mean(key, known)}"
+                                 f"arguments: {', '.join(known)})")
         twice = [p.key for p in self.params if sum(self.param(k) is p for k in args) > 1]
         if twice:
             raise XpertError(f"{where}: {self.name}: {twice[0]!r} given twice (under its old and its new name)")
@@ -281,3 +283,10 @@ TEXT_FIELD = opt("text_field", "text", "Text field of .jsonl[.gz|.zst] records /
                  "(.txt has none).")
 JSON = flag("as_json", "Print the summary as JSON on stdout instead of the path (its \"path\" is the output).",
             "--json")
+
+
+def did_you_mean(word: str, known) -> str:
+    """'did you mean 'x'? ' for the closest of `known` to a misspelt `word` (empty when none is close)."""
+    import difflib
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""

@@ -158,7 +158,8 @@ ALIGN_SWEEPS = opt("align_sweeps", 0, "After matching each expert to the most-us
                    "each to the weighted sum of the others (opt-in: ~3x the alignment time for ~0.005 rel_error).", range=NONNEG)
 WEIGHTING = opt("weighting", "joint", "Expert-mode weighting: joint (one per layer, shared by gate/up/down) or "
                 "per-matrix (the literal paper reading).", choices=WEIGHTINGS)
-RESCALE = opt("rescale", RESCALE_DEFAULT, "Scale each down projection from the stats: selected (the mean routing "
+RESCALE = opt("rescale", RESCALE_DEFAULT, "Scale each down projection from the stats (read from --stats, or the "
+              "routed_mass that `select` recorded in --selection): selected (the mean routing "
               "weight per token the selected experts receive: no layer worse than a zero FFN on our held-out text), "
               "routed (the whole block's mean top-k weight per token, as if the FFN stood for every expert: worse "
               "than a zero FFN in some layers, students train better from it at --up-gain 1) or none (the experts' "
@@ -218,7 +219,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("domain", REQUIRED, "NAME=PATH (.txt, .jsonl[.gz|.zst], .parquet, .arrow or a directory); repeat.", "--domain", "-d",
                     type=str, multiple=True, path=_after("="), check=_check_domain),
                 out_param("stats.safetensors to write."),
-                opt("tokenizer", None, "Tokenizer directory (default: the checkpoint's).", type=Path, input=True),
+                opt("tokenizer", None, "Tokenizer directory (default: the checkpoint's).", type=Path, input=True,
+                    tokenizer=True),
                 opt("max_tokens", None, "Tokens per domain, from documents sampled across it (default: all).",
                     type=int, range=POSITIVE),
                 opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
@@ -251,7 +253,19 @@ COMMANDS: tuple[Command, ...] = (
                     check=_check_int_list("--plot-layers")),
                 flag("show", "Print the selection as a table (stderr)."),
                 JSON, FORCE,
-            ), _select, rules=(_select_per_layer,)),
+            ), _select, rules=(_select_per_layer,),
+            output="With --show, one row per source layer (freq: the share of a domain's tokens routed to an expert):\n"
+                   "layer: the source layer. experts: the selected experts.\n"
+                   "min-freq: each selected expert's lowest freq over the domains (what --criterion min ranks by), "
+                   "averaged over the selected experts.\n"
+                   "mean-freq: the same with each expert's mean freq over the domains.\n"
+                   "router-prob: the selected experts' mean router probability over tokens and domains.\n"
+                   "Dense sources: neurons: the kept neurons, best first. min-score: the lowest criterion score "
+                   "among them. coverage: min / mean over domains of the share of the layer's activations (top "
+                   "--neuron-top of |act|) they carry. mass: the same for |activation| mass.\n"
+                   "selection.json also holds each selected expert's freq and prob per domain, and per layer "
+                   "routed_mass: the mean top-k routing weight per token the selected experts receive (graft's "
+                   "default --rescale selected scales the consolidated FFN by it)."),
     Command("decompose", "Stack each layer's selected experts and Tucker-decompose them -> factors.safetensors.",
             "xpertctl decompose olmoe/ selection.json -o factors.safetensors\n"
             "xpertctl decompose olmoe/ selection.json -o literal.safetensors --no-align --weighting per-matrix "
@@ -283,7 +297,7 @@ COMMANDS: tuple[Command, ...] = (
                 opt("like", None, "Source MoE for config/tokenizer (adapted input; default: the recorded source).",
                     type=Path, input=True),
                 opt("tokenizer", None, "Tokenizer directory to include (default: the one beside the source).",
-                    type=Path, input=True),
+                    type=Path, input=True, tokenizer=True),
                 opt("stats_file", None, "One-shot: select from these stats.", "--stats", type=Path, input=True),
                 opt("selection", None, "One-shot: use this selection.json.", type=Path, input=True),
                 opt("criterion", "min", "One-shot with --stats: selection criterion.", choices=CRITERIA),
@@ -358,7 +372,8 @@ COMMANDS: tuple[Command, ...] = (
                 opt("domain", REQUIRED, "NAME=PATH text to run the source on; repeat.", "--domain", "-d",
                     type=str, multiple=True, path=_after("="), check=_check_domain),
                 out_param("fidelity.json to write."),
-                opt("tokenizer", None, "Tokenizer directory (default: the source's).", type=Path, input=True),
+                opt("tokenizer", None, "Tokenizer directory (default: the source's).", type=Path, input=True,
+                    tokenizer=True),
                 opt("max_tokens", None, "Tokens per domain (default: all).", type=int, range=POSITIVE),
                 opt("seq_len", None, "Window length (default: min(1024, max positions)).", type=int, range=POSITIVE),
                 opt("batch_size", 8, "Windows per forward pass.", range=POSITIVE),
@@ -383,7 +398,8 @@ COMMANDS: tuple[Command, ...] = (
                    "scratch: rel_error / cosine of a fresh FFN of the student's shape and init (about 1 / 0)."),
     Command("tokenize", "Tokenize domain corpora into DATA/{domain}.{train,val,test}.bin memmaps + manifest.json.",
             "xpertctl tokenize --tokenizer student/ -d wiki=wiki.txt -d code=code/ -o data/", (
-                opt("tokenizer", REQUIRED, "Tokenizer directory (a model dir works).", type=Path, input=True),
+                opt("tokenizer", REQUIRED, "Tokenizer directory (a model dir works).", type=Path, input=True,
+                    tokenizer=True),
                 opt("domain", None, "NAME=PATH; repeat.", "--domain", "-d", type=str, multiple=True,
                     path=_after("="), check=_check_domain),
                 opt("corpus", None, "A corpus from `corpus build` (keeps its splits).", type=Path, input=True),
@@ -538,7 +554,7 @@ COMMANDS: tuple[Command, ...] = (
                 arg("family", "Family from the architecture table (`xpertctl families`).", type=str,
                     choices=_family_names()),
                 out_param("Model directory to write."),
-                opt("tokenizer", REQUIRED, "Tokenizer directory.", type=Path, input=True),
+                opt("tokenizer", REQUIRED, "Tokenizer directory.", type=Path, input=True, tokenizer=True),
                 opt("layers", 6, "Decoder layers.", range=POSITIVE),
                 opt("hidden", 128, "Hidden size.", range=POSITIVE),
                 opt("ffn", 128, "FFN width (of one expert for an MoE).", range=POSITIVE),

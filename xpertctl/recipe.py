@@ -87,6 +87,25 @@ def _set(doc: dict, dotted: str, value: Any, path: Path) -> None:
         cur[keys[-1]] = value
 
 
+def _check_keys(doc: dict, path: Path) -> None:
+    """A key the recipe language does not have, at the top, in a step or a profile: named with the likely
+    one and the keys there are (the validator would only say 'Extra inputs are not permitted')."""
+    from .declare import did_you_mean
+    def check(mapping, model, where):
+        for key in mapping:
+            if key not in model.model_fields:
+                known = list(model.model_fields)
+                raise XpertError(f"{path}: {where}unknown key {key!r} ({did_you_mean(str(key), known)}"
+                                 f"keys: {', '.join(known)})")
+    check(doc, Recipe, "")
+    for n, step in enumerate(doc.get("steps") or []):
+        if isinstance(step, dict):
+            check(step, Step, f"step {step.get('id', n)!r}: ")
+    for name, prof in (doc.get("profiles") or {}).items():
+        if isinstance(prof, dict):
+            check(prof, Profile, f"profiles.{name}: ")
+
+
 def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -124,6 +143,7 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
                 _set(doc, f"steps.{n}.{sub}", value, path)
             continue
         _set(doc, key, value, path)
+    _check_keys(doc, path)
     try:
         recipe = Recipe.model_validate(doc)
     except ValidationError as e:
@@ -141,7 +161,10 @@ def load(path: Path, overrides: list[str] = (), profile: str | None = None) -> R
             raise XpertError(f"{path}: profiles.{name}: {', '.join(unknown)} not in vars")
     if profile is not None:
         if profile not in recipe.profiles:
-            raise XpertError(f"--profile {profile!r}: {path} has profiles {', '.join(recipe.profiles) or '(none)'}")
+            from .declare import did_you_mean
+            raise XpertError(f"--profile {profile!r}: {path} has no profile of that name ("
+                             + (f"{did_you_mean(profile, recipe.profiles)}profiles: {', '.join(recipe.profiles)})"
+                                if recipe.profiles else "it has none)"))
         p = recipe.profiles[profile]
         recipe.vars.update(p.vars)
         recipe.estimate = p.estimate or recipe.estimate
@@ -302,15 +325,22 @@ def argv_for(op: str, args: dict, where: str, table: dict) -> list[str]:
     return cmd.argv(args)
 
 
-def fingerprint(value: str) -> str | None:
+# what a tokenizer is made of in a model directory (transformers' and sentencepiece's file names)
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+                   "chat_template*", "config.json")
+
+
+def fingerprint(value: str, tokenizer: bool = False) -> str | None:
     """The provenance fingerprint of an existing path argument (file, or directory tree): its content digest
     and its latest mtime, so that an input rewritten in place runs the step again even where the digest
-    samples a large file (as make, a touched input does too)."""
+    samples a large file (as make, a touched input does too). tokenizer: a model directory read for its
+    tokenizer: only its tokenizer files (new weights of a student used as --tokenizer change nothing)."""
     from .io import provenance
     p = Path(value)
     if not p.exists():
         return None
-    fp = provenance.fingerprint(p, mtime=True)
+    files = sorted(f for pat in TOKENIZER_FILES for f in p.glob(pat) if f.is_file()) if tokenizer and p.is_dir() else []
+    fp = provenance.fingerprint(p, files=files, mtime=True) if files else provenance.fingerprint(p, mtime=True)
     return f"{fp['sha256']}@{fp['mtime']}"
 
 
@@ -332,7 +362,7 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
                 pattern = p.glob(x) if callable(p.glob) else x  # NAME=GLOB values name their glob
                 found = [(m, m) for m in sorted(glob.glob(str(pattern)))]
             for name, path in found:
-                fp = fingerprint(path)
+                fp = fingerprint(path, tokenizer=p.tokenizer)
                 if fp:
                     inputs[name] = fp
     # the defaults the step relies on: a release that changes one (as --rescale's did) makes the step stale

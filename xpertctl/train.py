@@ -129,13 +129,25 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 # ---- the loop --------------------------------------------------------------------------------------
 
+def not_a_model(path: Path) -> str:
+    """Why `path` is not a model directory, in the words that help: missing, or a training run (whose
+    model is its final/ or latest step), or a directory without config.json."""
+    if not path.exists():
+        return "no such file or directory"
+    if (path / "final" / "config.json").is_file():
+        return f"a training run directory; its model is {path / 'final'}"
+    if path.is_dir() and (step := latest_checkpoint(path)) is not None:
+        return f"an unfinished training run (no final/); its latest checkpoint is {step}"
+    return "not a model directory (no config.json)"
+
+
 def load_causal_lm(ckpt: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").is_file():
-        raise XpertError(f"{ckpt}: not a model directory (no config.json)")
+        raise XpertError(f"{ckpt}: {not_a_model(ckpt)}")
     try:
         cfg = AutoConfig.from_pretrained(ckpt)
     except (OSError, ValueError, KeyError) as e:

@@ -319,8 +319,8 @@ def table(rows: list[dict], title: str):
     for r in rows:
         sm, sc = r["references"]["random_neurons" if dense else "selected_mixture"], r["references"]["scratch"]
         t.add_row(str(r["target"]), ",".join(map(str, r["sources"])), f"{r['rel_error']:.3f}", f"{r['cosine']:+.3f}",
-                  f"{r['scale']:.3f}", f"{sm['rel_error']:.3f} / {sm['cosine']:+.3f}" if sm else "-",
-                  f"{sc['rel_error']:.3f} / {sc['cosine']:+.3f}")
+                  f"{r['scale']:.3f}", f"{sm['rel_error']:.3f}/{sm['cosine']:+.3f}" if sm else "-",
+                  f"{sc['rel_error']:.3f}/{sc['cosine']:+.3f}")  # no space: an 80-column terminal keeps it whole
     return t
 
 
