@@ -1,7 +1,7 @@
 #!/bin/bash
-# the 4x finals through `xpertctl report` (the report calls its one budget "1x": here it is 480 steps = 4x)
+# the 4x finals through `xpertctl report` (PICKS=picks4x: the first, two-point grid; default picks4x-wide: queue7.sh) (the report calls its one budget "1x": here it is 480 steps = 4x)
 cd /work/main
-S=build/study; R=$S/eval/named4x; P=$S/picks4x; rm -rf $R; mkdir -p $R
+S=build/study; R=$S/eval/named4x; P=$S/${PICKS:-picks4x-wide}; rm -rf $R; mkdir -p $R
 for a in xpert scratch-matched random; do
   lr=$(.venv/bin/python -c "import json; print('%g' % json.load(open('$P/picks.json'))['$a']['lr'])" | sed 's/0\.00\([1248]\)/\1e-3/')
   for f in $S/eval/final4x/$a-lr$lr-s*.json; do s=$(basename $f .json); s=${s##*-s}; cp $f $R/$a-3L-s$s.json; done
