@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 DEMO ?= full
 # DEMO=full: the fair race (recipes/fair-race.yaml) with the committed picks; DEMO=tune: its tuning grid first;
 # DEMO=quick: the same recipe at toy size on the fixtures.
+ifneq ($(filter power budget depth diversity sft ffn paper,$(DEMO)),)
+$(error DEMO=$(DEMO): the paper's profiles moved to recipes/paper.yaml: make paper PAPER=$(DEMO))
+endif
 ifeq ($(filter full tune quick,$(DEMO)),)
 $(error DEMO=$(DEMO): choose full, tune or quick)
 endif
