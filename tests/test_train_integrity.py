@@ -61,6 +61,51 @@ def test_resume_refuses_a_changed_option(fx, tdata, tmp_path, cli, change, needl
     assert out == "" and _digest(run) == before  # nothing touched
 
 
+def test_resume_continues_on_the_same_tokens_made_again(fx, tdata, tmp_path, cli, monkeypatch):
+    """The run's --data identity is the tokens, not how the manifest was written: the same text
+    tokenized again with a copied tokenizer, from another directory and another command line, is the
+    same run. (It was the manifest's bytes, so a recipe that re-made its data discarded 8,500 steps.)"""
+    import shutil
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    tok = tmp_path / "elsewhere" / "tok"
+    shutil.copytree(fx / "llama", tok)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = tmp_path / "again"
+    data.tokenize(tok, [f"a={main.parent / 'a.txt'}"], again, val_pct=20, test_pct=10)
+    assert (again / data.MANIFEST).read_bytes() != (main / data.MANIFEST).read_bytes()
+    code, _, err = cli("train", fx / "llama", "--data", again, *BASE, "--resume", "auto", "-o", run)
+    assert code == 0 and "resuming" in err, err
+
+
+def test_resume_accepts_the_manifest_hash_older_runs_recorded(fx, tdata, tmp_path, cli):
+    """A checkpoint written before the identity was the tokens recorded the manifest's sha256: it resumes."""
+    import torch
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    for st_file in run.glob("step-*/trainer_state.pt"):
+        st = torch.load(st_file, weights_only=False)
+        st["identity"]["--data"] = hashlib.sha256((main / data.MANIFEST).read_bytes()).hexdigest()
+        torch.save(st, st_file)
+    code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
+    assert code == 0 and "resuming" in err, err
+
+
+def test_resume_refuses_other_tokens_under_the_same_manifest_shape(fx, tdata, tmp_path, cli):
+    """Text that differs in one word is another run, though every manifest field but the corpus hash agrees."""
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    src = tmp_path / "a.txt"
+    src.write_text((main.parent / "a.txt").read_text().replace("heaven", "heavens", 1))
+    other = tmp_path / "other"
+    data.tokenize(fx / "llama", [f"a={src}"], other, val_pct=20, test_pct=10)
+    code, out, err = cli("train", fx / "llama", "--data", other, *BASE, "--resume", "auto", "-o", run)
+    assert_user_error(code, err, str(run), "--data", "--force")
+
+
 def test_resume_same_options_continues_and_force_starts_over(fx, tdata, tmp_path, cli):
     main, _ = tdata
     run = tmp_path / "run"
@@ -149,6 +194,38 @@ def test_recipe_resumes_a_killed_step_with_the_same_args(fx, tdata, tmp_path, ca
     capsys.readouterr()
     rc.run(r, table=TABLE)
     assert "resuming" in capsys.readouterr().err
+    assert [x["step"] for x in _rows(tmp_path / "run")] == list(range(1, 9))
+
+
+def test_recipe_that_remakes_its_data_continues_its_killed_run(fx, tdata, tmp_path, capsys, monkeypatch):
+    """The incident: a recipe re-ran its tokenize step (here from a copy of the tokenizer) and so re-ran its
+    stale train step with --force, which discarded the run's checkpoints although the tokens were the same."""
+    import shutil
+    main, _ = tdata
+    tok = tmp_path / "tok"
+    shutil.copytree(fx / "llama", tok)
+    p = tmp_path / "r.yaml"
+    doc = {"name": "t", "vars": {"tok": str(fx / "llama")}, "steps": [
+        {"id": "data", "op": "tokenize", "args": {"tokenizer": "${vars.tok}", "domain": [f"a={main.parent / 'a.txt'}"],
+                                                 "val_pct": 20, "test_pct": 10, "out": str(tmp_path / "data")}},
+        {"id": "train", "op": "train", "args": {
+            "ckpt": str(fx / "llama"), "data": "${steps.data.out}", "steps": 8, "batch_size": 2, "seq_len": 16,
+            "lr": 3e-3, "warmup": 2, "eval_every": 0, "save_every": 4, "resume": "auto", "out": str(tmp_path / "run")}}]}
+    p.write_text(yaml.safe_dump(doc))
+    real = tr.lm_batch
+
+    def killed(stream, c, step, micro, split_seed=0):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(stream, c, step, micro, split_seed)
+    monkeypatch.setattr(tr, "lm_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rc.run(p, table=TABLE)
+    monkeypatch.setattr(tr, "lm_batch", real)
+    capsys.readouterr()
+    rc.run(p, [f"vars.tok={tok}"], table=TABLE)
+    err = capsys.readouterr().err
+    assert "data: run" in err and "resuming" in err and "starting over" not in err, err
     assert [x["step"] for x in _rows(tmp_path / "run")] == list(range(1, 9))
 
 

@@ -340,6 +340,20 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
     return Path(out)
 
 
+def identity(data_dir: Path) -> str:
+    """The tokens a data directory holds, as one sha256: the tokenizer's and each source's content
+    hashes, the dtype and every split's size; not where they were read from, nor the command that made
+    them (a copied tokenizer, another working directory or a re-run of tokenize is the same data)."""
+    from .io import provenance
+    m = json.loads((Path(data_dir) / MANIFEST).read_text())
+    doms = {name: {"corpus": e.get("corpus"),
+                   **{s: [e[s]["tokens"], e[s].get("documents")] for s in ("train", "val", "test") if s in e}}
+            for name, e in m["domains"].items()}
+    key = {"tokenizer": m["tokenizer"].get("sha256"), "dtype": m["dtype"], "domains": doms,
+           "text_field": m.get("xpertctl", {}).get("params", {}).get("text_field")}
+    return provenance.sha256(json.dumps(key, sort_keys=True).encode())
+
+
 @dataclass
 class TokenData:
     root: Path

@@ -211,7 +211,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         teacher.to(device)
     opt, sched = make_optimizer(model, cfg, total)
     identity = run_identity(cfg, ckpt, data_dir, sft)
-    start = start_or_resume(out, model, opt, sched, identity, resume, force, rk)
+    start = start_or_resume(out, model, opt, sched, identity, resume, force, rk, data_dir)
     step_fn = Stepper(model, teacher, cfg, device, rk, compile)
     # the init's and the teacher's fingerprints: a checkpoint trained from another init has another header,
     # so a recipe's eval of it is not skipped as done (fingerprints of safetensors read the header only)
@@ -348,12 +348,13 @@ def make_optimizer(model, cfg: TrainConfig, total: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
 
 
-def start_or_resume(out: Path, model, opt, sched, identity: dict, resume: str, force: bool, rk: Rank) -> int:
+def start_or_resume(out: Path, model, opt, sched, identity: dict, resume: str, force: bool, rk: Rank,
+                    data_dir: Path | None = None) -> int:
     """The first step to run: 0 (a new run; --force clears OUT) or the last checkpoint's step, whose
     weights, optimizer, schedule and RNG state are restored (only for the same run)."""
     last = latest_checkpoint(out) if out.exists() else None
     if resume == "auto" and last is not None:
-        changed = changed_options(last, identity)
+        changed = changed_options(last, identity, data_dir)
         if changed and not force:
             raise XpertError(f"{out}: cannot resume, changed since {last.name}: {changed}; "
                              "give the same options, or --force to start over")
@@ -468,7 +469,7 @@ def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path 
     ident = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
     ident["CKPT"] = provenance.sha256(heads + (ckpt / "config.json").read_bytes())
     if data_dir is not None:
-        ident["--data"] = provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes())
+        ident["--data"] = data.identity(data_dir)
     if sft is not None:
         ident["--sft"] = provenance.sha256(Path(sft).read_bytes())
     if cfg.teacher is not None:  # the teacher's weights, not just its path: a retrained teacher is another run
@@ -476,13 +477,16 @@ def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path 
     return ident
 
 
-def changed_options(last: Path, identity: dict) -> str:
+def changed_options(last: Path, identity: dict, data_dir: Path | None = None) -> str:
     """'' when the checkpoint `last` was written by a run with this identity, else the changes."""
     st = torch.load(last / "trainer_state.pt", weights_only=False, map_location="cpu")
     saved = st.get("identity")
     if saved is None:  # a checkpoint from before identities were recorded: compare the options
         saved = {f"--{k.replace('_', '-')}": v for k, v in st.get("config", {}).items() if k not in RESUME_FREE}
         identity = {k: v for k, v in identity.items() if k.startswith("--") and k not in ("--data", "--sft")}
+    if saved.get("--data") and identity.get("--data") and data_dir is not None \
+            and saved["--data"] == provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes()):
+        saved = {**saved, "--data": identity["--data"]}  # recorded before the identity was the tokens
     diffs = []
     for k in sorted(set(saved) | set(identity)):
         a, b = saved.get(k), identity.get(k)
