@@ -56,16 +56,37 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
     assert code == 0, err[-3000:]
     report = (work / "report" / "REPORT.md").read_text()
     assert "| xpert − scratch |" in report and "| xpert − random |" in report and "Holm" in report
-    assert "the final runs above use these picks" in report, "the quick profile's picks are its tuning's"
     picks = json.loads((work / "tune-report" / "picks.json").read_text())
     assert set(picks) == {"xpert", "scratch", "random"}
-    assert len([p for p in (work / "tune").glob("*-lr*") if (p / "final").is_dir()]) == 3 * 2  # 3 arms x 2 learning rates x 1 tuning seed
-    # the random control is rescaled to xpert's per-layer FFN norms (same seed)
-    def norms(d):
+    # the finals train with the profile's committed picks; the report names exactly the arms whose tuning
+    # picked otherwise (at 6 steps the gains' margins are ~1e-3 nats: which way they fall is not the test)
+    import yaml
+    committed = yaml.safe_load((ROOT / "recipes" / "fair-race.yaml").read_text())["profiles"]["quick"]["vars"]["picks"]
+    knobs = ("lr", "warmup", "up_gain")
+    moved = {a for a, p in picks.items() if any(float(p[k]) != float(committed[a][k]) for k in knobs)}
+    tuning = report.split("## Tuning")[1].split("\n\n")[1]
+    if not moved:
+        assert "the final runs above use these picks" in tuning, tuning
+    for arm in ("xpert", "scratch", "random"):
+        assert (f"{arm}-3L-s0 at 1×" in tuning) == (arm in moved), (arm, moved, tuning)
+    # 3 arms x 2 learning rates x 2 FFN up-gains x 1 tuning seed, each read back with its own gain
+    assert len([p for p in (work / "tune").glob("*-lr*") if (p / "final").is_dir()]) == 3 * 2 * 2
+    assert {p["up_gain"] for p in picks.values()} <= {1.0, 2.0}
+    table = report.split("## Tuning")[1]
+    assert all(f"| 1× | {a} |" in table for a in ("xpert", "scratch", "random"))
+
+    def norms(d, m="down_proj"):
         with safe_open(str(d / "model.safetensors"), "pt") as f:
-            return [f.get_tensor(k).norm().item() for k in sorted(f.keys()) if "mlp.down_proj" in k]
-    x, r = norms(work / "init" / "xpert-s0"), norms(work / "init" / "random-s0")
-    assert len(x) == 3 and all(abs(a - b) <= 1e-4 * a for a, b in zip(x, r))
+            return [f.get_tensor(k).norm().item() for k in sorted(f.keys()) if f"mlp.{m}" in k]
+    # the random control is rescaled to xpert's per-layer FFN norms (same seed, same gain)
+    for g in (1, 2):
+        x, r = norms(work / "init" / f"xpert-g{g}-s0"), norms(work / "init" / f"random-g{g}-s0")
+        assert len(x) == 3 and all(abs(a - b) <= 1e-4 * a for a, b in zip(x, r))
+    # gain 2 is the same function with the scale moved from down to up: up x 2, down / 2, gate as it was
+    for arm in ("xpert", "scratch", "random"):
+        one, two = work / "init" / f"{arm}-g1-s0", work / "init" / f"{arm}-g2-s0"
+        for m, ratio in (("up_proj", 2.0), ("down_proj", 0.5), ("gate_proj", 1.0)):
+            assert all(abs(b / a - ratio) < 1e-3 for a, b in zip(norms(one, m), norms(two, m))), (arm, m)
 
 
 def test_the_committed_picks_are_the_committed_tuning_s():
@@ -77,5 +98,7 @@ def test_the_committed_picks_are_the_committed_tuning_s():
     picks = json.loads((ROOT / tuning / "picks.json").read_text())
     assert set(picks) == set(doc["vars"]["arms"]) == set(doc["vars"]["picks"])
     for arm, p in doc["vars"]["picks"].items():
-        assert (p["lr"], p["warmup"]) == (picks[arm]["lr"], picks[arm]["warmup"]), arm
+        assert (p["lr"], p["warmup"], p["up_gain"]) == (picks[arm]["lr"], picks[arm]["warmup"], picks[arm]["up_gain"]), arm
+    for g in {p["up_gain"] for p in doc["vars"]["picks"].values()}:
+        assert g in doc["vars"]["all_gains"], f"the picks' up-gain {g} needs its grafts (vars.all_gains)"
     assert not set(doc["vars"]["tune_seeds"]) & set(doc["vars"]["seeds"]), "tuning seeds are never final seeds"
