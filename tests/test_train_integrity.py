@@ -79,6 +79,53 @@ def test_resume_continues_on_the_same_tokens_made_again(fx, tdata, tmp_path, cli
     assert code == 0 and "resuming" in err, err
 
 
+def _remade(src, dst, record: str, perturb: bool = False):
+    """dst: src's model under another provenance record and transformers version (perturb: one weight moved)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    if perturb:
+        k = sorted(sd)[0]
+        sd[k] = sd[k] + 1e-3
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt", "xpertctl": record})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["transformers_version"] = "0.0.1"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
+def test_resume_continues_from_the_same_weights_under_another_record(fx, tdata, tmp_path, cli):
+    """CKPT's identity is its weights and architecture, not its header's bytes: a student re-grafted under
+    another command line or path (its provenance record differs) is the same start, so the run continues."""
+    main, _ = tdata
+    a = _remade(fx / "llama", tmp_path / "a", '{"command": "xpertctl graft src -o a"}')
+    b = _remade(fx / "llama", tmp_path / "b", '{"command": "xpertctl graft /elsewhere/src -o b"}')
+    run = tmp_path / "run"
+    assert cli("train", a, "--data", main, *BASE, "-o", run)[0] == 0
+    code, _, err = cli("train", b, "--data", main, *BASE, "--resume", "auto", "-o", run)
+    assert code == 0 and "resuming" in err, err
+    c = _remade(fx / "llama", tmp_path / "c", '{"command": "xpertctl graft src -o a"}', perturb=True)
+    code, out, err = cli("train", c, "--data", main, *BASE, "--resume", "auto", "-o", run)
+    assert_user_error(code, err, str(run), "CKPT", "--force")
+
+
+def test_resume_accepts_the_header_hash_older_runs_recorded(fx, tdata, tmp_path, cli):
+    import torch
+    from xpertctl.io.files import read_header
+    main, _ = tdata
+    run = tmp_path / "run"
+    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
+    old = hashlib.sha256(read_header(fx / "llama" / "model.safetensors").raw
+                         + (fx / "llama" / "config.json").read_bytes()).hexdigest()
+    for st_file in run.glob("step-*/trainer_state.pt"):
+        st = torch.load(st_file, weights_only=False)
+        st["identity"]["CKPT"] = old
+        torch.save(st, st_file)
+    code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
+    assert code == 0 and "resuming" in err, err
+
+
 def test_resume_accepts_the_manifest_hash_older_runs_recorded(fx, tdata, tmp_path, cli):
     """A checkpoint written before the identity was the tokens recorded the manifest's sha256: it resumes."""
     import torch

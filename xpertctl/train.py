@@ -211,7 +211,7 @@ def train(ckpt: Path, out: Path, cfg: TrainConfig, *, data_dir: Path | None = No
         teacher.to(device)
     opt, sched = make_optimizer(model, cfg, total)
     identity = run_identity(cfg, ckpt, data_dir, sft)
-    start = start_or_resume(out, model, opt, sched, identity, resume, force, rk, data_dir)
+    start = start_or_resume(out, model, opt, sched, identity, resume, force, rk, data_dir, ckpt)
     step_fn = Stepper(model, teacher, cfg, device, rk, compile)
     # the init's and the teacher's fingerprints: a checkpoint trained from another init has another header,
     # so a recipe's eval of it is not skipped as done (fingerprints of safetensors read the header only)
@@ -349,12 +349,12 @@ def make_optimizer(model, cfg: TrainConfig, total: int):
 
 
 def start_or_resume(out: Path, model, opt, sched, identity: dict, resume: str, force: bool, rk: Rank,
-                    data_dir: Path | None = None) -> int:
+                    data_dir: Path | None = None, ckpt: Path | None = None) -> int:
     """The first step to run: 0 (a new run; --force clears OUT) or the last checkpoint's step, whose
     weights, optimizer, schedule and RNG state are restored (only for the same run)."""
     last = latest_checkpoint(out) if out.exists() else None
     if resume == "auto" and last is not None:
-        changed = changed_options(last, identity, data_dir)
+        changed = changed_options(last, identity, data_dir, ckpt)
         if changed and not force:
             raise XpertError(f"{out}: cannot resume, changed since {last.name}: {changed}; "
                              "give the same options, or --force to start over")
@@ -463,11 +463,8 @@ RESUME_FREE = ("device", "keep", "save_every", "save_dtype")
 def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path | None) -> dict:
     """What must be equal for a checkpoint to be continued: every training option and the inputs'
     fingerprints (the starting model, the token data or SFT file)."""
-    from .io.files import read_header
-    ckpt = Path(ckpt)
-    heads = b"".join(read_header(f).raw for f in sorted(ckpt.glob("*.safetensors")))
     ident = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
-    ident["CKPT"] = provenance.sha256(heads + (ckpt / "config.json").read_bytes())
+    ident["CKPT"] = provenance.weights_identity(Path(ckpt))
     if data_dir is not None:
         ident["--data"] = data.identity(data_dir)
     if sft is not None:
@@ -477,16 +474,25 @@ def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path 
     return ident
 
 
-def changed_options(last: Path, identity: dict, data_dir: Path | None = None) -> str:
+def _header_hash(ckpt: Path) -> str:
+    from .io.files import read_header
+    heads = b"".join(read_header(f).raw for f in sorted(Path(ckpt).glob("*.safetensors")))
+    return provenance.sha256(heads + (Path(ckpt) / "config.json").read_bytes())
+
+
+def changed_options(last: Path, identity: dict, data_dir: Path | None = None, ckpt: Path | None = None) -> str:
     """'' when the checkpoint `last` was written by a run with this identity, else the changes."""
     st = torch.load(last / "trainer_state.pt", weights_only=False, map_location="cpu")
     saved = st.get("identity")
     if saved is None:  # a checkpoint from before identities were recorded: compare the options
         saved = {f"--{k.replace('_', '-')}": v for k, v in st.get("config", {}).items() if k not in RESUME_FREE}
         identity = {k: v for k, v in identity.items() if k.startswith("--") and k not in ("--data", "--sft")}
+    # recorded before the identities were the tokens and the weights: the manifest's and headers' bytes
     if saved.get("--data") and identity.get("--data") and data_dir is not None \
             and saved["--data"] == provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes()):
-        saved = {**saved, "--data": identity["--data"]}  # recorded before the identity was the tokens
+        saved = {**saved, "--data": identity["--data"]}
+    if saved.get("CKPT") and identity.get("CKPT") and ckpt is not None and saved["CKPT"] == _header_hash(ckpt):
+        saved = {**saved, "CKPT": identity["CKPT"]}
     diffs = []
     for k in sorted(set(saved) | set(identity)):
         a, b = saved.get(k), identity.get(k)

@@ -39,7 +39,7 @@ def command_line() -> str:
 SAMPLES, SAMPLE_BYTES = 9, 1 << 16  # blocks of a safetensors data section in its digest
 
 
-def digest(path: Path) -> str:
+def digest(path: Path, metadata: bool = True) -> str:
     """sha256 of a safetensors file's header (tensor layout + provenance metadata), its data section's
     length and SAMPLES blocks of SAMPLE_BYTES of that data at fixed offsets (evenly spaced from its first
     to its last byte, the middle one included; all of it when smaller): a rewrite in place with the same
@@ -47,7 +47,11 @@ def digest(path: Path) -> str:
     path = Path(path)
     if path.suffix == ".safetensors":
         raw = read_header(path).raw
-        h = hashlib.sha256(raw)
+        if not metadata:  # the tensors only: the same weights under another record digest the same
+            head = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
+            h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+        else:
+            h = hashlib.sha256(raw)
         with open(path, "rb") as f:
             start = 8 + len(raw)
             n = os.fstat(f.fileno()).st_size - start
@@ -104,6 +108,23 @@ file_fingerprint = fingerprint  # the name the ops use for their single-file inp
 def weights_fingerprint(model_dir: Path) -> dict:
     """A model directory's fingerprint from its safetensors files alone (what train and eval record)."""
     return fingerprint(Path(model_dir), sorted(Path(model_dir).glob("*.safetensors")))
+
+
+# config.json keys that say who wrote it, not what the model is
+VOLATILE_CONFIG = ("transformers_version", "_name_or_path")
+
+
+def weights_identity(model_dir: Path) -> str:
+    """A model's weights and architecture as one sha256: each safetensors file's tensor table and sampled
+    data (digest without its metadata) and config.json without who wrote it. The same weights re-made under
+    another command line, path or provenance record are the same model (what a resumed run must start from)."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}\0{digest(f, metadata=False)}\0".encode())
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h.update(json.dumps({k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def record(kind: str, inputs: list[dict], params: dict, seed: int | None = None, **extra) -> dict:
