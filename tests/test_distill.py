@@ -160,6 +160,26 @@ def test_resume_with_kd_gives_identical_losses(fx, kdata, tmp_path, monkeypatch)
         assert [r[key] for r in cut] == pytest.approx([r[key] for r in full], abs=1e-6), key
 
 
+def test_resume_with_kd_ignores_the_teachers_readme_but_not_its_weights(fx, kdata, tmp_path):
+    """TEACHER's identity is its weights: a README written beside them (the fixtures' teachers have one)
+    does not make a KD run another run; the teacher's weights changed do."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from xpertctl.errors import XpertError
+    t = tmp_path / "teacher"
+    shutil.copytree(fx / "olmoe", t)
+    cfg = _cfg(steps=8, save_every=3, teacher=str(t), kd_alpha=0.5, kd_temperature=2.0)
+    tr.train(fx / "llama", tmp_path / "run", cfg, data_dir=kdata)
+    (t / "README.md").write_text("# the teacher\ntrained on 100M tokens\n")
+    tr.train(fx / "llama", tmp_path / "run", cfg, data_dir=kdata, resume="auto")  # continues
+    sd = load_file(str(t / "model.safetensors"))
+    k = sorted(sd)[-1]
+    sd[k] = sd[k] * 1.5
+    save_file(sd, str(t / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(XpertError, match="TEACHER"):
+        tr.train(fx / "llama", tmp_path / "run", cfg, data_dir=kdata, resume="auto")
+
+
 def test_grad_accum_matches_one_big_batch(fx, kdata, tmp_path, monkeypatch):
     """Two micro-batches of 2 rows == one batch of the same 4 rows (every row has seq_len-1 targets)."""
     kd = dict(teacher=str(fx / "olmoe"), kd_alpha=0.6, kd_temperature=2.0)

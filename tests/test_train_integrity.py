@@ -110,6 +110,45 @@ def test_resume_continues_from_the_same_weights_under_another_record(fx, tdata, 
     assert_user_error(code, err, str(run), "CKPT", "--force")
 
 
+def test_weights_identity_sees_a_change_anywhere_and_no_record(tmp_path):
+    """All of the data counts (digest samples 9 blocks of a large file: a change between them, e.g. one
+    re-grafted projection, must still make another start); the provenance record and who wrote config.json do not."""
+    import torch
+    from safetensors.torch import save_file
+    from xpertctl.io import provenance
+    sd = {f"w{k}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(k)) for k in range(4)}  # 4 MiB
+
+    def model(name, meta, version, **edit):
+        d = tmp_path / name
+        d.mkdir()
+        t = {k: v.clone() for k, v in sd.items()}
+        for k, idx in edit.items():
+            t[k][idx] += 1.0
+        save_file(t, str(d / "model.safetensors"), metadata=meta)
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 1024,
+                                                   "transformers_version": version}))
+        return provenance.weights_identity(d)
+    a = model("a", {"format": "pt", "xpertctl": '{"command": "graft -o a"}'}, "5.0")
+    b = model("b", {"format": "pt", "xpertctl": '{"command": "graft /x -o b"}'}, "5.9")
+    c = model("c", {"format": "pt", "xpertctl": '{"command": "graft -o a"}'}, "5.0", w1=(100, 7))
+    assert a == b and a != c
+
+
+def test_data_identity_is_the_tokens_and_their_order(fx, tdata, tmp_path):
+    """Same tokens made again elsewhere: the same; the domains listed the other way round (their order
+    orders the windows): another; a test split that training never reads changed: the same."""
+    main, _ = tdata
+    d = main.parent
+    ab, ba = tmp_path / "ab", tmp_path / "ba"
+    data.tokenize(fx / "llama", [f"a={d / 'a.txt'}", f"b={d / 'b.txt'}"], ab, val_pct=20, test_pct=10)
+    data.tokenize(fx / "llama", [f"b={d / 'b.txt'}", f"a={d / 'a.txt'}"], ba, val_pct=20, test_pct=10)
+    assert data.identity(ab) != data.identity(ba)
+    before = data.identity(ab)
+    t = ab / json.loads((ab / data.MANIFEST).read_text())["domains"]["a"]["test"]["file"]
+    t.write_bytes(bytes(len(t.read_bytes())))
+    assert data.identity(ab) == before
+
+
 def test_resume_accepts_the_header_hash_older_runs_recorded(fx, tdata, tmp_path, cli):
     import torch
     from xpertctl.io.files import read_header

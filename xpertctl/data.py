@@ -341,17 +341,24 @@ def tokenize(tokenizer_dir: Path, domains: list[str], out: Path, *, val_pct: int
 
 
 def identity(data_dir: Path) -> str:
-    """The tokens a data directory holds, as one sha256: the tokenizer's and each source's content
-    hashes, the dtype and every split's size; not where they were read from, nor the command that made
-    them (a copied tokenizer, another working directory or a re-run of tokenize is the same data)."""
-    from .io import provenance
-    m = json.loads((Path(data_dir) / MANIFEST).read_text())
-    doms = {name: {"corpus": e.get("corpus"),
-                   **{s: [e[s]["tokens"], e[s].get("documents")] for s in ("train", "val", "test") if s in e}}
-            for name, e in m["domains"].items()}
-    key = {"tokenizer": m["tokenizer"].get("sha256"), "dtype": m["dtype"], "domains": doms,
-           "text_field": m.get("xpertctl", {}).get("params", {}).get("text_field")}
-    return provenance.sha256(json.dumps(key, sort_keys=True).encode())
+    """What training reads from a data directory, as one sha256: the dtype, the domains in their order
+    (it orders the windows) and the bytes of their train and val tokens and document indexes. Not where
+    they were read from nor the command that made them (a copied tokenizer, another working directory or
+    a re-run of tokenize is the same data); the test split, which training never reads, is left out."""
+    import hashlib
+    root = Path(data_dir)
+    m = json.loads((root / MANIFEST).read_text())
+    h = hashlib.sha256(json.dumps({"dtype": m["dtype"], "domains": list(m["domains"])}).encode())
+    for name, e in m["domains"].items():
+        for split in ("train", "val"):
+            for key in ("file", "index"):
+                f = (e.get(split) or {}).get(key)
+                h.update(f"\0{name}.{split}.{key}\0".encode())
+                if f and (root / f).is_file():
+                    with open(root / f, "rb") as fh:  # in blocks: a corpus's tokens may be larger than memory
+                        while block := fh.read(1 << 22):
+                            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass

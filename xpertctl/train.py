@@ -470,7 +470,7 @@ def run_identity(cfg: TrainConfig, ckpt: Path, data_dir: Path | None, sft: Path 
     if sft is not None:
         ident["--sft"] = provenance.sha256(Path(sft).read_bytes())
     if cfg.teacher is not None:  # the teacher's weights, not just its path: a retrained teacher is another run
-        ident["TEACHER"] = provenance.fingerprint(Path(cfg.teacher))["sha256"]
+        ident["TEACHER"] = provenance.weights_identity(Path(cfg.teacher))
     return ident
 
 
@@ -480,6 +480,19 @@ def _header_hash(ckpt: Path) -> str:
     return provenance.sha256(heads + (Path(ckpt) / "config.json").read_bytes())
 
 
+def _as_recorded_before(saved: dict, identity: dict, data_dir: Path | None, ckpt: Path | None) -> dict:
+    """Identities recorded before they were of content (the bytes of the manifest, of the headers, of the
+    teacher's directory) count as today's when the input still hashes to them the old way."""
+    teacher = identity.get("--teacher")
+    old = {"--data": lambda: provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes()) if data_dir else None,
+           "CKPT": lambda: _header_hash(ckpt) if ckpt else None,
+           "TEACHER": lambda: provenance.fingerprint(Path(teacher))["sha256"] if teacher and Path(teacher).is_dir() else None}
+    for k, was in old.items():
+        if saved.get(k) and identity.get(k) and saved[k] != identity[k] and saved[k] == was():
+            saved = {**saved, k: identity[k]}
+    return saved
+
+
 def changed_options(last: Path, identity: dict, data_dir: Path | None = None, ckpt: Path | None = None) -> str:
     """'' when the checkpoint `last` was written by a run with this identity, else the changes."""
     st = torch.load(last / "trainer_state.pt", weights_only=False, map_location="cpu")
@@ -487,12 +500,7 @@ def changed_options(last: Path, identity: dict, data_dir: Path | None = None, ck
     if saved is None:  # a checkpoint from before identities were recorded: compare the options
         saved = {f"--{k.replace('_', '-')}": v for k, v in st.get("config", {}).items() if k not in RESUME_FREE}
         identity = {k: v for k, v in identity.items() if k.startswith("--") and k not in ("--data", "--sft")}
-    # recorded before the identities were the tokens and the weights: the manifest's and headers' bytes
-    if saved.get("--data") and identity.get("--data") and data_dir is not None \
-            and saved["--data"] == provenance.sha256((Path(data_dir) / data.MANIFEST).read_bytes()):
-        saved = {**saved, "--data": identity["--data"]}
-    if saved.get("CKPT") and identity.get("CKPT") and ckpt is not None and saved["CKPT"] == _header_hash(ckpt):
-        saved = {**saved, "CKPT": identity["CKPT"]}
+    saved = _as_recorded_before(saved, identity, data_dir, ckpt)
     diffs = []
     for k in sorted(set(saved) | set(identity)):
         a, b = saved.get(k), identity.get(k)

@@ -39,7 +39,7 @@ def command_line() -> str:
 SAMPLES, SAMPLE_BYTES = 9, 1 << 16  # blocks of a safetensors data section in its digest
 
 
-def digest(path: Path, metadata: bool = True) -> str:
+def digest(path: Path) -> str:
     """sha256 of a safetensors file's header (tensor layout + provenance metadata), its data section's
     length and SAMPLES blocks of SAMPLE_BYTES of that data at fixed offsets (evenly spaced from its first
     to its last byte, the middle one included; all of it when smaller): a rewrite in place with the same
@@ -47,11 +47,7 @@ def digest(path: Path, metadata: bool = True) -> str:
     path = Path(path)
     if path.suffix == ".safetensors":
         raw = read_header(path).raw
-        if not metadata:  # the tensors only: the same weights under another record digest the same
-            head = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
-            h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
-        else:
-            h = hashlib.sha256(raw)
+        h = hashlib.sha256(raw)
         with open(path, "rb") as f:
             start = 8 + len(raw)
             n = os.fstat(f.fileno()).st_size - start
@@ -110,18 +106,26 @@ def weights_fingerprint(model_dir: Path) -> dict:
     return fingerprint(Path(model_dir), sorted(Path(model_dir).glob("*.safetensors")))
 
 
-# config.json keys that say who wrote it, not what the model is
-VOLATILE_CONFIG = ("transformers_version", "_name_or_path")
+# config.json keys that say who wrote it, not what the model is (the dtype: the tensor table has it,
+# and transformers 5 renamed torch_dtype to dtype)
+VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
 
 
 def weights_identity(model_dir: Path) -> str:
-    """A model's weights and architecture as one sha256: each safetensors file's tensor table and sampled
-    data (digest without its metadata) and config.json without who wrote it. The same weights re-made under
-    another command line, path or provenance record are the same model (what a resumed run must start from)."""
+    """A model's weights and architecture as one sha256: each safetensors file's tensor table (without its
+    metadata) and all of its data, and config.json without who wrote it. The same weights re-made under
+    another command line, path or provenance record are the same model (what a resumed run must start
+    from). All of the data, not digest's samples: a re-graft that changes one projection must show."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}\0{digest(f, metadata=False)}\0".encode())
+        raw = read_header(f).raw
+        head = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
+        h.update(f"{f.name}\0{json.dumps(head, sort_keys=True)}\0".encode())
+        with open(f, "rb") as fh:
+            fh.seek(8 + len(raw))
+            while block := fh.read(1 << 22):
+                h.update(block)
     cfg = json.loads((model_dir / "config.json").read_text())
     h.update(json.dumps({k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG}, sort_keys=True).encode())
     return h.hexdigest()
