@@ -132,6 +132,11 @@ def test_weights_identity_sees_a_change_anywhere_and_no_record(tmp_path):
     b = model("b", {"format": "pt", "xpertctl": '{"command": "graft /x -o b"}'}, "5.9")
     c = model("c", {"format": "pt", "xpertctl": '{"command": "graft -o a"}'}, "5.0", w1=(100, 7))
     assert a == b and a != c
+    for name, value in (("d", 1.0), ("e", 2.0)):  # torch's .bin format: its bytes count too
+        (tmp_path / name).mkdir()
+        torch.save({"w": torch.full((4,), value)}, tmp_path / name / "pytorch_model.bin")
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+    assert provenance.weights_identity(tmp_path / "d") != provenance.weights_identity(tmp_path / "e")
 
 
 def test_data_identity_is_the_tokens_and_their_order(fx, tdata, tmp_path):

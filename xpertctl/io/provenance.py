@@ -126,6 +126,11 @@ def weights_identity(model_dir: Path) -> str:
             fh.seek(8 + len(raw))
             while block := fh.read(1 << 22):
                 h.update(block)
+    for f in sorted(model_dir.glob("*.bin")):  # a hub checkpoint in torch's format: all of its bytes
+        h.update(f"{f.name}\0".encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
     cfg = json.loads((model_dir / "config.json").read_text())
     h.update(json.dumps({k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG}, sort_keys=True).encode())
     return h.hexdigest()
