@@ -154,31 +154,25 @@ def test_data_identity_is_the_tokens_and_their_order(fx, tdata, tmp_path):
     assert data.identity(ab) == before
 
 
-def test_resume_accepts_the_header_hash_older_runs_recorded(fx, tdata, tmp_path, cli):
-    import torch
+def _old_header_hash(fx, main):
     from xpertctl.io.files import read_header
-    main, _ = tdata
-    run = tmp_path / "run"
-    assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
-    old = hashlib.sha256(read_header(fx / "llama" / "model.safetensors").raw
-                         + (fx / "llama" / "config.json").read_bytes()).hexdigest()
-    for st_file in run.glob("step-*/trainer_state.pt"):
-        st = torch.load(st_file, weights_only=False)
-        st["identity"]["CKPT"] = old
-        torch.save(st, st_file)
-    code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
-    assert code == 0 and "resuming" in err, err
+    return hashlib.sha256(read_header(fx / "llama" / "model.safetensors").raw
+                          + (fx / "llama" / "config.json").read_bytes()).hexdigest()
 
 
-def test_resume_accepts_the_manifest_hash_older_runs_recorded(fx, tdata, tmp_path, cli):
-    """A checkpoint written before the identity was the tokens recorded the manifest's sha256: it resumes."""
+@pytest.mark.parametrize("key, old", [
+    ("CKPT", _old_header_hash),  # the headers' bytes, before the identity was the weights
+    ("--data", lambda fx, main: hashlib.sha256((main / data.MANIFEST).read_bytes()).hexdigest()),  # the manifest's
+])
+def test_resume_accepts_the_hashes_older_runs_recorded(fx, tdata, tmp_path, cli, key, old):
+    """A checkpoint written before the identities were of content recorded byte hashes: it resumes."""
     import torch
     main, _ = tdata
     run = tmp_path / "run"
     assert cli("train", fx / "llama", "--data", main, *BASE, "-o", run)[0] == 0
     for st_file in run.glob("step-*/trainer_state.pt"):
         st = torch.load(st_file, weights_only=False)
-        st["identity"]["--data"] = hashlib.sha256((main / data.MANIFEST).read_bytes()).hexdigest()
+        st["identity"][key] = old(fx, main)
         torch.save(st, st_file)
     code, _, err = cli("train", fx / "llama", "--data", main, *BASE, "--resume", "auto", "-o", run)
     assert code == 0 and "resuming" in err, err
