@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import assert_user_error, token_data
+from conftest import assert_user_error, finished, token_data, torchrun
 from xpertctl import data
 from xpertctl import train as tr
 
@@ -237,10 +237,7 @@ def test_torchrun_two_processes_match_one_with_kd(fx, kdata, tmp_path):
     one = subprocess.run([sys.executable, "-m", "xpertctl.cli", *args, "-o", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29547", "-m", "xpertctl.cli", *args, "-o", str(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    finished(torchrun(args, tmp_path / "two", env))
     r1, r2 = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     for key in ("loss", "ce", "kl"):
         assert [r[key] for r in r2] == pytest.approx([r[key] for r in r1], rel=1e-4), key
