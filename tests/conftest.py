@@ -1,5 +1,6 @@
 import importlib.util
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,17 +81,16 @@ def token_data(fx, tmp_path_factory, name, texts: dict[str, str]):
                          val_pct=20, test_pct=10)
 
 
-def torchrun(args: list[str], out: Path, env: dict) -> "subprocess.Popen":
+def torchrun(args: list[str], out: Path, env: dict) -> subprocess.Popen:
     """Start `xpertctl ARGS -o OUT` on 2 processes. --standalone rendezvous on a free port: a fixed
     --master-port made two test runs on one machine (CI beside `make test`) fail or hang on each other."""
-    import subprocess
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "xpertctl.cli", *args, "-o", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finished(p, timeout: int = 300) -> str:
-    """Wait for a torchrun() process; its stderr tail, asserting it succeeded."""
+    """Wait for a torchrun() process and assert it succeeded (the assertion shows its stderr's tail)."""
     _, err = p.communicate(timeout=timeout)
     assert p.returncode == 0, err[-2000:]
     return err
