@@ -144,3 +144,29 @@ def test_eval_task_files_are_fingerprinted_and_keys_stay_the_arguments_as_writte
     st = TABLE["stats"]
     sargs = {"src": str(tmp_path), "domain": [f"a={task}"], "out": str(tmp_path / "s.safetensors")}
     assert list(rc._record(st, st.argv(sargs), sargs)["inputs"]) == [str(tmp_path), f"a={task}"]
+
+
+def test_a_model_card_edit_does_not_make_a_step_that_reads_the_model_stale(tmp_path):
+    # no op reads a model directory's README.md (the card), so editing it must not re-run stats or eval;
+    # its weights and config still count
+    src = tmp_path / "teacher"
+    shutil.copytree(ROOT / "fixtures" / "teacher", src)
+    cmd = TABLE["decompose"]
+    args = {"src": str(src), "selection": str(tmp_path / "sel.json"), "out": str(tmp_path / "out.json")}
+    before = rc._record(cmd, cmd.argv(args), args)
+    (src / "README.md").write_text((src / "README.md").read_text() + "\nA note added by hand.\n")
+    assert rc._record(cmd, cmd.argv(args), args) == before
+    (src / "config.json").write_text((src / "config.json").read_text().replace("{", '{"note": 1,', 1))
+    assert rc._record(cmd, cmd.argv(args), args) != before
+
+
+def test_a_readme_inside_a_corpus_still_counts(tmp_path):
+    # a corpus directory is data, not a model: every file in it counts
+    corpus = tmp_path / "mini"
+    shutil.copytree(MINI, corpus)
+    (corpus / "README.md").write_text("about this corpus\n")
+    cmd = TABLE["corpus cloze"]
+    args = {"corpus": str(corpus), "per_domain": 2, "out": str(tmp_path / "c")}
+    before = rc._record(cmd, cmd.argv(args), args)
+    (corpus / "README.md").write_text("about this corpus, edited\n")
+    assert rc._record(cmd, cmd.argv(args), args) != before

@@ -340,7 +340,8 @@ def fingerprint(value: str, tokenizer: bool = False) -> str | None:
     if not p.exists():
         return None
     files = sorted({f for pat in TOKENIZER_FILES for f in p.glob(pat) if f.is_file()}) if tokenizer and p.is_dir() else []  # a set: tokenizer.model matches two patterns
-    fp = provenance.fingerprint(p, files=files, mtime=True) if files else provenance.fingerprint(p, mtime=True)
+    card = ("README.md",) if p.is_dir() and (p / "config.json").is_file() else ()
+    fp = provenance.fingerprint(p, files=files, mtime=True) if files else provenance.fingerprint(p, mtime=True, skip=card)
     return f"{fp['sha256']}@{fp['mtime']}"
 
 

@@ -67,7 +67,7 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(path: Path, files: list[Path] | None = None, mtime: bool = False) -> dict:
+def fingerprint(path: Path, files: list[Path] | None = None, mtime: bool = False, skip: tuple = ()) -> dict:
     """The one fingerprint of every input: path + size + sha256 (+ mtime when asked: recipes only; an
     artifact's provenance leaves it out, so the same inputs and seed give the same bytes).
 
@@ -78,13 +78,14 @@ def fingerprint(path: Path, files: list[Path] | None = None, mtime: bool = False
     One file: its digest. A directory: the digests of its files with their relative names (hidden
     files, i.e. temps and recipe records, skipped). With `files` (a checkpoint's weights and index):
     the digests of those files only, in order and without names, so a model directory and a bare
-    copy of its weights file fingerprint the same.
+    copy of its weights file fingerprint the same. skip: relative names of a directory's files to leave out.
     """
     path = Path(path)
     named = files is None
     if named:
         files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+            p for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in skip
+            and not any(s.startswith(".") for s in p.relative_to(path).parts))
     files = [Path(f) for f in files]
     if len(files) == 1 and (not named or files == [path]):
         dig = digest(files[0])
