@@ -46,6 +46,9 @@ def test_one_demo_time_estimate_everywhere():
     assert stated <= {re.search(r"\d+", e).group() for e in estimates}, stated
 
 
+ARMS = ("xpert", "scratch", "random", "kd", "learngene")
+
+
 def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_path, monkeypatch, cli):
     """recipes/fair-race.yaml at toy size: every arm on the same tuning grid, the picks, the finals trained
     with them, the Holm-corrected primary contrasts and the teacher; scale-matched controls at xpert's norms."""
@@ -56,8 +59,9 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
     assert code == 0, err[-3000:]
     report = (work / "report" / "REPORT.md").read_text()
     assert "| xpert − scratch |" in report and "| xpert − random |" in report and "Holm" in report
+    assert "| kd − scratch |" in report and "| xpert − learngene |" in report
     picks = json.loads((work / "tune-report" / "picks.json").read_text())
-    assert set(picks) == {"xpert", "scratch", "random"}
+    assert set(picks) == set(ARMS)
     # the finals train with the profile's committed picks; the report names exactly the arms whose tuning
     # picked otherwise (at 6 steps the gains' margins are ~1e-3 nats: which way they fall is not the test)
     import yaml
@@ -67,13 +71,27 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
     tuning = report.split("## Tuning")[1].split("\n\n")[1]
     if not moved:
         assert "the final runs above use these picks" in tuning, tuning
-    for arm in ("xpert", "scratch", "random"):
+    for arm in ARMS:
         assert (f"{arm}-3L-s0 at 1×" in tuning) == (arm in moved), (arm, moved, tuning)
-    # 3 arms x 2 learning rates x 2 FFN up-gains x 1 tuning seed, each read back with its own gain
-    assert len([p for p in (work / "tune").glob("*-lr*") if (p / "final").is_dir()]) == 3 * 2 * 2
+    # 5 arms x 2 learning rates x 2 FFN up-gains x 1 tuning seed, each read back with its own gain
+    assert len([p for p in (work / "tune").glob("*-lr*") if (p / "final").is_dir()]) == 5 * 2 * 2
     assert {p["up_gain"] for p in picks.values()} <= {1.0, 2.0}
     table = report.split("## Tuning")[1]
-    assert all(f"| 1× | {a} |" in table for a in ("xpert", "scratch", "random"))
+    assert all(f"| 1× | {a} |" in table for a in ARMS)
+    # kd: scratch's init (the same weights) trained with the teacher's soft targets; the others without
+    for g in (1, 2):
+        kd = json.loads((work / "tune" / f"kd-lr0.004-w2-g{g}-s100" / "train_config.json").read_text())
+        sc = json.loads((work / "tune" / f"scratch-lr0.004-w2-g{g}-s100" / "train_config.json").read_text())
+        assert kd["params"]["teacher"] == "fixtures/teacher" and kd["params"]["kd_alpha"] == 0.5
+        assert sc["params"]["teacher"] is None and kd["inputs"][0] == sc["inputs"][0]
+    # learngene: the TLEG descendant of the Aux-Net at the arm's gain; its Aux-Net tokens beside its result
+    from xpertctl.io.provenance import read
+    aux = read(work / "learngene" / "learngene.safetensors")
+    assert aux["aux"]["tokens"] == 12288
+    for g in (1, 2):
+        rec = read(work / "init" / f"learngene-g{g}-s0" / "model.safetensors")["params"]
+        assert rec["ffn_init"] == "learngene" and rec["up_gain"] == g and rec["learngene"]["tokens"] == 12288
+    assert "learngene at 3 layers: its init trained on **12,288 tokens** before these runs" in report
 
     def norms(d, m="down_proj"):
         with safe_open(str(d / "model.safetensors"), "pt") as f:
@@ -83,7 +101,7 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
         x, r = norms(work / "init" / f"xpert-g{g}-s0"), norms(work / "init" / f"random-g{g}-s0")
         assert len(x) == 3 and all(abs(a - b) <= 1e-4 * a for a, b in zip(x, r))
     # gain 2 is the same function with the scale moved from down to up: up x 2, down / 2, gate as it was
-    for arm in ("xpert", "scratch", "random"):
+    for arm in ("xpert", "scratch", "random", "learngene"):
         one, two = work / "init" / f"{arm}-g1-s0", work / "init" / f"{arm}-g2-s0"
         for m, ratio in (("up_proj", 2.0), ("down_proj", 0.5), ("gate_proj", 1.0)):
             assert all(abs(b / a - ratio) < 1e-3 for a, b in zip(norms(one, m), norms(two, m))), (arm, m)

@@ -70,7 +70,8 @@ def _load_run(res_path: Path, ignored: list[str]) -> dict | None:
             "final_val": val[-1][1] if val else float("nan"), "test_nll": doms,
             "test_ppl": math.exp(np.mean(list(doms.values()))) if doms else float("nan"),
             "acc": mc.get("acc", float("nan")), "acc_norm": mc.get("acc_norm", float("nan")),
-            "train_loss": [(r["step"], r["loss"]) for r in rows], "knobs": _knobs(run_dir)}
+            "train_loss": [(r["step"], r["loss"]) for r in rows], "knobs": _knobs(run_dir),
+            "prior_tokens": _prior_tokens(run_dir), "tokens": rows[-1].get("tokens") if rows else None}
 
 
 def _knobs(run_dir: Path) -> dict:
@@ -81,6 +82,16 @@ def _knobs(run_dir: Path) -> dict:
     except XpertError:
         return {}
     return {k: r[k] for k in ("lr", "warmup", "up_gain")}
+
+
+def _prior_tokens(run_dir: Path) -> int:
+    """Tokens its init was trained on before this run: a learngene descendant's Aux-Net tokens (0 otherwise)."""
+    from .tune import init_params
+    try:
+        rec = json.loads((run_dir / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return 0
+    return int((init_params(rec).get("learngene") or {}).get("tokens") or 0)
 
 
 def _fidelity(patterns: list[str] | None, runs: set, ignored: list[str]) -> dict[tuple[str, int, int], float]:
@@ -283,7 +294,25 @@ def result_section(runs: list[dict], baseline: str, split: str, title: str) -> l
                          else f"> {total} ({got}/{len(rs)} seeds got there)")
             lines.append(f"| {d} | {a} | {len(rs)} | {_ms([r['fidelity'] for r in rs])} | {_ms([r['score'] for r in rs])} | "
                          f"{delta} | {_ms([r['test_ppl'] for r in rs], '{:.1f}')} | {_ms([r['acc'] for r in rs])} | {reach} |")
-    return lines + [""]
+    return lines + [""] + prior_lines(runs)
+
+
+def prior_lines(runs: list[dict]) -> list[str]:
+    """The tokens an arm's init trained on before its runs (a learngene's Aux-Net), stated next to the result:
+    its runs' budget is not all it saw."""
+    prior = {}
+    for r in runs:
+        if r.get("prior_tokens"):
+            prior.setdefault((r["depth"], r["arm"]), set()).add(r["prior_tokens"])
+    lines = [f"- {a} at {d} layers: its init trained on **{', '.join(f'{t:,}' for t in sorted(ts))} tokens** before "
+             f"these runs (the learngene's Aux-Net, distilled from the teacher), on top of each run's "
+             f"{_run_tokens(runs, d, a)} tokens." for (d, a), ts in sorted(prior.items())]
+    return lines + [""] if lines else []
+
+
+def _run_tokens(runs: list[dict], depth: int, arm: str) -> str:
+    got = {r["tokens"] for r in runs if r["depth"] == depth and r["arm"] == arm and r.get("tokens")}
+    return ", ".join(f"{t:,}" for t in sorted(got)) or "(unrecorded)"
 
 
 def exploratory_section(runs: list[dict], contrasts: list[str] | None) -> list[str]:

@@ -46,18 +46,22 @@ def load_run(run: Path) -> dict:
             "warmup": params.get("warmup"), "up_gain": _up_gain(rec), "val": val[-1]}
 
 
-def _up_gain(train_rec: dict) -> float:
-    """The --up-gain of the graft the run started from (1 for an init that records none)."""
+def init_params(train_rec: dict) -> dict:
+    """The params of the graft the run started from ({} for an init that records none)."""
     from .io.provenance import read
     start = next((i.get("path") for i in train_rec.get("inputs") or [] if i.get("path")), None)
     if start is None:
-        return 1.0
+        return {}
     files = sorted(Path(start).glob("*.safetensors"))
     try:
-        params = read(files[0]).get("params") or {} if files else {}
+        return read(files[0]).get("params") or {} if files else {}
     except XpertError:
-        params = {}
-    return float(params.get("up_gain") or 1.0)
+        return {}
+
+
+def _up_gain(train_rec: dict) -> float:
+    """The --up-gain of the graft the run started from (1 for an init that records none)."""
+    return float(init_params(train_rec).get("up_gain") or 1.0)
 
 
 def pick(runs: list[dict]) -> dict:
