@@ -55,7 +55,7 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
     from safetensors import safe_open
     monkeypatch.chdir(ROOT)
     work = tmp_path / "fair"
-    code, out, err = cli("run", "recipes/fair-race.yaml", "--profile", "quick", "--set", f"vars.work={work}")
+    code, out, err = cli("run", "recipes/fair-race.yaml", "--profile", "quick", "--set", f"vars.work={work}", "--jobs", "2")
     assert code == 0, err[-3000:]
     report = (work / "report" / "REPORT.md").read_text()
     assert "| xpert − scratch |" in report and "| xpert − random |" in report and "Holm" in report

@@ -367,7 +367,7 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
                 if fp:
                     inputs[name] = fp
     # the defaults the step relies on: a release that changes one (as --rescale's did) makes the step stale
-    given = {cmd.param(k).name for k in args}
+    given = {cmd.param(k).name for k, v in args.items() if v is not None}  # null: not given
     defaults = {p.name: p.default if isinstance(p.default, (type(None), bool, int, float, str)) else str(p.default)
                 for p in cmd.params if p.name not in given and not p.required and not p.neutral}
     return {"op": cmd.name, "argv": argv, "inputs": inputs, "defaults": defaults}
