@@ -92,6 +92,14 @@ def test_quick_fair_race_tunes_every_arm_and_reports_the_declared_contrasts(tmp_
         rec = read(work / "init" / f"learngene-g{g}-s0" / "model.safetensors")["params"]
         assert rec["ffn_init"] == "learngene" and rec["up_gain"] == g and rec["learngene"]["tokens"] == 12288
     assert "learngene at 3 layers: its init trained on **12,288 tokens** before these runs" in report
+    # an init that is gone (or re-made) cannot be read: the report says so rather than stating nothing
+    (work / "init" / "learngene-g1-s0").rename(work / "gone")
+    code, _, err = cli("report", "--results", str(work / "eval" / "*-3L-s*.json"), "-o", str(work / "again"))
+    assert code == 0, err
+    again = (work / "again" / "REPORT.md").read_text()
+    assert "The init of 1 run(s) (learngene-3L-s0) is gone or was re-made since" in again
+    assert "its init trained on **12,288 tokens**" in again  # seed 1's init is still there
+    (work / "gone").rename(work / "init" / "learngene-g1-s0")
 
     def norms(d, m="down_proj"):
         with safe_open(str(d / "model.safetensors"), "pt") as f:

@@ -172,11 +172,13 @@ def test_a_readme_inside_a_corpus_still_counts(tmp_path):
     assert rc._record(cmd, cmd.argv(args), args) != before
 
 
-def test_a_null_argument_records_as_not_given(tmp_path):
+def test_a_null_argument_records_as_not_given(tmp_path, monkeypatch):
     # `null: not given` (a per-arm table of options): the step's record is the one without the key, so adding
     # a column of nulls to a recipe does not make its finished steps stale
     cmd = TABLE["graft"]
     args = {"src": str(ROOT / "fixtures" / "teacher"), "target": "2L", "seed": 0, "out": str(tmp_path / "s")}
     with_null = {**args, "learngene": None, "scale_like": None}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "None").write_text("a file whose name is what str(None) gives")  # not an input either
     assert cmd.argv(with_null) == cmd.argv(args)
     assert rc._record(cmd, cmd.argv(with_null), with_null) == rc._record(cmd, cmd.argv(args), args)

@@ -353,7 +353,7 @@ def _record(cmd, argv: list[str], args: dict) -> dict:
     inputs = {}
     for key, v in args.items():
         p = cmd.param(key)
-        if p is None or (p.path is None and not p.glob):
+        if v is None or p is None or (p.path is None and not p.glob):  # null: not given
             continue
         for x in v if isinstance(v, list) else [v]:
             if p.path is not None:

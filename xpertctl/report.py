@@ -84,14 +84,23 @@ def _knobs(run_dir: Path) -> dict:
     return {k: r[k] for k in ("lr", "warmup", "up_gain")}
 
 
-def _prior_tokens(run_dir: Path) -> int:
-    """Tokens its init was trained on before this run: a learngene descendant's Aux-Net tokens (0 otherwise)."""
+def _prior_tokens(run_dir: Path) -> int | None:
+    """Tokens its init was trained on before this run: a learngene descendant's Aux-Net tokens (0 otherwise;
+    None when the init the run recorded is gone or was re-made since, so that its record cannot be read)."""
+    from .io import provenance
     from .tune import init_params
     try:
         rec = json.loads((run_dir / "train_config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        start = next((i for i in rec.get("inputs") or [] if i.get("path")), None)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    if start is None:
         return 0
-    return int((init_params(rec).get("learngene") or {}).get("tokens") or 0)
+    init = Path(start["path"])
+    if not sorted(init.glob("*.safetensors")) or provenance.weights_fingerprint(init)["sha256"] != start.get("sha256"):
+        return None
+    lg = init_params(rec).get("learngene")
+    return int(lg.get("tokens") or 0) if isinstance(lg, dict) else 0
 
 
 def _fidelity(patterns: list[str] | None, runs: set, ignored: list[str]) -> dict[tuple[str, int, int], float]:
@@ -307,6 +316,11 @@ def prior_lines(runs: list[dict]) -> list[str]:
     lines = [f"- {a} at {d} layers: its init trained on **{', '.join(f'{t:,}' for t in sorted(ts))} tokens** before "
              f"these runs (the learngene's Aux-Net, distilled from the teacher), on top of each run's "
              f"{_run_tokens(runs, d, a)} tokens." for (d, a), ts in sorted(prior.items())]
+    unknown = sorted({f"{r['arm']}-{r['depth']}L-s{r['seed']}" for r in runs if r.get("prior_tokens", 0) is None})
+    if unknown:
+        lines.append(f"- The init of {len(unknown)} run(s) ({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}) "
+                     "is gone or was re-made since: the tokens it trained on before these runs (a learngene's "
+                     "Aux-Net) cannot be stated.")
     return lines + [""] if lines else []
 
 
